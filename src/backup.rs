@@ -1,0 +1,692 @@
+//! The backup pipeline: source -> chunks -> compressed, encrypted, verified packs -> storage,
+//! then index segment, then snapshot manifest (the commit point).
+//!
+//! Stages and the memory each may hold (all bounded by configuration, none by source size):
+//! - one reader thread: reads, hashes (SHA-256 per stream, keyed BLAKE3 per chunk), chunks,
+//!   deduplicates, and walks directories; it queues at most `2 * threads` new chunks;
+//! - `threads` workers: compress (zstd) and append to the one open data pack or tree pack;
+//!   whoever fills a pack seals it and verifies it (decrypt, decompress, hash) before upload;
+//! - the uploader (async): at most `uploads` sealed packs exist at once, uploading or waiting.
+//!
+//! A failure anywhere stops every stage and nothing is committed; packs already uploaded are
+//! garbage that a later prune removes. No snapshot without every byte it references.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use jiff::Timestamp;
+
+use crate::chunker::{Chunker, ChunkerParams};
+use crate::crypto::Sha256;
+use crate::error::{Error, Result};
+use crate::id::{BlobId, ObjectId};
+use crate::index::{Index, IndexSegment, IndexedPack, IdSet};
+use crate::object::Epoch;
+use crate::pack::{self, BlobKind, Compression, FinishedPack, PackWriter};
+use crate::progress::{Cancel, Progress};
+use crate::repository::{EpochKey, Repository};
+use crate::snapshot::{Snapshot, Source as SnapshotSource, StreamDigest, Summary};
+use crate::tree::{self, NameBytes, Node, NodeType, Tree};
+
+/// Index entries per segment before a backup writes one mid-way.
+const SEGMENT_BLOBS: usize = 65_536;
+
+/// What to back up.
+pub enum Source {
+    /// A byte stream, e.g. standard input or a database dump.
+    Stream(Box<dyn Read + Send>),
+    /// Files and directories; each becomes an entry of the snapshot's root, by its base name.
+    Paths(Vec<PathBuf>),
+}
+
+/// How to back up.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub name: String,
+    pub host: String,
+    /// The snapshot's time (default: now). It decides the epoch.
+    pub time: Option<Timestamp>,
+    pub tags: Vec<String>,
+    /// Compression workers (default: one per core).
+    pub threads: usize,
+    /// Packs uploading or ready to upload at once.
+    pub uploads: usize,
+    pub cancel: Cancel,
+    pub progress: Arc<Progress>,
+}
+
+impl BackupOptions {
+    pub fn new(name: impl Into<String>) -> BackupOptions {
+        BackupOptions {
+            name: name.into(),
+            host: crate::hostname(),
+            time: None,
+            tags: Vec::new(),
+            threads: 0,
+            uploads: 2,
+            cancel: Cancel::new(),
+            progress: Progress::new(),
+        }
+    }
+}
+
+/// A committed backup.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    pub snapshot: Snapshot,
+    /// The manifest's object name.
+    pub object: String,
+    /// Special files that were skipped (sockets, devices, FIFOs).
+    pub skipped: Vec<String>,
+}
+
+/// Backs up `source` and commits a snapshot.
+pub async fn backup(repo: &Repository, source: Source, opts: BackupOptions) -> Result<BackupReport> {
+    if opts.name.is_empty() || opts.name.contains(['/', '\0']) {
+        return Err(Error::invalid(format!(
+            "snapshot name {:?} must be non-empty without '/'",
+            opts.name
+        )));
+    }
+    let started = Timestamp::now();
+    let time = opts.time.unwrap_or(started);
+    let epoch = Epoch::of(time);
+    let key = repo.write_key(epoch).await?;
+    let (index, _) = repo.load_index(Some((epoch, key.id))).await?;
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    };
+    let uploads = opts.uploads.max(1);
+    let (pack_tx, pack_rx) = tokio::sync::mpsc::channel(uploads);
+    let source_kind = match &source {
+        Source::Stream(_) => SnapshotSource::Stdin,
+        Source::Paths(p) => SnapshotSource::Paths {
+            paths: p.iter().map(|p| p.display().to_string()).collect(),
+        },
+    };
+    let ctx = Arc::new(Shared {
+        key: key.clone(),
+        repo_id: repo.id(),
+        epoch,
+        pack_size: repo.config().pack_size as usize,
+        level: repo.config().compression_level,
+        cancel: opts.cancel.clone(),
+        progress: opts.progress.clone(),
+        data_pack: Mutex::new(None),
+        tree_pack: Mutex::new(None),
+        tokens: Tokens::new(uploads),
+        pack_tx,
+    });
+    let params = repo.config().chunker;
+    let name = opts.name.clone();
+    let pipeline = {
+        let ctx = ctx.clone();
+        tokio::task::spawn_blocking(move || run_pipeline(ctx, index, params, source, name, threads))
+    };
+    drop(ctx);
+    let uploader = upload_packs(repo, &key, pack_rx, uploads, &opts.cancel, &opts.progress);
+    let (pipeline, uploaded) = tokio::join!(pipeline, uploader);
+    let pipeline = pipeline.map_err(|e| Error::invalid(format!("backup pipeline crashed: {e}")))?;
+    let (pending, mut stored) = match (pipeline, uploaded) {
+        (_, Err(e)) => return Err(e),
+        (Err(e), _) => return Err(e),
+        (Ok(_), Ok(_)) if opts.cancel.is_cancelled() => return Err(Error::Interrupted),
+        (Ok(out), Ok(up)) => (out, up),
+    };
+    let PipelineOutput {
+        tree,
+        mut summary,
+        streams,
+        skipped,
+    } = pending;
+    if !stored.pending.packs.is_empty() {
+        let (_, size) = repo.save_index(&key, &stored.pending).await?;
+        stored.bytes += size;
+    }
+    summary.stored_bytes = stored.bytes;
+    let snapshot = Snapshot {
+        id: ObjectId::random(),
+        time,
+        host: opts.host.clone(),
+        name: opts.name.clone(),
+        source: source_kind,
+        tags: opts.tags.clone(),
+        tree,
+        started,
+        finished: Timestamp::now(),
+        summary,
+        streams,
+        program: format!("kluis {}", env!("CARGO_PKG_VERSION")),
+    };
+    if opts.cancel.is_cancelled() {
+        return Err(Error::Interrupted);
+    }
+    let object = repo.save_snapshot(&key, &snapshot).await?;
+    Ok(BackupReport {
+        snapshot,
+        object,
+        skipped,
+    })
+}
+
+/// State shared by the reader, the workers and the uploader.
+struct Shared {
+    key: Arc<EpochKey>,
+    repo_id: ObjectId,
+    epoch: Epoch,
+    pack_size: usize,
+    level: i32,
+    cancel: Cancel,
+    progress: Arc<Progress>,
+    data_pack: Mutex<Option<PackWriter>>,
+    tree_pack: Mutex<Option<PackWriter>>,
+    tokens: Tokens,
+    pack_tx: tokio::sync::mpsc::Sender<SealedPack>,
+}
+
+/// A sealed, verified pack on its way to storage, holding one of the upload tokens.
+struct SealedPack {
+    pack: FinishedPack,
+    _token: Token,
+}
+
+/// A counting semaphore bounding how many sealed packs exist at once.
+struct Tokens {
+    give: SyncSender<()>,
+    take: Mutex<Receiver<()>>,
+}
+
+struct Token(SyncSender<()>);
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+impl Tokens {
+    fn new(n: usize) -> Tokens {
+        let (give, take) = sync_channel(n);
+        for _ in 0..n {
+            give.send(()).expect("capacity n");
+        }
+        Tokens {
+            give,
+            take: Mutex::new(take),
+        }
+    }
+
+    fn acquire(&self) -> Token {
+        self.take
+            .lock()
+            .expect("not poisoned")
+            .recv()
+            .expect("Tokens holds a sender");
+        Token(self.give.clone())
+    }
+}
+
+impl Shared {
+    fn new_pack(&self) -> PackWriter {
+        PackWriter::new(self.epoch, self.key.id, self.key.key(), self.repo_id, self.pack_size)
+    }
+
+    /// Appends a compressed blob to the open pack of its kind; seals and ships the pack
+    /// when it is full.
+    fn add(&self, id: BlobId, kind: BlobKind, compression: Compression, raw: usize, payload: &[u8]) -> Result<()> {
+        let slot = match kind {
+            BlobKind::Data => &self.data_pack,
+            BlobKind::Tree => &self.tree_pack,
+        };
+        let full = {
+            let mut open = slot.lock().expect("not poisoned");
+            let writer = open.get_or_insert_with(|| self.new_pack());
+            writer.add(id, kind, compression, raw as u32, payload);
+            if writer.len() >= self.pack_size {
+                // Taking the token while holding the lock applies backpressure to every
+                // worker when storage is the bottleneck.
+                let token = self.tokens.acquire();
+                open.take().map(|w| (w, token))
+            } else {
+                None
+            }
+        };
+        match full {
+            Some((writer, token)) => self.ship(writer, token),
+            None => Ok(()),
+        }
+    }
+
+    fn ship(&self, writer: PackWriter, token: Token) -> Result<()> {
+        let pack = writer.finish(self.epoch);
+        let key = pack::pack_key(self.key.key(), &self.repo_id, &pack.name);
+        pack::verify(&pack, &key, &self.repo_id, self.key.hasher()).map_err(|e| {
+            Error::corrupt(
+                &pack.name,
+                format!("pack failed verification before upload, nothing was written: {e}"),
+            )
+        })?;
+        self.pack_tx
+            .blocking_send(SealedPack { pack, _token: token })
+            .map_err(|_| Error::Interrupted)
+    }
+
+    /// Seals and ships the partly filled packs once every blob is in.
+    fn flush(&self) -> Result<()> {
+        for slot in [&self.data_pack, &self.tree_pack] {
+            let open = slot.lock().expect("not poisoned").take();
+            if let Some(writer) = open.filter(|w| !w.is_empty()) {
+                let token = self.tokens.acquire();
+                self.ship(writer, token)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Job {
+    id: BlobId,
+    kind: BlobKind,
+    data: Bytes,
+}
+
+struct PipelineOutput {
+    tree: BlobId,
+    summary: Summary,
+    streams: Vec<StreamDigest>,
+    skipped: Vec<String>,
+}
+
+fn run_pipeline(
+    ctx: Arc<Shared>,
+    index: Index,
+    params: ChunkerParams,
+    source: Source,
+    name: String,
+    threads: usize,
+) -> Result<PipelineOutput> {
+    let (job_tx, job_rx) = sync_channel::<Job>(2 * threads);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let workers: Vec<_> = (0..threads)
+        .map(|i| {
+            let ctx = ctx.clone();
+            let rx = job_rx.clone();
+            std::thread::Builder::new()
+                .name(format!("kluis-compress-{i}"))
+                .spawn(move || worker(&ctx, &rx))
+                .expect("spawn worker thread")
+        })
+        .collect();
+    let mut reader = Reader {
+        ctx: &ctx,
+        index,
+        seen: IdSet::default(),
+        jobs: job_tx,
+        params,
+        summary: Summary::default(),
+        skipped: Vec::new(),
+    };
+    let read = reader.read_source(source, &name);
+    let Reader { summary, skipped, .. } = reader;
+    let mut first_error = None;
+    for w in workers {
+        let result = w
+            .join()
+            .unwrap_or_else(|_| Err(Error::invalid("a compression worker crashed")));
+        if let Err(e) = result {
+            if !matches!(e, Error::Interrupted) || first_error.is_none() {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if first_error.is_none() && read.is_ok() && !ctx.cancel.is_cancelled() {
+        if let Err(e) = ctx.flush() {
+            first_error = Some(e);
+        }
+    }
+    match (read, first_error) {
+        (Err(e), _) if !matches!(e, Error::Interrupted) => Err(e),
+        (_, Some(e)) => Err(e),
+        (Err(e), None) => Err(e),
+        (Ok((tree, streams)), None) => Ok(PipelineOutput {
+            tree,
+            summary,
+            streams,
+            skipped,
+        }),
+    }
+}
+
+fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Job>>) -> Result<()> {
+    let mut compressor = zstd::bulk::Compressor::new(ctx.level).map_err(|e| Error::io("zstd", e))?;
+    let mut out = Vec::new();
+    loop {
+        let job = jobs.lock().expect("not poisoned").recv();
+        let Ok(job) = job else { return Ok(()) };
+        if ctx.cancel.is_cancelled() {
+            return Err(Error::Interrupted);
+        }
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(job.data.len()));
+        let compressed = compressor
+            .compress_to_buffer(&job.data[..], &mut out)
+            .map_err(|e| Error::io("zstd", e))?;
+        let (compression, payload) = if compressed < job.data.len() {
+            (Compression::Zstd, &out[..compressed])
+        } else {
+            (Compression::None, &job.data[..])
+        };
+        ctx.add(job.id, job.kind, compression, job.data.len(), payload)?;
+    }
+}
+
+/// The reader stage: everything that must happen in stream order.
+struct Reader<'a> {
+    ctx: &'a Shared,
+    index: Index,
+    seen: IdSet<BlobId>,
+    jobs: SyncSender<Job>,
+    params: ChunkerParams,
+    summary: Summary,
+    skipped: Vec<String>,
+}
+
+/// A file's content as a node needs it.
+struct Content {
+    size: u64,
+    sha256: [u8; 32],
+    inline: Vec<BlobId>,
+    lists: Vec<BlobId>,
+}
+
+impl Reader<'_> {
+    fn read_source(&mut self, source: Source, name: &str) -> Result<(BlobId, Vec<StreamDigest>)> {
+        match source {
+            Source::Stream(r) => {
+                let c = self
+                    .read_content(r)
+                    .map_err(|e| match e {
+                        ReadError::Source(e) => Error::io("standard input", e),
+                        ReadError::Pipeline(e) => e,
+                    })?;
+                let digest = StreamDigest {
+                    path: name.to_string(),
+                    size: c.size,
+                    sha256: c.sha256,
+                };
+                let now = Timestamp::now().as_nanosecond() as i64;
+                let node = file_node(NameBytes(name.as_bytes().to_vec()), 0o600, 0, 0, now, c);
+                self.summary.files += 1;
+                let tree = self.submit_tree(&Tree { nodes: vec![node] })?;
+                Ok((tree, vec![digest]))
+            }
+            Source::Paths(paths) => {
+                let mut nodes = Vec::new();
+                for p in paths {
+                    let path = std::path::absolute(&p).map_err(|e| Error::io(&p, e))?;
+                    let base = path
+                        .file_name()
+                        .map_or_else(|| b"root".to_vec(), |n| n.as_bytes().to_vec());
+                    let meta = fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+                    if let Some(node) = self.node(&path, NameBytes(base), &meta)? {
+                        if nodes.iter().any(|n: &Node| n.name == node.name) {
+                            return Err(Error::invalid(format!(
+                                "two paths share the base name {:?}; back them up separately",
+                                node.name.to_display()
+                            )));
+                        }
+                        nodes.push(node);
+                    }
+                }
+                nodes.sort_by(|a, b| a.name.cmp(&b.name));
+                Ok((self.submit_tree(&Tree { nodes })?, Vec::new()))
+            }
+        }
+    }
+
+    /// Hashes a blob and queues it for storage unless the repository or this backup has it.
+    fn submit(&mut self, kind: BlobKind, data: Bytes) -> Result<BlobId> {
+        if self.ctx.cancel.is_cancelled() {
+            return Err(Error::Interrupted);
+        }
+        let id = self.ctx.key.blob_id(&data);
+        if !self.index.contains(&id) && self.seen.insert(id) {
+            self.summary.new_blobs += 1;
+            self.summary.new_bytes += data.len() as u64;
+            Progress::add(&self.ctx.progress.new_bytes, data.len() as u64);
+            self.jobs
+                .send(Job { id, kind, data })
+                .map_err(|_| Error::Interrupted)?;
+        }
+        Ok(id)
+    }
+
+    fn submit_tree(&mut self, tree: &Tree) -> Result<BlobId> {
+        self.submit(BlobKind::Tree, Bytes::from(tree.encode()))
+    }
+
+    fn read_content(&mut self, reader: impl Read) -> Result<Content, ReadError> {
+        let mut chunker = Chunker::new(reader, &self.params);
+        let mut sha = Sha256::default();
+        let mut size = 0u64;
+        let mut ids = Vec::new();
+        let mut lists = Vec::new();
+        while let Some(chunk) = chunker.next_chunk().map_err(ReadError::Source)? {
+            sha.update(&chunk);
+            size += chunk.len() as u64;
+            Progress::add(&self.ctx.progress.bytes, chunk.len() as u64);
+            self.summary.logical_bytes += chunk.len() as u64;
+            self.summary.blobs += 1;
+            ids.push(self.submit(BlobKind::Data, chunk).map_err(ReadError::Pipeline)?);
+            if ids.len() == tree::LIST_LEN {
+                let list = Bytes::from(tree::encode_list(&ids));
+                lists.push(self.submit(BlobKind::Tree, list).map_err(ReadError::Pipeline)?);
+                ids.clear();
+            }
+        }
+        if !lists.is_empty() || ids.len() > tree::INLINE_CONTENT {
+            if !ids.is_empty() {
+                let list = Bytes::from(tree::encode_list(&ids));
+                lists.push(self.submit(BlobKind::Tree, list).map_err(ReadError::Pipeline)?);
+            }
+            ids = Vec::new();
+        }
+        Ok(Content {
+            size,
+            sha256: sha.finish(),
+            inline: ids,
+            lists,
+        })
+    }
+
+    fn warn(&mut self, path: &Path, what: &str, e: impl std::fmt::Display) {
+        self.summary.errors.push(format!("{}: {what}: {e}", path.display()));
+        Progress::add(&self.ctx.progress.errors, 1);
+    }
+
+    /// The node for one directory entry; `None` if it was skipped or unreadable.
+    fn node(&mut self, path: &Path, name: NameBytes, meta: &fs::Metadata) -> Result<Option<Node>> {
+        let ft = meta.file_type();
+        let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
+        let mut node = Node {
+            name,
+            node_type: NodeType::File,
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime_ns,
+            size: None,
+            sha256: None,
+            content: Vec::new(),
+            content_lists: Vec::new(),
+            subtree: None,
+            target: None,
+        };
+        if ft.is_dir() {
+            let mut children = Vec::new();
+            match fs::read_dir(path) {
+                Ok(entries) => {
+                    let mut entries: Vec<_> = entries.collect();
+                    entries.sort_by(|a, b| match (a, b) {
+                        (Ok(a), Ok(b)) => a.file_name().cmp(&b.file_name()),
+                        _ => std::cmp::Ordering::Equal,
+                    });
+                    for entry in entries {
+                        let entry = match entry {
+                            Ok(e) => e,
+                            Err(e) => {
+                                self.warn(path, "cannot list directory entry", e);
+                                continue;
+                            }
+                        };
+                        let child = entry.path();
+                        match entry.metadata() {
+                            Ok(m) => {
+                                let n = NameBytes(entry.file_name().as_bytes().to_vec());
+                                if let Some(c) = self.node(&child, n, &m)? {
+                                    children.push(c);
+                                }
+                            }
+                            Err(e) => self.warn(&child, "cannot stat", e),
+                        }
+                    }
+                }
+                Err(e) => self.warn(path, "cannot list directory", e),
+            }
+            self.summary.dirs += 1;
+            node.node_type = NodeType::Dir;
+            node.subtree = Some(self.submit_tree(&Tree { nodes: children })?);
+        } else if ft.is_symlink() {
+            match fs::read_link(path) {
+                Ok(target) => {
+                    self.summary.symlinks += 1;
+                    node.node_type = NodeType::Symlink;
+                    node.target = Some(NameBytes(target.as_os_str().as_bytes().to_vec()));
+                }
+                Err(e) => {
+                    self.warn(path, "cannot read symlink", e);
+                    return Ok(None);
+                }
+            }
+        } else if ft.is_file() {
+            let file = match File::open(path) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.warn(path, "cannot open", e);
+                    return Ok(None);
+                }
+            };
+            let content = match self.read_content(file) {
+                Ok(c) => c,
+                Err(ReadError::Source(e)) => {
+                    self.warn(path, "cannot read", e);
+                    return Ok(None);
+                }
+                Err(ReadError::Pipeline(e)) => return Err(e),
+            };
+            self.summary.files += 1;
+            Progress::add(&self.ctx.progress.files, 1);
+            let n = file_node(node.name, node.mode, node.uid, node.gid, mtime_ns, content);
+            return Ok(Some(n));
+        } else {
+            let what = if ft.is_socket() {
+                "socket"
+            } else if ft.is_fifo() {
+                "FIFO"
+            } else {
+                "device"
+            };
+            self.skipped.push(format!("{} ({what})", path.display()));
+            return Ok(None);
+        }
+        Ok(Some(node))
+    }
+}
+
+enum ReadError {
+    /// The source failed: for a file, reported and skipped; for a stream, fatal.
+    Source(std::io::Error),
+    /// The pipeline stopped.
+    Pipeline(Error),
+}
+
+fn file_node(name: NameBytes, mode: u32, uid: u32, gid: u32, mtime_ns: i64, c: Content) -> Node {
+    Node {
+        name,
+        node_type: NodeType::File,
+        mode,
+        uid,
+        gid,
+        mtime_ns,
+        size: Some(c.size),
+        sha256: Some(c.sha256),
+        content: c.inline,
+        content_lists: c.lists,
+        subtree: None,
+        target: None,
+    }
+}
+
+/// What the uploader hands back: packs not yet in a written segment, and bytes stored.
+struct Uploaded {
+    pending: IndexSegment,
+    bytes: u64,
+}
+
+async fn upload_packs(
+    repo: &Repository,
+    key: &EpochKey,
+    mut rx: tokio::sync::mpsc::Receiver<SealedPack>,
+    uploads: usize,
+    cancel: &Cancel,
+    progress: &Progress,
+) -> Result<Uploaded> {
+    let mut done = Uploaded {
+        pending: IndexSegment::default(),
+        bytes: 0,
+    };
+    let mut inflight = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            next = rx.recv(), if open && inflight.len() < uploads => match next {
+                Some(sealed) => inflight.push(async move {
+                    let SealedPack { pack, _token } = sealed;
+                    let len = pack.bytes.len();
+                    repo.store().put(&pack.name, pack.bytes.clone()).await?;
+                    Ok::<_, Error>(IndexedPack { id: pack.id, length: len as u32, blobs: pack.entries })
+                }),
+                None => open = false,
+            },
+            Some(result) = inflight.next(), if !inflight.is_empty() => {
+                let indexed = match result {
+                    Ok(p) => p,
+                    Err(e) => {
+                        cancel.cancel();
+                        return Err(e);
+                    }
+                };
+                done.bytes += u64::from(indexed.length);
+                Progress::add(&progress.stored_bytes, u64::from(indexed.length));
+                done.pending.packs.push(indexed);
+                if done.pending.blob_count() >= SEGMENT_BLOBS {
+                    let segment = std::mem::take(&mut done.pending);
+                    let (_, size) = repo.save_index(key, &segment).await?;
+                    done.bytes += size;
+                }
+            },
+            else => break,
+        }
+    }
+    Ok(done)
+}

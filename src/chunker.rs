@@ -1,0 +1,246 @@
+//! Content-defined chunking (FastCDC 2020) of a byte stream into owned, zero-copy chunks.
+//!
+//! The gear table is XORed with a secret per-repository seed (kept in the encrypted config),
+//! so chunk boundaries, and therefore stored chunk sizes, do not fingerprint known files.
+//! Chunks are handed out as [`Bytes`] slices of a shared read buffer: no copy per chunk.
+
+use std::io::{self, Read};
+
+use bytes::{Bytes, BytesMut};
+use fastcdc::v2020::{Normalization, cut_gear, get_gear_with_seed, select_masks};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Chunk size limits, stored in the repository config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkerParams {
+    pub min_size: u32,
+    pub avg_size: u32,
+    pub max_size: u32,
+    /// Secret: XORed into the gear table.
+    pub seed: u64,
+}
+
+impl ChunkerParams {
+    /// The sizes restic, rustic and borg settled on for files: 512 KiB / 1 MiB / 8 MiB.
+    pub fn files(seed: u64) -> ChunkerParams {
+        ChunkerParams {
+            min_size: 512 << 10,
+            avg_size: 1 << 20,
+            max_size: 8 << 20,
+            seed,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let ok = self.min_size >= 64
+            && self.min_size <= 1 << 20
+            && self.avg_size >= 256
+            && self.avg_size <= 4 << 20
+            && self.max_size >= 1024
+            && self.max_size <= 16 << 20
+            && self.min_size < self.avg_size
+            && self.avg_size < self.max_size
+            && self.min_size % 2 == 0
+            && self.avg_size % 2 == 0
+            && self.max_size % 2 == 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "invalid chunk sizes min {} / avg {} / max {}: need even sizes with \
+                 64 <= min < avg < max, avg <= 4 MiB, max <= 16 MiB",
+                self.min_size, self.avg_size, self.max_size
+            )))
+        }
+    }
+}
+
+/// How much the chunker reads from its source at a time.
+const READ_BLOCK: usize = 1 << 20;
+
+/// Splits a reader into content-defined chunks.
+pub struct Chunker<R> {
+    reader: R,
+    buf: BytesMut,
+    eof: bool,
+    min: usize,
+    avg: usize,
+    max: usize,
+    mask_s: u64,
+    mask_l: u64,
+    gear: Vec<u64>,
+    gear_ls: Vec<u64>,
+}
+
+impl<R: Read> Chunker<R> {
+    pub fn new(reader: R, params: &ChunkerParams) -> Chunker<R> {
+        let (mask_s, mask_l) = select_masks(params.avg_size as usize, Normalization::Level1);
+        let (gear, gear_ls) = get_gear_with_seed(params.seed);
+        Chunker {
+            reader,
+            buf: BytesMut::new(),
+            eof: false,
+            min: params.min_size as usize,
+            avg: params.avg_size as usize,
+            max: params.max_size as usize,
+            mask_s,
+            mask_l,
+            gear: gear.into_owned(),
+            gear_ls: gear_ls.into_owned(),
+        }
+    }
+
+    /// Fills the buffer until it holds at least `max` bytes or the source ends.
+    fn fill(&mut self) -> io::Result<()> {
+        while !self.eof && self.buf.len() < self.max {
+            if self.buf.capacity() - self.buf.len() < READ_BLOCK {
+                // A new allocation when chunks still share the old one: big enough for a few
+                // maximal chunks, small enough to keep memory bounded.
+                self.buf.reserve(self.max + 2 * READ_BLOCK);
+            }
+            let start = self.buf.len();
+            let room = (self.buf.capacity() - start).min(4 * READ_BLOCK);
+            self.buf.resize(start + room, 0);
+            let n = loop {
+                match self.reader.read(&mut self.buf[start..]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.buf.truncate(start);
+                        return Err(e);
+                    }
+                }
+            };
+            self.buf.truncate(start + n);
+            if n == 0 {
+                self.eof = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// The next chunk, or `None` at the end of the stream.
+    pub fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        self.fill()?;
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let (_, len) = cut_gear(
+            &self.buf,
+            self.min,
+            self.avg,
+            self.max,
+            self.mask_s,
+            self.mask_l,
+            self.mask_s << 1,
+            self.mask_l << 1,
+            &self.gear,
+            &self.gear_ls,
+        );
+        Ok(Some(self.buf.split_to(len).freeze()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn small(seed: u64) -> ChunkerParams {
+        ChunkerParams {
+            min_size: 2048,
+            avg_size: 8192,
+            max_size: 32768,
+            seed,
+        }
+    }
+
+    fn chunks(data: &[u8], params: &ChunkerParams) -> Vec<Bytes> {
+        let mut c = Chunker::new(data, params);
+        let mut out = Vec::new();
+        while let Some(chunk) = c.next_chunk().unwrap() {
+            out.push(chunk);
+        }
+        out
+    }
+
+    /// A reader that returns at most 7 bytes per call, to exercise partial reads.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(7).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_stream_within_limits() {
+        let data = pseudo_random(1 << 20, 3);
+        let p = small(0);
+        let cs = chunks(&data, &p);
+        assert_eq!(cs.concat(), data);
+        for c in &cs[..cs.len() - 1] {
+            assert!(c.len() >= 2048 && c.len() <= 32768, "{}", c.len());
+        }
+        let avg = data.len() / cs.len();
+        assert!((4096..16384).contains(&avg), "average {avg}");
+    }
+
+    #[test]
+    fn boundaries_do_not_depend_on_read_sizes() {
+        let data = pseudo_random(300_000, 5);
+        let p = small(77);
+        let mut c = Chunker::new(Trickle(&data), &p);
+        let mut trickled = Vec::new();
+        while let Some(chunk) = c.next_chunk().unwrap() {
+            trickled.push(chunk);
+        }
+        assert_eq!(trickled, chunks(&data, &p));
+    }
+
+    #[test]
+    fn an_insertion_only_changes_nearby_chunks() {
+        let data = pseudo_random(1 << 20, 9);
+        let mut edited = data.clone();
+        edited.splice(500_000..500_000, b"inserted".iter().copied());
+        let p = small(1);
+        let a = chunks(&data, &p);
+        let b = chunks(&edited, &p);
+        let shared = a.iter().filter(|c| b.contains(c)).count();
+        assert!(shared + 3 >= a.len(), "{shared} of {} chunks shared", a.len());
+    }
+
+    #[test]
+    fn the_seed_changes_boundaries() {
+        let data = pseudo_random(1 << 20, 11);
+        let a = chunks(&data, &small(1));
+        let b = chunks(&data, &small(2));
+        assert_ne!(a.iter().map(Bytes::len).collect::<Vec<_>>(), b.iter().map(Bytes::len).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn empty_stream_and_validation() {
+        assert!(chunks(b"", &small(0)).is_empty());
+        assert!(ChunkerParams::files(0).validate().is_ok());
+        let mut bad = small(0);
+        bad.max_size = 1000;
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! The library's error type.
+//!
+//! Policy: every error names what failed and where (which object, which file, which snapshot),
+//! because the person reading it is an on-call engineer who cannot attach a debugger. Errors
+//! that an operator must react to differently have their own variant, and each variant maps to
+//! one documented process exit code ([`Error::exit_code`]); the binaries never invent codes.
+//! Secrets never appear in an error: only object names, paths and counts do.
+
+use std::path::PathBuf;
+
+/// Result type of the kluis library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Process exit codes, documented in the README. They are API: scripts depend on them.
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Any failure not listed below.
+    pub const FAILURE: i32 = 1;
+    /// Bad command line or configuration.
+    pub const USAGE: i32 = 2;
+    /// The backup was committed, but some files could not be read.
+    pub const INCOMPLETE: i32 = 3;
+    /// No repository at the given location.
+    pub const NO_REPOSITORY: i32 = 10;
+    /// No key slot opens with the given password or key file.
+    pub const WRONG_PASSWORD: i32 = 12;
+    /// Data in the repository is corrupt or has been tampered with.
+    pub const CORRUPT: i32 = 13;
+    /// Interrupted by SIGINT or SIGTERM.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+/// Everything that can go wrong in the kluis library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no kluis repository at {location} (run `kluis init` first, or check --repo)")]
+    RepositoryNotFound { location: String },
+
+    #[error("a repository already exists at {location}")]
+    RepositoryExists { location: String },
+
+    #[error("wrong password or key file: none of the {slots} key slot(s) of {location} opens with it")]
+    WrongPassword { location: String, slots: usize },
+
+    #[error("{object}: corrupt or tampered data: {detail}")]
+    Corrupt { object: String, detail: String },
+
+    #[error(
+        "{object}: format version {found} is newer than this kluis supports (version {supported}); upgrade kluis to read this repository"
+    )]
+    NewerFormat { object: String, found: u32, supported: u32 },
+
+    #[error("blob {0} is not in the index")]
+    MissingBlob(crate::id::BlobId),
+
+    #[error("{object}: object is missing from the repository")]
+    MissingObject { object: String },
+
+    #[error("storage {operation} of {object} failed: {source}")]
+    Store {
+        operation: &'static str,
+        object: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(
+        "{}: secret file is accessible by group or others (mode {mode:04o}); run `chmod 600` on it",
+        path.display()
+    )]
+    InsecureSecretFile { path: PathBuf, mode: u32 },
+
+    #[error("no snapshot matches {0}")]
+    SnapshotNotFound(String),
+
+    #[error("snapshot id prefix {prefix} is ambiguous: it matches {matches}")]
+    AmbiguousSnapshot { prefix: String, matches: String },
+
+    #[error("{0}")]
+    InvalidInput(String),
+
+    #[error("check found {0} problem(s) in the repository")]
+    CheckFailed(usize),
+
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl Error {
+    /// The process exit code an operator's script sees for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::RepositoryNotFound { .. } => exit::NO_REPOSITORY,
+            Error::WrongPassword { .. } => exit::WRONG_PASSWORD,
+            Error::Corrupt { .. }
+            | Error::MissingObject { .. }
+            | Error::MissingBlob(_)
+            | Error::CheckFailed(_) => {
+                exit::CORRUPT
+            }
+            Error::Interrupted => exit::INTERRUPTED,
+            Error::InvalidInput(_) | Error::InsecureSecretFile { .. } => exit::USAGE,
+            _ => exit::FAILURE,
+        }
+    }
+
+    pub(crate) fn corrupt(object: impl Into<String>, detail: impl Into<String>) -> Error {
+        Error::Corrupt {
+            object: object.into(),
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> Error {
+        Error::InvalidInput(message.into())
+    }
+}
+
+/// Finds the exit code for an error chain built with `anyhow` at a binary's edge.
+pub fn exit_code_of(error: &(dyn std::error::Error + 'static)) -> i32 {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(kluis) = e.downcast_ref::<Error>() {
+            return kluis.exit_code();
+        }
+        current = e.source();
+    }
+    exit::FAILURE
+}

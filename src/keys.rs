@@ -1,0 +1,335 @@
+//! Key slots and the secrets that open them.
+//!
+//! A repository has one random master key. Each key slot (`keys/<id>`) holds the master key
+//! wrapped (AES-256-GCM) under a key-encryption key derived from one secret: a passphrase
+//! (Argon2id) or a key file (HKDF). Adding a passphrase adds a slot; removing one deletes it;
+//! the data is never re-encrypted. Slots are the only objects not sealed by the master key, so
+//! each carries a SHA-256 checksum that tells corruption apart from a wrong password.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::crypto::{Key, NONCE_LEN, Sha256, random_array};
+use crate::error::{Error, Result};
+use crate::id::ObjectId;
+use crate::object::{HEADER_LEN, Header, Kind};
+
+/// The secret an operator unlocks a repository with.
+pub enum Secret {
+    Passphrase(Zeroizing<String>),
+    KeyFile(Key),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Secret::Passphrase(_) => f.write_str("Secret::Passphrase(<secret>)"),
+            Secret::KeyFile(_) => f.write_str("Secret::KeyFile(<secret>)"),
+        }
+    }
+}
+
+const KEY_FILE_PREFIX: &str = "kluis-key-file-v1:";
+
+impl Secret {
+    pub fn passphrase(s: impl Into<String>) -> Secret {
+        Secret::Passphrase(Zeroizing::new(s.into()))
+    }
+
+    /// Reads a passphrase file: its first line, without the line ending.
+    pub fn from_password_file(path: &Path) -> Result<Secret> {
+        let text = read_secret_file(path)?;
+        let line = text.lines().next().unwrap_or("");
+        if line.is_empty() {
+            return Err(Error::invalid(format!(
+                "{}: password file is empty",
+                path.display()
+            )));
+        }
+        Ok(Secret::passphrase(line))
+    }
+
+    /// Reads a key file written by [`generate_key_file`].
+    pub fn from_key_file(path: &Path) -> Result<Secret> {
+        let text = read_secret_file(path)?;
+        let bad = || {
+            Error::invalid(format!(
+                "{}: not a kluis key file (expected one line `{KEY_FILE_PREFIX}<64 hex digits>`)",
+                path.display()
+            ))
+        };
+        let hex_part = text.trim().strip_prefix(KEY_FILE_PREFIX).ok_or_else(bad)?;
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(hex_part, &mut bytes[..]).map_err(|_| bad())?;
+        Ok(Secret::KeyFile(Key::from_bytes(*bytes)))
+    }
+
+    fn kind(&self) -> SlotKind {
+        match self {
+            Secret::Passphrase(_) => SlotKind::Passphrase,
+            Secret::KeyFile(_) => SlotKind::KeyFile,
+        }
+    }
+}
+
+/// Refuses a secret file that group or others can access, then reads it.
+pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(Error::InsecureSecretFile {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| Error::io(path, e))?);
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Error::invalid(format!("{}: secret file is not UTF-8", path.display())))?;
+    Ok(Zeroizing::new(text.to_string()))
+}
+
+/// Writes a new random key file with mode 0600; refuses to overwrite an existing file.
+pub fn generate_key_file(path: &Path) -> Result<()> {
+    let key = Key::random();
+    let line = Zeroizing::new(format!("{KEY_FILE_PREFIX}{}\n", hex::encode(key.as_bytes())));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.write_all(line.as_bytes())
+        .and_then(|_| file.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotKind {
+    Passphrase,
+    KeyFile,
+}
+
+/// Argon2id cost parameters, stored in each passphrase slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KdfParams {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl Default for KdfParams {
+    /// RFC 9106's second recommended option, with one lane: 64 MiB, 3 passes.
+    fn default() -> Self {
+        KdfParams {
+            memory_kib: 64 * 1024,
+            iterations: 3,
+            parallelism: 1,
+        }
+    }
+}
+
+/// The JSON body of a key slot object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySlot {
+    pub id: ObjectId,
+    pub repository: ObjectId,
+    pub kind: SlotKind,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kdf: Option<KdfParams>,
+    #[serde(with = "hex::serde")]
+    pub salt: [u8; 32],
+    #[serde(with = "hex::serde")]
+    pub nonce: [u8; NONCE_LEN],
+    #[serde(with = "hex::serde")]
+    pub wrapped: Vec<u8>,
+    pub created: Timestamp,
+    pub host: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub label: Option<String>,
+}
+
+impl KeySlot {
+    /// Wraps `master` under `secret` in a new slot.
+    pub fn create(
+        master: &Key,
+        repository: ObjectId,
+        secret: &Secret,
+        kdf: KdfParams,
+        host: String,
+        label: Option<String>,
+    ) -> Result<KeySlot> {
+        let mut slot = KeySlot {
+            id: ObjectId::random(),
+            repository,
+            kind: secret.kind(),
+            kdf: matches!(secret, Secret::Passphrase(_)).then_some(kdf),
+            salt: random_array(),
+            nonce: random_array(),
+            wrapped: Vec::new(),
+            created: Timestamp::now(),
+            host,
+            label,
+        };
+        let kek = slot.key_encryption_key(secret)?;
+        slot.wrapped = kek.cipher().seal(slot.nonce, &slot.aad(), master.as_bytes());
+        Ok(slot)
+    }
+
+    fn aad(&self) -> Vec<u8> {
+        let mut aad = b"kluis key slot v1".to_vec();
+        aad.extend_from_slice(self.id.as_bytes());
+        aad.extend_from_slice(self.repository.as_bytes());
+        aad.extend_from_slice(serde_json::to_string(&self.kind).expect("enum").as_bytes());
+        if let Some(k) = self.kdf {
+            for v in [k.memory_kib, k.iterations, k.parallelism] {
+                aad.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        aad
+    }
+
+    fn key_encryption_key(&self, secret: &Secret) -> Result<Key> {
+        match (secret, self.kdf) {
+            (Secret::Passphrase(p), Some(k)) => {
+                let params = argon2::Params::new(k.memory_kib, k.iterations, k.parallelism, Some(32))
+                    .map_err(|e| Error::corrupt(self.name(), format!("invalid Argon2 parameters: {e}")))?;
+                if k.memory_kib > 4 * 1024 * 1024 {
+                    return Err(Error::corrupt(self.name(), "Argon2 memory over 4 GiB"));
+                }
+                let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+                let mut out = Zeroizing::new([0u8; 32]);
+                argon
+                    .hash_password_into(p.as_bytes(), &self.salt, &mut out[..])
+                    .map_err(|e| Error::corrupt(self.name(), format!("Argon2 failed: {e}")))?;
+                Ok(Key::from_bytes(*out))
+            }
+            (Secret::KeyFile(k), None) => Ok(k.derive(&self.salt, &[b"kluis key-file slot v1"])),
+            _ => Err(Error::corrupt(self.name(), "slot kind and parameters disagree")),
+        }
+    }
+
+    /// Unwraps the master key, or `None` if `secret` is not this slot's secret.
+    pub fn unwrap_master(&self, secret: &Secret) -> Result<Option<Key>> {
+        if secret.kind() != self.kind {
+            return Ok(None);
+        }
+        let kek = self.key_encryption_key(secret)?;
+        match kek.cipher().open(self.nonce, &self.aad(), &self.wrapped) {
+            Ok(bytes) => {
+                let bytes = Zeroizing::new(bytes);
+                let arr: [u8; 32] = bytes[..]
+                    .try_into()
+                    .map_err(|_| Error::corrupt(self.name(), "wrapped key has the wrong length"))?;
+                Ok(Some(Key::from_bytes(arr)))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        crate::object::name::key_slot(&self.id)
+    }
+
+    /// The stored form: header, JSON body, SHA-256 of both.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Header {
+            kind: Kind::KeySlot,
+            key_id: self.id,
+        }
+        .encode()
+        .to_vec();
+        serde_json::to_writer(&mut out, self).expect("key slot serializes");
+        let sum = Sha256::digest(&out);
+        out.extend_from_slice(&sum);
+        out
+    }
+
+    pub fn decode(name: &str, bytes: &[u8]) -> Result<KeySlot> {
+        let header = Header::decode(name, bytes, Kind::KeySlot)?;
+        if bytes.len() < HEADER_LEN + 32 {
+            return Err(Error::corrupt(name, "truncated key slot"));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 32);
+        if Sha256::digest(body) != sum {
+            return Err(Error::corrupt(name, "key slot checksum mismatch"));
+        }
+        let slot: KeySlot = serde_json::from_slice(&body[HEADER_LEN..])
+            .map_err(|e| Error::corrupt(name, format!("key slot does not parse: {e}")))?;
+        if slot.id != header.key_id || slot.name() != name {
+            return Err(Error::corrupt(name, "key slot id does not match its name"));
+        }
+        Ok(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAST: KdfParams = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+
+    #[test]
+    fn passphrase_slot_round_trip() {
+        let master = Key::random();
+        let repo = ObjectId::random();
+        let secret = Secret::passphrase("correct horse");
+        let slot = KeySlot::create(&master, repo, &secret, FAST, "h".into(), None).unwrap();
+        let decoded = KeySlot::decode(&slot.name(), &slot.encode()).unwrap();
+        assert_eq!(decoded.unwrap_master(&secret).unwrap(), Some(master));
+        assert_eq!(decoded.unwrap_master(&Secret::passphrase("wrong")).unwrap(), None);
+        assert_eq!(decoded.unwrap_master(&Secret::KeyFile(Key::random())).unwrap(), None);
+    }
+
+    #[test]
+    fn key_file_slot_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        generate_key_file(&path).unwrap();
+        assert!(generate_key_file(&path).is_err(), "never overwrites a key file");
+        let secret = Secret::from_key_file(&path).unwrap();
+        let master = Key::random();
+        let slot = KeySlot::create(&master, ObjectId::random(), &secret, FAST, "h".into(), None).unwrap();
+        assert_eq!(slot.unwrap_master(&secret).unwrap(), Some(master));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            Secret::from_key_file(&path),
+            Err(Error::InsecureSecretFile { mode: 0o640, .. })
+        ));
+    }
+
+    #[test]
+    fn corruption_is_named_not_mistaken_for_a_wrong_password() {
+        let slot = KeySlot::create(
+            &Key::random(),
+            ObjectId::random(),
+            &Secret::passphrase("p"),
+            FAST,
+            "h".into(),
+            None,
+        )
+        .unwrap();
+        let bytes = slot.encode();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x20;
+            match KeySlot::decode(&slot.name(), &b) {
+                Err(Error::Corrupt { object, .. }) | Err(Error::NewerFormat { object, .. }) => {
+                    assert_eq!(object, slot.name())
+                }
+                other => panic!("byte {i}: {other:?}"),
+            }
+        }
+    }
+}

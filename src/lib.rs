@@ -1,0 +1,51 @@
+//! kluis: encrypted, deduplicated backups of databases and directories to object storage.
+//!
+//! The engine, one noun per module:
+//! - [`store`]: where objects live (local directory, S3-compatible bucket, memory).
+//! - [`object`]: object names, the common header, sealing of small objects.
+//! - [`crypto`], [`keys`]: AES-256-GCM, HKDF, keyed hashes; key slots and secrets.
+//! - [`repository`]: config, epoch keys, typed access to snapshots, index and blobs.
+//! - [`chunker`], [`pack`], [`index`], [`tree`], [`snapshot`]: the repository format
+//!   (docs/FORMAT.md).
+//! - [`backup`], [`restore`], [`check`]: the operations.
+//!
+//! ```no_run
+//! # async fn demo() -> kluis::Result<()> {
+//! use kluis::{backup, keys::Secret, repository::Repository, store::Store};
+//! let store = Store::open("/srv/backups/repo", false)?;
+//! let repo = Repository::open(store, &Secret::passphrase("correct horse")).await?;
+//! let dump = std::process::Command::new("pg_dump").stdout(std::process::Stdio::piped()).spawn().unwrap();
+//! let source = backup::Source::Stream(Box::new(dump.stdout.unwrap()));
+//! let report = backup::backup(&repo, source, backup::BackupOptions::new("shop")).await?;
+//! println!("snapshot {}", report.snapshot.id);
+//! # Ok(()) }
+//! ```
+
+pub mod backup;
+pub mod check;
+pub mod chunker;
+pub mod crypto;
+pub mod error;
+pub mod id;
+pub mod index;
+pub mod keys;
+pub mod object;
+pub mod pack;
+pub mod progress;
+pub mod repository;
+pub mod restore;
+pub mod snapshot;
+pub mod store;
+pub mod tree;
+
+pub use error::{Error, Result};
+
+/// This host's name, as recorded in snapshots and key slots.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}

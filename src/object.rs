@@ -1,0 +1,314 @@
+//! Repository objects: their names, their common header, and sealing of small objects.
+//!
+//! Every object starts with the same 24-byte header (magic, object format version, kind, key
+//! id); see docs/FORMAT.md. Small objects (config, epoch keys, index segments, snapshots) are
+//! *sealed*: AES-256-GCM under a key derived for that one object from its parent key, with a
+//! random nonce, and associated data binding the header, the repository id and the object's
+//! name. Moving, renaming or splicing objects therefore fails authentication.
+
+use std::fmt;
+
+use jiff::Timestamp;
+
+use crate::crypto::{Key, NONCE_LEN, TAG_LEN, random_array};
+use crate::error::{Error, Result};
+use crate::id::ObjectId;
+
+pub const MAGIC: &[u8; 6] = b"kluis\0";
+/// The object format version this build writes and the newest it reads.
+pub const OBJECT_FORMAT: u8 = 1;
+pub const HEADER_LEN: usize = 24;
+
+/// What an object is. The discriminant is stored in the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Config = 1,
+    KeySlot = 2,
+    EpochKey = 3,
+    Pack = 4,
+    Index = 5,
+    Snapshot = 6,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Config,
+            2 => Kind::KeySlot,
+            3 => Kind::EpochKey,
+            4 => Kind::Pack,
+            5 => Kind::Index,
+            6 => Kind::Snapshot,
+            _ => return None,
+        })
+    }
+
+    fn label(self) -> &'static [u8] {
+        match self {
+            Kind::Config => b"config",
+            Kind::KeySlot => b"key-slot",
+            Kind::EpochKey => b"epoch-key",
+            Kind::Pack => b"pack",
+            Kind::Index => b"index",
+            Kind::Snapshot => b"snapshot",
+        }
+    }
+}
+
+/// The header every object starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    /// The id of the key the object is encrypted under: an epoch key id for packs, index
+    /// segments and snapshots; the slot id for key slots; zero for master-key objects.
+    pub key_id: ObjectId,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        out[..6].copy_from_slice(MAGIC);
+        out[6] = OBJECT_FORMAT;
+        out[7] = self.kind as u8;
+        out[8..].copy_from_slice(self.key_id.as_bytes());
+        out
+    }
+
+    /// Parses and checks the header of object `name`.
+    pub fn decode(name: &str, bytes: &[u8], expected: Kind) -> Result<Header> {
+        if bytes.len() < HEADER_LEN || &bytes[..6] != MAGIC {
+            return Err(Error::corrupt(name, "not a kluis object (bad magic)"));
+        }
+        if bytes[6] > OBJECT_FORMAT {
+            return Err(Error::NewerFormat {
+                object: name.to_string(),
+                found: u32::from(bytes[6]),
+                supported: u32::from(OBJECT_FORMAT),
+            });
+        }
+        if bytes[6] == 0 {
+            return Err(Error::corrupt(name, "object format version 0"));
+        }
+        let kind = Kind::from_u8(bytes[7])
+            .ok_or_else(|| Error::corrupt(name, format!("unknown object kind {}", bytes[7])))?;
+        if kind != expected {
+            return Err(Error::corrupt(
+                name,
+                format!("expected a {:?} object, found a {kind:?}", expected),
+            ));
+        }
+        let key_id = ObjectId::from_slice(&bytes[8..HEADER_LEN]).expect("16 bytes");
+        Ok(Header { kind, key_id })
+    }
+}
+
+fn object_key(parent: &Key, repo_id: &ObjectId, kind: Kind, name: &str) -> Key {
+    parent.derive(repo_id.as_bytes(), &[b"kluis object v1 ", kind.label(), b" ", name.as_bytes()])
+}
+
+fn aad(header: &[u8], repo_id: &ObjectId, name: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(HEADER_LEN + 16 + name.len());
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(repo_id.as_bytes());
+    aad.extend_from_slice(name.as_bytes());
+    aad
+}
+
+/// Seals `plaintext` as object `name`: header, nonce, ciphertext and tag.
+pub fn seal(
+    header: Header,
+    parent: &Key,
+    repo_id: &ObjectId,
+    name: &str,
+    plaintext: &[u8],
+) -> Vec<u8> {
+    let head = header.encode();
+    let nonce: [u8; NONCE_LEN] = random_array();
+    let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + plaintext.len() + TAG_LEN);
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&nonce);
+    let start = out.len();
+    out.extend_from_slice(plaintext);
+    object_key(parent, repo_id, header.kind, name).cipher().seal_in_place(
+        nonce,
+        &aad(&head, repo_id, name),
+        &mut out,
+        start,
+    );
+    out
+}
+
+/// Opens a sealed object whose header has already been decoded.
+pub fn open(
+    header: Header,
+    parent: &Key,
+    repo_id: &ObjectId,
+    name: &str,
+    bytes: &[u8],
+) -> Result<Vec<u8>> {
+    if bytes.len() < HEADER_LEN + NONCE_LEN + TAG_LEN {
+        return Err(Error::corrupt(name, format!("truncated ({} bytes)", bytes.len())));
+    }
+    let nonce: [u8; NONCE_LEN] = bytes[HEADER_LEN..HEADER_LEN + NONCE_LEN]
+        .try_into()
+        .expect("12 bytes");
+    object_key(parent, repo_id, header.kind, name)
+        .cipher()
+        .open(nonce, &aad(&bytes[..HEADER_LEN], repo_id, name), &bytes[HEADER_LEN + NONCE_LEN..])
+        .map_err(|_| Error::corrupt(name, "authentication failed"))
+}
+
+/// A calendar month in UTC, the unit of key scope and of erasure ("2026-11").
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Epoch {
+    year: u16,
+    month: u8,
+}
+
+impl Epoch {
+    pub fn of(time: Timestamp) -> Epoch {
+        let date = time.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
+        Epoch {
+            year: date.year() as u16,
+            month: date.month() as u8,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Epoch> {
+        let (y, m) = s.split_once('-')?;
+        if y.len() != 4 || m.len() != 2 {
+            return None;
+        }
+        let year: u16 = y.parse().ok()?;
+        let month: u8 = m.parse().ok()?;
+        (1..=12).contains(&month).then_some(Epoch { year, month })
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04}-{:02}", self.year, self.month)
+    }
+}
+
+impl fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Epoch({self})")
+    }
+}
+
+/// Object names. A name is the object's path relative to the repository root.
+pub mod name {
+    use super::Epoch;
+    use crate::id::ObjectId;
+
+    pub const CONFIG: &str = "config";
+    pub const KEYS: &str = "keys";
+    pub const EPOCHS: &str = "epochs";
+    pub const DATA: &str = "data";
+    pub const INDEX: &str = "index";
+    pub const SNAPSHOTS: &str = "snapshots";
+
+    pub fn key_slot(id: &ObjectId) -> String {
+        format!("{KEYS}/{id}")
+    }
+
+    pub fn epoch_key(epoch: Epoch, id: &ObjectId) -> String {
+        format!("{EPOCHS}/{epoch}/{id}")
+    }
+
+    pub fn pack(epoch: Epoch, id: &ObjectId) -> String {
+        format!("{DATA}/{epoch}/{}/{id}", &id.to_hex()[..2])
+    }
+
+    pub fn index(epoch: Epoch, id: &ObjectId) -> String {
+        format!("{INDEX}/{epoch}/{id}")
+    }
+
+    pub fn snapshot(epoch: Epoch, id: &ObjectId) -> String {
+        format!("{SNAPSHOTS}/{epoch}/{id}")
+    }
+
+    /// Splits `prefix/EPOCH/[xx/]ID` into its epoch and id; `None` for anything else
+    /// (a stray file an operator left, say), which callers report rather than trust.
+    pub fn parse_epoch_object(prefix: &str, name: &str) -> Option<(Epoch, ObjectId)> {
+        let rest = name.strip_prefix(prefix)?.strip_prefix('/')?;
+        let mut parts = rest.split('/');
+        let epoch = Epoch::parse(parts.next()?)?;
+        let mut last = parts.next()?;
+        if prefix == DATA {
+            let fanout = last;
+            last = parts.next()?;
+            if !last.starts_with(fanout) || fanout.len() != 2 {
+                return None;
+            }
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        Some((epoch, last.parse().ok()?))
+    }
+
+    pub fn parse_key_slot(name: &str) -> Option<ObjectId> {
+        name.strip_prefix(KEYS)?.strip_prefix('/')?.parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_binds_name_repository_and_header() {
+        let key = Key::random();
+        let repo = ObjectId::random();
+        let header = Header {
+            kind: Kind::Snapshot,
+            key_id: ObjectId::random(),
+        };
+        let sealed = seal(header, &key, &repo, "snapshots/2026-11/aa", b"payload");
+        let decoded = Header::decode("x", &sealed, Kind::Snapshot).unwrap();
+        assert_eq!(decoded, header);
+        assert_eq!(open(header, &key, &repo, "snapshots/2026-11/aa", &sealed).unwrap(), b"payload");
+        assert!(open(header, &key, &repo, "snapshots/2026-11/ab", &sealed).is_err());
+        assert!(open(header, &key, &ObjectId::random(), "snapshots/2026-11/aa", &sealed).is_err());
+        let mut tampered = sealed.clone();
+        tampered[8] ^= 1; // key id in the header
+        assert!(open(header, &key, &repo, "snapshots/2026-11/aa", &tampered).is_err());
+        assert!(matches!(
+            Header::decode("x", &sealed, Kind::Index),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn newer_format_is_refused_by_name() {
+        let mut bytes = Header {
+            kind: Kind::Config,
+            key_id: ObjectId::default(),
+        }
+        .encode()
+        .to_vec();
+        bytes[6] = OBJECT_FORMAT + 1;
+        let err = Header::decode("config", &bytes, Kind::Config).unwrap_err();
+        assert!(matches!(err, Error::NewerFormat { .. }));
+        assert!(err.to_string().contains("config"));
+    }
+
+    #[test]
+    fn names_parse_back() {
+        let epoch = Epoch::parse("2026-11").unwrap();
+        let id = ObjectId::random();
+        assert_eq!(name::parse_epoch_object(name::DATA, &name::pack(epoch, &id)), Some((epoch, id)));
+        assert_eq!(
+            name::parse_epoch_object(name::SNAPSHOTS, &name::snapshot(epoch, &id)),
+            Some((epoch, id))
+        );
+        assert_eq!(name::parse_epoch_object(name::INDEX, "index/2026-13/00"), None);
+        assert_eq!(name::parse_epoch_object(name::DATA, "data/2026-11/zz/00"), None);
+        assert_eq!(name::parse_key_slot(&name::key_slot(&id)), Some(id));
+        assert_eq!(Epoch::of("2026-02-28T23:59:59Z".parse().unwrap()).to_string(), "2026-02");
+        assert_eq!(Epoch::parse("2026-00"), None);
+    }
+}

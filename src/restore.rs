@@ -1,0 +1,407 @@
+//! Restore: a snapshot's stream to a writer, or its tree into a directory, verified end to end.
+//!
+//! Content is fetched with ranged reads that cover runs of adjacent blobs, several at once;
+//! blobs are decrypted (which authenticates them) and decompressed on the blocking pool; one
+//! writer thread puts them in order and computes the SHA-256 that must match the snapshot.
+//! A file is written under a temporary name and renamed into place only once it verifies.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::crypto::Sha256;
+use crate::error::{Error, Result};
+use crate::id::BlobId;
+use crate::index::{Index, PackInfo};
+use crate::object::name;
+use crate::pack::{self, BlobEntry};
+use crate::progress::{Cancel, Progress};
+use crate::repository::Repository;
+use crate::snapshot::Snapshot;
+use crate::tree::{self, Node, NodeType, Tree};
+
+/// Largest ranged read: a run of adjacent blobs up to this many stored bytes.
+const RANGE_BYTES: u64 = 4 << 20;
+
+/// How to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Ranged reads in flight (each decoded on the blocking pool as it arrives).
+    pub fetches: usize,
+    /// Replace existing files in the target directory.
+    pub overwrite: bool,
+    pub cancel: Cancel,
+    pub progress: Arc<Progress>,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            fetches: 4,
+            overwrite: false,
+            cancel: Cancel::new(),
+            progress: Progress::new(),
+        }
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreReport {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    /// Metadata that could not be applied (ownership when not root, say).
+    pub warnings: Vec<String>,
+}
+
+/// Restores a snapshot's content for reading: the index of its epoch and its root tree.
+pub struct Restorer<'a> {
+    repo: &'a Repository,
+    snapshot: &'a Snapshot,
+    index: Arc<Index>,
+    /// Unreadable index segments: reported if the snapshot needs a blob they may list.
+    index_errors: Vec<Error>,
+    opts: RestoreOptions,
+    report: RestoreReport,
+}
+
+impl<'a> Restorer<'a> {
+    pub async fn new(repo: &'a Repository, snapshot: &'a Snapshot, opts: RestoreOptions) -> Result<Restorer<'a>> {
+        let (index, index_errors) = repo.load_index_epoch(snapshot.epoch()).await?;
+        Ok(Restorer {
+            repo,
+            snapshot,
+            index: Arc::new(index),
+            index_errors,
+            opts,
+            report: RestoreReport::default(),
+        })
+    }
+
+    async fn tree(&self, id: &BlobId) -> Result<Tree> {
+        let bytes = self.repo.read_blob(&self.index, id).await.map_err(|e| self.context(e))?;
+        Tree::decode(&format!("tree {id} of snapshot {}", self.snapshot.id.short()), &bytes)
+    }
+
+    fn context(&self, e: Error) -> Error {
+        match e {
+            Error::MissingBlob(id) => match self.index_errors.first() {
+                Some(Error::Corrupt { object, detail }) => Error::corrupt(
+                    object.clone(),
+                    format!("{detail}; snapshot {} needs blob {id}, which it may list", self.snapshot.id.short()),
+                ),
+                _ => Error::corrupt(
+                    format!("blob {id}"),
+                    format!("missing from the index (needed by snapshot {})", self.snapshot.id.short()),
+                ),
+            },
+            Error::Corrupt { object, detail } => Error::Corrupt {
+                object,
+                detail: format!("{detail} (needed by snapshot {})", self.snapshot.id.short()),
+            },
+            e => e,
+        }
+    }
+
+    /// Writes the snapshot's single stream to `out`; fails if the snapshot is a file tree.
+    pub async fn stream_to(mut self, out: Box<dyn Write + Send>) -> Result<RestoreReport> {
+        let root = self.tree(&self.snapshot.tree).await?;
+        let node = match root.nodes.as_slice() {
+            [n] if n.node_type == NodeType::File => n.clone(),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "snapshot {} holds files and directories, not one stream: restore it with --target DIR",
+                    self.snapshot.id.short()
+                )));
+            }
+        };
+        let (_, bytes) = self.write_content(&node, out).await?;
+        self.report.files = 1;
+        self.report.bytes = bytes;
+        Ok(self.report)
+    }
+
+    /// Restores the snapshot's tree under `target`.
+    pub async fn to_directory(mut self, target: &Path) -> Result<RestoreReport> {
+        match fs::symlink_metadata(target) {
+            Ok(m) if !m.is_dir() => {
+                return Err(Error::invalid(format!("{} exists and is not a directory", target.display())));
+            }
+            Ok(_) => {
+                let mut entries = fs::read_dir(target).map_err(|e| Error::io(target, e))?;
+                if entries.next().is_some() && !self.opts.overwrite {
+                    return Err(Error::invalid(format!(
+                        "{} is not empty; restore into an empty directory, or pass --overwrite",
+                        target.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
+            }
+            Err(e) => return Err(Error::io(target, e)),
+        }
+        let root = self.snapshot.tree;
+        self.restore_tree(root, target.to_path_buf()).await?;
+        Ok(self.report)
+    }
+
+    fn restore_tree(&mut self, id: BlobId, dir: PathBuf) -> futures::future::BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let tree = self.tree(&id).await?;
+            for node in &tree.nodes {
+                if self.opts.cancel.is_cancelled() {
+                    return Err(Error::Interrupted);
+                }
+                let path = dir.join(OsStr::from_bytes(&node.name.0));
+                match node.node_type {
+                    NodeType::Dir => {
+                        match fs::create_dir(&path) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && self.opts.overwrite => {
+                                let m = fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+                                if !m.is_dir() {
+                                    return Err(Error::invalid(format!(
+                                        "{} exists and is not a directory",
+                                        path.display()
+                                    )));
+                                }
+                            }
+                            Err(e) => return Err(Error::io(&path, e)),
+                        }
+                        let subtree = node.subtree.expect("checked by Tree::decode");
+                        self.restore_tree(subtree, path.clone()).await?;
+                        self.report.dirs += 1;
+                        self.apply_metadata(node, &path);
+                    }
+                    NodeType::File => {
+                        let tmp = dir.join(OsStr::from_bytes(
+                            &[b".".as_slice(), &node.name.0, b".kluis-partial"].concat(),
+                        ));
+                        let file = fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&tmp)
+                            .map_err(|e| Error::io(&tmp, e))?;
+                        let result = self.write_content(node, Box::new(file)).await;
+                        if let Err(e) = result {
+                            let _ = fs::remove_file(&tmp);
+                            return Err(e);
+                        }
+                        if !self.opts.overwrite && fs::symlink_metadata(&path).is_ok() {
+                            let _ = fs::remove_file(&tmp);
+                            return Err(Error::invalid(format!("{} already exists", path.display())));
+                        }
+                        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+                        self.report.files += 1;
+                        self.report.bytes += node.size.unwrap_or(0);
+                        self.apply_metadata(node, &path);
+                    }
+                    NodeType::Symlink => {
+                        let target = OsStr::from_bytes(&node.target.as_ref().expect("checked").0);
+                        if self.opts.overwrite && fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+                            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                        }
+                        std::os::unix::fs::symlink(target, &path).map_err(|e| Error::io(&path, e))?;
+                        self.report.symlinks += 1;
+                        self.apply_metadata(node, &path);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Owner, mode and mtime. Ownership needs root; without it, files keep the restorer's.
+    fn apply_metadata(&mut self, node: &Node, path: &Path) {
+        let is_link = node.node_type == NodeType::Symlink;
+        let owner = if is_link {
+            std::os::unix::fs::lchown(path, Some(node.uid), Some(node.gid))
+        } else {
+            std::os::unix::fs::chown(path, Some(node.uid), Some(node.gid))
+        };
+        if let Err(e) = owner {
+            if e.kind() != std::io::ErrorKind::PermissionDenied {
+                self.report.warnings.push(format!("{}: cannot set owner: {e}", path.display()));
+            }
+        }
+        if !is_link {
+            if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(node.mode)) {
+                self.report.warnings.push(format!("{}: cannot set mode: {e}", path.display()));
+            }
+        }
+        let mtime = filetime::FileTime::from_unix_time(
+            node.mtime_ns.div_euclid(1_000_000_000),
+            node.mtime_ns.rem_euclid(1_000_000_000) as u32,
+        );
+        let result = if is_link {
+            filetime::set_symlink_file_times(path, mtime, mtime)
+        } else {
+            filetime::set_file_times(path, mtime, mtime)
+        };
+        if let Err(e) = result {
+            self.report.warnings.push(format!("{}: cannot set mtime: {e}", path.display()));
+        }
+    }
+
+    /// Streams a file node's content into `out`, verifying size and SHA-256.
+    async fn write_content(&self, node: &Node, out: Box<dyn Write + Send>) -> Result<(String, u64)> {
+        let label = format!("{} in snapshot {}", node.name.to_display(), self.snapshot.id.short());
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(self.opts.fetches);
+        let writer_label = label.clone();
+        let progress = self.opts.progress.clone();
+        let writer = std::thread::Builder::new()
+            .name("kluis-restore-writer".into())
+            .spawn(move || write_blobs(rx, out, &writer_label, &progress))
+            .expect("spawn writer thread");
+        let fetched = self.fetch_all(node, tx).await;
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::invalid("the restore writer crashed")));
+        let (size, digest) = match (fetched, written) {
+            (Err(e), _) => return Err(self.context(e)),
+            (Ok(()), Err(e)) => return Err(e),
+            (Ok(()), Ok(w)) => w,
+        };
+        if Some(size) != node.size {
+            return Err(Error::corrupt(
+                label,
+                format!("restored {size} bytes, the snapshot recorded {}", node.size.unwrap_or(0)),
+            ));
+        }
+        if let Some(want) = node.sha256 {
+            if want != digest {
+                return Err(Error::corrupt(label, "SHA-256 of the restored data differs from the snapshot's"));
+            }
+        }
+        Ok((label, size))
+    }
+
+    /// Fetches and decodes the node's blobs in order, feeding the writer.
+    async fn fetch_all(&self, node: &Node, tx: std::sync::mpsc::SyncSender<Vec<Bytes>>) -> Result<()> {
+        let mut lists: Vec<Option<BlobId>> = node.content_lists.iter().copied().map(Some).collect();
+        if lists.is_empty() {
+            lists.push(None);
+        }
+        for list in lists {
+            let ids = match list {
+                None => node.content.clone(),
+                Some(id) => {
+                    let bytes = self.repo.read_blob(&self.index, &id).await?;
+                    tree::decode_list(&format!("content list {id}"), &bytes)?
+                }
+            };
+            let ranges = plan_ranges(&self.index, &ids).map_err(|e| self.context(e))?;
+            let mut decoded = futures::stream::iter(ranges)
+                .map(|range| self.fetch_range(range))
+                .buffered(self.opts.fetches.max(1));
+            while let Some(blobs) = decoded.try_next().await? {
+                if self.opts.cancel.is_cancelled() {
+                    return Err(Error::Interrupted);
+                }
+                if tx.send(blobs).is_err() {
+                    // The writer failed; its error is the one to report.
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn fetch_range(&self, range: Range) -> Result<Vec<Bytes>> {
+        let pack_name = name::pack(range.pack.epoch, &range.pack.id);
+        let start = u64::from(range.entries[0].offset);
+        let end = range.entries.last().map_or(start, |e| u64::from(e.offset) + u64::from(e.length));
+        let stored = self.repo.store().get_range(&pack_name, start..end).await?;
+        Progress::add(&self.opts.progress.stored_bytes, stored.len() as u64);
+        let key = self.repo.pack_key(range.pack.epoch, range.pack.key_id, &pack_name).await?;
+        tokio::task::spawn_blocking(move || decode_range(&pack_name, &key, &range.entries, start, stored))
+            .await
+            .map_err(|e| Error::invalid(format!("restore decoder crashed: {e}")))?
+    }
+}
+
+/// A ranged read: adjacent blobs of one pack.
+struct Range {
+    pack: PackInfo,
+    entries: Vec<BlobEntry>,
+}
+
+/// Groups blob ids, in order, into ranged reads of adjacent blobs.
+fn plan_ranges(index: &Index, ids: &[BlobId]) -> Result<Vec<Range>> {
+    let mut ranges: Vec<Range> = Vec::new();
+    for id in ids {
+        let (pack, loc) = index.get(id).ok_or(Error::MissingBlob(*id))?;
+        let entry = loc.entry(*id);
+        if let Some(last) = ranges.last_mut() {
+            let prev = last.entries.last().expect("ranges are never empty");
+            let first = last.entries[0].offset;
+            if last.pack.id == pack.id
+                && prev.offset + prev.length == entry.offset
+                && u64::from(entry.offset + entry.length - first) <= RANGE_BYTES
+            {
+                last.entries.push(entry);
+                continue;
+            }
+        }
+        ranges.push(Range {
+            pack: pack.clone(),
+            entries: vec![entry],
+        });
+    }
+    Ok(ranges)
+}
+
+thread_local! {
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn decode_range(pack_name: &str, key: &crate::crypto::Key, entries: &[BlobEntry], start: u64, stored: Bytes) -> Result<Vec<Bytes>> {
+    let cipher = key.cipher();
+    let mut buf = stored.to_vec();
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| Error::io("zstd", e))?);
+        }
+        let dec = slot.as_mut().expect("set above");
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let from = (u64::from(e.offset) - start) as usize;
+            let blob = &mut buf[from..from + e.length as usize];
+            out.push(Bytes::from(pack::open_blob(pack_name, &cipher, e, blob, dec)?));
+        }
+        Ok(out)
+    })
+}
+
+fn write_blobs(
+    rx: std::sync::mpsc::Receiver<Vec<Bytes>>,
+    mut out: Box<dyn Write + Send>,
+    label: &str,
+    progress: &Progress,
+) -> Result<(u64, [u8; 32])> {
+    let mut sha = Sha256::default();
+    let mut size = 0u64;
+    let err = |e: std::io::Error| Error::io(label, e);
+    for blobs in rx {
+        for b in blobs {
+            sha.update(&b);
+            out.write_all(&b).map_err(err)?;
+            size += b.len() as u64;
+            Progress::add(&progress.bytes, b.len() as u64);
+        }
+    }
+    out.flush().map_err(err)?;
+    Ok((size, sha.finish()))
+}

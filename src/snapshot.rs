@@ -1,0 +1,170 @@
+//! Snapshot manifests: the single commit point of a backup.
+//!
+//! A manifest is written last, after every pack and index segment it needs is durable; a
+//! snapshot exists exactly when its manifest does. It records what was backed up, from where,
+//! when, how much, and a SHA-256 of every stream so a restore can verify end to end.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{BlobId, ObjectId};
+use crate::object::Epoch;
+
+/// What a snapshot was taken of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Source {
+    /// Standard input, stored as one file named after the snapshot.
+    Stdin,
+    /// Files and directories, by the paths given on the command line.
+    Paths { paths: Vec<String> },
+}
+
+/// Sizes and counts of one backup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Summary {
+    /// Bytes read from the source.
+    pub logical_bytes: u64,
+    /// Plaintext bytes of blobs the repository did not have yet.
+    pub new_bytes: u64,
+    /// Bytes this backup added to the repository (packs after compression and encryption).
+    pub stored_bytes: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub blobs: u64,
+    pub new_blobs: u64,
+    /// Files that could not be read, with the reason; the snapshot is still usable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+/// End-to-end digest of one stream (a file or standard input).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamDigest {
+    pub path: String,
+    pub size: u64,
+    #[serde(with = "hex::serde")]
+    pub sha256: [u8; 32],
+}
+
+/// The manifest stored in `snapshots/<epoch>/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    pub id: ObjectId,
+    /// The snapshot's time; it decides the epoch.
+    pub time: Timestamp,
+    pub host: String,
+    pub name: String,
+    pub source: Source,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    pub tree: BlobId,
+    pub started: Timestamp,
+    pub finished: Timestamp,
+    pub summary: Summary,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<StreamDigest>,
+    /// The program that wrote it, e.g. "kluis 0.1.0".
+    pub program: String,
+}
+
+impl Snapshot {
+    pub fn epoch(&self) -> Epoch {
+        Epoch::of(self.time)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("snapshots serialize")
+    }
+
+    pub fn decode(object: &str, id: ObjectId, bytes: &[u8]) -> Result<Snapshot> {
+        let s: Snapshot = serde_json::from_slice(bytes)
+            .map_err(|e| Error::corrupt(object, format!("snapshot does not parse: {e}")))?;
+        if s.id != id {
+            return Err(Error::corrupt(object, "snapshot id does not match its name"));
+        }
+        Ok(s)
+    }
+}
+
+/// Finds the snapshot an operator means: `latest` (optionally of a name), or an id prefix.
+pub fn select<'a>(snapshots: &'a [Snapshot], spec: &str, name: Option<&str>) -> Result<&'a Snapshot> {
+    let candidates = snapshots.iter().filter(|s| name.is_none_or(|n| s.name == n));
+    if spec == "latest" {
+        return candidates
+            .max_by_key(|s| (s.time, s.finished))
+            .ok_or_else(|| Error::SnapshotNotFound(match name {
+                Some(n) => format!("latest (no snapshot named {n:?})"),
+                None => "latest (the repository has no snapshots)".into(),
+            }));
+    }
+    let spec_lower = spec.to_ascii_lowercase();
+    if spec_lower.is_empty() || !spec_lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::invalid(format!(
+            "{spec:?} is not a snapshot id, id prefix or `latest`"
+        )));
+    }
+    let matches: Vec<&Snapshot> = candidates.filter(|s| s.id.to_hex().starts_with(&spec_lower)).collect();
+    match matches.len() {
+        0 => Err(Error::SnapshotNotFound(spec.to_string())),
+        1 => Ok(matches[0]),
+        _ => Err(Error::AmbiguousSnapshot {
+            prefix: spec.to_string(),
+            matches: matches.iter().map(|s| s.id.short()).collect::<Vec<_>>().join(", "),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: &str, time: &str, name: &str) -> Snapshot {
+        let t: Timestamp = time.parse().unwrap();
+        Snapshot {
+            id: id.parse().unwrap(),
+            time: t,
+            host: "h".into(),
+            name: name.into(),
+            source: Source::Stdin,
+            tags: vec![],
+            tree: BlobId::default(),
+            started: t,
+            finished: t,
+            summary: Summary::default(),
+            streams: vec![],
+            program: "kluis test".into(),
+        }
+    }
+
+    #[test]
+    fn selection() {
+        let all = vec![
+            snap("aa000000000000000000000000000000", "2026-11-01T00:00:00Z", "db"),
+            snap("ab000000000000000000000000000000", "2026-11-03T00:00:00Z", "files"),
+            snap("bb000000000000000000000000000000", "2026-11-02T00:00:00Z", "db"),
+        ];
+        assert_eq!(select(&all, "latest", None).unwrap().id.short(), "ab000000");
+        assert_eq!(select(&all, "latest", Some("db")).unwrap().id.short(), "bb000000");
+        assert_eq!(select(&all, "BB", None).unwrap().id.short(), "bb000000");
+        assert!(matches!(select(&all, "a", None), Err(Error::AmbiguousSnapshot { .. })));
+        assert!(matches!(select(&all, "cc", None), Err(Error::SnapshotNotFound(_))));
+        assert!(matches!(select(&all, "latest", Some("x")), Err(Error::SnapshotNotFound(_))));
+        assert!(matches!(select(&all, "../x", None), Err(Error::InvalidInput(_))));
+        assert!(matches!(select(&[], "latest", None), Err(Error::SnapshotNotFound(_))));
+    }
+
+    #[test]
+    fn manifest_round_trip_checks_id() {
+        let s = snap("aa000000000000000000000000000000", "2026-11-01T00:00:00Z", "db");
+        let bytes = s.encode();
+        assert_eq!(Snapshot::decode("s", s.id, &bytes).unwrap(), s);
+        assert!(Snapshot::decode("s", ObjectId::random(), &bytes).is_err());
+        assert_eq!(s.epoch().to_string(), "2026-11");
+    }
+}

@@ -1,0 +1,292 @@
+//! Where objects live: a local directory, an S3-compatible bucket, or memory (unit tests).
+//!
+//! Contract: `put` returns only once the object is durable (local: written to a staging file,
+//! fsynced, renamed, directory fsynced; S3: acknowledged by the server). Objects are never
+//! overwritten: every writer creates a fresh random name. `list` returns every object under a
+//! prefix or fails: an error is never an empty listing (restic #4612 lost data that way).
+//! Transient S3 errors are retried with exponential backoff by `object_store`.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjectPath;
+use object_store::prefix::PrefixStore;
+use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+use crate::error::{Error, Result};
+
+/// An object as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub size: u64,
+}
+
+/// A repository's storage location.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    location: String,
+    local_root: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.location)
+    }
+}
+
+impl Store {
+    /// Opens a store by URL: `file:///dir` or a plain path, `s3://bucket[/prefix][?options]`,
+    /// or `memory://`. With `create`, a missing local directory is created.
+    ///
+    /// S3 options (query string or environment): `endpoint` (`AWS_ENDPOINT_URL`), `region`
+    /// (`AWS_REGION`, `AWS_DEFAULT_REGION`), `path-style` (default true; `false` for
+    /// virtual-hosted requests). Credentials come from the standard `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` variables.
+    pub fn open(url: &str, create: bool) -> Result<Store> {
+        if url == "memory://" || url == "memory:" {
+            return Ok(Store {
+                inner: Arc::new(InMemory::new()),
+                location: "memory://".into(),
+                local_root: None,
+            });
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            return open_s3(url, rest);
+        }
+        if url.contains("://") && !url.starts_with("file://") {
+            return Err(Error::invalid(format!(
+                "unsupported repository URL {url:?}: use a path, file:///path or s3://bucket/prefix"
+            )));
+        }
+        let path = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
+        if path.as_os_str().is_empty() {
+            return Err(Error::invalid("empty repository path"));
+        }
+        if create {
+            std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        let root = match std::fs::canonicalize(&path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::RepositoryNotFound {
+                    location: path.display().to_string(),
+                });
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let fs = LocalFileSystem::new_with_prefix(&root)
+            .map_err(|e| store_error("open", &root.display().to_string(), e))?
+            .with_fsync(true);
+        Ok(Store {
+            inner: Arc::new(fs),
+            location: root.display().to_string(),
+            local_root: Some(root),
+        })
+    }
+
+    /// Where this store is, for messages: a path, or a bucket URL without credentials.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// The directory of a local store.
+    pub fn local_root(&self) -> Option<&std::path::Path> {
+        self.local_root.as_deref()
+    }
+
+    fn path(name: &str) -> ObjectPath {
+        ObjectPath::from(name)
+    }
+
+    pub async fn put(&self, name: &str, bytes: Bytes) -> Result<()> {
+        self.inner
+            .put(&Self::path(name), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| store_error("write", name, e))
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Bytes> {
+        let result = self
+            .inner
+            .get(&Self::path(name))
+            .await
+            .map_err(|e| store_error("read", name, e))?;
+        result.bytes().await.map_err(|e| store_error("read", name, e))
+    }
+
+    pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
+        let want = range.end - range.start;
+        let bytes = self
+            .inner
+            .get_range(&Self::path(name), range)
+            .await
+            .map_err(|e| store_error("read", name, e))?;
+        if bytes.len() as u64 != want {
+            return Err(Error::corrupt(
+                name,
+                format!("short read: wanted {want} bytes, got {}", bytes.len()),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Every object whose name starts with `prefix/`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let p = Self::path(prefix);
+        self.inner
+            .list(Some(&p))
+            .map_ok(|m| ObjectInfo {
+                name: m.location.to_string(),
+                size: m.size,
+            })
+            .try_collect()
+            .await
+            .map_err(|e| store_error("list", &format!("{prefix}/"), e))
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        match self.inner.delete(&Self::path(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_error("delete", name, e)),
+        }
+    }
+
+    pub async fn exists(&self, name: &str) -> Result<bool> {
+        match self.inner.head(&Self::path(name)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store_error("stat", name, e)),
+        }
+    }
+}
+
+fn store_error(operation: &'static str, object: &str, source: object_store::Error) -> Error {
+    match source {
+        object_store::Error::NotFound { .. } => Error::MissingObject {
+            object: object.to_string(),
+        },
+        source => Error::Store {
+            operation,
+            object: object.to_string(),
+            source,
+        },
+    }
+}
+
+fn open_s3(url: &str, rest: &str) -> Result<Store> {
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+    if bucket.is_empty() {
+        return Err(Error::invalid(format!("{url:?}: no bucket name (s3://bucket/prefix)")));
+    }
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let mut endpoint = std::env::var("AWS_ENDPOINT_URL").ok().filter(|s| !s.is_empty());
+    let mut region = None;
+    let mut path_style = true;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "endpoint" => endpoint = Some(v.to_string()),
+            "region" => region = Some(v.to_string()),
+            "path-style" => {
+                path_style = match v {
+                    "true" | "" => true,
+                    "false" => false,
+                    _ => return Err(Error::invalid(format!("{url:?}: path-style must be true or false"))),
+                }
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{url:?}: unknown option {k:?} (known: endpoint, region, path-style)"
+                )));
+            }
+        }
+    }
+    let region = region
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "us-east-1".into());
+    builder = builder
+        .with_region(&region)
+        .with_virtual_hosted_style_request(!path_style)
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(200),
+                max_backoff: Duration::from_secs(15),
+                base: 2.0,
+            },
+            max_retries: 8,
+            retry_timeout: Duration::from_secs(120),
+        });
+    if let Some(ep) = &endpoint {
+        builder = builder
+            .with_endpoint(ep)
+            .with_allow_http(ep.starts_with("http://"));
+    }
+    let s3 = builder
+        .build()
+        .map_err(|e| Error::invalid(format!("{url:?}: {e}")))?;
+    let prefix = prefix.trim_matches('/');
+    let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+        Arc::new(s3)
+    } else {
+        Arc::new(PrefixStore::new(s3, prefix))
+    };
+    let location = match &endpoint {
+        Some(ep) => format!("s3://{bucket}/{prefix} (endpoint {ep}, region {region})"),
+        None => format!("s3://{bucket}/{prefix} (region {region})"),
+    };
+    Ok(Store {
+        inner,
+        location,
+        local_root: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_store_basics() {
+        let s = Store::open("memory://", false).unwrap();
+        s.put("a/b/c", Bytes::from_static(b"hello")).await.unwrap();
+        assert_eq!(s.get("a/b/c").await.unwrap(), Bytes::from_static(b"hello"));
+        assert_eq!(s.get_range("a/b/c", 1..3).await.unwrap(), Bytes::from_static(b"el"));
+        assert_eq!(s.list("a").await.unwrap().len(), 1);
+        assert!(s.list("b").await.unwrap().is_empty());
+        assert!(matches!(s.get("nope").await, Err(Error::MissingObject { .. })));
+        assert!(s.exists("a/b/c").await.unwrap());
+        s.delete("a/b/c").await.unwrap();
+        assert!(!s.exists("a/b/c").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn local_store_is_refused_when_missing_and_created_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("repo");
+        let url = path.to_str().unwrap();
+        assert!(matches!(Store::open(url, false), Err(Error::RepositoryNotFound { .. })));
+        let s = Store::open(&format!("file://{url}"), true).unwrap();
+        s.put("x/y", Bytes::from_static(b"1")).await.unwrap();
+        assert!(path.join("x/y").exists());
+    }
+
+    #[test]
+    fn bad_urls_name_the_problem() {
+        assert!(Store::open("ftp://x", false).unwrap_err().to_string().contains("unsupported"));
+        assert!(Store::open("s3:///p", false).unwrap_err().to_string().contains("bucket"));
+        assert!(Store::open("s3://b/p?colour=red", false).unwrap_err().to_string().contains("colour"));
+    }
+}
