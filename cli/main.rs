@@ -27,7 +27,11 @@ use kluis::store::Store;
 use output::{ProgressLine, human_bytes, human_duration};
 
 #[derive(Parser)]
-#[command(name = "kluis", version, about = "Encrypted, deduplicated backups to object storage")]
+#[command(
+    name = "kluis",
+    version,
+    about = "Encrypted, deduplicated backups to object storage"
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -161,7 +165,11 @@ enum KeyCommand {
     /// Add a key slot for a new password or key file
     Add {
         /// File holding the new password
-        #[arg(long, required_unless_present = "new_key_file", conflicts_with = "new_key_file")]
+        #[arg(
+            long,
+            required_unless_present = "new_key_file",
+            conflicts_with = "new_key_file"
+        )]
         new_password_file: Option<PathBuf>,
         /// Key file (from `kluis key generate`) for the new slot
         #[arg(long)]
@@ -201,8 +209,13 @@ fn parse_time(s: &str) -> Result<Timestamp, String> {
     }
     let civil = s
         .parse::<jiff::civil::DateTime>()
-        .or_else(|_| s.parse::<jiff::civil::Date>().map(|d| d.to_datetime(jiff::civil::Time::midnight())))
-        .map_err(|_| format!("{s:?}: expected RFC 3339 (2026-11-25T02:30:00Z) or YYYY-MM-DD[ HH:MM[:SS]]"))?;
+        .or_else(|_| {
+            s.parse::<jiff::civil::Date>()
+                .map(|d| d.to_datetime(jiff::civil::Time::midnight()))
+        })
+        .map_err(|_| {
+            format!("{s:?}: expected RFC 3339 (2026-11-25T02:30:00Z) or YYYY-MM-DD[ HH:MM[:SS]]")
+        })?;
     civil
         .to_zoned_datetime(jiff::tz::TimeZone::system())
         .map(|z| z.timestamp())
@@ -213,12 +226,19 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             return ExitCode::from(code as u8);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -251,7 +271,10 @@ fn main() -> ExitCode {
 /// SIGINT or SIGTERM cancel the operation cleanly; a second one exits at once.
 async fn watch_signals(cancel: Cancel) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         return;
     };
     for round in 0.. {
@@ -262,17 +285,23 @@ async fn watch_signals(cancel: Cancel) {
         if round > 0 {
             std::process::exit(exit::INTERRUPTED);
         }
-        eprintln!("\ninterrupted: stopping; nothing partial will be committed (again to exit at once)");
+        eprintln!(
+            "\ninterrupted: stopping; nothing partial will be committed (again to exit at once)"
+        );
         cancel.cancel();
     }
 }
 
 fn repo_url(global: &Global) -> anyhow::Result<String> {
-    global.repo.clone().filter(|r| !r.is_empty()).ok_or_else(|| {
-        anyhow::Error::new(kluis::Error::InvalidInput(
-            "no repository: pass --repo or set KLUIS_REPOSITORY".into(),
-        ))
-    })
+    global
+        .repo
+        .clone()
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| {
+            anyhow::Error::new(kluis::Error::InvalidInput(
+                "no repository: pass --repo or set KLUIS_REPOSITORY".into(),
+            ))
+        })
 }
 
 /// The secret, from the first source that is set: --key-file, --password-file, KLUIS_PASSWORD,
@@ -335,7 +364,11 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
                 ..InitOptions::default()
             };
             let repo = Repository::init(store, &secret, opts).await?;
-            println!("created repository {} at {}", repo.id().short(), repo.store().location());
+            println!(
+                "created repository {} at {}",
+                repo.id().short(),
+                repo.store().location()
+            );
             Ok(exit::OK)
         }
         Command::Backup(a) => backup_cmd(g, a, cancel).await,
@@ -353,7 +386,11 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
             } else {
                 print!("{}", output::snapshot_table(&list));
             }
-            Ok(if errors.is_empty() { exit::OK } else { exit::CORRUPT })
+            Ok(if errors.is_empty() {
+                exit::OK
+            } else {
+                exit::CORRUPT
+            })
         }
         Command::Restore(a) => restore_cmd(g, a, cancel).await,
         Command::Check(a) => {
@@ -392,7 +429,11 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
                     report.blobs,
                     report.trees,
                     if a.read_data {
-                        format!("; read {} in {} pack(s)", human_bytes(report.bytes_read), report.packs_read)
+                        format!(
+                            "; read {} in {} pack(s)",
+                            human_bytes(report.bytes_read),
+                            report.packs_read
+                        )
                     } else {
                         String::new()
                     }
@@ -414,18 +455,23 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
 async fn backup_cmd(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result<i32> {
     let source = if a.stdin {
         if a.name.is_none() {
-            bail!(kluis::Error::InvalidInput("--stdin needs --name NAME".into()));
+            bail!(kluis::Error::InvalidInput(
+                "--stdin needs --name NAME".into()
+            ));
         }
         Source::Stream(Box::new(std::io::stdin()))
     } else if a.paths.is_empty() {
-        bail!(kluis::Error::InvalidInput("nothing to back up: give paths, or --stdin --name NAME".into()));
+        bail!(kluis::Error::InvalidInput(
+            "nothing to back up: give paths, or --stdin --name NAME".into()
+        ));
     } else {
         Source::Paths(a.paths.clone())
     };
     let name = match a.name.clone() {
         Some(n) => n,
         None => {
-            let first = std::path::absolute(&a.paths[0]).with_context(|| a.paths[0].display().to_string())?;
+            let first = std::path::absolute(&a.paths[0])
+                .with_context(|| a.paths[0].display().to_string())?;
             first
                 .file_name()
                 .map_or_else(|| "root".into(), |n| n.to_string_lossy().into_owned())
@@ -507,7 +553,10 @@ async fn restore_cmd(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Resu
         let out = stdout_file()?;
         restorer.stream_to(Box::new(out)).await
     } else {
-        let target = a.target.clone().expect("clap requires --stdout or --target");
+        let target = a
+            .target
+            .clone()
+            .expect("clap requires --stdout or --target");
         restorer.to_directory(&target).await
     };
     drop(line);
@@ -544,7 +593,10 @@ async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
     match k {
         KeyCommand::Generate { path } => {
             keys::generate_key_file(&path)?;
-            println!("wrote key file {} (mode 0600); keep a copy somewhere safe", path.display());
+            println!(
+                "wrote key file {} (mode 0600); keep a copy somewhere safe",
+                path.display()
+            );
             Ok(exit::OK)
         }
         KeyCommand::Add {
@@ -555,7 +607,9 @@ async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
             let new_secret = match (new_password_file, new_key_file) {
                 (Some(p), _) => Secret::from_password_file(&p)?,
                 (None, Some(k)) => Secret::from_key_file(&k)?,
-                (None, None) => bail!(kluis::Error::InvalidInput("give --new-password-file or --new-key-file".into())),
+                (None, None) => bail!(kluis::Error::InvalidInput(
+                    "give --new-password-file or --new-key-file".into()
+                )),
             };
             let repo = open(g).await?;
             let id = repo
@@ -575,7 +629,11 @@ async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
             } else {
                 print!("{}", output::key_table(&slots));
             }
-            Ok(if errors.is_empty() { exit::OK } else { exit::CORRUPT })
+            Ok(if errors.is_empty() {
+                exit::OK
+            } else {
+                exit::CORRUPT
+            })
         }
         KeyCommand::Remove { id } => {
             let repo = open(g).await?;

@@ -86,7 +86,10 @@ pub fn snapshot_table(list: &[Snapshot]) -> String {
             ]
         })
         .collect();
-    let mut out = table(&["ID", "TIME", "HOST", "NAME", "SIZE", "ADDED", "SOURCE"], &rows);
+    let mut out = table(
+        &["ID", "TIME", "HOST", "NAME", "SIZE", "ADDED", "SOURCE"],
+        &rows,
+    );
     let _ = writeln!(out, "{} snapshot(s)", list.len());
     out
 }
@@ -127,7 +130,12 @@ impl ProgressLine {
                 let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
                 let mut line = format!("{label}: {}", human_bytes(bytes));
                 if total > 0 {
-                    let _ = write!(line, " of {} ({:.0}%)", human_bytes(total), 100.0 * bytes as f64 / total as f64);
+                    let _ = write!(
+                        line,
+                        " of {} ({:.0}%)",
+                        human_bytes(total),
+                        100.0 * bytes as f64 / total as f64
+                    );
                 }
                 let new = Progress::get(&progress.new_bytes);
                 if new > 0 {
@@ -141,7 +149,12 @@ impl ProgressLine {
                 if errors > 0 {
                     let _ = write!(line, ", {errors} errors");
                 }
-                let _ = write!(line, ", {}/s, {}", human_bytes(rate as u64), human_duration(started.elapsed()));
+                let _ = write!(
+                    line,
+                    ", {}/s, {}",
+                    human_bytes(rate as u64),
+                    human_duration(started.elapsed())
+                );
                 let mut err = std::io::stderr().lock();
                 let _ = write!(err, "\r\x1b[2K{line}");
                 let _ = err.flush();

@@ -28,7 +28,7 @@ use crate::chunker::{Chunker, ChunkerParams};
 use crate::crypto::Sha256;
 use crate::error::{Error, Result};
 use crate::id::{BlobId, ObjectId};
-use crate::index::{Index, IndexSegment, IndexedPack, IdSet};
+use crate::index::{IdSet, Index, IndexSegment, IndexedPack};
 use crate::object::Epoch;
 use crate::pack::{self, BlobKind, Compression, FinishedPack, PackWriter};
 use crate::progress::{Cancel, Progress};
@@ -89,7 +89,11 @@ pub struct BackupReport {
 }
 
 /// Backs up `source` and commits a snapshot.
-pub async fn backup(repo: &Repository, source: Source, opts: BackupOptions) -> Result<BackupReport> {
+pub async fn backup(
+    repo: &Repository,
+    source: Source,
+    opts: BackupOptions,
+) -> Result<BackupReport> {
     if opts.name.is_empty() || opts.name.contains(['/', '\0']) {
         return Err(Error::invalid(format!(
             "snapshot name {:?} must be non-empty without '/'",
@@ -238,12 +242,25 @@ impl Tokens {
 
 impl Shared {
     fn new_pack(&self) -> PackWriter {
-        PackWriter::new(self.epoch, self.key.id, self.key.key(), self.repo_id, self.pack_size)
+        PackWriter::new(
+            self.epoch,
+            self.key.id,
+            self.key.key(),
+            self.repo_id,
+            self.pack_size,
+        )
     }
 
     /// Appends a compressed blob to the open pack of its kind; seals and ships the pack
     /// when it is full.
-    fn add(&self, id: BlobId, kind: BlobKind, compression: Compression, raw: usize, payload: &[u8]) -> Result<()> {
+    fn add(
+        &self,
+        id: BlobId,
+        kind: BlobKind,
+        compression: Compression,
+        raw: usize,
+        payload: &[u8],
+    ) -> Result<()> {
         let slot = match kind {
             BlobKind::Data => &self.data_pack,
             BlobKind::Tree => &self.tree_pack,
@@ -277,7 +294,10 @@ impl Shared {
             )
         })?;
         self.pack_tx
-            .blocking_send(SealedPack { pack, _token: token })
+            .blocking_send(SealedPack {
+                pack,
+                _token: token,
+            })
             .map_err(|_| Error::Interrupted)
     }
 
@@ -337,7 +357,14 @@ fn run_pipeline(
         skipped: Vec::new(),
     };
     let read = reader.read_source(source, &name);
-    let Reader { summary, skipped, .. } = reader;
+    // Dropping the job sender is what tells the workers the input is over.
+    let Reader {
+        summary,
+        skipped,
+        jobs,
+        ..
+    } = reader;
+    drop(jobs);
     let mut first_error = None;
     for w in workers {
         let result = w
@@ -368,7 +395,8 @@ fn run_pipeline(
 }
 
 fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Job>>) -> Result<()> {
-    let mut compressor = zstd::bulk::Compressor::new(ctx.level).map_err(|e| Error::io("zstd", e))?;
+    let mut compressor =
+        zstd::bulk::Compressor::new(ctx.level).map_err(|e| Error::io("zstd", e))?;
     let mut out = Vec::new();
     loop {
         let job = jobs.lock().expect("not poisoned").recv();
@@ -413,12 +441,10 @@ impl Reader<'_> {
     fn read_source(&mut self, source: Source, name: &str) -> Result<(BlobId, Vec<StreamDigest>)> {
         match source {
             Source::Stream(r) => {
-                let c = self
-                    .read_content(r)
-                    .map_err(|e| match e {
-                        ReadError::Source(e) => Error::io("standard input", e),
-                        ReadError::Pipeline(e) => e,
-                    })?;
+                let c = self.read_content(r).map_err(|e| match e {
+                    ReadError::Source(e) => Error::io("standard input", e),
+                    ReadError::Pipeline(e) => e,
+                })?;
                 let digest = StreamDigest {
                     path: name.to_string(),
                     size: c.size,
@@ -487,17 +513,26 @@ impl Reader<'_> {
             Progress::add(&self.ctx.progress.bytes, chunk.len() as u64);
             self.summary.logical_bytes += chunk.len() as u64;
             self.summary.blobs += 1;
-            ids.push(self.submit(BlobKind::Data, chunk).map_err(ReadError::Pipeline)?);
+            ids.push(
+                self.submit(BlobKind::Data, chunk)
+                    .map_err(ReadError::Pipeline)?,
+            );
             if ids.len() == tree::LIST_LEN {
                 let list = Bytes::from(tree::encode_list(&ids));
-                lists.push(self.submit(BlobKind::Tree, list).map_err(ReadError::Pipeline)?);
+                lists.push(
+                    self.submit(BlobKind::Tree, list)
+                        .map_err(ReadError::Pipeline)?,
+                );
                 ids.clear();
             }
         }
         if !lists.is_empty() || ids.len() > tree::INLINE_CONTENT {
             if !ids.is_empty() {
                 let list = Bytes::from(tree::encode_list(&ids));
-                lists.push(self.submit(BlobKind::Tree, list).map_err(ReadError::Pipeline)?);
+                lists.push(
+                    self.submit(BlobKind::Tree, list)
+                        .map_err(ReadError::Pipeline)?,
+                );
             }
             ids = Vec::new();
         }
@@ -510,14 +545,19 @@ impl Reader<'_> {
     }
 
     fn warn(&mut self, path: &Path, what: &str, e: impl std::fmt::Display) {
-        self.summary.errors.push(format!("{}: {what}: {e}", path.display()));
+        self.summary
+            .errors
+            .push(format!("{}: {what}: {e}", path.display()));
         Progress::add(&self.ctx.progress.errors, 1);
     }
 
     /// The node for one directory entry; `None` if it was skipped or unreadable.
     fn node(&mut self, path: &Path, name: NameBytes, meta: &fs::Metadata) -> Result<Option<Node>> {
         let ft = meta.file_type();
-        let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
+        let mtime_ns = meta
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec());
         let mut node = Node {
             name,
             node_type: NodeType::File,

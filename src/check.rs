@@ -51,7 +51,9 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
     let mut report = CheckReport::default();
 
     let (_, slot_errors) = repo.key_slots().await?;
-    report.problems.extend(slot_errors.iter().map(|e| e.to_string()));
+    report
+        .problems
+        .extend(slot_errors.iter().map(|e| e.to_string()));
 
     for o in repo.store().list(name::EPOCHS).await? {
         match name::parse_epoch_object(name::EPOCHS, &o.name) {
@@ -60,13 +62,17 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
                     report.problems.push(e.to_string());
                 }
             }
-            None => report.problems.push(format!("{}: not an epoch key name", o.name)),
+            None => report
+                .problems
+                .push(format!("{}: not an epoch key name", o.name)),
         }
     }
 
     let (snapshots, snapshot_errors) = repo.snapshots().await?;
     report.snapshots = snapshots.len();
-    report.problems.extend(snapshot_errors.iter().map(|e| e.to_string()));
+    report
+        .problems
+        .extend(snapshot_errors.iter().map(|e| e.to_string()));
 
     let segments = repo.index_segments(name::INDEX).await?;
     report.index_segments = segments.len();
@@ -83,7 +89,9 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
         }
     }
     for (object, epoch, key_id, seg) in &loaded {
-        if name::parse_epoch_object(name::INDEX, object).is_some_and(|(_, id)| superseded.contains(&id)) {
+        if name::parse_epoch_object(name::INDEX, object)
+            .is_some_and(|(_, id)| superseded.contains(&id))
+        {
             continue;
         }
         index.add_segment(*epoch, *key_id, seg);
@@ -102,7 +110,9 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
     for p in index.packs() {
         let pack_name = name::pack(p.epoch, &p.id);
         match listed.get(&pack_name) {
-            None => report.problems.push(format!("{pack_name}: pack is missing but the index lists it")),
+            None => report.problems.push(format!(
+                "{pack_name}: pack is missing but the index lists it"
+            )),
             Some(&size) if size != u64::from(p.length) => report.problems.push(format!(
                 "{pack_name}: pack is {size} bytes, the index says {}",
                 p.length
@@ -155,7 +165,9 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
             .cloned()
             .collect();
         let total: u64 = packs.iter().map(|p| u64::from(p.length)).sum();
-        opts.progress.total_bytes.store(total, std::sync::atomic::Ordering::Relaxed);
+        opts.progress
+            .total_bytes
+            .store(total, std::sync::atomic::Ordering::Relaxed);
         let by_pack = &by_pack;
         let mut results = futures::stream::iter(packs)
             .map(|p| async move {
@@ -205,7 +217,10 @@ async fn read_pack(
 ) -> std::result::Result<(), (crate::Error, Vec<BlobId>)> {
     let all = || expected.iter().map(|e| e.id).collect::<Vec<_>>();
     let bytes = repo.store().get(pack_name).await.map_err(|e| (e, all()))?;
-    let key = repo.epoch_key(epoch, key_id).await.map_err(|e| (e, all()))?;
+    let key = repo
+        .epoch_key(epoch, key_id)
+        .await
+        .map_err(|e| (e, all()))?;
     let repo_id = repo.id();
     let name = pack_name.to_string();
     tokio::task::spawn_blocking(move || {
@@ -215,16 +230,24 @@ async fn read_pack(
         for e in &expected {
             if !toc.contains(e) {
                 return Err((
-                    crate::Error::corrupt(&name, format!("blob {} is indexed but not in the pack's table of contents", e.id)),
+                    crate::Error::corrupt(
+                        &name,
+                        format!(
+                            "blob {} is indexed but not in the pack's table of contents",
+                            e.id
+                        ),
+                    ),
                     vec![e.id],
                 ));
             }
         }
         let cipher = pkey.cipher();
-        let mut dec = zstd::bulk::Decompressor::new().map_err(|e| (crate::Error::io("zstd", e), vec![]))?;
+        let mut dec =
+            zstd::bulk::Decompressor::new().map_err(|e| (crate::Error::io("zstd", e), vec![]))?;
         for e in &toc {
             let mut stored = bytes[e.offset as usize..(e.offset + e.length) as usize].to_vec();
-            let plain = pack::open_blob(&name, &cipher, e, &mut stored, &mut dec).map_err(|err| (err, vec![e.id]))?;
+            let plain = pack::open_blob(&name, &cipher, e, &mut stored, &mut dec)
+                .map_err(|err| (err, vec![e.id]))?;
             if key.blob_id(&plain) != e.id {
                 return Err((
                     crate::Error::corrupt(&name, format!("blob {} does not hash to its id", e.id)),
@@ -235,7 +258,12 @@ async fn read_pack(
         Ok(())
     })
     .await
-    .unwrap_or_else(|e| Err((crate::Error::invalid(format!("check worker crashed: {e}")), vec![])))
+    .unwrap_or_else(|e| {
+        Err((
+            crate::Error::invalid(format!("check worker crashed: {e}")),
+            vec![],
+        ))
+    })
 }
 
 struct Walker<'a> {
@@ -251,7 +279,10 @@ struct Walker<'a> {
 
 impl Walker<'_> {
     fn problem(&mut self, what: String) {
-        self.problems.push(format!("{what} (affects snapshot {})", self.snapshot.id.short()));
+        self.problems.push(format!(
+            "{what} (affects snapshot {})",
+            self.snapshot.id.short()
+        ));
     }
 
     fn use_blob(&mut self, id: BlobId, kind: BlobKind) -> bool {
@@ -263,7 +294,9 @@ impl Walker<'_> {
                 false
             }
             None => {
-                self.problem(format!("blob {id}: referenced but not in any index segment"));
+                self.problem(format!(
+                    "blob {id}: referenced but not in any index segment"
+                ));
                 false
             }
         }
@@ -295,14 +328,16 @@ impl Walker<'_> {
                         continue;
                     }
                     match self.repo.read_blob(self.index, list).await {
-                        Ok(bytes) => match tree::decode_list(&format!("content list {list}"), &bytes) {
-                            Ok(ids) => {
-                                for id in ids {
-                                    self.use_blob(id, BlobKind::Data);
+                        Ok(bytes) => {
+                            match tree::decode_list(&format!("content list {list}"), &bytes) {
+                                Ok(ids) => {
+                                    for id in ids {
+                                        self.use_blob(id, BlobKind::Data);
+                                    }
                                 }
+                                Err(e) => self.problem(e.to_string()),
                             }
-                            Err(e) => self.problem(e.to_string()),
-                        },
+                        }
                         Err(e) => self.problem(e.to_string()),
                     }
                 }

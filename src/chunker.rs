@@ -224,7 +224,11 @@ mod tests {
         let a = chunks(&data, &p);
         let b = chunks(&edited, &p);
         let shared = a.iter().filter(|c| b.contains(c)).count();
-        assert!(shared + 3 >= a.len(), "{shared} of {} chunks shared", a.len());
+        assert!(
+            shared + 3 >= a.len(),
+            "{shared} of {} chunks shared",
+            a.len()
+        );
     }
 
     #[test]
@@ -232,7 +236,10 @@ mod tests {
         let data = pseudo_random(1 << 20, 11);
         let a = chunks(&data, &small(1));
         let b = chunks(&data, &small(2));
-        assert_ne!(a.iter().map(Bytes::len).collect::<Vec<_>>(), b.iter().map(Bytes::len).collect::<Vec<_>>());
+        assert_ne!(
+            a.iter().map(Bytes::len).collect::<Vec<_>>(),
+            b.iter().map(Bytes::len).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -85,7 +85,13 @@ pub struct AuthError;
 impl Cipher {
     /// Encrypts `buf[start..]` in place and appends the tag. The caller guarantees that
     /// `nonce` is never used twice with this key.
-    pub fn seal_in_place(&self, nonce: [u8; NONCE_LEN], aad: &[u8], buf: &mut Vec<u8>, start: usize) {
+    pub fn seal_in_place(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut Vec<u8>,
+        start: usize,
+    ) {
         let tag = self
             .0
             .seal_in_place_separate_tag(
@@ -118,7 +124,12 @@ impl Cipher {
     }
 
     /// Decrypts ciphertext-with-tag into a new buffer.
-    pub fn open(&self, nonce: [u8; NONCE_LEN], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, AuthError> {
+    pub fn open(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, AuthError> {
         let mut buf = sealed.to_vec();
         let len = self.open_in_place(nonce, aad, &mut buf)?.len();
         buf.truncate(len);
@@ -190,13 +201,19 @@ mod tests {
         let cipher = key.cipher();
         let sealed = cipher.seal([1; 12], b"aad", b"hello world");
         assert_eq!(sealed.len(), 11 + TAG_LEN);
-        assert_eq!(cipher.open([1; 12], b"aad", &sealed).unwrap(), b"hello world");
+        assert_eq!(
+            cipher.open([1; 12], b"aad", &sealed).unwrap(),
+            b"hello world"
+        );
         assert_eq!(cipher.open([1; 12], b"aae", &sealed), Err(AuthError));
         assert_eq!(cipher.open([2; 12], b"aad", &sealed), Err(AuthError));
         let mut flipped = sealed.clone();
         flipped[3] ^= 1;
         assert_eq!(cipher.open([1; 12], b"aad", &flipped), Err(AuthError));
-        assert_eq!(Key::random().cipher().open([1; 12], b"aad", &sealed), Err(AuthError));
+        assert_eq!(
+            Key::random().cipher().open([1; 12], b"aad", &sealed),
+            Err(AuthError)
+        );
     }
 
     #[test]

@@ -40,7 +40,9 @@ pub enum Error {
     #[error("a repository already exists at {location}")]
     RepositoryExists { location: String },
 
-    #[error("wrong password or key file: none of the {slots} key slot(s) of {location} opens with it")]
+    #[error(
+        "wrong password or key file: none of the {slots} key slot(s) of {location} opens with it"
+    )]
     WrongPassword { location: String, slots: usize },
 
     #[error("{object}: corrupt or tampered data: {detail}")]
@@ -49,7 +51,11 @@ pub enum Error {
     #[error(
         "{object}: format version {found} is newer than this kluis supports (version {supported}); upgrade kluis to read this repository"
     )]
-    NewerFormat { object: String, found: u32, supported: u32 },
+    NewerFormat {
+        object: String,
+        found: u32,
+        supported: u32,
+    },
 
     #[error("blob {0} is not in the index")]
     MissingBlob(crate::id::BlobId),
@@ -103,9 +109,7 @@ impl Error {
             Error::Corrupt { .. }
             | Error::MissingObject { .. }
             | Error::MissingBlob(_)
-            | Error::CheckFailed(_) => {
-                exit::CORRUPT
-            }
+            | Error::CheckFailed(_) => exit::CORRUPT,
             Error::Interrupted => exit::INTERRUPTED,
             Error::InvalidInput(_) | Error::InsecureSecretFile { .. } => exit::USAGE,
             _ => exit::FAILURE,

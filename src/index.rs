@@ -37,7 +37,9 @@ impl IndexSegment {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + 16 * self.supersedes.len() + self.packs.len() * 24 + self.blob_count() * ENTRY_LEN);
+        let mut out = Vec::with_capacity(
+            8 + 16 * self.supersedes.len() + self.packs.len() * 24 + self.blob_count() * ENTRY_LEN,
+        );
         out.extend_from_slice(&(self.supersedes.len() as u32).to_le_bytes());
         for s in &self.supersedes {
             out.extend_from_slice(s.as_bytes());
@@ -64,7 +66,8 @@ impl IndexSegment {
         let mut seg = IndexSegment::default();
         let n = r.u32()? as usize;
         for _ in 0..n {
-            seg.supersedes.push(ObjectId::from_slice(r.take(16)?).expect("16"));
+            seg.supersedes
+                .push(ObjectId::from_slice(r.take(16)?).expect("16"));
         }
         let packs = r.u32()? as usize;
         for _ in 0..packs {
@@ -78,7 +81,8 @@ impl IndexSegment {
             for _ in 0..count {
                 let raw = r.take(ENTRY_LEN)?;
                 let entry = BlobEntry {
-                    kind: BlobKind::from_u8(raw[0]).ok_or_else(|| Error::corrupt(object, "unknown blob kind"))?,
+                    kind: BlobKind::from_u8(raw[0])
+                        .ok_or_else(|| Error::corrupt(object, "unknown blob kind"))?,
                     compression: Compression::from_u8(raw[1])
                         .ok_or_else(|| Error::corrupt(object, "unknown compression"))?,
                     id: BlobId::from_slice(&raw[2..34]).expect("32"),
@@ -87,7 +91,10 @@ impl IndexSegment {
                     raw_length: u32::from_le_bytes(raw[42..46].try_into().expect("4")),
                 };
                 if u64::from(entry.offset) + u64::from(entry.length) > u64::from(length) {
-                    return Err(Error::corrupt(object, format!("blob {} lies outside pack {id}", entry.id)));
+                    return Err(Error::corrupt(
+                        object,
+                        format!("blob {} lies outside pack {id}", entry.id),
+                    ));
                 }
                 blobs.push(entry);
             }
@@ -232,7 +239,9 @@ impl Index {
 
     /// Every blob with its location, grouped by nothing in particular.
     pub fn blobs(&self) -> impl Iterator<Item = (&BlobId, &PackInfo, &Location)> {
-        self.blobs.iter().map(|(id, loc)| (id, &self.packs[loc.pack as usize], loc))
+        self.blobs
+            .iter()
+            .map(|(id, loc)| (id, &self.packs[loc.pack as usize], loc))
     }
 }
 
@@ -243,7 +252,11 @@ mod tests {
     fn entry(n: u8, offset: u32) -> BlobEntry {
         BlobEntry {
             id: BlobId([n; 32]),
-            kind: if n % 2 == 0 { BlobKind::Data } else { BlobKind::Tree },
+            kind: if n % 2 == 0 {
+                BlobKind::Data
+            } else {
+                BlobKind::Tree
+            },
             compression: Compression::Zstd,
             offset,
             length: 100,

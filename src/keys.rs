@@ -96,7 +96,10 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>> {
 /// Writes a new random key file with mode 0600; refuses to overwrite an existing file.
 pub fn generate_key_file(path: &Path) -> Result<()> {
     let key = Key::random();
-    let line = Zeroizing::new(format!("{KEY_FILE_PREFIX}{}\n", hex::encode(key.as_bytes())));
+    let line = Zeroizing::new(format!(
+        "{KEY_FILE_PREFIX}{}\n",
+        hex::encode(key.as_bytes())
+    ));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -179,7 +182,9 @@ impl KeySlot {
             label,
         };
         let kek = slot.key_encryption_key(secret)?;
-        slot.wrapped = kek.cipher().seal(slot.nonce, &slot.aad(), master.as_bytes());
+        slot.wrapped = kek
+            .cipher()
+            .seal(slot.nonce, &slot.aad(), master.as_bytes());
         Ok(slot)
     }
 
@@ -199,12 +204,19 @@ impl KeySlot {
     fn key_encryption_key(&self, secret: &Secret) -> Result<Key> {
         match (secret, self.kdf) {
             (Secret::Passphrase(p), Some(k)) => {
-                let params = argon2::Params::new(k.memory_kib, k.iterations, k.parallelism, Some(32))
-                    .map_err(|e| Error::corrupt(self.name(), format!("invalid Argon2 parameters: {e}")))?;
+                let params =
+                    argon2::Params::new(k.memory_kib, k.iterations, k.parallelism, Some(32))
+                        .map_err(|e| {
+                            Error::corrupt(self.name(), format!("invalid Argon2 parameters: {e}"))
+                        })?;
                 if k.memory_kib > 4 * 1024 * 1024 {
                     return Err(Error::corrupt(self.name(), "Argon2 memory over 4 GiB"));
                 }
-                let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+                let argon = argon2::Argon2::new(
+                    argon2::Algorithm::Argon2id,
+                    argon2::Version::V0x13,
+                    params,
+                );
                 let mut out = Zeroizing::new([0u8; 32]);
                 argon
                     .hash_password_into(p.as_bytes(), &self.salt, &mut out[..])
@@ -212,7 +224,10 @@ impl KeySlot {
                 Ok(Key::from_bytes(*out))
             }
             (Secret::KeyFile(k), None) => Ok(k.derive(&self.salt, &[b"kluis key-file slot v1"])),
-            _ => Err(Error::corrupt(self.name(), "slot kind and parameters disagree")),
+            _ => Err(Error::corrupt(
+                self.name(),
+                "slot kind and parameters disagree",
+            )),
         }
     }
 
@@ -288,8 +303,16 @@ mod tests {
         let slot = KeySlot::create(&master, repo, &secret, FAST, "h".into(), None).unwrap();
         let decoded = KeySlot::decode(&slot.name(), &slot.encode()).unwrap();
         assert_eq!(decoded.unwrap_master(&secret).unwrap(), Some(master));
-        assert_eq!(decoded.unwrap_master(&Secret::passphrase("wrong")).unwrap(), None);
-        assert_eq!(decoded.unwrap_master(&Secret::KeyFile(Key::random())).unwrap(), None);
+        assert_eq!(
+            decoded.unwrap_master(&Secret::passphrase("wrong")).unwrap(),
+            None
+        );
+        assert_eq!(
+            decoded
+                .unwrap_master(&Secret::KeyFile(Key::random()))
+                .unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -297,10 +320,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
         generate_key_file(&path).unwrap();
-        assert!(generate_key_file(&path).is_err(), "never overwrites a key file");
+        assert!(
+            generate_key_file(&path).is_err(),
+            "never overwrites a key file"
+        );
         let secret = Secret::from_key_file(&path).unwrap();
         let master = Key::random();
-        let slot = KeySlot::create(&master, ObjectId::random(), &secret, FAST, "h".into(), None).unwrap();
+        let slot =
+            KeySlot::create(&master, ObjectId::random(), &secret, FAST, "h".into(), None).unwrap();
         assert_eq!(slot.unwrap_master(&secret).unwrap(), Some(master));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(matches!(

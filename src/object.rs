@@ -104,7 +104,10 @@ impl Header {
 }
 
 fn object_key(parent: &Key, repo_id: &ObjectId, kind: Kind, name: &str) -> Key {
-    parent.derive(repo_id.as_bytes(), &[b"kluis object v1 ", kind.label(), b" ", name.as_bytes()])
+    parent.derive(
+        repo_id.as_bytes(),
+        &[b"kluis object v1 ", kind.label(), b" ", name.as_bytes()],
+    )
 }
 
 fn aad(header: &[u8], repo_id: &ObjectId, name: &str) -> Vec<u8> {
@@ -130,12 +133,9 @@ pub fn seal(
     out.extend_from_slice(&nonce);
     let start = out.len();
     out.extend_from_slice(plaintext);
-    object_key(parent, repo_id, header.kind, name).cipher().seal_in_place(
-        nonce,
-        &aad(&head, repo_id, name),
-        &mut out,
-        start,
-    );
+    object_key(parent, repo_id, header.kind, name)
+        .cipher()
+        .seal_in_place(nonce, &aad(&head, repo_id, name), &mut out, start);
     out
 }
 
@@ -148,14 +148,21 @@ pub fn open(
     bytes: &[u8],
 ) -> Result<Vec<u8>> {
     if bytes.len() < HEADER_LEN + NONCE_LEN + TAG_LEN {
-        return Err(Error::corrupt(name, format!("truncated ({} bytes)", bytes.len())));
+        return Err(Error::corrupt(
+            name,
+            format!("truncated ({} bytes)", bytes.len()),
+        ));
     }
     let nonce: [u8; NONCE_LEN] = bytes[HEADER_LEN..HEADER_LEN + NONCE_LEN]
         .try_into()
         .expect("12 bytes");
     object_key(parent, repo_id, header.kind, name)
         .cipher()
-        .open(nonce, &aad(&bytes[..HEADER_LEN], repo_id, name), &bytes[HEADER_LEN + NONCE_LEN..])
+        .open(
+            nonce,
+            &aad(&bytes[..HEADER_LEN], repo_id, name),
+            &bytes[HEADER_LEN + NONCE_LEN..],
+        )
         .map_err(|_| Error::corrupt(name, "authentication failed"))
 }
 
@@ -270,9 +277,21 @@ mod tests {
         let sealed = seal(header, &key, &repo, "snapshots/2026-11/aa", b"payload");
         let decoded = Header::decode("x", &sealed, Kind::Snapshot).unwrap();
         assert_eq!(decoded, header);
-        assert_eq!(open(header, &key, &repo, "snapshots/2026-11/aa", &sealed).unwrap(), b"payload");
+        assert_eq!(
+            open(header, &key, &repo, "snapshots/2026-11/aa", &sealed).unwrap(),
+            b"payload"
+        );
         assert!(open(header, &key, &repo, "snapshots/2026-11/ab", &sealed).is_err());
-        assert!(open(header, &key, &ObjectId::random(), "snapshots/2026-11/aa", &sealed).is_err());
+        assert!(
+            open(
+                header,
+                &key,
+                &ObjectId::random(),
+                "snapshots/2026-11/aa",
+                &sealed
+            )
+            .is_err()
+        );
         let mut tampered = sealed.clone();
         tampered[8] ^= 1; // key id in the header
         assert!(open(header, &key, &repo, "snapshots/2026-11/aa", &tampered).is_err());
@@ -300,15 +319,27 @@ mod tests {
     fn names_parse_back() {
         let epoch = Epoch::parse("2026-11").unwrap();
         let id = ObjectId::random();
-        assert_eq!(name::parse_epoch_object(name::DATA, &name::pack(epoch, &id)), Some((epoch, id)));
+        assert_eq!(
+            name::parse_epoch_object(name::DATA, &name::pack(epoch, &id)),
+            Some((epoch, id))
+        );
         assert_eq!(
             name::parse_epoch_object(name::SNAPSHOTS, &name::snapshot(epoch, &id)),
             Some((epoch, id))
         );
-        assert_eq!(name::parse_epoch_object(name::INDEX, "index/2026-13/00"), None);
-        assert_eq!(name::parse_epoch_object(name::DATA, "data/2026-11/zz/00"), None);
+        assert_eq!(
+            name::parse_epoch_object(name::INDEX, "index/2026-13/00"),
+            None
+        );
+        assert_eq!(
+            name::parse_epoch_object(name::DATA, "data/2026-11/zz/00"),
+            None
+        );
         assert_eq!(name::parse_key_slot(&name::key_slot(&id)), Some(id));
-        assert_eq!(Epoch::of("2026-02-28T23:59:59Z".parse().unwrap()).to_string(), "2026-02");
+        assert_eq!(
+            Epoch::of("2026-02-28T23:59:59Z".parse().unwrap()).to_string(),
+            "2026-02"
+        );
         assert_eq!(Epoch::parse("2026-00"), None);
     }
 }

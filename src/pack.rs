@@ -118,7 +118,13 @@ pub struct FinishedPack {
 }
 
 impl PackWriter {
-    pub fn new(epoch: Epoch, key_id: ObjectId, epoch_key: &Key, repo_id: ObjectId, capacity: usize) -> PackWriter {
+    pub fn new(
+        epoch: Epoch,
+        key_id: ObjectId,
+        epoch_key: &Key,
+        repo_id: ObjectId,
+        capacity: usize,
+    ) -> PackWriter {
         let id = ObjectId::random();
         let name = name::pack(epoch, &id);
         let mut buf = Vec::with_capacity(capacity + (capacity >> 4));
@@ -149,7 +155,14 @@ impl PackWriter {
     }
 
     /// Encrypts `payload` (already compressed as `compression` says) into the pack.
-    pub fn add(&mut self, id: BlobId, kind: BlobKind, compression: Compression, raw_length: u32, payload: &[u8]) {
+    pub fn add(
+        &mut self,
+        id: BlobId,
+        kind: BlobKind,
+        compression: Compression,
+        raw_length: u32,
+        payload: &[u8],
+    ) {
         let offset = self.buf.len() as u32;
         let mut entry = BlobEntry {
             id,
@@ -160,8 +173,12 @@ impl PackWriter {
             raw_length,
         };
         self.buf.extend_from_slice(payload);
-        self.cipher
-            .seal_in_place(blob_nonce(offset), &blob_aad(&entry), &mut self.buf, offset as usize);
+        self.cipher.seal_in_place(
+            blob_nonce(offset),
+            &blob_aad(&entry),
+            &mut self.buf,
+            offset as usize,
+        );
         entry.length = self.buf.len() as u32 - offset;
         self.entries.push(entry);
     }
@@ -177,11 +194,14 @@ impl PackWriter {
             toc.extend_from_slice(&e.length.to_le_bytes());
             toc.extend_from_slice(&e.raw_length.to_le_bytes());
         }
-        let sealed = self
-            .cipher
-            .seal(TOC_NONCE, &toc_aad(&self.buf[..HEADER_LEN], &self.repo_id, &self.name), &toc);
+        let sealed = self.cipher.seal(
+            TOC_NONCE,
+            &toc_aad(&self.buf[..HEADER_LEN], &self.repo_id, &self.name),
+            &toc,
+        );
         self.buf.extend_from_slice(&sealed);
-        self.buf.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         FinishedPack {
             id: self.id,
             epoch,
@@ -193,7 +213,12 @@ impl PackWriter {
 }
 
 /// Reads a pack's table of contents from the whole pack.
-pub fn read_toc(pack_name: &str, bytes: &[u8], key: &Key, repo_id: &ObjectId) -> Result<Vec<BlobEntry>> {
+pub fn read_toc(
+    pack_name: &str,
+    bytes: &[u8],
+    key: &Key,
+    repo_id: &ObjectId,
+) -> Result<Vec<BlobEntry>> {
     let corrupt = |d: &str| Error::corrupt(pack_name, d.to_string());
     Header::decode(pack_name, bytes, Kind::Pack)?;
     if bytes.len() > MAX_PACK_LEN {
@@ -202,7 +227,8 @@ pub fn read_toc(pack_name: &str, bytes: &[u8], key: &Key, repo_id: &ObjectId) ->
     if bytes.len() < HEADER_LEN + 4 + TAG_LEN {
         return Err(corrupt("truncated pack"));
     }
-    let toc_len = u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().expect("4 bytes")) as usize;
+    let toc_len =
+        u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().expect("4 bytes")) as usize;
     let end = bytes.len() - 4;
     if toc_len < 4 + TAG_LEN || toc_len > end - HEADER_LEN {
         return Err(corrupt("table of contents length out of range"));
@@ -210,7 +236,11 @@ pub fn read_toc(pack_name: &str, bytes: &[u8], key: &Key, repo_id: &ObjectId) ->
     let toc_start = end - toc_len;
     let toc = key
         .cipher()
-        .open(TOC_NONCE, &toc_aad(&bytes[..HEADER_LEN], repo_id, pack_name), &bytes[toc_start..end])
+        .open(
+            TOC_NONCE,
+            &toc_aad(&bytes[..HEADER_LEN], repo_id, pack_name),
+            &bytes[toc_start..end],
+        )
         .map_err(|_| corrupt("table of contents fails authentication"))?;
     let count = u32::from_le_bytes(toc[..4].try_into().expect("4 bytes")) as usize;
     if toc.len() != 4 + count * ENTRY_LEN {
@@ -220,7 +250,8 @@ pub fn read_toc(pack_name: &str, bytes: &[u8], key: &Key, repo_id: &ObjectId) ->
     let mut entries = Vec::with_capacity(count);
     for raw in toc[4..].chunks_exact(ENTRY_LEN) {
         let kind = BlobKind::from_u8(raw[0]).ok_or_else(|| corrupt("unknown blob kind"))?;
-        let compression = Compression::from_u8(raw[1]).ok_or_else(|| corrupt("unknown compression"))?;
+        let compression =
+            Compression::from_u8(raw[1]).ok_or_else(|| corrupt("unknown compression"))?;
         let length = u32::from_le_bytes(raw[34..38].try_into().expect("4 bytes"));
         let raw_length = u32::from_le_bytes(raw[38..42].try_into().expect("4 bytes"));
         if (length as usize) < TAG_LEN || offset + length as usize > toc_start {
@@ -279,10 +310,18 @@ pub fn open_blob(
 /// Checks a pack end to end before it leaves the host: the table of contents matches what
 /// was written, and every blob decrypts, decompresses and hashes to its id. This is the guard
 /// restic added after a compression library bug corrupted data (restic #4523).
-pub fn verify(pack: &FinishedPack, key: &Key, repo_id: &ObjectId, hasher: &ChunkHasher) -> Result<()> {
+pub fn verify(
+    pack: &FinishedPack,
+    key: &Key,
+    repo_id: &ObjectId,
+    hasher: &ChunkHasher,
+) -> Result<()> {
     let entries = read_toc(&pack.name, &pack.bytes, key, repo_id)?;
     if entries != pack.entries {
-        return Err(Error::corrupt(&pack.name, "table of contents differs from what was written"));
+        return Err(Error::corrupt(
+            &pack.name,
+            "table of contents differs from what was written",
+        ));
     }
     let cipher = key.cipher();
     let mut dec = zstd::bulk::Decompressor::new().map_err(|e| Error::io("zstd", e))?;
@@ -292,7 +331,10 @@ pub fn verify(pack: &FinishedPack, key: &Key, repo_id: &ObjectId, hasher: &Chunk
         scratch.extend_from_slice(&pack.bytes[e.offset as usize..(e.offset + e.length) as usize]);
         let plain = open_blob(&pack.name, &cipher, e, &mut scratch, &mut dec)?;
         if BlobId(hasher.hash(&plain)) != e.id {
-            return Err(Error::corrupt(&pack.name, format!("blob {} does not hash to its id", e.id)));
+            return Err(Error::corrupt(
+                &pack.name,
+                format!("blob {} does not hash to its id", e.id),
+            ));
         }
     }
     Ok(())
@@ -331,7 +373,10 @@ mod tests {
         let mut dec = zstd::bulk::Decompressor::new().unwrap();
         for (e, want) in toc.iter().zip(blobs) {
             let mut stored = pack.bytes[e.offset as usize..(e.offset + e.length) as usize].to_vec();
-            assert_eq!(open_blob(&pack.name, &key.cipher(), e, &mut stored, &mut dec).unwrap(), want);
+            assert_eq!(
+                open_blob(&pack.name, &key.cipher(), e, &mut stored, &mut dec).unwrap(),
+                want
+            );
         }
     }
 

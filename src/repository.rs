@@ -110,7 +110,12 @@ pub struct EpochKey {
 impl EpochKey {
     fn new(epoch: Epoch, id: ObjectId, key: Key) -> EpochKey {
         let hasher = ChunkHasher::new(&key.derive(b"", &[b"kluis chunk id v1"]));
-        EpochKey { epoch, id, key, hasher }
+        EpochKey {
+            epoch,
+            id,
+            key,
+            hasher,
+        }
     }
 
     pub fn key(&self) -> &Key {
@@ -179,7 +184,9 @@ impl Repository {
             )));
         }
         if !(64 << 10..=256 << 20).contains(&opts.pack_size) {
-            return Err(Error::invalid("pack size must be between 64 KiB and 256 MiB"));
+            return Err(Error::invalid(
+                "pack size must be between 64 KiB and 256 MiB",
+            ));
         }
         let config = RepoConfig {
             version: FORMAT_VERSION,
@@ -269,9 +276,15 @@ impl Repository {
         let config: RepoConfig = serde_json::from_value(value)
             .map_err(|e| Error::corrupt(name::CONFIG, format!("config does not parse: {e}")))?;
         if config.id != repo_id {
-            return Err(Error::corrupt(name::CONFIG, "repository id differs from the key slot's"));
+            return Err(Error::corrupt(
+                name::CONFIG,
+                "repository id differs from the key slot's",
+            ));
         }
-        config.chunker.validate().map_err(|e| Error::corrupt(name::CONFIG, e.to_string()))?;
+        config
+            .chunker
+            .validate()
+            .map_err(|e| Error::corrupt(name::CONFIG, e.to_string()))?;
         Ok(Repository {
             store,
             config,
@@ -295,16 +308,30 @@ impl Repository {
 
     /// The key of `epoch` with id `key_id`.
     pub async fn epoch_key(&self, epoch: Epoch, key_id: ObjectId) -> Result<Arc<EpochKey>> {
-        if let Some(k) = self.epoch_keys.lock().expect("not poisoned").get(&(epoch, key_id)) {
+        if let Some(k) = self
+            .epoch_keys
+            .lock()
+            .expect("not poisoned")
+            .get(&(epoch, key_id))
+        {
             return Ok(k.clone());
         }
         let object = name::epoch_key(epoch, &key_id);
         let bytes = self.store.get(&object).await?;
         let header = Header::decode(&object, &bytes, Kind::EpochKey)?;
         if header.key_id != key_id {
-            return Err(Error::corrupt(&object, "key id differs from the object's name"));
+            return Err(Error::corrupt(
+                &object,
+                "key id differs from the object's name",
+            ));
         }
-        let plain = zeroize::Zeroizing::new(object::open(header, &self.master, &self.config.id, &object, &bytes)?);
+        let plain = zeroize::Zeroizing::new(object::open(
+            header,
+            &self.master,
+            &self.config.id,
+            &object,
+            &bytes,
+        )?);
         let raw: [u8; 32] = plain[..]
             .try_into()
             .map_err(|_| Error::corrupt(&object, "epoch key has the wrong length"))?;
@@ -361,7 +388,10 @@ impl Repository {
     /// Seals an epoch-scoped object (index segment or snapshot) under its epoch key.
     pub fn seal(&self, kind: Kind, key: &EpochKey, object: &str, plaintext: &[u8]) -> Bytes {
         Bytes::from(object::seal(
-            Header { kind, key_id: key.id },
+            Header {
+                kind,
+                key_id: key.id,
+            },
             &key.key,
             &self.config.id,
             object,
@@ -370,20 +400,37 @@ impl Repository {
     }
 
     /// Reads and opens an epoch-scoped object.
-    pub async fn open_object(&self, kind: Kind, epoch: Epoch, object: &str) -> Result<(ObjectId, Vec<u8>)> {
+    pub async fn open_object(
+        &self,
+        kind: Kind,
+        epoch: Epoch,
+        object: &str,
+    ) -> Result<(ObjectId, Vec<u8>)> {
         let bytes = self.store.get(object).await?;
         self.open_bytes(kind, epoch, object, &bytes).await
     }
 
-    pub async fn open_bytes(&self, kind: Kind, epoch: Epoch, object: &str, bytes: &[u8]) -> Result<(ObjectId, Vec<u8>)> {
+    pub async fn open_bytes(
+        &self,
+        kind: Kind,
+        epoch: Epoch,
+        object: &str,
+        bytes: &[u8],
+    ) -> Result<(ObjectId, Vec<u8>)> {
         let header = Header::decode(object, bytes, kind)?;
-        let key = self.epoch_key(epoch, header.key_id).await.map_err(|e| match e {
-            Error::MissingObject { .. } => Error::corrupt(
-                object,
-                format!("its epoch key {} is missing (erased epoch?)", name::epoch_key(epoch, &header.key_id)),
-            ),
-            e => e,
-        })?;
+        let key = self
+            .epoch_key(epoch, header.key_id)
+            .await
+            .map_err(|e| match e {
+                Error::MissingObject { .. } => Error::corrupt(
+                    object,
+                    format!(
+                        "its epoch key {} is missing (erased epoch?)",
+                        name::epoch_key(epoch, &header.key_id)
+                    ),
+                ),
+                e => e,
+            })?;
         let plain = object::open(header, &key.key, &self.config.id, object, bytes)?;
         Ok((header.key_id, plain))
     }
@@ -400,7 +447,11 @@ impl Repository {
     }
 
     /// Writes an index segment; returns its name and stored size.
-    pub async fn save_index(&self, key: &EpochKey, segment: &IndexSegment) -> Result<(String, u64)> {
+    pub async fn save_index(
+        &self,
+        key: &EpochKey,
+        segment: &IndexSegment,
+    ) -> Result<(String, u64)> {
         let object = name::index(key.epoch, &ObjectId::random());
         let sealed = self.seal(Kind::Index, key, &object, &segment.encode());
         let size = sealed.len() as u64;
@@ -424,7 +475,10 @@ impl Repository {
                 let (_, plain) = self.open_object(Kind::Snapshot, epoch, &object).await?;
                 let s = Snapshot::decode(&object, id, &plain)?;
                 if s.epoch() != epoch {
-                    return Err(Error::corrupt(&object, "snapshot time lies outside its epoch"));
+                    return Err(Error::corrupt(
+                        &object,
+                        "snapshot time lies outside its epoch",
+                    ));
                 }
                 Ok(s)
             })
@@ -456,7 +510,11 @@ impl Repository {
         self.load_index_scope(Some(epoch), None).await
     }
 
-    async fn load_index_scope(&self, epoch: Option<Epoch>, key: Option<ObjectId>) -> Result<(Index, Vec<Error>)> {
+    async fn load_index_scope(
+        &self,
+        epoch: Option<Epoch>,
+        key: Option<ObjectId>,
+    ) -> Result<(Index, Vec<Error>)> {
         let prefix = match epoch {
             Some(epoch) => format!("{}/{epoch}", name::INDEX),
             None => name::INDEX.to_string(),
@@ -474,8 +532,10 @@ impl Repository {
                 Err(e) => errors.push(e),
             }
         }
-        let superseded: std::collections::HashSet<ObjectId> =
-            loaded.iter().flat_map(|(_, _, _, s)| s.supersedes.iter().copied()).collect();
+        let superseded: std::collections::HashSet<ObjectId> = loaded
+            .iter()
+            .flat_map(|(_, _, _, s)| s.supersedes.iter().copied())
+            .collect();
         let mut index = Index::default();
         for (object, epoch, key_id, seg) in &loaded {
             let id = name::parse_epoch_object(name::INDEX, object).map(|(_, id)| id);
@@ -524,7 +584,10 @@ impl Repository {
         let entry = loc.entry(*id);
         let mut stored = self
             .store
-            .get_range(&pack_name, u64::from(entry.offset)..u64::from(entry.offset) + u64::from(entry.length))
+            .get_range(
+                &pack_name,
+                u64::from(entry.offset)..u64::from(entry.offset) + u64::from(entry.length),
+            )
             .await?
             .to_vec();
         let ek = self.epoch_key(pack.epoch, pack.key_id).await?;
@@ -532,12 +595,21 @@ impl Repository {
     }
 
     /// Decrypts, decompresses and checks the id of one stored blob.
-    pub fn decode_blob(&self, ek: &EpochKey, pack_name: &str, entry: &BlobEntry, stored: &mut [u8]) -> Result<Vec<u8>> {
+    pub fn decode_blob(
+        &self,
+        ek: &EpochKey,
+        pack_name: &str,
+        entry: &BlobEntry,
+        stored: &mut [u8],
+    ) -> Result<Vec<u8>> {
         let cipher = pack::pack_key(&ek.key, &self.config.id, pack_name).cipher();
         let mut dec = zstd::bulk::Decompressor::new().map_err(|e| Error::io("zstd", e))?;
         let plain = pack::open_blob(pack_name, &cipher, entry, stored, &mut dec)?;
         if ek.blob_id(&plain) != entry.id {
-            return Err(Error::corrupt(pack_name, format!("blob {} does not hash to its id", entry.id)));
+            return Err(Error::corrupt(
+                pack_name,
+                format!("blob {} does not hash to its id", entry.id),
+            ));
         }
         Ok(plain)
     }
@@ -564,9 +636,17 @@ impl Repository {
     }
 
     /// Adds a key slot for `secret`.
-    pub async fn add_key(&self, secret: &Secret, kdf: KdfParams, host: String, label: Option<String>) -> Result<ObjectId> {
+    pub async fn add_key(
+        &self,
+        secret: &Secret,
+        kdf: KdfParams,
+        host: String,
+        label: Option<String>,
+    ) -> Result<ObjectId> {
         let slot = KeySlot::create(&self.master, self.config.id, secret, kdf, host, label)?;
-        self.store.put(&slot.name(), Bytes::from(slot.encode())).await?;
+        self.store
+            .put(&slot.name(), Bytes::from(slot.encode()))
+            .await?;
         Ok(slot.id)
     }
 
@@ -587,11 +667,16 @@ impl Repository {
     /// Resolves a key slot id prefix.
     pub async fn find_key(&self, prefix: &str) -> Result<ObjectId> {
         let (slots, _) = self.key_slots().await?;
-        let matches: Vec<_> = slots.iter().filter(|s| s.id.to_hex().starts_with(prefix)).collect();
+        let matches: Vec<_> = slots
+            .iter()
+            .filter(|s| s.id.to_hex().starts_with(prefix))
+            .collect();
         match matches.as_slice() {
             [one] => Ok(one.id),
             [] => Err(Error::invalid(format!("no key slot matches {prefix:?}"))),
-            _ => Err(Error::invalid(format!("key slot prefix {prefix:?} is ambiguous"))),
+            _ => Err(Error::invalid(format!(
+                "key slot prefix {prefix:?} is ambiguous"
+            ))),
         }
     }
 }

@@ -75,7 +75,11 @@ pub struct Restorer<'a> {
 }
 
 impl<'a> Restorer<'a> {
-    pub async fn new(repo: &'a Repository, snapshot: &'a Snapshot, opts: RestoreOptions) -> Result<Restorer<'a>> {
+    pub async fn new(
+        repo: &'a Repository,
+        snapshot: &'a Snapshot,
+        opts: RestoreOptions,
+    ) -> Result<Restorer<'a>> {
         let (index, index_errors) = repo.load_index_epoch(snapshot.epoch()).await?;
         Ok(Restorer {
             repo,
@@ -88,8 +92,15 @@ impl<'a> Restorer<'a> {
     }
 
     async fn tree(&self, id: &BlobId) -> Result<Tree> {
-        let bytes = self.repo.read_blob(&self.index, id).await.map_err(|e| self.context(e))?;
-        Tree::decode(&format!("tree {id} of snapshot {}", self.snapshot.id.short()), &bytes)
+        let bytes = self
+            .repo
+            .read_blob(&self.index, id)
+            .await
+            .map_err(|e| self.context(e))?;
+        Tree::decode(
+            &format!("tree {id} of snapshot {}", self.snapshot.id.short()),
+            &bytes,
+        )
     }
 
     fn context(&self, e: Error) -> Error {
@@ -97,11 +108,17 @@ impl<'a> Restorer<'a> {
             Error::MissingBlob(id) => match self.index_errors.first() {
                 Some(Error::Corrupt { object, detail }) => Error::corrupt(
                     object.clone(),
-                    format!("{detail}; snapshot {} needs blob {id}, which it may list", self.snapshot.id.short()),
+                    format!(
+                        "{detail}; snapshot {} needs blob {id}, which it may list",
+                        self.snapshot.id.short()
+                    ),
                 ),
                 _ => Error::corrupt(
                     format!("blob {id}"),
-                    format!("missing from the index (needed by snapshot {})", self.snapshot.id.short()),
+                    format!(
+                        "missing from the index (needed by snapshot {})",
+                        self.snapshot.id.short()
+                    ),
                 ),
             },
             Error::Corrupt { object, detail } => Error::Corrupt {
@@ -134,7 +151,10 @@ impl<'a> Restorer<'a> {
     pub async fn to_directory(mut self, target: &Path) -> Result<RestoreReport> {
         match fs::symlink_metadata(target) {
             Ok(m) if !m.is_dir() => {
-                return Err(Error::invalid(format!("{} exists and is not a directory", target.display())));
+                return Err(Error::invalid(format!(
+                    "{} exists and is not a directory",
+                    target.display()
+                )));
             }
             Ok(_) => {
                 let mut entries = fs::read_dir(target).map_err(|e| Error::io(target, e))?;
@@ -155,7 +175,11 @@ impl<'a> Restorer<'a> {
         Ok(self.report)
     }
 
-    fn restore_tree(&mut self, id: BlobId, dir: PathBuf) -> futures::future::BoxFuture<'_, Result<()>> {
+    fn restore_tree(
+        &mut self,
+        id: BlobId,
+        dir: PathBuf,
+    ) -> futures::future::BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let tree = self.tree(&id).await?;
             for node in &tree.nodes {
@@ -167,8 +191,12 @@ impl<'a> Restorer<'a> {
                     NodeType::Dir => {
                         match fs::create_dir(&path) {
                             Ok(()) => {}
-                            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && self.opts.overwrite => {
-                                let m = fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+                            Err(e)
+                                if e.kind() == std::io::ErrorKind::AlreadyExists
+                                    && self.opts.overwrite =>
+                            {
+                                let m =
+                                    fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
                                 if !m.is_dir() {
                                     return Err(Error::invalid(format!(
                                         "{} exists and is not a directory",
@@ -199,7 +227,10 @@ impl<'a> Restorer<'a> {
                         }
                         if !self.opts.overwrite && fs::symlink_metadata(&path).is_ok() {
                             let _ = fs::remove_file(&tmp);
-                            return Err(Error::invalid(format!("{} already exists", path.display())));
+                            return Err(Error::invalid(format!(
+                                "{} already exists",
+                                path.display()
+                            )));
                         }
                         fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
                         self.report.files += 1;
@@ -208,10 +239,13 @@ impl<'a> Restorer<'a> {
                     }
                     NodeType::Symlink => {
                         let target = OsStr::from_bytes(&node.target.as_ref().expect("checked").0);
-                        if self.opts.overwrite && fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+                        if self.opts.overwrite
+                            && fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir())
+                        {
                             fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
                         }
-                        std::os::unix::fs::symlink(target, &path).map_err(|e| Error::io(&path, e))?;
+                        std::os::unix::fs::symlink(target, &path)
+                            .map_err(|e| Error::io(&path, e))?;
                         self.report.symlinks += 1;
                         self.apply_metadata(node, &path);
                     }
@@ -231,12 +265,16 @@ impl<'a> Restorer<'a> {
         };
         if let Err(e) = owner {
             if e.kind() != std::io::ErrorKind::PermissionDenied {
-                self.report.warnings.push(format!("{}: cannot set owner: {e}", path.display()));
+                self.report
+                    .warnings
+                    .push(format!("{}: cannot set owner: {e}", path.display()));
             }
         }
         if !is_link {
             if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(node.mode)) {
-                self.report.warnings.push(format!("{}: cannot set mode: {e}", path.display()));
+                self.report
+                    .warnings
+                    .push(format!("{}: cannot set mode: {e}", path.display()));
             }
         }
         let mtime = filetime::FileTime::from_unix_time(
@@ -249,13 +287,23 @@ impl<'a> Restorer<'a> {
             filetime::set_file_times(path, mtime, mtime)
         };
         if let Err(e) = result {
-            self.report.warnings.push(format!("{}: cannot set mtime: {e}", path.display()));
+            self.report
+                .warnings
+                .push(format!("{}: cannot set mtime: {e}", path.display()));
         }
     }
 
     /// Streams a file node's content into `out`, verifying size and SHA-256.
-    async fn write_content(&self, node: &Node, out: Box<dyn Write + Send>) -> Result<(String, u64)> {
-        let label = format!("{} in snapshot {}", node.name.to_display(), self.snapshot.id.short());
+    async fn write_content(
+        &self,
+        node: &Node,
+        out: Box<dyn Write + Send>,
+    ) -> Result<(String, u64)> {
+        let label = format!(
+            "{} in snapshot {}",
+            node.name.to_display(),
+            self.snapshot.id.short()
+        );
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(self.opts.fetches);
         let writer_label = label.clone();
         let progress = self.opts.progress.clone();
@@ -275,19 +323,29 @@ impl<'a> Restorer<'a> {
         if Some(size) != node.size {
             return Err(Error::corrupt(
                 label,
-                format!("restored {size} bytes, the snapshot recorded {}", node.size.unwrap_or(0)),
+                format!(
+                    "restored {size} bytes, the snapshot recorded {}",
+                    node.size.unwrap_or(0)
+                ),
             ));
         }
         if let Some(want) = node.sha256 {
             if want != digest {
-                return Err(Error::corrupt(label, "SHA-256 of the restored data differs from the snapshot's"));
+                return Err(Error::corrupt(
+                    label,
+                    "SHA-256 of the restored data differs from the snapshot's",
+                ));
             }
         }
         Ok((label, size))
     }
 
     /// Fetches and decodes the node's blobs in order, feeding the writer.
-    async fn fetch_all(&self, node: &Node, tx: std::sync::mpsc::SyncSender<Vec<Bytes>>) -> Result<()> {
+    async fn fetch_all(
+        &self,
+        node: &Node,
+        tx: std::sync::mpsc::SyncSender<Vec<Bytes>>,
+    ) -> Result<()> {
         let mut lists: Vec<Option<BlobId>> = node.content_lists.iter().copied().map(Some).collect();
         if lists.is_empty() {
             lists.push(None);
@@ -320,13 +378,21 @@ impl<'a> Restorer<'a> {
     async fn fetch_range(&self, range: Range) -> Result<Vec<Bytes>> {
         let pack_name = name::pack(range.pack.epoch, &range.pack.id);
         let start = u64::from(range.entries[0].offset);
-        let end = range.entries.last().map_or(start, |e| u64::from(e.offset) + u64::from(e.length));
+        let end = range
+            .entries
+            .last()
+            .map_or(start, |e| u64::from(e.offset) + u64::from(e.length));
         let stored = self.repo.store().get_range(&pack_name, start..end).await?;
         Progress::add(&self.opts.progress.stored_bytes, stored.len() as u64);
-        let key = self.repo.pack_key(range.pack.epoch, range.pack.key_id, &pack_name).await?;
-        tokio::task::spawn_blocking(move || decode_range(&pack_name, &key, &range.entries, start, stored))
-            .await
-            .map_err(|e| Error::invalid(format!("restore decoder crashed: {e}")))?
+        let key = self
+            .repo
+            .pack_key(range.pack.epoch, range.pack.key_id, &pack_name)
+            .await?;
+        tokio::task::spawn_blocking(move || {
+            decode_range(&pack_name, &key, &range.entries, start, stored)
+        })
+        .await
+        .map_err(|e| Error::invalid(format!("restore decoder crashed: {e}")))?
     }
 }
 
@@ -366,7 +432,13 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-fn decode_range(pack_name: &str, key: &crate::crypto::Key, entries: &[BlobEntry], start: u64, stored: Bytes) -> Result<Vec<Bytes>> {
+fn decode_range(
+    pack_name: &str,
+    key: &crate::crypto::Key,
+    entries: &[BlobEntry],
+    start: u64,
+    stored: Bytes,
+) -> Result<Vec<Bytes>> {
     let cipher = key.cipher();
     let mut buf = stored.to_vec();
     DECOMPRESSOR.with(|cell| {
@@ -379,7 +451,9 @@ fn decode_range(pack_name: &str, key: &crate::crypto::Key, entries: &[BlobEntry]
         for e in entries {
             let from = (u64::from(e.offset) - start) as usize;
             let blob = &mut buf[from..from + e.length as usize];
-            out.push(Bytes::from(pack::open_blob(pack_name, &cipher, e, blob, dec)?));
+            out.push(Bytes::from(pack::open_blob(
+                pack_name, &cipher, e, blob, dec,
+            )?));
         }
         Ok(out)
     })

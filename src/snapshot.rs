@@ -86,22 +86,33 @@ impl Snapshot {
         let s: Snapshot = serde_json::from_slice(bytes)
             .map_err(|e| Error::corrupt(object, format!("snapshot does not parse: {e}")))?;
         if s.id != id {
-            return Err(Error::corrupt(object, "snapshot id does not match its name"));
+            return Err(Error::corrupt(
+                object,
+                "snapshot id does not match its name",
+            ));
         }
         Ok(s)
     }
 }
 
 /// Finds the snapshot an operator means: `latest` (optionally of a name), or an id prefix.
-pub fn select<'a>(snapshots: &'a [Snapshot], spec: &str, name: Option<&str>) -> Result<&'a Snapshot> {
-    let candidates = snapshots.iter().filter(|s| name.is_none_or(|n| s.name == n));
+pub fn select<'a>(
+    snapshots: &'a [Snapshot],
+    spec: &str,
+    name: Option<&str>,
+) -> Result<&'a Snapshot> {
+    let candidates = snapshots
+        .iter()
+        .filter(|s| name.is_none_or(|n| s.name == n));
     if spec == "latest" {
         return candidates
             .max_by_key(|s| (s.time, s.finished))
-            .ok_or_else(|| Error::SnapshotNotFound(match name {
-                Some(n) => format!("latest (no snapshot named {n:?})"),
-                None => "latest (the repository has no snapshots)".into(),
-            }));
+            .ok_or_else(|| {
+                Error::SnapshotNotFound(match name {
+                    Some(n) => format!("latest (no snapshot named {n:?})"),
+                    None => "latest (the repository has no snapshots)".into(),
+                })
+            });
     }
     let spec_lower = spec.to_ascii_lowercase();
     if spec_lower.is_empty() || !spec_lower.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -109,13 +120,19 @@ pub fn select<'a>(snapshots: &'a [Snapshot], spec: &str, name: Option<&str>) -> 
             "{spec:?} is not a snapshot id, id prefix or `latest`"
         )));
     }
-    let matches: Vec<&Snapshot> = candidates.filter(|s| s.id.to_hex().starts_with(&spec_lower)).collect();
+    let matches: Vec<&Snapshot> = candidates
+        .filter(|s| s.id.to_hex().starts_with(&spec_lower))
+        .collect();
     match matches.len() {
         0 => Err(Error::SnapshotNotFound(spec.to_string())),
         1 => Ok(matches[0]),
         _ => Err(Error::AmbiguousSnapshot {
             prefix: spec.to_string(),
-            matches: matches.iter().map(|s| s.id.short()).collect::<Vec<_>>().join(", "),
+            matches: matches
+                .iter()
+                .map(|s| s.id.short())
+                .collect::<Vec<_>>()
+                .join(", "),
         }),
     }
 }
@@ -145,23 +162,57 @@ mod tests {
     #[test]
     fn selection() {
         let all = vec![
-            snap("aa000000000000000000000000000000", "2026-11-01T00:00:00Z", "db"),
-            snap("ab000000000000000000000000000000", "2026-11-03T00:00:00Z", "files"),
-            snap("bb000000000000000000000000000000", "2026-11-02T00:00:00Z", "db"),
+            snap(
+                "aa000000000000000000000000000000",
+                "2026-11-01T00:00:00Z",
+                "db",
+            ),
+            snap(
+                "ab000000000000000000000000000000",
+                "2026-11-03T00:00:00Z",
+                "files",
+            ),
+            snap(
+                "bb000000000000000000000000000000",
+                "2026-11-02T00:00:00Z",
+                "db",
+            ),
         ];
         assert_eq!(select(&all, "latest", None).unwrap().id.short(), "ab000000");
-        assert_eq!(select(&all, "latest", Some("db")).unwrap().id.short(), "bb000000");
+        assert_eq!(
+            select(&all, "latest", Some("db")).unwrap().id.short(),
+            "bb000000"
+        );
         assert_eq!(select(&all, "BB", None).unwrap().id.short(), "bb000000");
-        assert!(matches!(select(&all, "a", None), Err(Error::AmbiguousSnapshot { .. })));
-        assert!(matches!(select(&all, "cc", None), Err(Error::SnapshotNotFound(_))));
-        assert!(matches!(select(&all, "latest", Some("x")), Err(Error::SnapshotNotFound(_))));
-        assert!(matches!(select(&all, "../x", None), Err(Error::InvalidInput(_))));
-        assert!(matches!(select(&[], "latest", None), Err(Error::SnapshotNotFound(_))));
+        assert!(matches!(
+            select(&all, "a", None),
+            Err(Error::AmbiguousSnapshot { .. })
+        ));
+        assert!(matches!(
+            select(&all, "cc", None),
+            Err(Error::SnapshotNotFound(_))
+        ));
+        assert!(matches!(
+            select(&all, "latest", Some("x")),
+            Err(Error::SnapshotNotFound(_))
+        ));
+        assert!(matches!(
+            select(&all, "../x", None),
+            Err(Error::InvalidInput(_))
+        ));
+        assert!(matches!(
+            select(&[], "latest", None),
+            Err(Error::SnapshotNotFound(_))
+        ));
     }
 
     #[test]
     fn manifest_round_trip_checks_id() {
-        let s = snap("aa000000000000000000000000000000", "2026-11-01T00:00:00Z", "db");
+        let s = snap(
+            "aa000000000000000000000000000000",
+            "2026-11-01T00:00:00Z",
+            "db",
+        );
         let bytes = s.encode();
         assert_eq!(Snapshot::decode("s", s.id, &bytes).unwrap(), s);
         assert!(Snapshot::decode("s", ObjectId::random(), &bytes).is_err());

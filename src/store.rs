@@ -121,7 +121,10 @@ impl Store {
             .get(&Self::path(name))
             .await
             .map_err(|e| store_error("read", name, e))?;
-        result.bytes().await.map_err(|e| store_error("read", name, e))
+        result
+            .bytes()
+            .await
+            .map_err(|e| store_error("read", name, e))
     }
 
     pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
@@ -187,10 +190,14 @@ fn open_s3(url: &str, rest: &str) -> Result<Store> {
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
     if bucket.is_empty() {
-        return Err(Error::invalid(format!("{url:?}: no bucket name (s3://bucket/prefix)")));
+        return Err(Error::invalid(format!(
+            "{url:?}: no bucket name (s3://bucket/prefix)"
+        )));
     }
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-    let mut endpoint = std::env::var("AWS_ENDPOINT_URL").ok().filter(|s| !s.is_empty());
+    let mut endpoint = std::env::var("AWS_ENDPOINT_URL")
+        .ok()
+        .filter(|s| !s.is_empty());
     let mut region = None;
     let mut path_style = true;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -202,7 +209,11 @@ fn open_s3(url: &str, rest: &str) -> Result<Store> {
                 path_style = match v {
                     "true" | "" => true,
                     "false" => false,
-                    _ => return Err(Error::invalid(format!("{url:?}: path-style must be true or false"))),
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "{url:?}: path-style must be true or false"
+                        )));
+                    }
                 }
             }
             _ => {
@@ -263,10 +274,16 @@ mod tests {
         let s = Store::open("memory://", false).unwrap();
         s.put("a/b/c", Bytes::from_static(b"hello")).await.unwrap();
         assert_eq!(s.get("a/b/c").await.unwrap(), Bytes::from_static(b"hello"));
-        assert_eq!(s.get_range("a/b/c", 1..3).await.unwrap(), Bytes::from_static(b"el"));
+        assert_eq!(
+            s.get_range("a/b/c", 1..3).await.unwrap(),
+            Bytes::from_static(b"el")
+        );
         assert_eq!(s.list("a").await.unwrap().len(), 1);
         assert!(s.list("b").await.unwrap().is_empty());
-        assert!(matches!(s.get("nope").await, Err(Error::MissingObject { .. })));
+        assert!(matches!(
+            s.get("nope").await,
+            Err(Error::MissingObject { .. })
+        ));
         assert!(s.exists("a/b/c").await.unwrap());
         s.delete("a/b/c").await.unwrap();
         assert!(!s.exists("a/b/c").await.unwrap());
@@ -277,7 +294,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("repo");
         let url = path.to_str().unwrap();
-        assert!(matches!(Store::open(url, false), Err(Error::RepositoryNotFound { .. })));
+        assert!(matches!(
+            Store::open(url, false),
+            Err(Error::RepositoryNotFound { .. })
+        ));
         let s = Store::open(&format!("file://{url}"), true).unwrap();
         s.put("x/y", Bytes::from_static(b"1")).await.unwrap();
         assert!(path.join("x/y").exists());
@@ -285,8 +305,23 @@ mod tests {
 
     #[test]
     fn bad_urls_name_the_problem() {
-        assert!(Store::open("ftp://x", false).unwrap_err().to_string().contains("unsupported"));
-        assert!(Store::open("s3:///p", false).unwrap_err().to_string().contains("bucket"));
-        assert!(Store::open("s3://b/p?colour=red", false).unwrap_err().to_string().contains("colour"));
+        assert!(
+            Store::open("ftp://x", false)
+                .unwrap_err()
+                .to_string()
+                .contains("unsupported")
+        );
+        assert!(
+            Store::open("s3:///p", false)
+                .unwrap_err()
+                .to_string()
+                .contains("bucket")
+        );
+        assert!(
+            Store::open("s3://b/p?colour=red", false)
+                .unwrap_err()
+                .to_string()
+                .contains("colour")
+        );
     }
 }

@@ -39,7 +39,9 @@ impl Serialize for NameBytes {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         match std::str::from_utf8(&self.0) {
             Ok(t) => NameRepr::Text(t.to_string()),
-            Err(_) => NameRepr::Raw { hex: self.0.clone() },
+            Err(_) => NameRepr::Raw {
+                hex: self.0.clone(),
+            },
         }
         .serialize(s)
     }
@@ -123,12 +125,20 @@ impl Tree {
             .map_err(|e| Error::corrupt(object, format!("tree does not parse: {e}")))?;
         for pair in tree.nodes.windows(2) {
             if pair[0].name >= pair[1].name {
-                return Err(Error::corrupt(object, "tree entries are not sorted and unique"));
+                return Err(Error::corrupt(
+                    object,
+                    "tree entries are not sorted and unique",
+                ));
             }
         }
         for n in &tree.nodes {
             let name = &n.name.0;
-            if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+            if name.is_empty()
+                || name == b"."
+                || name == b".."
+                || name.contains(&b'/')
+                || name.contains(&0)
+            {
                 return Err(Error::corrupt(
                     object,
                     format!("unsafe file name {:?} in tree", n.name.to_display()),
@@ -140,7 +150,10 @@ impl Tree {
                 NodeType::Symlink => n.target.is_some(),
             };
             if !ok {
-                return Err(Error::corrupt(object, format!("node {:?} lacks its fields", n.name.to_display())));
+                return Err(Error::corrupt(
+                    object,
+                    format!("node {:?} lacks its fields", n.name.to_display()),
+                ));
             }
         }
         Ok(tree)
@@ -160,7 +173,10 @@ pub fn decode_list(object: &str, bytes: &[u8]) -> Result<Vec<BlobId>> {
     if bytes.len() % 32 != 0 || bytes.len() > LIST_LEN * 32 {
         return Err(Error::corrupt(object, "content list has a bad length"));
     }
-    Ok(bytes.chunks_exact(32).map(|c| BlobId::from_slice(c).expect("32")).collect())
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|c| BlobId::from_slice(c).expect("32"))
+        .collect())
 }
 
 #[cfg(test)]
@@ -187,7 +203,11 @@ mod tests {
     #[test]
     fn tree_round_trip_with_non_utf8_names() {
         let tree = Tree {
-            nodes: vec![file(b"caf\xe9 \xff.bin"), file("emoji 🎉".as_bytes()), file(b"plain.txt")],
+            nodes: vec![
+                file(b"caf\xe9 \xff.bin"),
+                file("emoji 🎉".as_bytes()),
+                file(b"plain.txt"),
+            ],
         };
         let bytes = tree.encode();
         assert_eq!(Tree::decode("t", &bytes).unwrap(), tree);
@@ -196,14 +216,18 @@ mod tests {
     #[test]
     fn unsafe_names_are_refused() {
         for bad in [&b".."[..], b"a/b", b"", b"."] {
-            let tree = Tree { nodes: vec![file(bad)] };
+            let tree = Tree {
+                nodes: vec![file(bad)],
+            };
             assert!(Tree::decode("t", &tree.encode()).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn duplicate_names_are_refused() {
-        let tree = Tree { nodes: vec![file(b"a"), file(b"a")] };
+        let tree = Tree {
+            nodes: vec![file(b"a"), file(b"a")],
+        };
         assert!(Tree::decode("t", &tree.encode()).is_err());
     }
 
