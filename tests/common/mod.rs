@@ -1,0 +1,504 @@
+//! Test harness shared by the integration tests: runs the real `kluis` binary against a
+//! repository in a temporary directory, and starts a real Garage S3 server on loopback when a
+//! test needs one. Everything lives under one `TempDir` per test, so tests run in parallel.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub const KLUIS: &str = env!("CARGO_BIN_EXE_kluis");
+
+/// Exit codes, as documented in the README (duplicated here on purpose: they are API).
+pub const EXIT_INCOMPLETE: i32 = 3;
+pub const EXIT_NO_REPOSITORY: i32 = 10;
+pub const EXIT_WRONG_PASSWORD: i32 = 12;
+pub const EXIT_CORRUPT: i32 = 13;
+
+/// Deterministic pseudo-random bytes: `len` bytes from `seed` (BLAKE3 in XOF mode).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&seed.to_le_bytes());
+    hasher.finalize_xof().fill(&mut out);
+    out
+}
+
+/// Compressible, text-like bytes that still differ per seed, like a database dump.
+pub fn dump_like(seed: u64, len: usize) -> Vec<u8> {
+    let noise = random_bytes(seed, len / 8 + 64);
+    let mut out = Vec::with_capacity(len + 128);
+    let mut i = 0usize;
+    while out.len() < len {
+        let n = u32::from_le_bytes(
+            noise[(i * 4) % (noise.len() - 4)..][..4]
+                .try_into()
+                .unwrap(),
+        );
+        writeln!(
+            out,
+            "INSERT INTO orders VALUES ({i}, 'customer-{}', {}.{:02}, 'status-{}');",
+            n % 100_000,
+            n % 10_000,
+            n % 100,
+            n % 7
+        )
+        .unwrap();
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// A free TCP port on loopback (there is a small race until the user binds it; fine in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A kluis repository in a temporary directory, opened with a key file.
+pub struct Repo {
+    pub dir: TempDir,
+    pub url: String,
+    pub key_file: PathBuf,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Repo {
+    /// A `file://` repository, not yet initialised.
+    pub fn file() -> Repo {
+        let dir = TempDir::new().unwrap();
+        let url = dir.path().join("repo").display().to_string();
+        Repo::at(dir, url, BTreeMap::new())
+    }
+
+    /// A repository at `url` with extra environment (e.g. S3 credentials).
+    pub fn at(dir: TempDir, url: String, env: BTreeMap<String, String>) -> Repo {
+        let key_file = dir.path().join("key");
+        let repo = Repo {
+            dir,
+            url,
+            key_file,
+            env,
+        };
+        repo.ok(&["key", "generate", repo.key_file.to_str().unwrap()]);
+        repo
+    }
+
+    /// A `file://` repository, initialised with the given extra `init` arguments.
+    pub fn init_file(init_args: &[&str]) -> Repo {
+        let repo = Repo::file();
+        let mut args = vec!["init"];
+        args.extend_from_slice(init_args);
+        repo.ok(&args);
+        repo
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The repository directory (file:// repositories only).
+    pub fn root(&self) -> PathBuf {
+        PathBuf::from(&self.url)
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(KLUIS);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KLUIS_REPOSITORY", &self.url)
+            .env("KLUIS_KEY_FILE", &self.key_file)
+            .envs(&self.env)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs `kluis args` with `input` on standard input.
+    pub fn run_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        out
+    }
+
+    /// Runs and asserts success; returns standard output.
+    pub fn ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.run(args);
+        assert_success(&out, args);
+        out.stdout
+    }
+
+    pub fn backup_stdin(&self, name: &str, input: &[u8]) -> String {
+        let out = self.run_stdin(&["backup", "--stdin", "--name", name, "--json"], input);
+        assert_success(&out, &["backup", "--stdin"]);
+        snapshot_id(&out.stdout)
+    }
+
+    pub fn backup_paths(&self, extra: &[&str], paths: &[&Path]) -> String {
+        let mut args: Vec<&str> = vec!["backup", "--json"];
+        args.extend_from_slice(extra);
+        args.extend(paths.iter().map(|p| p.to_str().unwrap()));
+        let out = self.run(&args);
+        assert_success(&out, &args);
+        snapshot_id(&out.stdout)
+    }
+
+    pub fn restore_stdout(&self, snapshot: &str) -> Vec<u8> {
+        self.ok(&["restore", snapshot, "--stdout", "--quiet"])
+    }
+
+    /// Every object file of a file:// repository, by name relative to its root.
+    pub fn objects(&self) -> Vec<(String, PathBuf)> {
+        let root = self.root();
+        let mut out = Vec::new();
+        walk(&root, &mut |p| {
+            let name = p.strip_prefix(&root).unwrap().display().to_string();
+            out.push((name, p.to_path_buf()));
+        });
+        out.sort();
+        out
+    }
+
+    /// Bytes stored in a file:// repository.
+    pub fn stored_bytes(&self) -> u64 {
+        self.objects()
+            .iter()
+            .map(|(_, p)| fs::metadata(p).unwrap().len())
+            .sum()
+    }
+}
+
+pub fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            walk(&p, f);
+        } else {
+            f(&p);
+        }
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn assert_success(out: &Output, args: &[&str]) {
+    assert!(
+        out.status.success(),
+        "kluis {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// Asserts the exit code and returns standard error.
+pub fn assert_code(out: &Output, code: i32, what: &str) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: expected exit code {code}\nstdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{what}: panic: {stderr}");
+    stderr
+}
+
+/// The snapshot id from `backup --json` output.
+pub fn snapshot_id(stdout: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(stdout)
+        .unwrap_or_else(|e| panic!("backup --json output does not parse: {e}: {}", text(stdout)));
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {v}"))
+        .to_string()
+}
+
+/// A Garage S3 server running in a temporary directory on loopback ports, with one bucket and
+/// one access key. Killed on drop.
+pub struct Garage {
+    pub dir: TempDir,
+    child: Child,
+    pub endpoint: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+/// The Garage binary: `$GARAGE`, else `garage` on PATH, else `~/.cargo/bin/garage`.
+pub fn garage_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("GARAGE") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join("garage");
+        if p.is_file() {
+            return p;
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = Path::new(&home).join(".cargo/bin/garage");
+    assert!(
+        p.is_file(),
+        "Garage not found: install it with `cargo install garage --locked` (tests/run-all.sh does)"
+    );
+    p
+}
+
+impl Garage {
+    pub fn start() -> Garage {
+        let dir = TempDir::new().unwrap();
+        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+        let secret = hex(&random_bytes(
+            rpc as u64 ^ (std::process::id() as u64) << 16,
+            32,
+        ));
+        let config = dir.path().join("garage.toml");
+        fs::write(
+            &config,
+            format!(
+                r#"metadata_dir = "{d}/meta"
+data_dir = "{d}/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{secret}"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:{s3}"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:{admin}"
+"#,
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&config, fs::Permissions::from_mode(0o600)).unwrap();
+        let bin = garage_binary();
+        let log = fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&config)
+            .arg("server")
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start garage");
+        let mut g = Garage {
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            bucket: "kluis-test".into(),
+            access_key: String::new(),
+            secret_key: String::new(),
+            child,
+            dir,
+        };
+        let cli = |args: &[&str]| -> Result<String, String> {
+            let out = Command::new(&bin)
+                .arg("-c")
+                .arg(&config)
+                .args(args)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                Ok(text(&out.stdout))
+            } else {
+                Err(format!(
+                    "garage {args:?}: {}{}",
+                    text(&out.stdout),
+                    text(&out.stderr)
+                ))
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let node = loop {
+            match cli(&["node", "id", "-q"]) {
+                Ok(id) => break id.trim().split('@').next().unwrap().to_string(),
+                Err(e) if Instant::now() > deadline => panic!(
+                    "garage did not start: {e}\n{}",
+                    fs::read_to_string(g.dir.path().join("server.log")).unwrap_or_default()
+                ),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        // Right after start the node may still refuse admin commands; retry each step.
+        let retry = |args: &[&str]| loop {
+            match cli(args) {
+                Ok(out) => break out,
+                Err(e) if Instant::now() > deadline => panic!("{e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        retry(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+        retry(&["layout", "apply", "--version", "1"]);
+        let bucket = g.bucket.clone();
+        retry(&["bucket", "create", &bucket]);
+        let info = retry(&["key", "create", "kluis-test-key"]);
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                .unwrap_or_else(|| panic!("no {name} in garage key output: {info}"))
+        };
+        g.access_key = field("Key ID:");
+        g.secret_key = field("Secret key:");
+        retry(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            &bucket,
+            "--key",
+            "kluis-test-key",
+        ]);
+        g
+    }
+
+    /// A repository URL in this server's bucket, and the environment that reaches it.
+    pub fn repo(&self, prefix: &str) -> Repo {
+        let url = format!(
+            "s3://{}/{prefix}?endpoint={}&region=garage&path-style=true",
+            self.bucket, self.endpoint
+        );
+        let env = BTreeMap::from([
+            ("AWS_ACCESS_KEY_ID".to_string(), self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), self.secret_key.clone()),
+        ]);
+        Repo::at(TempDir::new().unwrap(), url, env)
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A small directory tree with the things a backup must keep: nested directories, an empty
+/// file, a large file, modes, mtimes, symlinks (also dangling), and a non-UTF-8 name.
+pub fn sample_tree(root: &Path, seed: u64) {
+    use std::os::unix::ffi::OsStrExt;
+    fs::create_dir_all(root.join("etc/app")).unwrap();
+    fs::create_dir_all(root.join("var/lib/db/empty-dir")).unwrap();
+    fs::write(
+        root.join("etc/app/config.toml"),
+        b"listen = \"127.0.0.1:8080\"\n",
+    )
+    .unwrap();
+    fs::write(root.join("etc/app/empty"), b"").unwrap();
+    fs::write(root.join("var/lib/db/big.bin"), random_bytes(seed, 3 << 20)).unwrap();
+    fs::write(root.join("var/lib/db/dump.sql"), dump_like(seed, 2 << 20)).unwrap();
+    let odd = std::ffi::OsStr::from_bytes(b"caf\xe9-latin1.txt");
+    fs::write(root.join("etc").join(odd), b"non-utf8 name").unwrap();
+    std::os::unix::fs::symlink("app/config.toml", root.join("etc/current")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", root.join("etc/dangling")).unwrap();
+    let script = root.join("etc/app/run.sh");
+    fs::write(&script, b"#!/bin/sh\necho hi\n").unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o750)).unwrap();
+    let secret = root.join("etc/app/secret");
+    fs::write(&secret, b"s3cr3t").unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let t = filetime::FileTime::from_unix_time(1_600_000_000, 123_456_789);
+    filetime::set_file_mtime(root.join("etc/app/config.toml"), t).unwrap();
+}
+
+/// Asserts two trees are equal: names, types, contents, modes, mtimes of files and symlink
+/// targets.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let list = |root: &Path| {
+        let mut v = Vec::new();
+        fn rec(root: &Path, dir: &Path, v: &mut Vec<PathBuf>) {
+            for e in fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                v.push(p.strip_prefix(root).unwrap().to_path_buf());
+                if fs::symlink_metadata(&p).unwrap().is_dir() {
+                    rec(root, &p, v);
+                }
+            }
+        }
+        rec(root, root, &mut v);
+        v.sort();
+        v
+    };
+    let (la, lb) = (list(a), list(b));
+    assert_eq!(la, lb, "restored tree lists different entries");
+    for rel in la {
+        let (pa, pb) = (a.join(&rel), b.join(&rel));
+        let (ma, mb) = (
+            fs::symlink_metadata(&pa).unwrap(),
+            fs::symlink_metadata(&pb).unwrap(),
+        );
+        assert_eq!(ma.file_type(), mb.file_type(), "{}: type", rel.display());
+        if ma.file_type().is_symlink() {
+            assert_eq!(
+                fs::read_link(&pa).unwrap(),
+                fs::read_link(&pb).unwrap(),
+                "{}",
+                rel.display()
+            );
+            continue;
+        }
+        assert_eq!(
+            ma.mode() & 0o7777,
+            mb.mode() & 0o7777,
+            "{}: mode",
+            rel.display()
+        );
+        if ma.is_file() {
+            assert_eq!(ma.mtime(), mb.mtime(), "{}: mtime", rel.display());
+            assert_eq!(
+                ma.mtime_nsec(),
+                mb.mtime_nsec(),
+                "{}: mtime ns",
+                rel.display()
+            );
+            assert!(
+                fs::read(&pa).unwrap() == fs::read(&pb).unwrap(),
+                "{}: content",
+                rel.display()
+            );
+        }
+    }
+}
