@@ -529,16 +529,28 @@ async fn backup_cmd(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result
 async fn restore_cmd(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i32> {
     let repo = open(g).await?;
     let (list, errors) = repo.snapshots().await?;
+    for err in &errors {
+        eprintln!("warning: {err}");
+    }
     let snap = match snapshot::select(&list, &a.snapshot, a.name.as_deref()) {
         Ok(s) => s,
         Err(e) => {
-            // A snapshot that does not decrypt is not listed; say so if it may be the one.
-            for err in &errors {
-                eprintln!("warning: {err}");
-            }
-            return Err(e.into());
+            // A snapshot that cannot be read is not listed: if it may be the one asked for,
+            // its damage is the error, not "not found".
+            let wanted = a.snapshot.to_ascii_lowercase();
+            let culprit = errors.into_iter().find(|u| {
+                wanted == "latest"
+                    || u.id.is_some_and(|id| id.to_hex().starts_with(&wanted))
+            });
+            return Err(culprit.map_or_else(|| e.into(), |u| u.error.into()));
         }
     };
+    if !errors.is_empty() && a.snapshot == "latest" {
+        eprintln!(
+            "warning: {} snapshot(s) could not be read; `latest` is the newest readable one",
+            errors.len()
+        );
+    }
     let progress = Progress::new();
     let opts = RestoreOptions {
         fetches: a.fetches.max(1),

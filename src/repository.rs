@@ -460,36 +460,48 @@ impl Repository {
     }
 
     /// Every readable snapshot, oldest first, and an error for each that is not.
-    pub async fn snapshots(&self) -> Result<(Vec<Snapshot>, Vec<Error>)> {
+    pub async fn snapshots(&self) -> Result<(Vec<Snapshot>, Vec<UnreadableSnapshot>)> {
         let listed = self.store.list(name::SNAPSHOTS).await?;
         let mut errors = Vec::new();
         let mut wanted = Vec::new();
         for o in listed {
             match name::parse_epoch_object(name::SNAPSHOTS, &o.name) {
                 Some((epoch, id)) => wanted.push((o.name, epoch, id)),
-                None => errors.push(Error::corrupt(&o.name, "not a snapshot name")),
+                None => errors.push(UnreadableSnapshot {
+                    error: Error::corrupt(&o.name, "not a snapshot name"),
+                    object: o.name,
+                    id: None,
+                }),
             }
         }
-        let results: Vec<Result<Snapshot>> = futures::stream::iter(wanted)
+        let results: Vec<(String, ObjectId, Result<Snapshot>)> = futures::stream::iter(wanted)
             .map(|(object, epoch, id)| async move {
-                let (_, plain) = self.open_object(Kind::Snapshot, epoch, &object).await?;
-                let s = Snapshot::decode(&object, id, &plain)?;
-                if s.epoch() != epoch {
-                    return Err(Error::corrupt(
-                        &object,
-                        "snapshot time lies outside its epoch",
-                    ));
-                }
-                Ok(s)
+                let read = async {
+                    let (_, plain) = self.open_object(Kind::Snapshot, epoch, &object).await?;
+                    let s = Snapshot::decode(&object, id, &plain)?;
+                    if s.epoch() != epoch {
+                        return Err(Error::corrupt(
+                            &object,
+                            "snapshot time lies outside its epoch",
+                        ));
+                    }
+                    Ok(s)
+                };
+                let result = read.await;
+                (object, id, result)
             })
             .buffer_unordered(FETCH_CONCURRENCY)
             .collect()
             .await;
         let mut snapshots = Vec::new();
-        for r in results {
+        for (object, id, r) in results {
             match r {
                 Ok(s) => snapshots.push(s),
-                Err(e) => errors.push(e),
+                Err(error) => errors.push(UnreadableSnapshot {
+                    object,
+                    id: Some(id),
+                    error,
+                }),
             }
         }
         snapshots.sort_by_key(|s| (s.time, s.finished));
@@ -692,4 +704,26 @@ async fn load_slots(store: &Store) -> Result<Vec<Result<KeySlot>>> {
         .collect::<Vec<_>>()
         .await;
     Ok(slots)
+}
+
+/// A snapshot manifest that is listed but cannot be read.
+#[derive(Debug)]
+pub struct UnreadableSnapshot {
+    /// The manifest's object name.
+    pub object: String,
+    /// The snapshot id its name carries, if the name parses.
+    pub id: Option<ObjectId>,
+    /// Why it cannot be read; it may name another object, e.g. the epoch key.
+    pub error: Error,
+}
+
+impl std::fmt::Display for UnreadableSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let e = self.error.to_string();
+        if e.starts_with(&self.object) {
+            f.write_str(&e)
+        } else {
+            write!(f, "snapshot {}: {e}", self.object)
+        }
+    }
 }
