@@ -539,8 +539,7 @@ async fn restore_cmd(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Resu
             // its damage is the error, not "not found".
             let wanted = a.snapshot.to_ascii_lowercase();
             let culprit = errors.into_iter().find(|u| {
-                wanted == "latest"
-                    || u.id.is_some_and(|id| id.to_hex().starts_with(&wanted))
+                wanted == "latest" || u.id.is_some_and(|id| id.to_hex().starts_with(&wanted))
             });
             return Err(culprit.map_or_else(|| e.into(), |u| u.error.into()));
         }

@@ -17,7 +17,12 @@ fn kind(name: &str) -> &str {
 #[test]
 fn flipping_any_byte_of_any_object_is_detected_and_named() {
     // Small packs so the repository has several of each kind.
-    let base = Repo::init_file(&["--pack-size", "262144", "--chunk-sizes", "16384,65536,262144"]);
+    let base = Repo::init_file(&[
+        "--pack-size",
+        "262144",
+        "--chunk-sizes",
+        "16384,65536,262144",
+    ]);
     let stream = dump_like(11, 1 << 20);
     let stream_id = base.backup_stdin("db", &stream);
     let src = base.path().join("src");
@@ -26,7 +31,10 @@ fn flipping_any_byte_of_any_object_is_detected_and_named() {
 
     let objects = base.objects();
     for k in ["config", "keys", "epochs", "data", "index", "snapshots"] {
-        assert!(objects.iter().any(|(n, _)| kind(n) == k), "no {k} object in {objects:?}");
+        assert!(
+            objects.iter().any(|(n, _)| kind(n) == k),
+            "no {k} object in {objects:?}"
+        );
     }
 
     let mut cases = 0;
@@ -38,27 +46,41 @@ fn flipping_any_byte_of_any_object_is_detected_and_named() {
             let what = format!("{name} byte {pos} of {len}");
             let work = tempfile::TempDir::new().unwrap();
             let copy = work.path().join("repo");
-            let st = Command::new("cp").arg("-a").arg(base.root()).arg(&copy).status().unwrap();
+            let st = Command::new("cp")
+                .arg("-a")
+                .arg(base.root())
+                .arg(&copy)
+                .status()
+                .unwrap();
             assert!(st.success());
             let target = copy.join(name);
             let mut bytes = fs::read(&target).unwrap();
             bytes[pos] ^= 0x01;
             fs::write(&target, bytes).unwrap();
             let run = |args: &[&str]| {
-                base.command(args).env("KLUIS_REPOSITORY", &copy).output().unwrap()
+                base.command(args)
+                    .env("KLUIS_REPOSITORY", &copy)
+                    .output()
+                    .unwrap()
             };
 
             let out = run(&["check", "--read-data"]);
             let err = assert_code(&out, EXIT_CORRUPT, &format!("check --read-data, {what}"));
             let all = format!("{}{err}", text(&out.stdout));
-            assert!(all.contains(name.as_str()), "check --read-data does not name {what}:\n{all}");
+            assert!(
+                all.contains(name.as_str()),
+                "check --read-data does not name {what}:\n{all}"
+            );
 
             // Without --read-data, check still reads every object except pack contents.
             if kind(name) != "data" {
                 let out = run(&["check"]);
                 let err = assert_code(&out, EXIT_CORRUPT, &format!("check, {what}"));
                 let all = format!("{}{err}", text(&out.stdout));
-                assert!(all.contains(name.as_str()), "check does not name {what}:\n{all}");
+                assert!(
+                    all.contains(name.as_str()),
+                    "check does not name {what}:\n{all}"
+                );
             }
 
             // Restores either fail naming the object, or return exactly the original data.
@@ -68,16 +90,28 @@ fn flipping_any_byte_of_any_object_is_detected_and_named() {
                 assert!(out.stdout == stream, "restore returned wrong data, {what}");
             } else {
                 let err = assert_code(&out, EXIT_CORRUPT, &format!("restore stream, {what}"));
-                assert!(err.contains(name.as_str()), "restore does not name {what}: {err}");
+                assert!(
+                    err.contains(name.as_str()),
+                    "restore does not name {what}: {err}"
+                );
                 failures += 1;
             }
             let dir = work.path().join("restored");
-            let out = run(&["restore", &tree_id, "--target", dir.to_str().unwrap(), "--quiet"]);
+            let out = run(&[
+                "restore",
+                &tree_id,
+                "--target",
+                dir.to_str().unwrap(),
+                "--quiet",
+            ]);
             if out.status.success() {
                 assert_same_tree(&src, &dir.join("src"));
             } else {
                 let err = assert_code(&out, EXIT_CORRUPT, &format!("restore tree, {what}"));
-                assert!(err.contains(name.as_str()), "restore does not name {what}: {err}");
+                assert!(
+                    err.contains(name.as_str()),
+                    "restore does not name {what}: {err}"
+                );
                 failures += 1;
             }
             // Damage to the config or a key stops both restores; damage to a snapshot, an index
@@ -94,7 +128,12 @@ fn flipping_any_byte_of_any_object_is_detected_and_named() {
 
 #[test]
 fn truncated_and_missing_objects_are_named() {
-    let base = Repo::init_file(&["--pack-size", "262144", "--chunk-sizes", "16384,65536,262144"]);
+    let base = Repo::init_file(&[
+        "--pack-size",
+        "262144",
+        "--chunk-sizes",
+        "16384,65536,262144",
+    ]);
     let stream = dump_like(21, 1 << 20);
     let id = base.backup_stdin("db", &stream);
     let objects = base.objects();
@@ -103,7 +142,12 @@ fn truncated_and_missing_objects_are_named() {
     for (name, how) in [(pack, "truncate"), (pack, "remove"), (index, "truncate")] {
         let work = tempfile::TempDir::new().unwrap();
         let copy = work.path().join("repo");
-        let st = Command::new("cp").arg("-a").arg(base.root()).arg(&copy).status().unwrap();
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(base.root())
+            .arg(&copy)
+            .status()
+            .unwrap();
         assert!(st.success());
         let target = copy.join(name);
         if how == "remove" {
@@ -112,14 +156,25 @@ fn truncated_and_missing_objects_are_named() {
             let bytes = fs::read(&target).unwrap();
             fs::write(&target, &bytes[..bytes.len() / 3]).unwrap();
         }
-        let run = |args: &[&str]| base.command(args).env("KLUIS_REPOSITORY", &copy).output().unwrap();
+        let run = |args: &[&str]| {
+            base.command(args)
+                .env("KLUIS_REPOSITORY", &copy)
+                .output()
+                .unwrap()
+        };
         let what = format!("{how} {name}");
         let out = run(&["check"]);
         let err = assert_code(&out, EXIT_CORRUPT, &format!("check after {what}"));
         let all = format!("{}{err}", text(&out.stdout));
-        assert!(all.contains(name.as_str()), "check does not name {what}:\n{all}");
+        assert!(
+            all.contains(name.as_str()),
+            "check does not name {what}:\n{all}"
+        );
         let out = run(&["restore", &id, "--stdout", "--quiet"]);
         let err = assert_code(&out, EXIT_CORRUPT, &format!("restore after {what}"));
-        assert!(err.contains(name.as_str()), "restore does not name {what}: {err}");
+        assert!(
+            err.contains(name.as_str()),
+            "restore does not name {what}: {err}"
+        );
     }
 }

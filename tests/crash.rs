@@ -1,0 +1,139 @@
+//! Crash safety: SIGKILL `kluis backup` at many points; after each kill the repository checks
+//! clean, every committed snapshot restores bit-exact, and the next backup succeeds.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Kills that must land before the backup completes.
+const KILLS: u32 = 50;
+/// Runs at most (some backups finish before their kill).
+const MAX_RUNS: u64 = 150;
+
+fn sha256(b: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
+}
+
+/// Input of run `i`: a shared part (deduplicated across runs) and a part of its own.
+fn input(shared: &[u8], i: u64) -> Vec<u8> {
+    let mut v = shared.to_vec();
+    v.extend_from_slice(&dump_like(1000 + i, 1 << 20));
+    v.extend_from_slice(&random_bytes(2000 + i, 1 << 20));
+    v
+}
+
+/// Name -> SHA-256 of every snapshot `kluis snapshots --json` lists.
+fn listed(repo: &Repo) -> BTreeMap<String, (String, String)> {
+    let out = repo.ok(&["snapshots", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let id = s["id"].as_str().unwrap().to_string();
+            let name = s["name"].as_str().unwrap().to_string();
+            let sha = s["streams"][0]["sha256"].as_str().unwrap().to_string();
+            (id, (name, sha))
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_at_random_points_loses_nothing_committed() {
+    // Small packs and chunks: many objects per backup, so kills land between them.
+    let repo = Repo::init_file(&[
+        "--pack-size",
+        "65536",
+        "--chunk-sizes",
+        "16384,65536,262144",
+    ]);
+    let shared = dump_like(999, 1 << 20);
+    let mut expected: BTreeMap<String, String> = BTreeMap::new(); // name -> sha256
+    let first = input(&shared, 0);
+    let started = Instant::now();
+    repo.backup_stdin("run-0", &first);
+    let full = started.elapsed();
+    expected.insert("run-0".into(), sha256(&first));
+
+    let delays = random_bytes(4242, MAX_RUNS as usize * 4);
+    let (mut killed, mut completed) = (0, 0);
+    let mut runs = 0;
+    for i in 1..=MAX_RUNS {
+        if killed >= KILLS {
+            break;
+        }
+        runs = i;
+        let name = format!("run-{i}");
+        let data = input(&shared, i);
+        let frac = u32::from_le_bytes(delays[(i as usize - 1) * 4..][..4].try_into().unwrap());
+        // Uniform over 0..1.2x a full backup's duration: from startup to after the commit.
+        let delay = full.mul_f64(1.2 * f64::from(frac) / f64::from(u32::MAX));
+        let mut child = repo
+            .command(&["backup", "--stdin", "--name", &name, "--quiet"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+        std::thread::sleep(delay);
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait().unwrap();
+        writer.join().unwrap();
+        if status.success() {
+            completed += 1;
+        } else {
+            killed += 1;
+        }
+        // A killed backup may still have committed (killed right after the manifest landed).
+        let snapshots = listed(&repo);
+        let names: Vec<&String> = snapshots.values().map(|(n, _)| n).collect();
+        if names.contains(&&name) {
+            expected.insert(name.clone(), sha256(&input(&shared, i)));
+        } else {
+            assert!(!status.success(), "{name} exited 0 but is not listed");
+        }
+
+        let out = repo.run(&["check"]);
+        assert_success(&out, &["check after kill", &name]);
+        // Every committed snapshot restores bit-exact, and nothing else is listed.
+        assert_eq!(
+            snapshots.len(),
+            expected.len(),
+            "after {name}: {snapshots:?}"
+        );
+        for (id, (sname, sha)) in &snapshots {
+            assert_eq!(
+                Some(sha),
+                expected.get(sname),
+                "{sname} records a wrong digest"
+            );
+            let restored = repo.restore_stdout(id);
+            assert_eq!(
+                &sha256(&restored),
+                sha,
+                "{sname} ({id}) restores different bytes"
+            );
+        }
+    }
+    eprintln!("{killed} backups killed, {completed} completed (full backup {full:?})");
+    assert!(
+        killed >= KILLS,
+        "only {killed} of {runs} kills landed before completion"
+    );
+    // The next backup succeeds and the whole repository reads back clean.
+    let last = input(&shared, MAX_RUNS + 1);
+    let id = repo.backup_stdin("after", &last);
+    assert!(repo.restore_stdout(&id) == last);
+    let out = repo.run(&["check", "--read-data"]);
+    assert_success(&out, &["check --read-data at the end"]);
+    assert!(Duration::ZERO < full);
+}
