@@ -67,8 +67,9 @@ pub enum Error {
     Store {
         operation: &'static str,
         object: String,
+        /// Boxed: object_store's error is large and `Error` travels in every `Result`.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
 
     #[error("{}: {source}", path.display())]

@@ -181,7 +181,7 @@ fn store_error(operation: &'static str, object: &str, source: object_store::Erro
         source => Error::Store {
             operation,
             object: object.to_string(),
-            source,
+            source: Box::new(source),
         },
     }
 }
