@@ -24,6 +24,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use jiff::Timestamp;
 
+use crate::buffer::BufferPool;
 use crate::chunker::{Chunker, ChunkerParams};
 use crate::crypto::Sha256;
 use crate::error::{Error, Result};
@@ -112,6 +113,13 @@ pub async fn backup(
     };
     let uploads = opts.uploads.max(1);
     let (pack_tx, pack_rx) = tokio::sync::mpsc::channel(uploads);
+    let pack_size = repo.config().pack_size as usize;
+    // One buffer per sealed pack plus the open data pack; a pack overshoots its target by at
+    // most one blob (a maximal chunk, stored uncompressed).
+    let buffers = Arc::new(BufferPool::new(
+        uploads + 1,
+        pack_size + repo.config().chunker.max_size as usize + (64 << 10),
+    ));
     let source_kind = match &source {
         Source::Stream(_) => SnapshotSource::Stdin,
         Source::Paths(p) => SnapshotSource::Paths {
@@ -122,7 +130,8 @@ pub async fn backup(
         key: key.clone(),
         repo_id: repo.id(),
         epoch,
-        pack_size: repo.config().pack_size as usize,
+        pack_size,
+        buffers: buffers.clone(),
         level: repo.config().compression_level,
         cancel: opts.cancel.clone(),
         progress: opts.progress.clone(),
@@ -138,7 +147,15 @@ pub async fn backup(
         tokio::task::spawn_blocking(move || run_pipeline(ctx, index, params, source, name, threads))
     };
     drop(ctx);
-    let uploader = upload_packs(repo, &key, pack_rx, uploads, &opts.cancel, &opts.progress);
+    let uploader = upload_packs(
+        repo,
+        &key,
+        pack_rx,
+        uploads,
+        &buffers,
+        &opts.cancel,
+        &opts.progress,
+    );
     let (pipeline, uploaded) = tokio::join!(pipeline, uploader);
     let pipeline = pipeline.map_err(|e| Error::invalid(format!("backup pipeline crashed: {e}")))?;
     let (pending, mut stored) = match (pipeline, uploaded) {
@@ -189,6 +206,8 @@ struct Shared {
     repo_id: ObjectId,
     epoch: Epoch,
     pack_size: usize,
+    /// Data pack buffers, recycled once uploaded.
+    buffers: Arc<BufferPool>,
     level: i32,
     cancel: Cancel,
     progress: Arc<Progress>,
@@ -241,14 +260,13 @@ impl Tokens {
 }
 
 impl Shared {
-    fn new_pack(&self) -> PackWriter {
-        PackWriter::new(
-            self.epoch,
-            self.key.id,
-            self.key.key(),
-            self.repo_id,
-            self.pack_size,
-        )
+    fn new_pack(&self, kind: BlobKind) -> PackWriter {
+        // Tree packs are usually small: they grow as needed instead of taking a pack buffer.
+        let buf = match kind {
+            BlobKind::Data => self.buffers.take(),
+            BlobKind::Tree => Vec::new(),
+        };
+        PackWriter::with_buffer(self.epoch, self.key.id, self.key.key(), self.repo_id, buf)
     }
 
     /// Appends a compressed blob to the open pack of its kind; seals and ships the pack
@@ -267,7 +285,7 @@ impl Shared {
         };
         let full = {
             let mut open = slot.lock().expect("not poisoned");
-            let writer = open.get_or_insert_with(|| self.new_pack());
+            let writer = open.get_or_insert_with(|| self.new_pack(kind));
             writer.add(id, kind, compression, raw as u32, payload);
             if writer.len() >= self.pack_size {
                 // Taking the token while holding the lock applies backpressure to every
@@ -688,6 +706,7 @@ async fn upload_packs(
     key: &EpochKey,
     mut rx: tokio::sync::mpsc::Receiver<SealedPack>,
     uploads: usize,
+    buffers: &BufferPool,
     cancel: &Cancel,
     progress: &Progress,
 ) -> Result<Uploaded> {
@@ -704,6 +723,7 @@ async fn upload_packs(
                     let SealedPack { pack, _token } = sealed;
                     let len = pack.bytes.len();
                     repo.store().put(&pack.name, pack.bytes.clone()).await?;
+                    buffers.give_bytes(pack.bytes);
                     Ok::<_, Error>(IndexedPack { id: pack.id, length: len as u32, blobs: pack.entries })
                 }),
                 None => open = false,

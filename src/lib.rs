@@ -22,6 +22,7 @@
 //! ```
 
 pub mod backup;
+pub mod buffer;
 pub mod check;
 pub mod chunker;
 pub mod crypto;

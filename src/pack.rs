@@ -125,9 +125,21 @@ impl PackWriter {
         repo_id: ObjectId,
         capacity: usize,
     ) -> PackWriter {
+        let buf = Vec::with_capacity(capacity + (capacity >> 4));
+        PackWriter::with_buffer(epoch, key_id, epoch_key, repo_id, buf)
+    }
+
+    /// A pack written into `buf` (cleared first), e.g. one recycled from an uploaded pack.
+    pub fn with_buffer(
+        epoch: Epoch,
+        key_id: ObjectId,
+        epoch_key: &Key,
+        repo_id: ObjectId,
+        mut buf: Vec<u8>,
+    ) -> PackWriter {
         let id = ObjectId::random();
         let name = name::pack(epoch, &id);
-        let mut buf = Vec::with_capacity(capacity + (capacity >> 4));
+        buf.clear();
         buf.extend_from_slice(
             &Header {
                 kind: Kind::Pack,
@@ -281,30 +293,48 @@ pub fn open_blob(
     stored: &mut [u8],
     decompressor: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; entry.raw_length as usize];
+    open_blob_into(pack_name, cipher, entry, stored, decompressor, &mut out)?;
+    Ok(out)
+}
+
+/// Like [`open_blob`], into `out`, which must be exactly `entry.raw_length` bytes long: lets
+/// callers decode into buffers they reuse.
+pub fn open_blob_into(
+    pack_name: &str,
+    cipher: &Cipher,
+    entry: &BlobEntry,
+    stored: &mut [u8],
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    out: &mut [u8],
+) -> Result<()> {
     let corrupt = |d: &str| Error::corrupt(pack_name, format!("blob {}: {d}", entry.id));
     if stored.len() != entry.length as usize {
         return Err(corrupt("stored length differs from the index"));
+    }
+    if out.len() != entry.raw_length as usize {
+        return Err(corrupt("output buffer does not fit the plaintext length"));
     }
     let plain = cipher
         .open_in_place(blob_nonce(entry.offset), &blob_aad(entry), stored)
         .map_err(|_| corrupt("authentication failed"))?;
     match entry.compression {
         Compression::None => {
-            if plain.len() != entry.raw_length as usize {
+            if plain.len() != out.len() {
                 return Err(corrupt("plaintext length differs from the index"));
             }
-            Ok(plain.to_vec())
+            out.copy_from_slice(plain);
         }
         Compression::Zstd => {
-            let out = decompressor
-                .decompress(plain, entry.raw_length as usize)
+            let n = decompressor
+                .decompress_to_buffer(&*plain, out)
                 .map_err(|e| corrupt(&format!("decompression failed: {e}")))?;
-            if out.len() != entry.raw_length as usize {
+            if n != out.len() {
                 return Err(corrupt("decompressed length differs from the index"));
             }
-            Ok(out)
         }
     }
+    Ok(())
 }
 
 /// Checks a pack end to end before it leaves the host: the table of contents matches what
@@ -323,14 +353,32 @@ pub fn verify(
             "table of contents differs from what was written",
         ));
     }
+    // Two buffers per thread, reused for every blob of every pack it verifies.
+    thread_local! {
+        static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    }
+    BUFFERS.with_borrow_mut(|(scratch, plain)| {
+        verify_blobs(pack, &entries, key, hasher, scratch, plain)
+    })
+}
+
+fn verify_blobs(
+    pack: &FinishedPack,
+    entries: &[BlobEntry],
+    key: &Key,
+    hasher: &ChunkHasher,
+    scratch: &mut Vec<u8>,
+    plain: &mut Vec<u8>,
+) -> Result<()> {
     let cipher = key.cipher();
     let mut dec = zstd::bulk::Decompressor::new().map_err(|e| Error::io("zstd", e))?;
-    let mut scratch = Vec::new();
-    for e in &entries {
+    for e in entries {
         scratch.clear();
         scratch.extend_from_slice(&pack.bytes[e.offset as usize..(e.offset + e.length) as usize]);
-        let plain = open_blob(&pack.name, &cipher, e, &mut scratch, &mut dec)?;
-        if BlobId(hasher.hash(&plain)) != e.id {
+        plain.resize(e.raw_length as usize, 0);
+        open_blob_into(&pack.name, &cipher, e, scratch, &mut dec, plain)?;
+        if BlobId(hasher.hash(plain)) != e.id {
             return Err(Error::corrupt(
                 &pack.name,
                 format!("blob {} does not hash to its id", e.id),

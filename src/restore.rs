@@ -16,7 +16,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
-use crate::crypto::Sha256;
+use crate::buffer::BufferPool;
+use crate::crypto::{Key, Sha256};
 use crate::error::{Error, Result};
 use crate::id::BlobId;
 use crate::index::{Index, PackInfo};
@@ -27,8 +28,10 @@ use crate::repository::Repository;
 use crate::snapshot::Snapshot;
 use crate::tree::{self, Node, NodeType, Tree};
 
-/// Largest ranged read: a run of adjacent blobs up to this many stored bytes.
-const RANGE_BYTES: u64 = 4 << 20;
+/// Largest ranged read: a run of adjacent blobs up to this many stored bytes. With the default
+/// four fetches, two decoders and one decoded range queued for the writer, at most about
+/// 4 x 2 MiB stored plus 4 x (2 MiB x compression ratio) decoded bytes are in memory at once.
+const RANGE_BYTES: u64 = 2 << 20;
 
 /// How to restore.
 #[derive(Debug, Clone)]
@@ -72,6 +75,8 @@ pub struct Restorer<'a> {
     index_errors: Vec<Error>,
     opts: RestoreOptions,
     report: RestoreReport,
+    /// Decoded-range buffers, recycled by the writer.
+    buffers: Arc<BufferPool>,
 }
 
 impl<'a> Restorer<'a> {
@@ -86,6 +91,7 @@ impl<'a> Restorer<'a> {
             snapshot,
             index: Arc::new(index),
             index_errors,
+            buffers: Arc::new(BufferPool::new(opts.fetches + 4, 0)),
             opts,
             report: RestoreReport::default(),
         })
@@ -304,12 +310,13 @@ impl<'a> Restorer<'a> {
             node.name.to_display(),
             self.snapshot.id.short()
         );
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(self.opts.fetches);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
         let writer_label = label.clone();
         let progress = self.opts.progress.clone();
+        let buffers = self.buffers.clone();
         let writer = std::thread::Builder::new()
             .name("kluis-restore-writer".into())
-            .spawn(move || write_blobs(rx, out, &writer_label, &progress))
+            .spawn(move || write_blobs(rx, out, &writer_label, &progress, &buffers))
             .expect("spawn writer thread");
         let fetched = self.fetch_all(node, tx).await;
         let written = writer
@@ -341,15 +348,12 @@ impl<'a> Restorer<'a> {
     }
 
     /// Fetches and decodes the node's blobs in order, feeding the writer.
-    async fn fetch_all(
-        &self,
-        node: &Node,
-        tx: std::sync::mpsc::SyncSender<Vec<Bytes>>,
-    ) -> Result<()> {
+    async fn fetch_all(&self, node: &Node, tx: std::sync::mpsc::SyncSender<Vec<u8>>) -> Result<()> {
         let mut lists: Vec<Option<BlobId>> = node.content_lists.iter().copied().map(Some).collect();
         if lists.is_empty() {
             lists.push(None);
         }
+        let decoders = std::thread::available_parallelism().map_or(2, |n| n.get());
         for list in lists {
             let ids = match list {
                 None => node.content.clone(),
@@ -359,14 +363,25 @@ impl<'a> Restorer<'a> {
                 }
             };
             let ranges = plan_ranges(&self.index, &ids).map_err(|e| self.context(e))?;
+            // Two stages: ranged reads in flight, then decoding on as many threads as cores.
             let mut decoded = futures::stream::iter(ranges)
                 .map(|range| self.fetch_range(range))
-                .buffered(self.opts.fetches.max(1));
-            while let Some(blobs) = decoded.try_next().await? {
+                .buffered(self.opts.fetches.max(1))
+                .map(|fetched| {
+                    let buffers = self.buffers.clone();
+                    async move {
+                        let fetched = fetched?;
+                        tokio::task::spawn_blocking(move || fetched.decode(&buffers))
+                            .await
+                            .map_err(|e| Error::invalid(format!("restore decoder crashed: {e}")))?
+                    }
+                })
+                .buffered(decoders);
+            while let Some(plain) = decoded.try_next().await? {
                 if self.opts.cancel.is_cancelled() {
                     return Err(Error::Interrupted);
                 }
-                if tx.send(blobs).is_err() {
+                if tx.send(plain).is_err() {
                     // The writer failed; its error is the one to report.
                     return Ok(());
                 }
@@ -375,7 +390,7 @@ impl<'a> Restorer<'a> {
         Ok(())
     }
 
-    async fn fetch_range(&self, range: Range) -> Result<Vec<Bytes>> {
+    async fn fetch_range(&self, range: Range) -> Result<Fetched> {
         let pack_name = name::pack(range.pack.epoch, &range.pack.id);
         let start = u64::from(range.entries[0].offset);
         let end = range
@@ -388,12 +403,23 @@ impl<'a> Restorer<'a> {
             .repo
             .pack_key(range.pack.epoch, range.pack.key_id, &pack_name)
             .await?;
-        tokio::task::spawn_blocking(move || {
-            decode_range(&pack_name, &key, &range.entries, start, stored)
+        Ok(Fetched {
+            pack_name,
+            key,
+            entries: range.entries,
+            start,
+            stored,
         })
-        .await
-        .map_err(|e| Error::invalid(format!("restore decoder crashed: {e}")))?
     }
+}
+
+/// A ranged read's stored bytes, not yet decoded.
+struct Fetched {
+    pack_name: String,
+    key: Key,
+    entries: Vec<BlobEntry>,
+    start: u64,
+    stored: Bytes,
 }
 
 /// A ranged read: adjacent blobs of one pack.
@@ -432,49 +458,60 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-fn decode_range(
-    pack_name: &str,
-    key: &crate::crypto::Key,
-    entries: &[BlobEntry],
-    start: u64,
-    stored: Bytes,
-) -> Result<Vec<Bytes>> {
-    let cipher = key.cipher();
-    let mut buf = stored.to_vec();
-    DECOMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| Error::io("zstd", e))?);
-        }
-        let dec = slot.as_mut().expect("set above");
-        let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            let from = (u64::from(e.offset) - start) as usize;
-            let blob = &mut buf[from..from + e.length as usize];
-            out.push(Bytes::from(pack::open_blob(
-                pack_name, &cipher, e, blob, dec,
-            )?));
-        }
-        Ok(out)
-    })
+impl Fetched {
+    /// Decrypts (authenticating) and decompresses the range's blobs into one buffer.
+    fn decode(self, buffers: &BufferPool) -> Result<Vec<u8>> {
+        let cipher = self.key.cipher();
+        // Decrypt in place: no copy when the store handed over the only reference.
+        let mut stored = match self.stored.try_into_mut() {
+            Ok(b) => b,
+            Err(shared) => bytes::BytesMut::from(&shared[..]),
+        };
+        let total: usize = self.entries.iter().map(|e| e.raw_length as usize).sum();
+        let mut out = buffers.take();
+        out.resize(total, 0);
+        DECOMPRESSOR.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| Error::io("zstd", e))?);
+            }
+            let dec = slot.as_mut().expect("set above");
+            let mut at = 0;
+            for e in &self.entries {
+                let from = (u64::from(e.offset) - self.start) as usize;
+                let blob = &mut stored[from..from + e.length as usize];
+                let raw = e.raw_length as usize;
+                pack::open_blob_into(
+                    &self.pack_name,
+                    &cipher,
+                    e,
+                    blob,
+                    dec,
+                    &mut out[at..at + raw],
+                )?;
+                at += raw;
+            }
+            Ok(out)
+        })
+    }
 }
 
 fn write_blobs(
-    rx: std::sync::mpsc::Receiver<Vec<Bytes>>,
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
     mut out: Box<dyn Write + Send>,
     label: &str,
     progress: &Progress,
+    buffers: &BufferPool,
 ) -> Result<(u64, [u8; 32])> {
     let mut sha = Sha256::default();
     let mut size = 0u64;
     let err = |e: std::io::Error| Error::io(label, e);
-    for blobs in rx {
-        for b in blobs {
-            sha.update(&b);
-            out.write_all(&b).map_err(err)?;
-            size += b.len() as u64;
-            Progress::add(&progress.bytes, b.len() as u64);
-        }
+    for b in rx {
+        sha.update(&b);
+        out.write_all(&b).map_err(err)?;
+        size += b.len() as u64;
+        Progress::add(&progress.bytes, b.len() as u64);
+        buffers.give(b);
     }
     out.flush().map_err(err)?;
     Ok((size, sha.finish()))
