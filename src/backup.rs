@@ -305,7 +305,7 @@ impl Shared {
     fn ship(&self, writer: PackWriter, token: Token) -> Result<()> {
         let pack = writer.finish(self.epoch);
         let key = pack::pack_key(self.key.key(), &self.repo_id, &pack.name);
-        pack::verify(&pack, &key, &self.repo_id, self.key.hasher()).map_err(|e| {
+        pack::verify_sealed(&pack, &key, &self.repo_id, self.key.hasher()).map_err(|e| {
             Error::corrupt(
                 &pack.name,
                 format!("pack failed verification before upload, nothing was written: {e}"),
@@ -415,7 +415,9 @@ fn run_pipeline(
 fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Job>>) -> Result<()> {
     let mut compressor =
         zstd::bulk::Compressor::new(ctx.level).map_err(|e| Error::io("zstd", e))?;
+    let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::io("zstd", e))?;
     let mut out = Vec::new();
+    let mut check = Vec::new();
     loop {
         let job = jobs.lock().expect("not poisoned").recv();
         let Ok(job) = job else { return Ok(()) };
@@ -428,6 +430,18 @@ fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Job>>) -> Result<()> {
             .compress_to_buffer(&job.data[..], &mut out)
             .map_err(|e| Error::io("zstd", e))?;
         let (compression, payload) = if compressed < job.data.len() {
+            // Guard against compressor bugs (restic #4523): the stored form must decompress to
+            // exactly the plaintext the blob id was hashed from. The pack's seal checks the rest.
+            check.resize(job.data.len(), 0);
+            let n = decompressor
+                .decompress_to_buffer(&out[..compressed], &mut check[..])
+                .map_err(|e| Error::io("zstd", e))?;
+            if n != job.data.len() || check[..] != job.data[..] {
+                return Err(Error::corrupt(
+                    format!("blob {}", job.id),
+                    "compressed data does not decompress to the input; nothing was written",
+                ));
+            }
             (Compression::Zstd, &out[..compressed])
         } else {
             (Compression::None, &job.data[..])

@@ -58,8 +58,11 @@ impl ChunkerParams {
     }
 }
 
-/// How much the chunker reads from its source at a time.
-const READ_BLOCK: usize = 1 << 20;
+/// How much the chunker reads from its source at a time. A chunk whose end is not in the
+/// buffered data is scanned again after the next read, so larger reads mean fewer rescans;
+/// each buffer stays alive while any chunk cut from it is queued, so smaller reads mean less
+/// memory.
+const READ_BLOCK: usize = 4 << 20;
 
 /// Splits a reader into content-defined chunks.
 pub struct Chunker<R> {
@@ -93,54 +96,65 @@ impl<R: Read> Chunker<R> {
         }
     }
 
-    /// Fills the buffer until it holds at least `max` bytes or the source ends.
-    fn fill(&mut self) -> io::Result<()> {
-        while !self.eof && self.buf.len() < self.max {
-            if self.buf.capacity() - self.buf.len() < READ_BLOCK {
-                // A new allocation when chunks still share the old one: big enough for a few
-                // maximal chunks, small enough to keep memory bounded.
-                self.buf.reserve(self.max + 2 * READ_BLOCK);
-            }
-            let start = self.buf.len();
-            let room = (self.buf.capacity() - start).min(4 * READ_BLOCK);
-            self.buf.resize(start + room, 0);
-            let n = loop {
-                match self.reader.read(&mut self.buf[start..]) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        self.buf.truncate(start);
-                        return Err(e);
-                    }
+    /// Reads once more into the buffer; sets `eof` at the end of the source.
+    fn read_more(&mut self) -> io::Result<()> {
+        if self.buf.capacity() - self.buf.len() < READ_BLOCK / 4 {
+            // A new allocation while chunks still share the old one (or the old one reclaimed
+            // once they are gone); only the unchunked tail is copied.
+            self.buf.reserve(READ_BLOCK);
+        }
+        // Fill all the room (pipes deliver 64 KiB at a time): each read-more means a rescan.
+        let start = self.buf.len();
+        let end = self.buf.capacity();
+        self.buf.resize(end, 0);
+        let mut filled = start;
+        while filled < end {
+            match self.reader.read(&mut self.buf[filled..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
                 }
-            };
-            self.buf.truncate(start + n);
-            if n == 0 {
-                self.eof = true;
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.buf.truncate(filled);
+                    return Err(e);
+                }
             }
         }
+        self.buf.truncate(filled);
         Ok(())
     }
 
     /// The next chunk, or `None` at the end of the stream.
+    ///
+    /// A cut point found inside the buffered data is final: FastCDC decides a boundary from the
+    /// bytes before it only. So the chunker reads more only when the buffered data holds no
+    /// boundary and is shorter than the maximum chunk, instead of always keeping `max` bytes of
+    /// lookahead (which copied most of every buffer into the next).
     pub fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        self.fill()?;
-        if self.buf.is_empty() {
-            return Ok(None);
+        loop {
+            if !self.buf.is_empty() {
+                let (_, len) = cut_gear(
+                    &self.buf,
+                    self.min,
+                    self.avg,
+                    self.max,
+                    self.mask_s,
+                    self.mask_l,
+                    self.mask_s << 1,
+                    self.mask_l << 1,
+                    &self.gear,
+                    &self.gear_ls,
+                );
+                if len < self.buf.len() || self.buf.len() >= self.max || self.eof {
+                    return Ok(Some(self.buf.split_to(len).freeze()));
+                }
+            } else if self.eof {
+                return Ok(None);
+            }
+            self.read_more()?;
         }
-        let (_, len) = cut_gear(
-            &self.buf,
-            self.min,
-            self.avg,
-            self.max,
-            self.mask_s,
-            self.mask_l,
-            self.mask_s << 1,
-            self.mask_l << 1,
-            &self.gear,
-            &self.gear_ls,
-        );
-        Ok(Some(self.buf.split_to(len).freeze()))
     }
 }
 
@@ -213,6 +227,50 @@ mod tests {
             trickled.push(chunk);
         }
         assert_eq!(trickled, chunks(&data, &p));
+    }
+
+    /// Boundaries are exactly FastCDC's over the whole stream at once, however the reads fall,
+    /// including maximal chunks (a run of zeros) and odd-sized reads.
+    #[test]
+    fn boundaries_match_fastcdc_over_the_whole_stream() {
+        let mut data = pseudo_random(200_000, 8);
+        data.extend_from_slice(&[0u8; 100_000]);
+        data.extend_from_slice(&pseudo_random(150_001, 9));
+        let p = small(5);
+        let c = Chunker::new(&data[..], &p);
+        let mut reference = Vec::new();
+        let mut at = 0;
+        while at < data.len() {
+            let (_, len) = cut_gear(
+                &data[at..],
+                p.min_size as usize,
+                p.avg_size as usize,
+                p.max_size as usize,
+                c.mask_s,
+                c.mask_l,
+                c.mask_s << 1,
+                c.mask_l << 1,
+                &c.gear,
+                &c.gear_ls,
+            );
+            reference.push(len);
+            at += len;
+        }
+        for reader in [0, 1] {
+            let lens: Vec<usize> = if reader == 0 {
+                chunks(&data, &p).iter().map(|c| c.len()).collect()
+            } else {
+                let mut c = Chunker::new(Trickle(&data), &p);
+                std::iter::from_fn(|| c.next_chunk().unwrap())
+                    .map(|c| c.len())
+                    .collect()
+            };
+            assert_eq!(lens, reference, "reader {reader}");
+        }
+        assert!(
+            reference.contains(&(p.max_size as usize)),
+            "no maximal chunk"
+        );
     }
 
     #[test]

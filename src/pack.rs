@@ -337,10 +337,12 @@ pub fn open_blob_into(
     Ok(())
 }
 
-/// Checks a pack end to end before it leaves the host: the table of contents matches what
-/// was written, and every blob decrypts, decompresses and hashes to its id. This is the guard
-/// restic added after a compression library bug corrupted data (restic #4523).
-pub fn verify(
+/// The pre-upload check of a pack whose compressed blobs were each checked, right after
+/// compression, to decompress to the plaintext their id was hashed from (the backup does that
+/// while the plaintext is still in cache, which is cheaper than hashing it again here): the
+/// table of contents reads back and matches what was written, every blob authenticates under
+/// its nonce and associated data, and every blob stored uncompressed hashes to its id.
+pub fn verify_sealed(
     pack: &FinishedPack,
     key: &Key,
     repo_id: &ObjectId,
@@ -353,39 +355,27 @@ pub fn verify(
             "table of contents differs from what was written",
         ));
     }
-    // Two buffers per thread, reused for every blob of every pack it verifies.
-    thread_local! {
-        static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
-            const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-    }
-    BUFFERS.with_borrow_mut(|(scratch, plain)| {
-        verify_blobs(pack, &entries, key, hasher, scratch, plain)
-    })
-}
-
-fn verify_blobs(
-    pack: &FinishedPack,
-    entries: &[BlobEntry],
-    key: &Key,
-    hasher: &ChunkHasher,
-    scratch: &mut Vec<u8>,
-    plain: &mut Vec<u8>,
-) -> Result<()> {
     let cipher = key.cipher();
-    let mut dec = zstd::bulk::Decompressor::new().map_err(|e| Error::io("zstd", e))?;
-    for e in entries {
-        scratch.clear();
-        scratch.extend_from_slice(&pack.bytes[e.offset as usize..(e.offset + e.length) as usize]);
-        plain.resize(e.raw_length as usize, 0);
-        open_blob_into(&pack.name, &cipher, e, scratch, &mut dec, plain)?;
-        if BlobId(hasher.hash(plain)) != e.id {
-            return Err(Error::corrupt(
-                &pack.name,
-                format!("blob {} does not hash to its id", e.id),
-            ));
-        }
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    Ok(())
+    SCRATCH.with_borrow_mut(|scratch| {
+        for e in &entries {
+            scratch.clear();
+            scratch
+                .extend_from_slice(&pack.bytes[e.offset as usize..(e.offset + e.length) as usize]);
+            let corrupt = |d: &str| Error::corrupt(&pack.name, format!("blob {}: {d}", e.id));
+            let plain = cipher
+                .open_in_place(blob_nonce(e.offset), &blob_aad(e), scratch)
+                .map_err(|_| corrupt("authentication failed"))?;
+            if e.compression == Compression::None
+                && (plain.len() != e.raw_length as usize || BlobId(hasher.hash(plain)) != e.id)
+            {
+                return Err(corrupt("does not hash to its id"));
+            }
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -416,7 +406,7 @@ mod tests {
     fn round_trip_and_verify() {
         let blobs: [&[u8]; 3] = [b"first blob first blob first blob", b"second", b""];
         let (pack, key, repo, hasher) = build(&blobs);
-        verify(&pack, &key, &repo, &hasher).unwrap();
+        verify_sealed(&pack, &key, &repo, &hasher).unwrap();
         let toc = read_toc(&pack.name, &pack.bytes, &key, &repo).unwrap();
         let mut dec = zstd::bulk::Decompressor::new().unwrap();
         for (e, want) in toc.iter().zip(blobs) {
@@ -441,7 +431,7 @@ mod tests {
                 id: pack.id,
                 epoch: pack.epoch,
             };
-            let err = verify(&tampered, &key, &repo, &hasher).unwrap_err();
+            let err = verify_sealed(&tampered, &key, &repo, &hasher).unwrap_err();
             assert!(err.to_string().contains(&pack.name), "byte {i}: {err}");
         }
     }

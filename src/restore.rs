@@ -376,7 +376,7 @@ impl<'a> Restorer<'a> {
                             .map_err(|e| Error::invalid(format!("restore decoder crashed: {e}")))?
                     }
                 })
-                .buffered(decoders);
+                .buffered(decoders + 1);
             while let Some(plain) = decoded.try_next().await? {
                 if self.opts.cancel.is_cancelled() {
                     return Err(Error::Interrupted);
@@ -496,23 +496,45 @@ impl Fetched {
     }
 }
 
+/// Writes decoded ranges in order while a second thread hashes them (SHA-256 is sequential and
+/// as costly as the write, so the two run side by side); returns the size and the digest.
 fn write_blobs(
     rx: std::sync::mpsc::Receiver<Vec<u8>>,
     mut out: Box<dyn Write + Send>,
     label: &str,
     progress: &Progress,
-    buffers: &BufferPool,
+    buffers: &Arc<BufferPool>,
 ) -> Result<(u64, [u8; 32])> {
-    let mut sha = Sha256::default();
+    let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+    let pool = buffers.clone();
+    let hasher = std::thread::Builder::new()
+        .name("kluis-restore-hasher".into())
+        .spawn(move || {
+            let mut sha = Sha256::default();
+            for b in hash_rx {
+                sha.update(&b);
+                pool.give(b);
+            }
+            sha.finish()
+        })
+        .map_err(|e| Error::io("restore hasher thread", e))?;
     let mut size = 0u64;
     let err = |e: std::io::Error| Error::io(label, e);
-    for b in rx {
-        sha.update(&b);
-        out.write_all(&b).map_err(err)?;
-        size += b.len() as u64;
-        Progress::add(&progress.bytes, b.len() as u64);
-        buffers.give(b);
-    }
-    out.flush().map_err(err)?;
-    Ok((size, sha.finish()))
+    let written = (|| {
+        for b in rx {
+            out.write_all(&b).map_err(err)?;
+            size += b.len() as u64;
+            Progress::add(&progress.bytes, b.len() as u64);
+            if hash_tx.send(b).is_err() {
+                return Err(Error::invalid("the restore hasher stopped"));
+            }
+        }
+        out.flush().map_err(err)
+    })();
+    drop(hash_tx);
+    let digest = hasher
+        .join()
+        .map_err(|_| Error::invalid("the restore hasher crashed"))?;
+    written?;
+    Ok((size, digest))
 }
