@@ -370,6 +370,7 @@ fn run_pipeline(
         index,
         seen: IdSet::default(),
         jobs: job_tx,
+        read_buffers: crate::chunker::buffer_pool(&params),
         params,
         summary: Summary::default(),
         skipped: Vec::new(),
@@ -457,6 +458,8 @@ struct Reader<'a> {
     seen: IdSet<BlobId>,
     jobs: SyncSender<Job>,
     params: ChunkerParams,
+    /// The chunkers' read buffers, shared by every file of the backup.
+    read_buffers: Arc<BufferPool>,
     summary: Summary,
     skipped: Vec<String>,
 }
@@ -534,7 +537,7 @@ impl Reader<'_> {
     }
 
     fn read_content(&mut self, reader: impl Read) -> Result<Content, ReadError> {
-        let mut chunker = Chunker::new(reader, &self.params);
+        let mut chunker = Chunker::with_pool(reader, &self.params, self.read_buffers.clone());
         let mut sha = Sha256::default();
         let mut size = 0u64;
         let mut ids = Vec::new();

@@ -5,11 +5,13 @@
 //! Chunks are handed out as [`Bytes`] slices of a shared read buffer: no copy per chunk.
 
 use std::io::{self, Read};
+use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use fastcdc::v2020::{Normalization, cut_gear, get_gear_with_seed, select_masks};
 use serde::{Deserialize, Serialize};
 
+use crate::buffer::BufferPool;
 use crate::error::{Error, Result};
 
 /// Chunk size limits, stored in the repository config.
@@ -67,7 +69,14 @@ const READ_BLOCK: usize = 4 << 20;
 /// Splits a reader into content-defined chunks.
 pub struct Chunker<R> {
     reader: R,
-    buf: BytesMut,
+    /// Read buffers, shared by every chunker of a backup and recycled once the last chunk cut
+    /// from a buffer is dropped: a long backup touches the same few megabytes over and over
+    /// instead of faulting in fresh memory for every read.
+    pool: Arc<BufferPool>,
+    /// The filled part of the current buffer, shared with the chunks cut from it.
+    current: Bytes,
+    /// Where the data not yet chunked starts in `current`.
+    pos: usize,
     eof: bool,
     min: usize,
     avg: usize,
@@ -78,13 +87,43 @@ pub struct Chunker<R> {
     gear_ls: Vec<u64>,
 }
 
+/// Hands a read buffer back to its pool when the last chunk referring to it is dropped.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
+    }
+}
+
+/// A pool for [`Chunker::with_pool`]: room for the buffers a backup pipeline keeps alive.
+pub fn buffer_pool(params: &ChunkerParams) -> Arc<BufferPool> {
+    Arc::new(BufferPool::new(4, params.max_size as usize + READ_BLOCK))
+}
+
 impl<R: Read> Chunker<R> {
     pub fn new(reader: R, params: &ChunkerParams) -> Chunker<R> {
+        Chunker::with_pool(reader, params, buffer_pool(params))
+    }
+
+    /// A chunker that takes its read buffers from `pool`.
+    pub fn with_pool(reader: R, params: &ChunkerParams, pool: Arc<BufferPool>) -> Chunker<R> {
         let (mask_s, mask_l) = select_masks(params.avg_size as usize, Normalization::Level1);
         let (gear, gear_ls) = get_gear_with_seed(params.seed);
         Chunker {
             reader,
-            buf: BytesMut::new(),
+            pool,
+            current: Bytes::new(),
+            pos: 0,
             eof: false,
             min: params.min_size as usize,
             avg: params.avg_size as usize,
@@ -96,20 +135,19 @@ impl<R: Read> Chunker<R> {
         }
     }
 
-    /// Reads once more into the buffer; sets `eof` at the end of the source.
+    /// Moves the data not yet chunked into a fresh buffer and reads up to `READ_BLOCK` more
+    /// after it; sets `eof` at the end of the source.
     fn read_more(&mut self) -> io::Result<()> {
-        if self.buf.capacity() - self.buf.len() < READ_BLOCK / 4 {
-            // A new allocation while chunks still share the old one (or the old one reclaimed
-            // once they are gone); only the unchunked tail is copied.
-            self.buf.reserve(READ_BLOCK);
-        }
+        let tail = &self.current[self.pos..];
+        let mut buf = self.pool.take();
+        let end = tail.len() + READ_BLOCK;
+        buf.reserve(end);
+        buf.extend_from_slice(tail);
+        let mut filled = buf.len();
+        buf.resize(end, 0);
         // Fill all the room (pipes deliver 64 KiB at a time): each read-more means a rescan.
-        let start = self.buf.len();
-        let end = self.buf.capacity();
-        self.buf.resize(end, 0);
-        let mut filled = start;
         while filled < end {
-            match self.reader.read(&mut self.buf[filled..]) {
+            match self.reader.read(&mut buf[filled..]) {
                 Ok(0) => {
                     self.eof = true;
                     break;
@@ -117,12 +155,17 @@ impl<R: Read> Chunker<R> {
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.buf.truncate(filled);
+                    self.pool.give(buf);
                     return Err(e);
                 }
             }
         }
-        self.buf.truncate(filled);
+        buf.truncate(filled);
+        self.current = Bytes::from_owner(Pooled {
+            buf,
+            pool: self.pool.clone(),
+        });
+        self.pos = 0;
         Ok(())
     }
 
@@ -134,9 +177,10 @@ impl<R: Read> Chunker<R> {
     /// lookahead (which copied most of every buffer into the next).
     pub fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
         loop {
-            if !self.buf.is_empty() {
+            let available = self.current.len() - self.pos;
+            if available > 0 {
                 let (_, len) = cut_gear(
-                    &self.buf,
+                    &self.current[self.pos..],
                     self.min,
                     self.avg,
                     self.max,
@@ -147,8 +191,10 @@ impl<R: Read> Chunker<R> {
                     &self.gear,
                     &self.gear_ls,
                 );
-                if len < self.buf.len() || self.buf.len() >= self.max || self.eof {
-                    return Ok(Some(self.buf.split_to(len).freeze()));
+                if len < available || available >= self.max || self.eof {
+                    let chunk = self.current.slice(self.pos..self.pos + len);
+                    self.pos += len;
+                    return Ok(Some(chunk));
                 }
             } else if self.eof {
                 return Ok(None);

@@ -13,7 +13,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::buffer::BufferPool;
@@ -77,6 +76,8 @@ pub struct Restorer<'a> {
     report: RestoreReport,
     /// Decoded-range buffers, recycled by the writer.
     buffers: Arc<BufferPool>,
+    /// Fetched (stored) range buffers, recycled once decoded.
+    stored_buffers: Arc<BufferPool>,
 }
 
 impl<'a> Restorer<'a> {
@@ -92,6 +93,7 @@ impl<'a> Restorer<'a> {
             index: Arc::new(index),
             index_errors,
             buffers: Arc::new(BufferPool::new(opts.fetches + 4, 0)),
+            stored_buffers: Arc::new(BufferPool::new(opts.fetches + 4, 0)),
             opts,
             report: RestoreReport::default(),
         })
@@ -369,11 +371,14 @@ impl<'a> Restorer<'a> {
                 .buffered(self.opts.fetches.max(1))
                 .map(|fetched| {
                     let buffers = self.buffers.clone();
+                    let stored_buffers = self.stored_buffers.clone();
                     async move {
                         let fetched = fetched?;
-                        tokio::task::spawn_blocking(move || fetched.decode(&buffers))
-                            .await
-                            .map_err(|e| Error::invalid(format!("restore decoder crashed: {e}")))?
+                        tokio::task::spawn_blocking(move || {
+                            fetched.decode(&buffers, &stored_buffers)
+                        })
+                        .await
+                        .map_err(|e| Error::invalid(format!("restore decoder crashed: {e}")))?
                     }
                 })
                 .buffered(decoders + 1);
@@ -397,7 +402,11 @@ impl<'a> Restorer<'a> {
             .entries
             .last()
             .map_or(start, |e| u64::from(e.offset) + u64::from(e.length));
-        let stored = self.repo.store().get_range(&pack_name, start..end).await?;
+        let stored = self
+            .repo
+            .store()
+            .get_range_into(&pack_name, start..end, self.stored_buffers.take())
+            .await?;
         Progress::add(&self.opts.progress.stored_bytes, stored.len() as u64);
         let key = self
             .repo
@@ -419,7 +428,7 @@ struct Fetched {
     key: Key,
     entries: Vec<BlobEntry>,
     start: u64,
-    stored: Bytes,
+    stored: Vec<u8>,
 }
 
 /// A ranged read: adjacent blobs of one pack.
@@ -460,17 +469,13 @@ thread_local! {
 
 impl Fetched {
     /// Decrypts (authenticating) and decompresses the range's blobs into one buffer.
-    fn decode(self, buffers: &BufferPool) -> Result<Vec<u8>> {
+    fn decode(self, buffers: &BufferPool, stored_buffers: &BufferPool) -> Result<Vec<u8>> {
         let cipher = self.key.cipher();
-        // Decrypt in place: no copy when the store handed over the only reference.
-        let mut stored = match self.stored.try_into_mut() {
-            Ok(b) => b,
-            Err(shared) => bytes::BytesMut::from(&shared[..]),
-        };
+        let mut stored = self.stored;
         let total: usize = self.entries.iter().map(|e| e.raw_length as usize).sum();
         let mut out = buffers.take();
         out.resize(total, 0);
-        DECOMPRESSOR.with(|cell| {
+        let decoded = DECOMPRESSOR.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
                 *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| Error::io("zstd", e))?);
@@ -492,7 +497,9 @@ impl Fetched {
                 at += raw;
             }
             Ok(out)
-        })
+        });
+        stored_buffers.give(stored);
+        decoded
     }
 }
 

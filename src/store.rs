@@ -143,6 +143,44 @@ impl Store {
         Ok(bytes)
     }
 
+    /// Like [`Store::get_range`], into `buf` (cleared first), so callers can reuse buffers. A
+    /// local store reads the file directly, without an intermediate allocation.
+    pub async fn get_range_into(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        buf.clear();
+        let Some(root) = &self.local_root else {
+            buf.extend_from_slice(&self.get_range(name, range).await?);
+            return Ok(buf);
+        };
+        let path = root.join(name);
+        let object = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::MissingObject {
+                    object: object.clone(),
+                },
+                _ => Error::io(&path, e),
+            })?;
+            buf.resize((range.end - range.start) as usize, 0);
+            file.read_exact_at(&mut buf, range.start)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => Error::corrupt(
+                        &object,
+                        format!("short read: wanted bytes {}..{}", range.start, range.end),
+                    ),
+                    _ => Error::io(&path, e),
+                })?;
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| Error::invalid(format!("local read crashed: {e}")))?
+    }
+
     /// Every object whose name starts with `prefix/`.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let p = Self::path(prefix);
