@@ -241,12 +241,15 @@ async fn read_pack(
                 ));
             }
         }
-        let cipher = pkey.cipher();
+        let keys = pack::BlobKeys {
+            epoch_key: key.key(),
+            repo_id: &repo_id,
+        };
         let mut dec =
             zstd::bulk::Decompressor::new().map_err(|e| (crate::Error::io("zstd", e), vec![]))?;
         for e in &toc {
             let mut stored = bytes[e.offset as usize..(e.offset + e.length) as usize].to_vec();
-            let plain = pack::open_blob(&name, &cipher, e, &mut stored, &mut dec)
+            let plain = pack::open_blob(&name, keys, e, &mut stored, &mut dec)
                 .map_err(|err| (err, vec![e.id]))?;
             if key.blob_id(&plain) != e.id {
                 return Err((

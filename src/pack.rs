@@ -1,14 +1,17 @@
 //! Packs: many encrypted blobs in one object, with an encrypted table of contents at the end.
 //!
 //! Layout (docs/FORMAT.md): a 24-byte object header, the blobs back to back, the sealed table
-//! of contents, and its length as a little-endian u32. Each pack has its own AES-256-GCM key,
-//! derived from the epoch key and the pack's name; a blob's nonce is its offset in the pack, so
-//! nonces are unique under that key by construction. A blob's associated data binds its id,
-//! kind, compression and plaintext length: a blob cannot be moved, swapped or relabelled.
+//! of contents, and its length as a little-endian u32. Each blob is sealed on its own with
+//! AES-256-GCM under a key derived from the epoch key and the blob's id, with a random 96-bit
+//! nonce stored in front of it: a worker seals a blob, and verifies it, before it knows which
+//! pack it lands in, and a key sees a handful of messages, far from GCM's nonce limits. A blob's
+//! associated data binds its id, kind, compression and plaintext length: a blob cannot be
+//! swapped or relabelled. The table of contents is sealed under the pack's own key, derived
+//! from the epoch key and the pack's name, and binds the header and every blob's place.
 
 use bytes::Bytes;
 
-use crate::crypto::{ChunkHasher, Cipher, Key, NONCE_LEN, TAG_LEN};
+use crate::crypto::{Cipher, Key, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::id::{BlobId, ObjectId};
 use crate::object::{Epoch, HEADER_LEN, Header, Kind, name};
@@ -59,7 +62,7 @@ pub struct BlobEntry {
     pub compression: Compression,
     /// Offset of the ciphertext from the start of the pack.
     pub offset: u32,
-    /// Stored length: ciphertext plus tag.
+    /// Stored length: nonce, ciphertext and tag.
     pub length: u32,
     /// Plaintext length after decompression.
     pub raw_length: u32,
@@ -75,10 +78,43 @@ pub fn pack_key(epoch_key: &Key, repo_id: &ObjectId, name: &str) -> Key {
     epoch_key.derive(repo_id.as_bytes(), &[b"kluis pack v1 ", name.as_bytes()])
 }
 
-fn blob_nonce(offset: u32) -> [u8; NONCE_LEN] {
-    let mut n = [0u8; NONCE_LEN];
-    n[4..].copy_from_slice(&u64::from(offset).to_be_bytes());
-    n
+/// The key a blob is sealed with.
+fn blob_cipher(epoch_key: &Key, repo_id: &ObjectId, id: &BlobId) -> Cipher {
+    epoch_key
+        .derive(repo_id.as_bytes(), &[b"kluis blob v1 ", id.as_bytes()])
+        .cipher()
+}
+
+/// Smallest stored blob: nonce and tag around an empty ciphertext.
+pub const BLOB_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+
+/// Seals a blob's payload (compressed as `compression` says) into `out`: a random nonce, the
+/// ciphertext and the tag. The stored form [`PackWriter::add_sealed`] takes.
+#[allow(clippy::too_many_arguments)]
+pub fn seal_blob(
+    epoch_key: &Key,
+    repo_id: &ObjectId,
+    id: BlobId,
+    kind: BlobKind,
+    compression: Compression,
+    raw_length: u32,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let nonce = crate::crypto::random_array::<NONCE_LEN>();
+    let entry = BlobEntry {
+        id,
+        kind,
+        compression,
+        offset: 0,
+        length: 0,
+        raw_length,
+    };
+    out.clear();
+    out.reserve(payload.len() + BLOB_OVERHEAD);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(payload);
+    blob_cipher(epoch_key, repo_id, &id).seal_in_place(nonce, &blob_aad(&entry), out, NONCE_LEN);
 }
 
 fn blob_aad(e: &BlobEntry) -> [u8; 48] {
@@ -104,6 +140,7 @@ pub struct PackWriter {
     name: String,
     repo_id: ObjectId,
     buf: Vec<u8>,
+    /// Seals the table of contents.
     cipher: Cipher,
     entries: Vec<BlobEntry>,
 }
@@ -166,33 +203,25 @@ impl PackWriter {
         self.entries.is_empty()
     }
 
-    /// Encrypts `payload` (already compressed as `compression` says) into the pack.
-    pub fn add(
+    /// Appends a blob sealed by [`seal_blob`].
+    pub fn add_sealed(
         &mut self,
         id: BlobId,
         kind: BlobKind,
         compression: Compression,
         raw_length: u32,
-        payload: &[u8],
+        sealed: &[u8],
     ) {
         let offset = self.buf.len() as u32;
-        let mut entry = BlobEntry {
+        self.buf.extend_from_slice(sealed);
+        self.entries.push(BlobEntry {
             id,
             kind,
             compression,
             offset,
-            length: (payload.len() + TAG_LEN) as u32,
+            length: sealed.len() as u32,
             raw_length,
-        };
-        self.buf.extend_from_slice(payload);
-        self.cipher.seal_in_place(
-            blob_nonce(offset),
-            &blob_aad(&entry),
-            &mut self.buf,
-            offset as usize,
-        );
-        entry.length = self.buf.len() as u32 - offset;
-        self.entries.push(entry);
+        });
     }
 
     /// Seals the table of contents and returns the finished pack.
@@ -266,7 +295,7 @@ pub fn read_toc(
             Compression::from_u8(raw[1]).ok_or_else(|| corrupt("unknown compression"))?;
         let length = u32::from_le_bytes(raw[34..38].try_into().expect("4 bytes"));
         let raw_length = u32::from_le_bytes(raw[38..42].try_into().expect("4 bytes"));
-        if (length as usize) < TAG_LEN || offset + length as usize > toc_start {
+        if (length as usize) < BLOB_OVERHEAD || offset + length as usize > toc_start {
             return Err(corrupt("blob extends past the blobs area"));
         }
         entries.push(BlobEntry {
@@ -288,36 +317,56 @@ pub fn read_toc(
 /// Decrypts and decompresses one blob from its stored bytes.
 pub fn open_blob(
     pack_name: &str,
-    cipher: &Cipher,
+    keys: BlobKeys,
     entry: &BlobEntry,
     stored: &mut [u8],
     decompressor: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<Vec<u8>> {
     let mut out = vec![0u8; entry.raw_length as usize];
-    open_blob_into(pack_name, cipher, entry, stored, decompressor, &mut out)?;
+    open_blob_into(pack_name, keys, entry, stored, decompressor, &mut out)?;
     Ok(out)
+}
+
+/// What opening a blob needs: the epoch key it was sealed under and the repository id.
+#[derive(Clone, Copy)]
+pub struct BlobKeys<'a> {
+    pub epoch_key: &'a Key,
+    pub repo_id: &'a ObjectId,
+}
+
+/// Decrypts (authenticating) a stored blob in place; returns the payload.
+fn open_sealed<'s>(
+    pack_name: &str,
+    keys: BlobKeys,
+    entry: &BlobEntry,
+    stored: &'s mut [u8],
+) -> Result<&'s mut [u8]> {
+    let corrupt = |d: &str| Error::corrupt(pack_name, format!("blob {}: {d}", entry.id));
+    if stored.len() != entry.length as usize || stored.len() < BLOB_OVERHEAD {
+        return Err(corrupt("stored length differs from the index"));
+    }
+    let (nonce, sealed) = stored.split_at_mut(NONCE_LEN);
+    let nonce: [u8; NONCE_LEN] = (&*nonce).try_into().expect("NONCE_LEN bytes");
+    blob_cipher(keys.epoch_key, keys.repo_id, &entry.id)
+        .open_in_place(nonce, &blob_aad(entry), sealed)
+        .map_err(|_| corrupt("authentication failed"))
 }
 
 /// Like [`open_blob`], into `out`, which must be exactly `entry.raw_length` bytes long: lets
 /// callers decode into buffers they reuse.
 pub fn open_blob_into(
     pack_name: &str,
-    cipher: &Cipher,
+    keys: BlobKeys,
     entry: &BlobEntry,
     stored: &mut [u8],
     decompressor: &mut zstd::bulk::Decompressor<'static>,
     out: &mut [u8],
 ) -> Result<()> {
     let corrupt = |d: &str| Error::corrupt(pack_name, format!("blob {}: {d}", entry.id));
-    if stored.len() != entry.length as usize {
-        return Err(corrupt("stored length differs from the index"));
-    }
     if out.len() != entry.raw_length as usize {
         return Err(corrupt("output buffer does not fit the plaintext length"));
     }
-    let plain = cipher
-        .open_in_place(blob_nonce(entry.offset), &blob_aad(entry), stored)
-        .map_err(|_| corrupt("authentication failed"))?;
+    let plain = open_sealed(pack_name, keys, entry, stored)?;
     match entry.compression {
         Compression::None => {
             if plain.len() != out.len() {
@@ -337,25 +386,19 @@ pub fn open_blob_into(
     Ok(())
 }
 
-/// The pre-upload check of a pack whose compressed blobs were each checked, right after
-/// compression, to decompress to the plaintext their id was hashed from (the backup does that
-/// while the plaintext is still in cache, which is cheaper than hashing it again here): the
-/// table of contents reads back and matches what was written, every blob authenticates under
-/// its nonce and associated data, and every blob stored uncompressed hashes to its id.
-pub fn verify_sealed(
-    pack: &FinishedPack,
-    key: &Key,
-    repo_id: &ObjectId,
-    hasher: &ChunkHasher,
-) -> Result<()> {
-    let entries = read_toc(&pack.name, &pack.bytes, key, repo_id)?;
+/// The pre-upload check of a finished pack whose blobs were each verified when sealed (the
+/// backup decrypts and decompresses every sealed blob and compares it with the plaintext its id
+/// was hashed from, before the blob goes into a pack): the table of contents reads back and
+/// matches what was written, and every blob still authenticates where it now lies, which
+/// catches any damage to the pack buffer in between.
+pub fn verify_sealed(pack: &FinishedPack, pack_key: &Key, keys: BlobKeys) -> Result<()> {
+    let entries = read_toc(&pack.name, &pack.bytes, pack_key, keys.repo_id)?;
     if entries != pack.entries {
         return Err(Error::corrupt(
             &pack.name,
             "table of contents differs from what was written",
         ));
     }
-    let cipher = key.cipher();
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -364,15 +407,7 @@ pub fn verify_sealed(
             scratch.clear();
             scratch
                 .extend_from_slice(&pack.bytes[e.offset as usize..(e.offset + e.length) as usize]);
-            let corrupt = |d: &str| Error::corrupt(&pack.name, format!("blob {}: {d}", e.id));
-            let plain = cipher
-                .open_in_place(blob_nonce(e.offset), &blob_aad(e), scratch)
-                .map_err(|_| corrupt("authentication failed"))?;
-            if e.compression == Compression::None
-                && (plain.len() != e.raw_length as usize || BlobId(hasher.hash(plain)) != e.id)
-            {
-                return Err(corrupt("does not hash to its id"));
-            }
+            open_sealed(&pack.name, keys, e, scratch)?;
         }
         Ok(())
     })
@@ -381,58 +416,163 @@ pub fn verify_sealed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::ChunkHasher;
 
-    fn build(blobs: &[&[u8]]) -> (FinishedPack, Key, ObjectId, ChunkHasher) {
+    struct Built {
+        pack: FinishedPack,
+        pack_key: Key,
+        epoch_key: Key,
+        repo: ObjectId,
+    }
+
+    impl Built {
+        fn keys(&self) -> BlobKeys<'_> {
+            BlobKeys {
+                epoch_key: &self.epoch_key,
+                repo_id: &self.repo,
+            }
+        }
+    }
+
+    fn build(blobs: &[&[u8]]) -> Built {
         let epoch_key = Key::random();
         let repo = ObjectId::random();
         let epoch = Epoch::parse("2026-11").unwrap();
         let hasher = ChunkHasher::new(&Key::random());
         let mut w = PackWriter::new(epoch, ObjectId::random(), &epoch_key, repo, 1 << 20);
+        let mut sealed = Vec::new();
         for (i, b) in blobs.iter().enumerate() {
             let id = BlobId(hasher.hash(b));
-            if i % 2 == 0 {
-                let c = zstd::bulk::compress(b, 1).unwrap();
-                w.add(id, BlobKind::Data, Compression::Zstd, b.len() as u32, &c);
+            let (kind, compression, payload) = if i % 2 == 0 {
+                (
+                    BlobKind::Data,
+                    Compression::Zstd,
+                    zstd::bulk::compress(b, 1).unwrap(),
+                )
             } else {
-                w.add(id, BlobKind::Tree, Compression::None, b.len() as u32, b);
-            }
+                (BlobKind::Tree, Compression::None, b.to_vec())
+            };
+            let raw = b.len() as u32;
+            seal_blob(
+                &epoch_key,
+                &repo,
+                id,
+                kind,
+                compression,
+                raw,
+                &payload,
+                &mut sealed,
+            );
+            w.add_sealed(id, kind, compression, raw, &sealed);
         }
         let pack = w.finish(epoch);
-        let key = pack_key(&epoch_key, &repo, &pack.name);
-        (pack, key, repo, hasher)
+        let pack_key = pack_key(&epoch_key, &repo, &pack.name);
+        Built {
+            pack,
+            pack_key,
+            epoch_key,
+            repo,
+        }
     }
 
     #[test]
     fn round_trip_and_verify() {
         let blobs: [&[u8]; 3] = [b"first blob first blob first blob", b"second", b""];
-        let (pack, key, repo, hasher) = build(&blobs);
-        verify_sealed(&pack, &key, &repo, &hasher).unwrap();
-        let toc = read_toc(&pack.name, &pack.bytes, &key, &repo).unwrap();
+        let b = build(&blobs);
+        verify_sealed(&b.pack, &b.pack_key, b.keys()).unwrap();
+        let toc = read_toc(&b.pack.name, &b.pack.bytes, &b.pack_key, &b.repo).unwrap();
         let mut dec = zstd::bulk::Decompressor::new().unwrap();
         for (e, want) in toc.iter().zip(blobs) {
-            let mut stored = pack.bytes[e.offset as usize..(e.offset + e.length) as usize].to_vec();
-            assert_eq!(
-                open_blob(&pack.name, &key.cipher(), e, &mut stored, &mut dec).unwrap(),
-                want
-            );
+            let range = e.offset as usize..(e.offset + e.length) as usize;
+            let mut stored = b.pack.bytes[range].to_vec();
+            let plain = open_blob(&b.pack.name, b.keys(), e, &mut stored, &mut dec).unwrap();
+            assert_eq!(plain, want);
         }
     }
 
     #[test]
     fn every_flipped_byte_is_detected() {
-        let (pack, key, repo, hasher) = build(&[b"aaaaaaaaaaaaaaaaaaaaaaaaa", b"bbbb"]);
-        for i in 0..pack.bytes.len() {
-            let mut bytes = pack.bytes.to_vec();
+        let b = build(&[b"aaaaaaaaaaaaaaaaaaaaaaaaa", b"bbbb"]);
+        for i in 0..b.pack.bytes.len() {
+            let mut bytes = b.pack.bytes.to_vec();
             bytes[i] ^= 0x01;
             let tampered = FinishedPack {
                 bytes: bytes.into(),
-                entries: pack.entries.clone(),
-                name: pack.name.clone(),
-                id: pack.id,
-                epoch: pack.epoch,
+                entries: b.pack.entries.clone(),
+                name: b.pack.name.clone(),
+                id: b.pack.id,
+                epoch: b.pack.epoch,
             };
-            let err = verify_sealed(&tampered, &key, &repo, &hasher).unwrap_err();
-            assert!(err.to_string().contains(&pack.name), "byte {i}: {err}");
+            let err = verify_sealed(&tampered, &b.pack_key, b.keys()).unwrap_err();
+            assert!(err.to_string().contains(&b.pack.name), "byte {i}: {err}");
         }
+    }
+
+    #[test]
+    fn a_blob_moved_to_another_id_or_repository_does_not_open() {
+        let b = build(&[b"payload one", b"payload two"]);
+        let toc = read_toc(&b.pack.name, &b.pack.bytes, &b.pack_key, &b.repo).unwrap();
+        let mut dec = zstd::bulk::Decompressor::new().unwrap();
+        let stored = |e: &BlobEntry| {
+            b.pack.bytes[e.offset as usize..(e.offset + e.length) as usize].to_vec()
+        };
+        // The first blob's bytes under the second blob's entry (id, kind, lengths).
+        let mut swapped = toc[1];
+        swapped.length = toc[0].length;
+        assert!(
+            open_blob(
+                &b.pack.name,
+                b.keys(),
+                &swapped,
+                &mut stored(&toc[0]),
+                &mut dec
+            )
+            .is_err()
+        );
+        let other_repo = ObjectId::random();
+        let keys = BlobKeys {
+            epoch_key: &b.epoch_key,
+            repo_id: &other_repo,
+        };
+        assert!(open_blob(&b.pack.name, keys, &toc[0], &mut stored(&toc[0]), &mut dec).is_err());
+        assert!(
+            open_blob(
+                &b.pack.name,
+                b.keys(),
+                &toc[0],
+                &mut stored(&toc[0]),
+                &mut dec
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_same_blob_sealed_twice_uses_fresh_nonces() {
+        let (key, repo) = (Key::random(), ObjectId::random());
+        let id = BlobId([7; 32]);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        seal_blob(
+            &key,
+            &repo,
+            id,
+            BlobKind::Data,
+            Compression::None,
+            3,
+            b"abc",
+            &mut a,
+        );
+        seal_blob(
+            &key,
+            &repo,
+            id,
+            BlobKind::Data,
+            Compression::None,
+            3,
+            b"abc",
+            &mut b,
+        );
+        assert_ne!(a[..NONCE_LEN], b[..NONCE_LEN]);
+        assert_ne!(a, b);
     }
 }

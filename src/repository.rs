@@ -614,9 +614,12 @@ impl Repository {
         entry: &BlobEntry,
         stored: &mut [u8],
     ) -> Result<Vec<u8>> {
-        let cipher = pack::pack_key(&ek.key, &self.config.id, pack_name).cipher();
+        let keys = pack::BlobKeys {
+            epoch_key: &ek.key,
+            repo_id: &self.config.id,
+        };
         let mut dec = zstd::bulk::Decompressor::new().map_err(|e| Error::io("zstd", e))?;
-        let plain = pack::open_blob(pack_name, &cipher, entry, stored, &mut dec)?;
+        let plain = pack::open_blob(pack_name, keys, entry, stored, &mut dec)?;
         if ek.blob_id(&plain) != entry.id {
             return Err(Error::corrupt(
                 pack_name,

@@ -16,13 +16,15 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::buffer::BufferPool;
-use crate::crypto::{Key, Sha256};
+use crate::crypto::Sha256;
 use crate::error::{Error, Result};
 use crate::id::BlobId;
+use crate::id::ObjectId;
 use crate::index::{Index, PackInfo};
 use crate::object::name;
 use crate::pack::{self, BlobEntry};
 use crate::progress::{Cancel, Progress};
+use crate::repository::EpochKey;
 use crate::repository::Repository;
 use crate::snapshot::Snapshot;
 use crate::tree::{self, Node, NodeType, Tree};
@@ -410,11 +412,12 @@ impl<'a> Restorer<'a> {
         Progress::add(&self.opts.progress.stored_bytes, stored.len() as u64);
         let key = self
             .repo
-            .pack_key(range.pack.epoch, range.pack.key_id, &pack_name)
+            .epoch_key(range.pack.epoch, range.pack.key_id)
             .await?;
         Ok(Fetched {
             pack_name,
             key,
+            repo_id: self.repo.id(),
             entries: range.entries,
             start,
             stored,
@@ -425,7 +428,9 @@ impl<'a> Restorer<'a> {
 /// A ranged read's stored bytes, not yet decoded.
 struct Fetched {
     pack_name: String,
-    key: Key,
+    /// The epoch key the pack's blobs were sealed under.
+    key: Arc<EpochKey>,
+    repo_id: ObjectId,
     entries: Vec<BlobEntry>,
     start: u64,
     stored: Vec<u8>,
@@ -470,7 +475,10 @@ thread_local! {
 impl Fetched {
     /// Decrypts (authenticating) and decompresses the range's blobs into one buffer.
     fn decode(self, buffers: &BufferPool, stored_buffers: &BufferPool) -> Result<Vec<u8>> {
-        let cipher = self.key.cipher();
+        let keys = pack::BlobKeys {
+            epoch_key: self.key.key(),
+            repo_id: &self.repo_id,
+        };
         let mut stored = self.stored;
         let total: usize = self.entries.iter().map(|e| e.raw_length as usize).sum();
         let mut out = buffers.take();
@@ -486,14 +494,7 @@ impl Fetched {
                 let from = (u64::from(e.offset) - self.start) as usize;
                 let blob = &mut stored[from..from + e.length as usize];
                 let raw = e.raw_length as usize;
-                pack::open_blob_into(
-                    &self.pack_name,
-                    &cipher,
-                    e,
-                    blob,
-                    dec,
-                    &mut out[at..at + raw],
-                )?;
+                pack::open_blob_into(&self.pack_name, keys, e, blob, dec, &mut out[at..at + raw])?;
                 at += raw;
             }
             Ok(out)
