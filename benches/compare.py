@@ -29,7 +29,12 @@ PASSWORD = "bench-password-not-secret"
 
 
 def run(cmd, env, stdin=None, stdout=None):
-    """Runs cmd under /usr/bin/time; returns (seconds, peak RSS in bytes)."""
+    """Runs cmd under /usr/bin/time; returns (seconds, peak RSS in bytes).
+
+    Flushes dirty pages first, so one tool's pending writeback (kluis fsyncs its writes, the
+    others do not) does not land in the next measurement.
+    """
+    os.sync()
     timing = tempfile.NamedTemporaryFile(delete=False)
     timing.close()
     full = ["/usr/bin/time", "-o", timing.name, "-f", "%e %M"] + cmd
@@ -232,7 +237,9 @@ def main():
             res[n]["nights_ok"] = sha256(out) == sha256(nights[-1])
             out.unlink()
             shutil.rmtree(tool.repo, ignore_errors=True)
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{n} {res[n]['backup'][-1]:.2f}/{res[n]['restore'][-1]:.2f} s" for n in names),
+            file=sys.stderr)
 
     mb = 1e6
     med = {n: {k: statistics.median(v) for k, v in res[n].items()

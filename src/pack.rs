@@ -60,7 +60,7 @@ pub struct BlobEntry {
     pub id: BlobId,
     pub kind: BlobKind,
     pub compression: Compression,
-    /// Offset of the ciphertext from the start of the pack.
+    /// Offset of the stored blob (its nonce comes first) from the start of the pack.
     pub offset: u32,
     /// Stored length: nonce, ciphertext and tag.
     pub length: u32,

@@ -583,12 +583,6 @@ impl Repository {
         Ok(out)
     }
 
-    /// The key of a pack, from its epoch key.
-    pub async fn pack_key(&self, epoch: Epoch, key_id: ObjectId, pack_name: &str) -> Result<Key> {
-        let ek = self.epoch_key(epoch, key_id).await?;
-        Ok(pack::pack_key(&ek.key, &self.config.id, pack_name))
-    }
-
     /// Reads, decrypts and checks one blob.
     pub async fn read_blob(&self, index: &Index, id: &BlobId) -> Result<Vec<u8>> {
         let (pack, loc) = index.get(id).ok_or(Error::MissingBlob(*id))?;

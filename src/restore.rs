@@ -357,7 +357,10 @@ impl<'a> Restorer<'a> {
         if lists.is_empty() {
             lists.push(None);
         }
-        let decoders = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let decoders = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .saturating_sub(1)
+            .max(1);
         for list in lists {
             let ids = match list {
                 None => node.content.clone(),
