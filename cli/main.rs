@@ -22,6 +22,8 @@ use kluis::progress::{Cancel, Progress};
 use kluis::repository::{InitOptions, Repository};
 use kluis::restore::{RestoreOptions, Restorer};
 use kluis::snapshot;
+use kluis::source::command::CommandSource;
+use kluis::source::postgres::{self, PgConn, PostgresSource};
 use kluis::store::Store;
 
 use output::{ProgressLine, human_bytes, human_duration};
@@ -53,13 +55,22 @@ struct Global {
     /// No progress display and fewer messages
     #[arg(long, short = 'q', global = true)]
     quiet: bool,
+    /// File holding the database password (mode 0600 or stricter); also the systemd credential
+    /// `kluis-db-password`
+    #[arg(long, global = true, env = "KLUIS_DB_PASSWORD_FILE")]
+    db_password_file: Option<PathBuf>,
+    /// Directory of the PostgreSQL client tools (default: PATH, then the newest
+    /// /usr/lib/postgresql/N/bin)
+    #[arg(long, global = true, env = "KLUIS_PG_BIN_DIR")]
+    pg_bin_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Create a new repository
     Init(InitArgs),
-    /// Back up standard input or files and directories
+    /// Back up a database (postgres://...), a command's output, standard input, or files and
+    /// directories
     Backup(BackupArgs),
     /// List snapshots
     Snapshots(SnapshotsArgs),
@@ -93,12 +104,16 @@ struct InitArgs {
 
 #[derive(Args)]
 struct BackupArgs {
-    /// Files and directories to back up
+    /// Files and directories to back up, or one database URL: postgres://[user@]host[:port]/db
     paths: Vec<PathBuf>,
     /// Read the data from standard input (requires --name)
     #[arg(long, conflicts_with = "paths")]
     stdin: bool,
-    /// Snapshot name (default for paths: the first path's base name)
+    /// Back up the standard output of this shell command (requires --name); a non-zero exit
+    /// or an error on its stderr fails the backup
+    #[arg(long, conflicts_with_all = ["paths", "stdin"])]
+    command: Option<String>,
+    /// Snapshot name (default for paths: the first path's base name; for a database: its name)
     #[arg(long)]
     name: Option<String>,
     /// Host name to record (default: this host)
@@ -137,9 +152,19 @@ struct RestoreArgs {
     /// With `latest`: the newest snapshot of this name
     #[arg(long)]
     name: Option<String>,
-    /// Write the stream to standard output
-    #[arg(long, conflicts_with = "target", required_unless_present = "target")]
+    /// Write the stream to standard output (a database snapshot: as a plain SQL dump)
+    #[arg(long, conflicts_with_all = ["target", "to"], required_unless_present_any = ["target", "to"])]
     stdout: bool,
+    /// Restore a database snapshot into this database: postgres://[user@]host[:port]/newdb
+    /// (created if missing; an existing non-empty one is refused unless --force)
+    #[arg(long, conflicts_with = "target")]
+    to: Option<String>,
+    /// With --to: drop and recreate a target database that is not empty
+    #[arg(long, requires = "to")]
+    force: bool,
+    /// With --to: tables loaded at once
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
     /// Restore files and directories into this directory
     #[arg(long)]
     target: Option<PathBuf>,
@@ -452,7 +477,38 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
     }
 }
 
+/// The database password: --db-password-file, or the systemd credential `kluis-db-password`.
+fn db_password(g: &Global) -> anyhow::Result<Option<zeroize::Zeroizing<String>>> {
+    let path = match &g.db_password_file {
+        Some(p) => Some(p.clone()),
+        None => std::env::var_os("CREDENTIALS_DIRECTORY")
+            .map(|d| Path::new(&d).join("kluis-db-password"))
+            .filter(|p| p.exists()),
+    };
+    match path {
+        None => Ok(None),
+        Some(p) => Ok(Some(keys::read_secret_line(&p)?)),
+    }
+}
+
+fn pg_conn(g: &Global, url: &str) -> anyhow::Result<PgConn> {
+    let conn = PgConn::parse(url, db_password(g)?)?;
+    Ok(conn.with_bin_dir(postgres::tools_dir(g.pg_bin_dir.as_deref())))
+}
+
+/// A database URL given where paths go.
+fn database_url(paths: &[PathBuf]) -> Option<String> {
+    match paths {
+        [p] => {
+            let s = p.to_str()?;
+            (s.starts_with("postgres://") || s.starts_with("postgresql://")).then(|| s.to_string())
+        }
+        _ => None,
+    }
+}
+
 async fn backup_cmd(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result<i32> {
+    let mut default_name = None;
     let source = if a.stdin {
         if a.name.is_none() {
             bail!(kluis::Error::InvalidInput(
@@ -460,6 +516,30 @@ async fn backup_cmd(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result
             ));
         }
         Source::Stream(Box::new(std::io::stdin()))
+    } else if let Some(cmd) = &a.command {
+        let Some(name) = &a.name else {
+            bail!(kluis::Error::InvalidInput(
+                "--command needs --name NAME".into()
+            ));
+        };
+        Source::Streams(Box::new(CommandSource::new(cmd.clone(), name.clone())))
+    } else if let Some(url) = database_url(&a.paths) {
+        let conn = pg_conn(g, &url)?;
+        default_name = Some(conn.database.clone());
+        Source::Streams(Box::new(PostgresSource::new(conn)))
+    } else if a
+        .paths
+        .iter()
+        .any(|p| p.to_str().is_some_and(|s| s.contains("://")))
+    {
+        bail!(kluis::Error::InvalidInput(format!(
+            "{}: back up one database URL at a time (postgres://...), without other paths",
+            a.paths
+                .iter()
+                .find(|p| p.to_str().is_some_and(|s| s.contains("://")))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        )));
     } else if a.paths.is_empty() {
         bail!(kluis::Error::InvalidInput(
             "nothing to back up: give paths, or --stdin --name NAME".into()
@@ -467,7 +547,7 @@ async fn backup_cmd(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result
     } else {
         Source::Paths(a.paths.clone())
     };
-    let name = match a.name.clone() {
+    let name = match a.name.clone().or(default_name) {
         Some(n) => n,
         None => {
             let first = std::path::absolute(&a.paths[0])
@@ -560,7 +640,10 @@ async fn restore_cmd(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Resu
     let started = Instant::now();
     let restorer = Restorer::new(&repo, snap, opts).await?;
     let line = show_progress(g).then(|| ProgressLine::start("restore", progress));
-    let result = if a.stdout {
+    let result = if let Some(url) = &a.to {
+        let target = pg_conn(g, url)?;
+        restorer.to_postgres(&target, a.force, a.jobs).await
+    } else if a.stdout {
         let out = stdout_file()?;
         restorer.stream_to(Box::new(out)).await
     } else {

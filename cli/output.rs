@@ -82,6 +82,16 @@ pub fn snapshot_table(list: &[Snapshot]) -> String {
                 match &s.source {
                     Source::Stdin => "stdin".to_string(),
                     Source::Paths { paths } => paths.join(" "),
+                    Source::Command { command } => format!(
+                        "command {}",
+                        command.split_whitespace().next().unwrap_or("")
+                    ),
+                    Source::Postgres(db) => format!(
+                        "postgresql {} ({} tables, server {})",
+                        db.database,
+                        db.tables.len(),
+                        db.server_version
+                    ),
                 },
             ]
         })

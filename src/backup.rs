@@ -35,6 +35,7 @@ use crate::pack::{self, BlobKind, Compression, FinishedPack, PackWriter};
 use crate::progress::{Cancel, Progress};
 use crate::repository::{EpochKey, Repository};
 use crate::snapshot::{Snapshot, Source as SnapshotSource, StreamDigest, Summary};
+use crate::source::{self, StreamSet};
 use crate::tree::{self, NameBytes, Node, NodeType, Tree};
 
 /// Index entries per segment before a backup writes one mid-way.
@@ -46,6 +47,9 @@ pub enum Source {
     Stream(Box<dyn Read + Send>),
     /// Files and directories; each becomes an entry of the snapshot's root, by its base name.
     Paths(Vec<PathBuf>),
+    /// Named streams from a database or a command, each a file of the snapshot's root. Any
+    /// stream's failure fails the backup.
+    Streams(Box<dyn StreamSet>),
 }
 
 /// How to back up.
@@ -125,6 +129,8 @@ pub async fn backup(
         Source::Paths(p) => SnapshotSource::Paths {
             paths: p.iter().map(|p| p.display().to_string()).collect(),
         },
+        // Replaced by what the source reports once it is done.
+        Source::Streams(_) => SnapshotSource::Stdin,
     };
     let ctx = Arc::new(Shared {
         key: key.clone(),
@@ -169,7 +175,9 @@ pub async fn backup(
         mut summary,
         streams,
         skipped,
+        record,
     } = pending;
+    let source_kind = record.unwrap_or(source_kind);
     if !stored.pending.packs.is_empty() {
         let (_, size) = repo.save_index(&key, &stored.pending).await?;
         stored.bytes += size;
@@ -350,6 +358,8 @@ struct PipelineOutput {
     summary: Summary,
     streams: Vec<StreamDigest>,
     skipped: Vec<String>,
+    /// What a stream source reported about itself.
+    record: Option<SnapshotSource>,
 }
 
 fn run_pipeline(
@@ -411,11 +421,12 @@ fn run_pipeline(
         (Err(e), _) if !matches!(e, Error::Interrupted) => Err(e),
         (_, Some(e)) => Err(e),
         (Err(e), None) => Err(e),
-        (Ok((tree, streams)), None) => Ok(PipelineOutput {
+        (Ok((tree, streams, record)), None) => Ok(PipelineOutput {
             tree,
             summary,
             streams,
             skipped,
+            record,
         }),
     }
 }
@@ -518,7 +529,11 @@ struct Content {
 }
 
 impl Reader<'_> {
-    fn read_source(&mut self, source: Source, name: &str) -> Result<(BlobId, Vec<StreamDigest>)> {
+    fn read_source(
+        &mut self,
+        source: Source,
+        name: &str,
+    ) -> Result<(BlobId, Vec<StreamDigest>, Option<SnapshotSource>)> {
         match source {
             Source::Stream(r) => {
                 let c = self.read_content(r).map_err(|e| match e {
@@ -534,7 +549,49 @@ impl Reader<'_> {
                 let node = file_node(NameBytes(name.as_bytes().to_vec()), 0o600, 0, 0, now, c);
                 self.summary.files += 1;
                 let tree = self.submit_tree(&Tree { nodes: vec![node] })?;
-                Ok((tree, vec![digest]))
+                Ok((tree, vec![digest], None))
+            }
+            Source::Streams(mut set) => {
+                let (min, avg, max) = set.chunk_sizes();
+                self.params = ChunkerParams {
+                    min_size: min,
+                    avg_size: avg,
+                    max_size: max,
+                    seed: self.params.seed,
+                };
+                self.params.validate()?;
+                let mut nodes: Vec<Node> = Vec::new();
+                let mut digests = Vec::new();
+                let now = Timestamp::now().as_nanosecond() as i64;
+                while let Some(stream) = set.next_stream()? {
+                    let bytes = stream.name.as_bytes();
+                    if bytes.is_empty()
+                        || bytes.contains(&b'/')
+                        || bytes.contains(&0)
+                        || nodes.last().is_some_and(|n| n.name.0.as_slice() >= bytes)
+                    {
+                        return Err(Error::invalid(format!(
+                            "stream name {:?} is empty, holds '/', or is out of order",
+                            stream.name
+                        )));
+                    }
+                    let c = self.read_content(stream.reader).map_err(|e| match e {
+                        ReadError::Source(e) => source::read_error(&stream.name, e),
+                        ReadError::Pipeline(e) => e,
+                    })?;
+                    digests.push(StreamDigest {
+                        path: stream.name.clone(),
+                        size: c.size,
+                        sha256: c.sha256,
+                    });
+                    let name = NameBytes(stream.name.into_bytes());
+                    nodes.push(file_node(name, 0o600, 0, 0, now, c));
+                    self.summary.files += 1;
+                    Progress::add(&self.ctx.progress.files, 1);
+                }
+                let record = set.finish()?;
+                let tree = self.submit_tree(&Tree { nodes })?;
+                Ok((tree, digests, Some(record)))
             }
             Source::Paths(paths) => {
                 let mut nodes = Vec::new();
@@ -555,7 +612,7 @@ impl Reader<'_> {
                     }
                 }
                 nodes.sort_by(|a, b| a.name.cmp(&b.name));
-                Ok((self.submit_tree(&Tree { nodes })?, Vec::new()))
+                Ok((self.submit_tree(&Tree { nodes })?, Vec::new(), None))
             }
         }
     }

@@ -21,6 +21,11 @@ pub mod exit {
     pub const USAGE: i32 = 2;
     /// The backup was committed, but some files could not be read.
     pub const INCOMPLETE: i32 = 3;
+    /// The source failed (a dump tool's error, a database that is down, a command's non-zero
+    /// exit); nothing was committed.
+    pub const SOURCE_FAILED: i32 = 4;
+    /// The restore target (a database server, its tools) failed or refused the data.
+    pub const TARGET_FAILED: i32 = 5;
     /// No repository at the given location.
     pub const NO_REPOSITORY: i32 = 10;
     /// No key slot opens with the given password or key file.
@@ -94,6 +99,14 @@ pub enum Error {
     #[error("{0}")]
     InvalidInput(String),
 
+    /// A source (a dump tool, a command, a database) failed; nothing was committed.
+    #[error("{0}; no snapshot was committed")]
+    SourceFailed(String),
+
+    /// The restore target (a database) refused the data; the message quotes its tool.
+    #[error("{0}")]
+    TargetFailed(String),
+
     #[error("check found {0} problem(s) in the repository")]
     CheckFailed(usize),
 
@@ -112,6 +125,8 @@ impl Error {
             | Error::MissingBlob(_)
             | Error::CheckFailed(_) => exit::CORRUPT,
             Error::Interrupted => exit::INTERRUPTED,
+            Error::SourceFailed(_) => exit::SOURCE_FAILED,
+            Error::TargetFailed(_) => exit::TARGET_FAILED,
             Error::InvalidInput(_) | Error::InsecureSecretFile { .. } => exit::USAGE,
             _ => exit::FAILURE,
         }

@@ -43,15 +43,7 @@ impl Secret {
 
     /// Reads a passphrase file: its first line, without the line ending.
     pub fn from_password_file(path: &Path) -> Result<Secret> {
-        let text = read_secret_file(path)?;
-        let line = text.lines().next().unwrap_or("");
-        if line.is_empty() {
-            return Err(Error::invalid(format!(
-                "{}: password file is empty",
-                path.display()
-            )));
-        }
-        Ok(Secret::passphrase(line))
+        Ok(Secret::passphrase(read_secret_line(path)?.as_str()))
     }
 
     /// Reads a key file written by [`generate_key_file`].
@@ -78,6 +70,19 @@ impl Secret {
 }
 
 /// Refuses a secret file that group or others can access, then reads it.
+/// The first line of a secret file (checked like [`read_secret_file`]); an empty one is an error.
+pub fn read_secret_line(path: &Path) -> Result<Zeroizing<String>> {
+    let text = read_secret_file(path)?;
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        return Err(Error::invalid(format!(
+            "{}: password file is empty",
+            path.display()
+        )));
+    }
+    Ok(Zeroizing::new(line.to_string()))
+}
+
 pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let mode = meta.permissions().mode() & 0o7777;

@@ -7,6 +7,7 @@
 //! - [`repository`]: config, epoch keys, typed access to snapshots, index and blobs.
 //! - [`chunker`], [`pack`], [`index`], [`tree`], [`snapshot`]: the repository format
 //!   (docs/FORMAT.md).
+//! - [`source`]: database and command sources (dump tools run as children, checked).
 //! - [`backup`], [`restore`], [`check`]: the operations.
 //!
 //! ```no_run
@@ -36,6 +37,7 @@ pub mod progress;
 pub mod repository;
 pub mod restore;
 pub mod snapshot;
+pub mod source;
 pub mod store;
 pub mod tree;
 

@@ -26,7 +26,9 @@ use crate::pack::{self, BlobEntry};
 use crate::progress::{Cancel, Progress};
 use crate::repository::EpochKey;
 use crate::repository::Repository;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, Source as SnapshotSource};
+use crate::source::StderrPolicy;
+use crate::source::postgres::{self, PgConn};
 use crate::tree::{self, Node, NodeType, Tree};
 
 /// Largest ranged read: a run of adjacent blobs up to this many stored bytes. With the default
@@ -139,11 +141,15 @@ impl<'a> Restorer<'a> {
         }
     }
 
-    /// Writes the snapshot's single stream to `out`; fails if the snapshot is a file tree.
-    pub async fn stream_to(mut self, out: Box<dyn Write + Send>) -> Result<RestoreReport> {
+    /// Writes the snapshot's stream to `out`: its single file, or for a database snapshot its
+    /// streams one after the other (a plain SQL dump); fails for a file tree.
+    pub async fn stream_to(mut self, mut out: Box<dyn Write + Send>) -> Result<RestoreReport> {
         let root = self.tree(&self.snapshot.tree).await?;
-        let node = match root.nodes.as_slice() {
-            [n] if n.node_type == NodeType::File => n.clone(),
+        let streams = matches!(self.snapshot.source, SnapshotSource::Postgres(_))
+            && root.nodes.iter().all(|n| n.node_type == NodeType::File);
+        let nodes = match root.nodes.as_slice() {
+            [n] if n.node_type == NodeType::File => vec![n.clone()],
+            _ if streams => root.nodes.clone(),
             _ => {
                 return Err(Error::invalid(format!(
                     "snapshot {} holds files and directories, not one stream: restore it with --target DIR",
@@ -151,10 +157,112 @@ impl<'a> Restorer<'a> {
                 )));
             }
         };
-        let (_, bytes) = self.write_content(&node, out).await?;
-        self.report.files = 1;
-        self.report.bytes = bytes;
+        for node in &nodes {
+            let (bytes, back) = self.write_content(node, out).await?;
+            out = back;
+            self.report.files += 1;
+            self.report.bytes += bytes;
+        }
         Ok(self.report)
+    }
+
+    /// Restores a PostgreSQL snapshot into the database `target` names: creates it (see
+    /// [`postgres::prepare_target`]), then loads the schema, the tables (`jobs` at once), the
+    /// sequences and large objects, and the indexes, constraints and triggers, each stream
+    /// through `psql`, stopping at the first error.
+    pub async fn to_postgres(
+        mut self,
+        target: &PgConn,
+        force: bool,
+        jobs: usize,
+    ) -> Result<RestoreReport> {
+        let SnapshotSource::Postgres(record) = &self.snapshot.source else {
+            return Err(Error::invalid(format!(
+                "snapshot {} is not a PostgreSQL snapshot: restore it with --stdout or --target",
+                self.snapshot.id.short()
+            )));
+        };
+        let root = self.tree(&self.snapshot.tree).await?;
+        let encoding = record.encoding.clone();
+        {
+            let target = target.clone();
+            tokio::task::spawn_blocking(move || {
+                postgres::prepare_target(&target, &encoding, force)
+            })
+            .await
+            .map_err(|e| Error::invalid(format!("restore crashed: {e}")))??;
+        }
+        let phase = |prefix: &str| -> Vec<Node> {
+            root.nodes
+                .iter()
+                .filter(|n| {
+                    n.node_type == NodeType::File && n.name.0.starts_with(prefix.as_bytes())
+                })
+                .cloned()
+                .collect()
+        };
+        let known = ["1-", "2-", "3-", "4-"];
+        if let Some(n) = root
+            .nodes
+            .iter()
+            .find(|n| !known.iter().any(|p| n.name.0.starts_with(p.as_bytes())))
+        {
+            return Err(Error::invalid(format!(
+                "snapshot {} holds a stream this kluis does not know how to restore: {}",
+                self.snapshot.id.short(),
+                n.name.to_display()
+            )));
+        }
+        for (prefix, parallel) in [("1-", 1), ("2-", jobs.max(1)), ("3-", 1), ("4-", 1)] {
+            let nodes = phase(prefix);
+            let this = &self;
+            let loaded: Vec<u64> = futures::stream::iter(nodes.iter())
+                .map(|node| this.load_into(node, target))
+                .buffer_unordered(parallel)
+                .try_collect()
+                .await?;
+            self.report.files += loaded.len() as u64;
+            self.report.bytes += loaded.iter().sum::<u64>();
+        }
+        Ok(self.report)
+    }
+
+    /// Pipes one stream into a `psql`; the error names the stream and quotes psql.
+    async fn load_into(&self, node: &Node, target: &PgConn) -> Result<u64> {
+        let what = format!(
+            "restoring {} into {}",
+            node.name.to_display(),
+            target.display
+        );
+        let mut child = postgres::loader(target)?
+            .spawn()
+            .map_err(|e| Error::TargetFailed(format!("{what}: cannot start psql: {e}")))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stderr = child
+            .stderr
+            .take()
+            .map(crate::source::collect_stderr)
+            .expect("piped");
+        let written = self.write_content(node, Box::new(stdin)).await;
+        // The writer (psql's stdin) is dropped by now: psql sees the end of its input.
+        let written = written.map(|(n, out)| {
+            drop(out);
+            n
+        });
+        let status = tokio::task::spawn_blocking(move || {
+            let status = child.wait();
+            (status, stderr.join().unwrap_or_default())
+        })
+        .await
+        .map_err(|e| Error::invalid(format!("restore crashed: {e}")))?;
+        let (status, stderr) = status;
+        let status = status.map_err(|e| Error::TargetFailed(format!("{what}: psql: {e}")))?;
+        if let Err(msg) =
+            crate::source::check_exit("psql", status, &stderr, StderrPolicy::DatabaseTool)
+        {
+            return Err(Error::TargetFailed(format!("{what}: {msg}")));
+        }
+        written
     }
 
     /// Restores the snapshot's tree under `target`.
@@ -231,7 +339,7 @@ impl<'a> Restorer<'a> {
                             .open(&tmp)
                             .map_err(|e| Error::io(&tmp, e))?;
                         let result = self.write_content(node, Box::new(file)).await;
-                        if let Err(e) = result {
+                        if let Err(e) = result.map(drop) {
                             let _ = fs::remove_file(&tmp);
                             return Err(e);
                         }
@@ -308,7 +416,7 @@ impl<'a> Restorer<'a> {
         &self,
         node: &Node,
         out: Box<dyn Write + Send>,
-    ) -> Result<(String, u64)> {
+    ) -> Result<(u64, Box<dyn Write + Send>)> {
         let label = format!(
             "{} in snapshot {}",
             node.name.to_display(),
@@ -326,7 +434,7 @@ impl<'a> Restorer<'a> {
         let written = writer
             .join()
             .unwrap_or_else(|_| Err(Error::invalid("the restore writer crashed")));
-        let (size, digest) = match (fetched, written) {
+        let (size, digest, out) = match (fetched, written) {
             (Err(e), _) => return Err(self.context(e)),
             (Ok(()), Err(e)) => return Err(e),
             (Ok(()), Ok(w)) => w,
@@ -348,7 +456,7 @@ impl<'a> Restorer<'a> {
                 ));
             }
         }
-        Ok((label, size))
+        Ok((size, out))
     }
 
     /// Fetches and decodes the node's blobs in order, feeding the writer.
@@ -515,7 +623,7 @@ fn write_blobs(
     label: &str,
     progress: &Progress,
     buffers: &Arc<BufferPool>,
-) -> Result<(u64, [u8; 32])> {
+) -> Result<(u64, [u8; 32], Box<dyn Write + Send>)> {
     let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
     let pool = buffers.clone();
     let hasher = std::thread::Builder::new()
@@ -547,5 +655,5 @@ fn write_blobs(
         .join()
         .map_err(|_| Error::invalid("the restore hasher crashed"))?;
     written?;
-    Ok((size, digest))
+    Ok((size, digest, out))
 }

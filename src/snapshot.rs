@@ -19,6 +19,35 @@ pub enum Source {
     Stdin,
     /// Files and directories, by the paths given on the command line.
     Paths { paths: Vec<String> },
+    /// The standard output of a command (`sh -c`), stored as one file named after the snapshot.
+    Command { command: String },
+    /// A PostgreSQL database, as the streams of a plain SQL dump (see `source::postgres`).
+    Postgres(DatabaseRecord),
+}
+
+/// What a database snapshot holds, for restores and restore drills.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseRecord {
+    /// The server's URL, without secrets.
+    pub server: String,
+    pub database: String,
+    pub server_version: String,
+    pub encoding: String,
+    /// Every table whose rows the snapshot holds, in stream order.
+    pub tables: Vec<TableRecord>,
+}
+
+/// One table of a database snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableRecord {
+    pub schema: String,
+    pub name: String,
+    pub rows: u64,
+    /// The primary key its rows are ordered by, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// Sizes and counts of one backup.

@@ -18,7 +18,10 @@ use tempfile::TempDir;
 pub const KLUIS: &str = env!("CARGO_BIN_EXE_kluis");
 
 /// Exit codes, as documented in the README (duplicated here on purpose: they are API).
+pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INCOMPLETE: i32 = 3;
+pub const EXIT_SOURCE_FAILED: i32 = 4;
+pub const EXIT_TARGET_FAILED: i32 = 5;
 pub const EXIT_NO_REPOSITORY: i32 = 10;
 pub const EXIT_WRONG_PASSWORD: i32 = 12;
 pub const EXIT_CORRUPT: i32 = 13;
@@ -500,5 +503,219 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
                 rel.display()
             );
         }
+    }
+}
+
+/// A PostgreSQL server in a temporary directory on a loopback port, run as the `postgres` user
+/// when the tests run as root (PostgreSQL refuses root). Local socket connections are trusted
+/// (the harness's own); TCP connections need the password `password()`. Stopped on drop.
+pub struct Postgres {
+    pub dir: TempDir,
+    pub port: u16,
+    pub bin: PathBuf,
+}
+
+/// The newest PostgreSQL server binaries (Debian: /usr/lib/postgresql/N/bin).
+pub fn postgres_bin() -> PathBuf {
+    let mut dirs: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed: tests/run-all.sh installs it")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, p): &(u32, PathBuf)| p.join("initdb").is_file())
+        .collect();
+    dirs.sort();
+    dirs.pop().expect("no /usr/lib/postgresql/N/bin/initdb").1
+}
+
+fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Whether the tests run as root (PostgreSQL must then run as `postgres`).
+fn is_root() -> bool {
+    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+            .unwrap_or(false)
+}
+
+impl Postgres {
+    pub const PASSWORD: &'static str = "pg-test-password";
+
+    pub fn start() -> Postgres {
+        let dir = TempDir::new().unwrap();
+        let bin = postgres_bin();
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown to postgres failed");
+        }
+        let data = dir.path().join("data");
+        let out = as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
+            .args(["-E", "UTF8", "--locale=C.UTF-8"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {}", text(&out.stderr));
+        let pg = Postgres {
+            port: free_port(),
+            dir,
+            bin,
+        };
+        pg.pg_ctl_start();
+        pg.sql(
+            "postgres",
+            &format!("ALTER ROLE postgres PASSWORD '{}'", Self::PASSWORD),
+        );
+        pg
+    }
+
+    fn pg_ctl_start(&self) {
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
+                self.port,
+                self.dir.path().display()
+            ))
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}{}",
+            text(&out.stderr),
+            fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        );
+    }
+
+    /// Stops the server (fast shutdown); `start_again` brings it back.
+    pub fn stop(&self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
+    }
+
+    pub fn start_again(&self) {
+        self.pg_ctl_start();
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/db` (the password goes in a file, never the URL).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// psql over the trusted local socket, as the superuser.
+    pub fn psql(&self) -> Command {
+        let mut c = Command::new(self.bin.join("psql"));
+        c.args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-U",
+            "postgres",
+        ])
+        .arg("-h")
+        .arg(self.dir.path())
+        .arg("-p")
+        .arg(self.port.to_string());
+        c
+    }
+
+    /// Runs SQL (a script, from stdin) in `db`; returns its output; panics on error.
+    pub fn sql(&self, db: &str, script: &str) -> String {
+        let mut child = self
+            .psql()
+            .args(["-d", db])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "psql -d {db} failed: {}\nscript: {}",
+            text(&out.stderr),
+            &script[..script.len().min(2000)]
+        );
+        text(&out.stdout)
+    }
+
+    /// A logical fingerprint of a database: every table's row count and ordered checksum,
+    /// every sequence's state, every large object.
+    pub fn fingerprint(&self, db: &str) -> String {
+        self.sql(
+            db,
+            r#"
+SELECT format('SELECT %L, count(*), md5(coalesce(string_agg(t::text, E''\n'' ORDER BY t::text), '''')) FROM %I.%I t;',
+              n.nspname || '.' || c.relname, n.nspname, c.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'm') AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+ORDER BY 1 \gexec
+SELECT format('SELECT %L, last_value, is_called FROM %I.%I;', n.nspname || '.' || c.relname, n.nspname, c.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'S' ORDER BY 1 \gexec
+SELECT 'large object', oid, md5(lo_get(oid)) FROM pg_largeobject_metadata ORDER BY oid;
+"#,
+        )
+    }
+
+    /// `pg_dump --schema-only` without its per-run random `\restrict` key lines.
+    pub fn schema(&self, db: &str) -> String {
+        let out = Command::new(self.bin.join("pg_dump"))
+            .args(["-s", "-U", "postgres", "-h"])
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string(), db])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_dump -s: {}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
     }
 }

@@ -1,0 +1,73 @@
+//! The standard output of any command, for engines kluis does not know yet.
+//!
+//! The command runs under `/bin/sh -c`; it fails the backup if it exits non-zero, is killed, or
+//! prints a line containing "error" or "fatal" (any case) on its standard error.
+
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use super::{ChildOutput, NamedStream, StderrPolicy, StreamSet};
+use crate::error::{Error, Result};
+use crate::snapshot::Source as SourceRecord;
+
+pub struct CommandSource {
+    command: String,
+    stream: String,
+    spawned: bool,
+    warnings: Option<Arc<Mutex<Vec<String>>>>,
+}
+
+impl CommandSource {
+    /// `stream` is the file name the output gets in the snapshot (the snapshot's name).
+    pub fn new(command: impl Into<String>, stream: impl Into<String>) -> CommandSource {
+        CommandSource {
+            command: command.into(),
+            stream: stream.into(),
+            spawned: false,
+            warnings: None,
+        }
+    }
+
+    /// How errors name the command: its first word only, as the rest may hold secrets.
+    fn label(&self) -> String {
+        let first = self.command.split_whitespace().next().unwrap_or("");
+        format!("command {first:?}")
+    }
+
+    /// What the command printed on standard error, once it ended successfully.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .as_ref()
+            .map(|w| w.lock().expect("not poisoned").clone())
+            .unwrap_or_default()
+    }
+}
+
+impl StreamSet for CommandSource {
+    fn next_stream(&mut self) -> Result<Option<NamedStream>> {
+        if self.spawned {
+            return Ok(None);
+        }
+        self.spawned = true;
+        let child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&self.command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::SourceFailed(format!("cannot start {}: {e}", self.label())))?;
+        let out = ChildOutput::new(self.label(), child, StderrPolicy::Strict)?;
+        self.warnings = Some(out.warnings());
+        Ok(Some(NamedStream {
+            name: self.stream.clone(),
+            reader: Box::new(out),
+        }))
+    }
+
+    fn finish(&mut self) -> Result<SourceRecord> {
+        Ok(SourceRecord::Command {
+            command: self.command.clone(),
+        })
+    }
+}

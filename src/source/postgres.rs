@@ -1,0 +1,759 @@
+//! PostgreSQL: a database as a standard plain-SQL dump that deduplicates night after night.
+//!
+//! All streams come from one consistent snapshot: a `psql` session opens a repeatable-read
+//! transaction and exports its snapshot (`pg_export_snapshot()`), and every tool below joins it
+//! (`pg_dump --snapshot`, `SET TRANSACTION SNAPSHOT`) while that session stays open. Streams,
+//! in restore order:
+//!
+//! 1. `1-pre-data.sql`: `pg_dump --section=pre-data` (types, tables, functions, ...);
+//! 2. `2-data-NNNNNN-<table>.sql`, one per table: `COPY ... FROM stdin;` blocks whose rows come
+//!    from `COPY (SELECT ... ORDER BY <primary key>) TO STDOUT`. pg_dump writes rows in heap
+//!    order, which updates and vacuum reshuffle every night; primary-key order keeps unchanged
+//!    rows where they were, so unchanged chunks deduplicate;
+//! 3. `3-data-other.sql`: `pg_dump --section=data` without those tables: sequence values and
+//!    large objects;
+//! 4. `4-post-data.sql`: `pg_dump --section=post-data` (indexes, constraints, triggers, ...).
+//!
+//! Concatenated, they are a plain SQL dump that `psql` restores. Passwords reach the tools
+//! through their environment (`PGPASSWORD`), never their arguments.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use super::{ChildOutput, Framed, NamedStream, StderrPolicy, StreamSet, find_program};
+use crate::error::{Error, Result};
+use crate::snapshot::{DatabaseRecord, Source as SourceRecord, TableRecord};
+
+/// pg_dump's last line: output without it was cut short.
+const PG_DUMP_END: &[u8] = b"-- PostgreSQL database dump complete\n--\n";
+
+/// How to reach a PostgreSQL database: libpq environment for the client tools.
+#[derive(Clone)]
+pub struct PgConn {
+    env: Vec<(String, String)>,
+    password: Option<Arc<Zeroizing<String>>>,
+    /// Where the client tools are (default: `PATH`).
+    bin_dir: Option<PathBuf>,
+    /// The URL without secrets, for messages and the snapshot record.
+    pub display: String,
+    pub database: String,
+}
+
+impl std::fmt::Debug for PgConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgConn({})", self.display)
+    }
+}
+
+/// URL query parameters and the libpq environment variables they become.
+const PARAMS: &[(&str, &str)] = &[
+    ("host", "PGHOST"),
+    ("port", "PGPORT"),
+    ("user", "PGUSER"),
+    ("dbname", "PGDATABASE"),
+    ("sslmode", "PGSSLMODE"),
+    ("sslrootcert", "PGSSLROOTCERT"),
+    ("sslcert", "PGSSLCERT"),
+    ("sslkey", "PGSSLKEY"),
+    ("connect_timeout", "PGCONNECT_TIMEOUT"),
+    ("application_name", "PGAPPNAME"),
+    ("options", "PGOPTIONS"),
+    ("passfile", "PGPASSFILE"),
+    ("target_session_attrs", "PGTARGETSESSIONATTRS"),
+];
+
+impl PgConn {
+    /// Parses `postgres://[user@][host][:port][/database][?param=value&...]`. A password in
+    /// the URL is refused (it would show in the process list); pass it separately.
+    pub fn parse(url: &str, password: Option<Zeroizing<String>>) -> Result<PgConn> {
+        let bad = |why: String| Error::invalid(format!("database URL {}: {why}", redact(url)));
+        let u = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+        if !matches!(u.scheme(), "postgres" | "postgresql") {
+            return Err(bad("expected postgres://".into()));
+        }
+        if u.password().is_some() {
+            return Err(bad(
+                "holds a password; put it in --db-password-file (or the systemd credential \
+                 kluis-db-password) so it never shows in the process list"
+                    .into(),
+            ));
+        }
+        let decode = |s: &str| {
+            percent_decode(s).ok_or_else(|| bad(format!("{s:?} is not valid percent-encoding")))
+        };
+        let mut env: Vec<(String, String)> = Vec::new();
+        if let Some(h) = u.host_str().filter(|h| !h.is_empty()) {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            env.push(("PGHOST".into(), decode(h)?));
+        }
+        if let Some(p) = u.port() {
+            env.push(("PGPORT".into(), p.to_string()));
+        }
+        if !u.username().is_empty() {
+            env.push(("PGUSER".into(), decode(u.username())?));
+        }
+        let path = u.path().trim_start_matches('/');
+        if !path.is_empty() {
+            env.push(("PGDATABASE".into(), decode(path)?));
+        }
+        for (k, v) in u.query_pairs() {
+            let Some((_, var)) = PARAMS.iter().find(|(p, _)| *p == k) else {
+                return Err(bad(format!(
+                    "unknown parameter {k:?} (known: {})",
+                    PARAMS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+                )));
+            };
+            if *var == "PGPASSWORD" {
+                return Err(bad("holds a password".into()));
+            }
+            env.retain(|(name, _)| name != var);
+            env.push((var.to_string(), v.into_owned()));
+        }
+        let database = env
+            .iter()
+            .find(|(k, _)| k == "PGDATABASE")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var("PGDATABASE").ok())
+            .ok_or_else(|| bad("names no database (postgres://host/DATABASE)".into()))?;
+        Ok(PgConn {
+            env,
+            password: password.map(Arc::new),
+            bin_dir: None,
+            display: redact(url),
+            database,
+        })
+    }
+
+    /// Looks for the client tools in `dir` instead of on `PATH`.
+    pub fn with_bin_dir(mut self, dir: Option<PathBuf>) -> PgConn {
+        self.bin_dir = dir;
+        self
+    }
+
+    /// The same server, another database.
+    pub fn with_database(&self, database: &str) -> PgConn {
+        let mut c = self.clone();
+        c.env.retain(|(k, _)| k != "PGDATABASE");
+        c.env.push(("PGDATABASE".into(), database.to_string()));
+        c.database = database.to_string();
+        c
+    }
+
+    /// A client tool with the connection in its environment; it never prompts for a password.
+    pub fn command(&self, program: &str) -> Result<Command> {
+        let path = find_program(program, self.bin_dir.as_deref())?;
+        let mut c = Command::new(path);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        if let Some(p) = &self.password {
+            c.env("PGPASSWORD", p.as_str());
+        }
+        c.env("PGCONNECT_TIMEOUT", self.env_or("PGCONNECT_TIMEOUT", "30"));
+        c.arg("--no-password");
+        c.stdin(Stdio::null());
+        Ok(c)
+    }
+
+    fn env_or(&self, key: &str, default: &str) -> OsString {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| OsString::from(v))
+            .or_else(|| std::env::var_os(key))
+            .unwrap_or_else(|| default.into())
+    }
+
+    /// `psql` for a script: quiet, no startup file, stops at the first error.
+    pub fn psql(&self) -> Result<Command> {
+        let mut c = self.command("psql")?;
+        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
+        Ok(c)
+    }
+
+    /// Runs one query and returns its single-line, unaligned result.
+    pub fn query_one(&self, sql: &str) -> Result<String> {
+        let out = self
+            .psql()?
+            .args(["-A", "-t", "-c", sql])
+            .output()
+            .map_err(|e| Error::SourceFailed(format!("cannot start psql: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::SourceFailed(format!(
+                "psql on {}: {}",
+                self.display,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+/// The URL with any password replaced, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            let pairs: Vec<(String, String)> = u
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "password" {
+                        "***".into()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            if !pairs.is_empty() {
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            u.to_string()
+        }
+        Err(_) => "(unparsable URL)".into(),
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A table as the snapshot-holding session described it.
+#[derive(Debug, Clone, Deserialize)]
+struct Table {
+    schema: String,
+    name: String,
+    /// `schema.name`, quoted where needed (as pg_dump writes it).
+    qualified: String,
+    /// A pattern that matches exactly this table, for `--exclude-table-data`.
+    pattern: String,
+    /// Columns COPY carries (generated columns excluded), quoted, comma-separated.
+    columns: Option<String>,
+    /// The primary key's columns, quoted, in key order.
+    key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Info {
+    snapshot: String,
+    version: String,
+    encoding: String,
+}
+
+/// The `psql` session that holds the exported snapshot until every stream has started.
+struct Exporter {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+    sent: u64,
+}
+
+impl Exporter {
+    fn start(conn: &PgConn) -> Result<Exporter> {
+        let mut child = conn
+            .psql()?
+            .args(["-A", "-t"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::SourceFailed(format!("cannot start psql: {e}")))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let stderr = child.stderr.take().map(super::collect_stderr);
+        let mut e = Exporter {
+            child,
+            stdin,
+            stdout,
+            stderr,
+            sent: 0,
+        };
+        // The session idles in its transaction while the dumps run: no timeouts may end it.
+        e.exec(
+            "SET statement_timeout = 0; SET lock_timeout = 0; \
+             SET idle_in_transaction_session_timeout = 0; \
+             BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;",
+        )?;
+        Ok(e)
+    }
+
+    /// Sends SQL and waits until psql has run it; returns the lines it printed.
+    fn exec(&mut self, sql: &str) -> Result<Vec<String>> {
+        self.sent += 1;
+        let marker = format!("kluis-done-{}", self.sent);
+        let script = format!("{sql}\n\\echo {marker}\n");
+        if self.stdin.write_all(script.as_bytes()).is_err() || self.stdin.flush().is_err() {
+            return Err(self.failure());
+        }
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            match self.stdout.read_line(&mut line) {
+                Ok(0) | Err(_) => return Err(self.failure()),
+                Ok(_) => {}
+            }
+            let line = line.trim_end_matches('\n');
+            if line == marker {
+                return Ok(lines);
+            }
+            lines.push(line.to_string());
+        }
+    }
+
+    /// The session ended early: its error message.
+    fn failure(&mut self) -> Error {
+        let _ = self.child.kill();
+        let status = self.child.wait();
+        let stderr = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&stderr);
+        let msg = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" | ");
+        let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+        Error::SourceFailed(if msg.is_empty() {
+            format!("psql (snapshot session) ended unexpectedly ({status})")
+        } else {
+            format!("psql (snapshot session): {msg}")
+        })
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&mut self, sql: &str) -> Result<T> {
+        let lines = self.exec(sql)?;
+        let line = lines.iter().find(|l| !l.is_empty()).ok_or_else(|| {
+            Error::SourceFailed("psql (snapshot session) returned no result".into())
+        })?;
+        serde_json::from_str(line).map_err(|e| {
+            Error::SourceFailed(format!(
+                "psql (snapshot session) returned unexpected output: {e}"
+            ))
+        })
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.stdin.write_all(b"ROLLBACK;\n\\q\n");
+        let _ = self.stdin.flush();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const INFO_SQL: &str = "SELECT jsonb_build_object('snapshot', pg_export_snapshot(), \
+     'version', current_setting('server_version'), \
+     'encoding', current_setting('server_encoding'));";
+
+/// Every ordinary table with data a plain pg_dump would carry: not system, temporary or
+/// extension-owned tables.
+const TABLES_SQL: &str = r#"SELECT coalesce(jsonb_agg(jsonb_build_object(
+    'schema', n.nspname, 'name', c.relname,
+    'qualified', quote_ident(n.nspname) || '.' || quote_ident(c.relname),
+    'pattern', '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"',
+    'columns', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
+                FROM pg_attribute a
+                WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                  AND a.attgenerated = ''),
+    'key', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
+            FROM pg_index i
+            CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+            WHERE i.indrelid = c.oid AND i.indisprimary)
+  ) ORDER BY n.nspname, c.relname), '[]'::jsonb)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+  AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e');"#;
+
+/// A PostgreSQL database as a [`StreamSet`].
+pub struct PostgresSource {
+    conn: PgConn,
+    exporter: Option<Exporter>,
+    info: Option<Info>,
+    tables: Vec<Table>,
+    rows: Vec<Arc<AtomicU64>>,
+    /// The next stream: 0 pre-data, 1..=tables data, then other data, then post-data.
+    step: usize,
+    warnings: Vec<Arc<std::sync::Mutex<Vec<String>>>>,
+}
+
+impl PostgresSource {
+    pub fn new(conn: PgConn) -> PostgresSource {
+        PostgresSource {
+            conn,
+            exporter: None,
+            info: None,
+            tables: Vec::new(),
+            rows: Vec::new(),
+            step: 0,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Opens the snapshot session and lists the tables (done by the first `next_stream`).
+    fn open(&mut self) -> Result<()> {
+        let mut ex = Exporter::start(&self.conn)?;
+        let info: Info = ex.json(INFO_SQL)?;
+        let tables: Vec<Table> = ex.json(TABLES_SQL)?;
+        self.rows = tables.iter().map(|_| Arc::default()).collect();
+        self.tables = tables;
+        self.info = Some(info);
+        self.exporter = Some(ex);
+        Ok(())
+    }
+
+    fn snapshot_id(&self) -> &str {
+        &self.info.as_ref().expect("opened").snapshot
+    }
+
+    fn pg_dump(&mut self, what: &str, args: &[String]) -> Result<Box<dyn std::io::Read + Send>> {
+        let mut c = self.conn.command("pg_dump")?;
+        c.arg(format!("--snapshot={}", self.snapshot_id()))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = c
+            .spawn()
+            .map_err(|e| Error::SourceFailed(format!("cannot start pg_dump: {e}")))?;
+        let out = ChildOutput::new(
+            format!("pg_dump ({what}) of {}", self.conn.display),
+            child,
+            StderrPolicy::DatabaseTool,
+        )?
+        .with_trailer(PG_DUMP_END);
+        self.warnings.push(out.warnings());
+        Ok(Box::new(out))
+    }
+
+    fn table_stream(&mut self, i: usize) -> Result<Box<dyn std::io::Read + Send>> {
+        let t = &self.tables[i];
+        let encoding = &self.info.as_ref().expect("opened").encoding;
+        let columns = t.columns.clone().unwrap_or_default();
+        let order = match &t.key {
+            Some(k) => format!(" ORDER BY {k}"),
+            None => String::new(),
+        };
+        let copy = format!(
+            "COPY (SELECT {columns} FROM ONLY {}{order}) TO STDOUT",
+            t.qualified
+        );
+        let mut c = self.conn.psql()?;
+        c.env("PGCLIENTENCODING", encoding)
+            .args(["-c", "SET row_security = off"])
+            .args(["-c", "SET statement_timeout = 0"])
+            .args(["-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"])
+            .args([
+                "-c".to_string(),
+                format!("SET TRANSACTION SNAPSHOT '{}'", self.snapshot_id()),
+            ])
+            .args(["-c", &copy])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = c
+            .spawn()
+            .map_err(|e| Error::SourceFailed(format!("cannot start psql: {e}")))?;
+        let out = ChildOutput::new(
+            format!(
+                "psql (COPY of table {}) on {}",
+                t.qualified, self.conn.display
+            ),
+            child,
+            StderrPolicy::DatabaseTool,
+        )?
+        .count_lines(self.rows[i].clone());
+        self.warnings.push(out.warnings());
+        let ordered = match &t.key {
+            Some(k) => format!("ordered by primary key ({k})"),
+            None => "no primary key: in the server's order".into(),
+        };
+        let column_list = if columns.is_empty() {
+            String::new()
+        } else {
+            format!(" ({columns})")
+        };
+        let head = format!(
+            "--\n-- kluis: data for table {}, {ordered}\n--\n\n\
+             SET client_encoding = '{encoding}';\n\
+             SET standard_conforming_strings = on;\n\
+             COPY {}{column_list} FROM stdin;\n",
+            t.qualified, t.qualified
+        );
+        Ok(Box::new(Framed::new(
+            head.into_bytes(),
+            out,
+            b"\\.\n\n".to_vec(),
+        )))
+    }
+}
+
+/// A table's stream name: its position, then a readable (not necessarily exact) name.
+fn data_stream_name(i: usize, t: &Table) -> String {
+    let clean: String = format!("{}.{}", t.schema, t.name)
+        .chars()
+        .map(|c| {
+            if c == '/' || c == '\0' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .take(100)
+        .collect();
+    format!("2-data-{:06}-{clean}.sql", i + 1)
+}
+
+impl StreamSet for PostgresSource {
+    fn next_stream(&mut self) -> Result<Option<NamedStream>> {
+        if self.exporter.is_none() && self.step == 0 {
+            self.open()?;
+        }
+        let step = self.step;
+        self.step += 1;
+        let n = self.tables.len();
+        let (name, reader) = if step == 0 {
+            (
+                "1-pre-data.sql".to_string(),
+                self.pg_dump("pre-data", &["--section=pre-data".into()])?,
+            )
+        } else if step <= n {
+            (
+                data_stream_name(step - 1, &self.tables[step - 1]),
+                self.table_stream(step - 1)?,
+            )
+        } else if step == n + 1 {
+            let mut args = vec!["--section=data".to_string(), "--blobs".to_string()];
+            for t in &self.tables {
+                args.push(format!("--exclude-table-data={}", t.pattern));
+            }
+            (
+                "3-data-other.sql".to_string(),
+                self.pg_dump("sequences and large objects", &args)?,
+            )
+        } else if step == n + 2 {
+            (
+                "4-post-data.sql".to_string(),
+                self.pg_dump("post-data", &["--section=post-data".into()])?,
+            )
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(NamedStream { name, reader }))
+    }
+
+    fn finish(&mut self) -> Result<SourceRecord> {
+        let info = self
+            .info
+            .as_ref()
+            .ok_or_else(|| Error::SourceFailed("the PostgreSQL source was never opened".into()))?;
+        // Every tool joined the snapshot and finished: the session may end now.
+        self.exporter = None;
+        let tables = self
+            .tables
+            .iter()
+            .zip(&self.rows)
+            .map(|(t, rows)| TableRecord {
+                schema: t.schema.clone(),
+                name: t.name.clone(),
+                rows: rows.load(Ordering::Relaxed),
+                key: t.key.clone(),
+            })
+            .collect();
+        Ok(SourceRecord::Postgres(DatabaseRecord {
+            server: self.conn.display.clone(),
+            database: self.conn.database.clone(),
+            server_version: info.version.clone(),
+            encoding: info.encoding.clone(),
+            tables,
+        }))
+    }
+}
+
+impl PostgresSource {
+    /// Warnings the tools printed (stderr lines that were not errors).
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .iter()
+            .flat_map(|w| w.lock().expect("not poisoned").clone())
+            .collect()
+    }
+}
+
+/// `'text'` as an SQL string literal (standard_conforming_strings on).
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `"name"` as an SQL identifier.
+fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Makes the restore target ready: creates the database (from template0, in the snapshot's
+/// encoding), or accepts an existing empty one; a database that holds tables or functions is
+/// refused unless `force`, which drops and recreates it.
+pub fn prepare_target(target: &PgConn, encoding: &str, force: bool) -> Result<()> {
+    let fail = |e: Error| match e {
+        Error::SourceFailed(m) => Error::TargetFailed(m),
+        e => e,
+    };
+    let maintenance = target.with_database("postgres");
+    let db = &target.database;
+    let exists = maintenance
+        .query_one(&format!(
+            "SELECT count(*) FROM pg_database WHERE datname = {}",
+            literal(db)
+        ))
+        .map_err(fail)?
+        == "1";
+    if exists {
+        let objects: u64 = target
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                   WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%') \
+                 + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                   WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%')",
+            )
+            .map_err(fail)?
+            .parse()
+            .unwrap_or(u64::MAX);
+        if objects == 0 {
+            return Ok(());
+        }
+        if !force {
+            return Err(Error::invalid(format!(
+                "database {db:?} on {} is not empty ({objects} tables, sequences, indexes or \
+                 functions); restore into a new database, or pass --force to drop and recreate it",
+                target.display
+            )));
+        }
+        maintenance
+            .query_one(&format!("DROP DATABASE {} WITH (FORCE)", ident(db)))
+            .map_err(fail)?;
+    }
+    maintenance
+        .query_one(&format!(
+            "CREATE DATABASE {} TEMPLATE template0 ENCODING {}",
+            ident(db),
+            literal(encoding)
+        ))
+        .map_err(fail)?;
+    Ok(())
+}
+
+/// A `psql` that reads a dump stream on its standard input and stops at the first error.
+pub fn loader(target: &PgConn) -> Result<Command> {
+    let mut c = target.psql()?;
+    c.args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    Ok(c)
+}
+
+/// The newest installed PostgreSQL client tools on Debian (`/usr/lib/postgresql/N/bin`), if
+/// any: used when the tools are not on `PATH`.
+pub fn debian_bin_dir() -> Option<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("pg_dump").is_file().then_some((v, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|(_, p)| p)
+}
+
+/// Where to find `pg_dump` and `psql`: the given directory, `PATH`, or Debian's location.
+pub fn tools_dir(configured: Option<&Path>) -> Option<PathBuf> {
+    if let Some(d) = configured {
+        return Some(d.to_path_buf());
+    }
+    if find_program("pg_dump", None).is_ok() {
+        return None;
+    }
+    debian_bin_dir()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_become_libpq_environment() {
+        let c = PgConn::parse(
+            "postgres://app%40x@db.example:6543/shop%20db?sslmode=require",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.database, "shop db");
+        let get = |k: &str| c.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("PGHOST"), Some("db.example"));
+        assert_eq!(get("PGPORT"), Some("6543"));
+        assert_eq!(get("PGUSER"), Some("app@x"));
+        assert_eq!(get("PGSSLMODE"), Some("require"));
+        let e = PgConn::parse("postgres://u:secret@h/db", None).unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert!(e.to_string().contains("password"), "{e}");
+        assert!(PgConn::parse("postgres://h/db?bogus=1", None).is_err());
+        assert!(PgConn::parse("mysql://h/db", None).is_err());
+        let socket = PgConn::parse("postgres:///db?host=/run/postgresql&port=5433", None).unwrap();
+        assert_eq!(socket.database, "db");
+    }
+
+    #[test]
+    fn stream_names_sort_in_restore_order() {
+        let t = |s: &str, n: &str| Table {
+            schema: s.into(),
+            name: n.into(),
+            qualified: String::new(),
+            pattern: String::new(),
+            columns: None,
+            key: None,
+        };
+        let mut names = [
+            "4-post-data.sql".to_string(),
+            data_stream_name(9, &t("public", "a/b")),
+            "3-data-other.sql".to_string(),
+            data_stream_name(0, &t("x", "z")),
+            "1-pre-data.sql".to_string(),
+        ];
+        names.sort();
+        assert_eq!(names[0], "1-pre-data.sql");
+        assert_eq!(names[1], "2-data-000001-x.z.sql");
+        assert_eq!(names[2], "2-data-000010-public.a_b.sql");
+        assert_eq!(names[4], "4-post-data.sql");
+    }
+}

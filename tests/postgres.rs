@@ -1,0 +1,377 @@
+//! PostgreSQL sources and restores against a real server the harness starts: fidelity of the
+//! hard cases, consistency under concurrent writes, and failures that must never become
+//! snapshots.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use common::*;
+
+/// Everything a plain dump must carry faithfully.
+const HARD_CASES: &str = r#"
+CREATE SCHEMA billing;
+CREATE SCHEMA "Mixed Case";
+CREATE TABLE public.people(
+  id serial PRIMARY KEY, name text NOT NULL, note text, nick text, born date, data jsonb,
+  amount numeric(30,10), seen timestamptz, big text,
+  full_name text GENERATED ALWAYS AS (name || '/' || coalesce(nick, '-')) STORED);
+INSERT INTO people(name, note, nick, born, data, amount, seen) VALUES
+  ('Zoë 😀 Ünïcode ✓', NULL, '', '2000-02-29', '{"a": [1, 2, {"b": null}], "emoji": "🎉"}',
+   12345678901234567890.0123456789, '2026-03-29 01:30:00.123456+01'),
+  (E'tab\tand\nnewline and back\\slash', '', NULL, NULL, 'null', -0.0000000001, 'infinity'),
+  ('empty strings', '', '', '-infinity', '""', 0, '1970-01-01 00:00:00+00');
+INSERT INTO people(name, big) SELECT 'large', repeat('abcdefghij', 300000);
+CREATE TABLE billing.blobs(id int PRIMARY KEY, b bytea, nothing bytea);
+INSERT INTO billing.blobs
+  SELECT 1, decode(string_agg(lpad(to_hex(g), 2, '0'), '' ORDER BY g), 'hex'), NULL
+  FROM generate_series(0, 255) g;
+INSERT INTO billing.blobs VALUES (2, '', '\x00');
+CREATE TABLE billing.invoices(
+  id bigserial PRIMARY KEY, person int NOT NULL REFERENCES public.people(id) ON DELETE CASCADE,
+  total numeric CHECK (total >= 0), issued timestamptz DEFAULT now(), UNIQUE (person, id));
+INSERT INTO billing.invoices(person, total, issued)
+  SELECT 1 + g % 3, g * 1.5, '2026-01-01'::timestamptz + g * interval '1 hour'
+  FROM generate_series(1, 20000) g;
+CREATE INDEX invoices_total ON billing.invoices(total);
+SELECT setval('billing.invoices_id_seq', 90000);
+CREATE TABLE public.nokey(a int, b text);
+INSERT INTO public.nokey VALUES (1, 'one'), (2, NULL), (1, 'one');
+CREATE TABLE "Mixed Case"."we""ird tab"(id int PRIMARY KEY, "Value" text);
+INSERT INTO "Mixed Case"."we""ird tab" VALUES (1, 'x'), (2, E'\\N is not null');
+CREATE TABLE public.composite(a int, b text, v int, PRIMARY KEY (b, a));
+INSERT INTO public.composite SELECT g % 10, 'k' || (g / 10), g FROM generate_series(1, 500) g;
+CREATE VIEW billing.totals AS SELECT person, sum(total) AS total FROM billing.invoices GROUP BY person;
+CREATE MATERIALIZED VIEW billing.counts AS SELECT count(*) AS n FROM billing.invoices;
+CREATE FUNCTION billing.clamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN IF NEW.total > 1000000 THEN NEW.total := 1000000; END IF; RETURN NEW; END $$;
+CREATE TRIGGER clamp BEFORE INSERT OR UPDATE ON billing.invoices
+  FOR EACH ROW EXECUTE FUNCTION billing.clamp();
+CREATE PROCEDURE billing.noop(x int) LANGUAGE sql AS $$ SELECT x $$;
+CREATE SEQUENCE public.counter START 5;
+SELECT nextval('public.counter'), nextval('public.counter');
+SELECT lo_from_bytea(0, '\xdeadbeef00ff'::bytea);
+COMMENT ON TABLE public.people IS 'people, with 😀';
+"#;
+
+fn password_file(repo: &Repo, content: &str) -> PathBuf {
+    let p = repo
+        .path()
+        .join(format!("dbpw-{}", hex(content.as_bytes())));
+    fs::write(&p, format!("{content}\n")).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+fn setup() -> (Postgres, Repo, PathBuf) {
+    let pg = Postgres::start();
+    let repo = Repo::init_file(&[]);
+    let pw = password_file(&repo, Postgres::PASSWORD);
+    (pg, repo, pw)
+}
+
+fn run_with_pw(repo: &Repo, pw: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--db-password-file", pw.to_str().unwrap()];
+    all.extend_from_slice(args);
+    repo.run(&all)
+}
+
+fn snapshot_count(repo: &Repo) -> usize {
+    let out = repo.ok(&["snapshots", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    v.as_array().unwrap().len()
+}
+
+#[test]
+fn postgres_round_trip_is_faithful() {
+    let (pg, repo, pw) = setup();
+    pg.sql("postgres", "CREATE DATABASE shop");
+    pg.sql("shop", HARD_CASES);
+    let out = run_with_pw(&repo, &pw, &["backup", "--json", &pg.url("shop")]);
+    assert_success(&out, &["backup", "postgres://"]);
+    let snap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(snap["name"], "shop");
+    assert_eq!(snap["source"]["kind"], "postgres");
+    assert!(
+        snap["source"]["server_version"]
+            .as_str()
+            .unwrap()
+            .starts_with(char::is_numeric)
+    );
+    let tables = snap["source"]["tables"].as_array().unwrap();
+    let rows = |name: &str| {
+        tables
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("table {name} not recorded: {tables:?}"))["rows"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(rows("invoices"), 20000);
+    assert_eq!(rows("people"), 4);
+    assert_eq!(rows("we\"ird tab"), 2);
+    assert_eq!(rows("nokey"), 3);
+
+    let want_schema = pg.schema("shop");
+    let want_data = pg.fingerprint("shop");
+    assert!(want_data.contains("large object"), "{want_data}");
+
+    // Into a new database, created by the restore.
+    let out = run_with_pw(&repo, &pw, &["restore", "latest", "--to", &pg.url("copy")]);
+    assert_success(&out, &["restore", "--to"]);
+    assert_eq!(
+        pg.schema("copy"),
+        want_schema,
+        "schema differs after restore --to"
+    );
+    assert_eq!(
+        pg.fingerprint("copy"),
+        want_data,
+        "data differs after restore --to"
+    );
+
+    // As a plain SQL dump, loaded by psql.
+    let out = repo.run(&["restore", "latest", "--stdout"]);
+    assert_success(&out, &["restore", "--stdout"]);
+    pg.sql("postgres", "CREATE DATABASE viapsql");
+    pg.sql("viapsql", &text(&out.stdout));
+    assert_eq!(
+        pg.schema("viapsql"),
+        want_schema,
+        "schema differs via --stdout"
+    );
+    assert_eq!(
+        pg.fingerprint("viapsql"),
+        want_data,
+        "data differs via --stdout"
+    );
+
+    // A non-empty target is refused unless --force, which replaces it.
+    let out = run_with_pw(&repo, &pw, &["restore", "latest", "--to", &pg.url("copy")]);
+    let err = assert_code(&out, EXIT_USAGE, "restore into a non-empty database");
+    assert!(
+        err.contains("not empty") && err.contains("--force"),
+        "{err}"
+    );
+    pg.sql("copy", "DELETE FROM billing.invoices WHERE id < 100");
+    let out = run_with_pw(
+        &repo,
+        &pw,
+        &[
+            "restore",
+            "latest",
+            "--to",
+            &pg.url("copy"),
+            "--force",
+            "--jobs",
+            "3",
+        ],
+    );
+    assert_success(&out, &["restore", "--force"]);
+    assert_eq!(
+        pg.fingerprint("copy"),
+        want_data,
+        "data differs after --force"
+    );
+
+    // Nothing readable in the repository.
+    for (name, path) in repo.objects() {
+        let bytes = fs::read(path).unwrap();
+        assert!(
+            !bytes.windows(12).any(|w| w == b"empty string"),
+            "{name} holds plaintext"
+        );
+    }
+    repo.ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn postgres_snapshot_is_consistent_under_concurrent_writes() {
+    let (pg, repo, pw) = setup();
+    pg.sql("postgres", "CREATE DATABASE bank");
+    // Money moves between two tables; the total across both never changes. Without one
+    // snapshot shared by every table's dump, the restored total would be off.
+    pg.sql(
+        "bank",
+        "CREATE TABLE checking(id int PRIMARY KEY, balance bigint NOT NULL);
+         CREATE TABLE savings(id int PRIMARY KEY, balance bigint NOT NULL, pad text);
+         INSERT INTO checking SELECT g, 1000 FROM generate_series(1, 2000) g;
+         INSERT INTO savings SELECT g, 1000, repeat('p', 2000) FROM generate_series(1, 2000) g;",
+    );
+    let mut script = String::new();
+    for i in 0..60_000u64 {
+        let (a, b) = (1 + (i * 7919) % 2000, 1 + (i * 104_729) % 2000);
+        script.push_str(&format!(
+            "BEGIN; UPDATE checking SET balance = balance - 3 WHERE id = {a}; \
+             UPDATE savings SET balance = balance + 3 WHERE id = {b}; COMMIT;\n"
+        ));
+    }
+    let mut writer = pg
+        .psql()
+        .args(["-d", "bank"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = writer.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(script.as_bytes());
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut backups = 0;
+    for _ in 0..3 {
+        let out = run_with_pw(&repo, &pw, &["backup", &pg.url("bank")]);
+        assert_success(&out, &["backup", "bank"]);
+        backups += 1;
+    }
+    let still_writing = writer.try_wait().unwrap().is_none();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let _ = feeder.join();
+    assert!(
+        still_writing,
+        "the writer finished before the backups did: test proves nothing"
+    );
+    let out = repo.ok(&["snapshots", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), backups);
+    for (i, s) in list.as_array().unwrap().iter().enumerate() {
+        let id = s["id"].as_str().unwrap();
+        let db = format!("restored{i}");
+        let out = run_with_pw(&repo, &pw, &["restore", id, "--to", &pg.url(&db)]);
+        assert_success(&out, &["restore", id]);
+        let total = pg.sql(
+            &db,
+            "SELECT (SELECT sum(balance) FROM checking) + (SELECT sum(balance) FROM savings)",
+        );
+        assert_eq!(total.trim(), "4000000", "snapshot {id} is not consistent");
+    }
+}
+
+#[test]
+fn postgres_failures_never_become_snapshots() {
+    let (pg, repo, pw) = setup();
+    pg.sql("postgres", "CREATE DATABASE app");
+    pg.sql(
+        "app",
+        "CREATE TABLE open_data(id int PRIMARY KEY, v text);
+         CREATE TABLE secrets(id int PRIMARY KEY, v text);
+         INSERT INTO open_data SELECT g, md5(g::text) FROM generate_series(1, 50000) g;
+         INSERT INTO secrets VALUES (1, 'x');
+         CREATE ROLE limited LOGIN PASSWORD 'limited-pw';
+         GRANT SELECT ON open_data TO limited;",
+    );
+
+    // Wrong password.
+    let wrong = password_file(&repo, "not-the-password");
+    let out = run_with_pw(&repo, &wrong, &["backup", &pg.url("app")]);
+    let err = assert_code(&out, EXIT_SOURCE_FAILED, "wrong database password");
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(
+        !err.contains("not-the-password"),
+        "the password leaked: {err}"
+    );
+
+    // Missing table permissions.
+    let limited = password_file(&repo, "limited-pw");
+    let url = format!("postgres://limited@127.0.0.1:{}/app", pg.port);
+    let out = run_with_pw(&repo, &limited, &["backup", &url]);
+    let err = assert_code(&out, EXIT_SOURCE_FAILED, "missing permissions");
+    assert!(err.contains("permission denied"), "{err}");
+
+    // A database that does not exist.
+    let out = run_with_pw(&repo, &pw, &["backup", &pg.url("nosuchdb")]);
+    let err = assert_code(&out, EXIT_SOURCE_FAILED, "missing database");
+    assert!(err.contains("nosuchdb"), "{err}");
+
+    // A password in the URL is refused before anything runs.
+    let with_pw = format!("postgres://postgres:hunter2@127.0.0.1:{}/app", pg.port);
+    let out = repo.run(&["backup", &with_pw]);
+    let err = assert_code(&out, EXIT_USAGE, "password in URL");
+    assert!(!err.contains("hunter2"), "the password leaked: {err}");
+
+    // pg_dump killed mid-way, and pg_dump output cut short: through wrappers around the real one.
+    let real = pg.bin.join("pg_dump");
+    for (label, body) in [
+        (
+            "killed",
+            format!("\"{}\" \"$@\" | head -c 300; kill -9 $$", real.display()),
+        ),
+        (
+            "truncated",
+            format!("\"{}\" \"$@\" | head -c 300", real.display()),
+        ),
+    ] {
+        let dir = repo.path().join(format!("bin-{label}"));
+        fs::create_dir_all(&dir).unwrap();
+        for tool in ["psql", "pg_dumpall"] {
+            std::os::unix::fs::symlink(pg.bin.join(tool), dir.join(tool)).unwrap();
+        }
+        let script = dir.join("pg_dump");
+        fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let out = run_with_pw(
+            &repo,
+            &pw,
+            &[
+                "--pg-bin-dir",
+                dir.to_str().unwrap(),
+                "backup",
+                &pg.url("app"),
+            ],
+        );
+        let err = assert_code(&out, EXIT_SOURCE_FAILED, label);
+        let want = if label == "killed" {
+            "signal 9"
+        } else {
+            "truncated"
+        };
+        assert!(err.contains(want), "{label}: {err}");
+    }
+
+    // The server goes down.
+    pg.stop();
+    let out = run_with_pw(&repo, &pw, &["backup", &pg.url("app")]);
+    let err = assert_code(&out, EXIT_SOURCE_FAILED, "server down");
+    assert!(err.contains("127.0.0.1"), "{err}");
+
+    assert_eq!(snapshot_count(&repo), 0, "a failed dump became a snapshot");
+    // Nothing committed, and the repository is fine.
+    repo.ok(&["check"]);
+    pg.start_again();
+    let out = run_with_pw(&repo, &pw, &["backup", &pg.url("app")]);
+    assert_success(&out, &["backup", "after the failures"]);
+    assert_eq!(snapshot_count(&repo), 1);
+}
+
+#[test]
+fn command_source_checks_its_exit_and_stderr() {
+    let repo = Repo::init_file(&[]);
+    let out = repo.run(&[
+        "backup",
+        "--name",
+        "gen",
+        "--command",
+        "seq 1 200000; echo 'progress: done' >&2",
+    ]);
+    assert_success(&out, &["backup", "--command"]);
+    let want: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(repo.restore_stdout("latest"), want.as_bytes());
+    for (cmd, needle) in [
+        ("seq 1 1000; exit 3", "exit code 3"),
+        ("seq 1 1000; echo 'ERROR: disk on fire' >&2", "disk on fire"),
+        ("seq 1 100000; kill -9 $$", "signal 9"),
+        ("no-such-program-kluis", "exit code 127"),
+    ] {
+        let out = repo.run(&["backup", "--name", "gen", "--command", cmd]);
+        let err = assert_code(&out, EXIT_SOURCE_FAILED, cmd);
+        assert!(err.contains(needle), "{cmd}: {err}");
+        assert!(err.contains("no snapshot"), "{cmd}: {err}");
+    }
+    assert_eq!(snapshot_count(&repo), 1);
+}
