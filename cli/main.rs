@@ -23,7 +23,9 @@ use kluis::repository::{InitOptions, Repository};
 use kluis::restore::{RestoreOptions, Restorer};
 use kluis::snapshot;
 use kluis::source::command::CommandSource;
+use kluis::source::mysql::{MyConn, MysqlSource};
 use kluis::source::postgres::{self, PgConn, PostgresSource};
+use kluis::source::sqlite::{self, SqliteSource};
 use kluis::store::Store;
 
 use output::{ProgressLine, human_bytes, human_duration};
@@ -104,7 +106,8 @@ struct InitArgs {
 
 #[derive(Args)]
 struct BackupArgs {
-    /// Files and directories to back up, or one database URL: postgres://[user@]host[:port]/db
+    /// Files and directories to back up, or one database URL: postgres://[user@]host[:port]/db,
+    /// mysql://[user@]host[:port]/db (or ?socket=PATH), sqlite:///path/to/file
     paths: Vec<PathBuf>,
     /// Read the data from standard input (requires --name)
     #[arg(long, conflicts_with = "paths")]
@@ -147,16 +150,22 @@ struct SnapshotsArgs {
 
 #[derive(Args)]
 struct RestoreArgs {
-    /// Snapshot id, id prefix, or `latest`
-    snapshot: String,
-    /// With `latest`: the newest snapshot of this name
+    /// Snapshot id, id prefix, or `latest` (or give --at)
+    #[arg(required_unless_present = "at", conflicts_with = "at")]
+    snapshot: Option<String>,
+    /// The newest snapshot taken at or before this time: RFC 3339, "YYYY-MM-DD[ HH:MM[:SS]]"
+    /// in local time, or an age such as 36h or 2days
+    #[arg(long, value_parser = parse_at)]
+    at: Option<Timestamp>,
+    /// With `latest` or --at: only snapshots of this name
     #[arg(long)]
     name: Option<String>,
     /// Write the stream to standard output (a database snapshot: as a plain SQL dump)
     #[arg(long, conflicts_with_all = ["target", "to"], required_unless_present_any = ["target", "to"])]
     stdout: bool,
-    /// Restore a database snapshot into this database: postgres://[user@]host[:port]/newdb
-    /// (created if missing; an existing non-empty one is refused unless --force)
+    /// Restore a database snapshot into this database: postgres://[user@]host[:port]/newdb,
+    /// mysql://[user@]host[:port]/newdb or sqlite:///path/new.db (created if missing; an
+    /// existing non-empty one is refused unless --force)
     #[arg(long, conflicts_with = "target")]
     to: Option<String>,
     /// With --to: drop and recreate a target database that is not empty
@@ -247,6 +256,17 @@ fn parse_time(s: &str) -> Result<Timestamp, String> {
         .map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// A point in time, or an age before now ("36h", "2days").
+fn parse_at(s: &str) -> Result<Timestamp, String> {
+    if let Ok(age) = humantime::parse_duration(s) {
+        let age = jiff::SignedDuration::try_from(age).map_err(|e| format!("{s:?}: {e}"))?;
+        return Timestamp::now()
+            .checked_sub(age)
+            .map_err(|e| format!("{s:?}: {e}"));
+    }
+    parse_time(s).map_err(|e| format!("{e}, or an age such as 36h"))
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -271,14 +291,17 @@ fn main() -> ExitCode {
         }
     };
     let cancel = Cancel::new();
+    // Set by a signal only: the engine also cancels `cancel` itself when one of its workers
+    // fails, and that failure is not an interruption.
+    let signalled = Cancel::new();
     let code = runtime.block_on(async {
-        let watcher = tokio::spawn(watch_signals(cancel.clone()));
+        let watcher = tokio::spawn(watch_signals(cancel.clone(), signalled.clone()));
         let result = run(cli, cancel.clone()).await;
         watcher.abort();
         match result {
             Ok(code) => code,
             Err(e) => {
-                let code = if cancel.is_cancelled() {
+                let code = if signalled.is_cancelled() {
                     exit::INTERRUPTED
                 } else {
                     error::exit_code_of(e.as_ref())
@@ -294,7 +317,7 @@ fn main() -> ExitCode {
 }
 
 /// SIGINT or SIGTERM cancel the operation cleanly; a second one exits at once.
-async fn watch_signals(cancel: Cancel) {
+async fn watch_signals(cancel: Cancel, signalled: Cancel) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),
@@ -313,6 +336,7 @@ async fn watch_signals(cancel: Cancel) {
         eprintln!(
             "\ninterrupted: stopping; nothing partial will be committed (again to exit at once)"
         );
+        signalled.cancel();
         cancel.cancel();
     }
 }
@@ -496,12 +520,30 @@ fn pg_conn(g: &Global, url: &str) -> anyhow::Result<PgConn> {
     Ok(conn.with_bin_dir(postgres::tools_dir(g.pg_bin_dir.as_deref())))
 }
 
+/// The database engines a URL can name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Postgres,
+    Mysql,
+    Sqlite,
+}
+
+fn engine_of(url: &str) -> Option<Engine> {
+    let scheme = url.split_once("://")?.0;
+    match scheme {
+        "postgres" | "postgresql" => Some(Engine::Postgres),
+        "mysql" | "mariadb" => Some(Engine::Mysql),
+        "sqlite" => Some(Engine::Sqlite),
+        _ => None,
+    }
+}
+
 /// A database URL given where paths go.
-fn database_url(paths: &[PathBuf]) -> Option<String> {
+fn database_url(paths: &[PathBuf]) -> Option<(Engine, String)> {
     match paths {
         [p] => {
             let s = p.to_str()?;
-            (s.starts_with("postgres://") || s.starts_with("postgresql://")).then(|| s.to_string())
+            engine_of(s).map(|e| (e, s.to_string()))
         }
         _ => None,
     }
@@ -523,17 +565,32 @@ async fn backup_cmd(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result
             ));
         };
         Source::Streams(Box::new(CommandSource::new(cmd.clone(), name.clone())))
-    } else if let Some(url) = database_url(&a.paths) {
-        let conn = pg_conn(g, &url)?;
-        default_name = Some(conn.database.clone());
-        Source::Streams(Box::new(PostgresSource::new(conn)))
+    } else if let Some((engine, url)) = database_url(&a.paths) {
+        match engine {
+            Engine::Postgres => {
+                let conn = pg_conn(g, &url)?;
+                default_name = Some(conn.database.clone());
+                Source::Streams(Box::new(PostgresSource::new(conn)))
+            }
+            Engine::Mysql => {
+                let conn = MyConn::parse(&url, db_password(g)?)?;
+                default_name = Some(conn.database.clone());
+                Source::Streams(Box::new(MysqlSource::new(conn)))
+            }
+            Engine::Sqlite => {
+                let path = sqlite::parse_url(&url)?;
+                default_name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                Source::Streams(Box::new(SqliteSource::new(path, None)))
+            }
+        }
     } else if a
         .paths
         .iter()
         .any(|p| p.to_str().is_some_and(|s| s.contains("://")))
     {
         bail!(kluis::Error::InvalidInput(format!(
-            "{}: back up one database URL at a time (postgres://...), without other paths",
+            "{}: back up one database URL at a time (postgres://, mysql://, sqlite://), \
+             without other paths",
             a.paths
                 .iter()
                 .find(|p| p.to_str().is_some_and(|s| s.contains("://")))
@@ -612,19 +669,35 @@ async fn restore_cmd(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Resu
     for err in &errors {
         eprintln!("warning: {err}");
     }
-    let snap = match snapshot::select(&list, &a.snapshot, a.name.as_deref()) {
+    let wanted = a
+        .snapshot
+        .clone()
+        .unwrap_or_else(|| "latest".into())
+        .to_ascii_lowercase();
+    let selected = match a.at {
+        Some(at) => snapshot::select_at(&list, at, a.name.as_deref()),
+        None => snapshot::select(&list, &wanted, a.name.as_deref()),
+    };
+    let snap = match selected {
         Ok(s) => s,
         Err(e) => {
             // A snapshot that cannot be read is not listed: if it may be the one asked for,
             // its damage is the error, not "not found".
-            let wanted = a.snapshot.to_ascii_lowercase();
             let culprit = errors.into_iter().find(|u| {
                 wanted == "latest" || u.id.is_some_and(|id| id.to_hex().starts_with(&wanted))
             });
             return Err(culprit.map_or_else(|| e.into(), |u| u.error.into()));
         }
     };
-    if !errors.is_empty() && a.snapshot == "latest" {
+    if a.at.is_some() && !g.quiet {
+        eprintln!(
+            "snapshot {} of {} ({})",
+            snap.id.short(),
+            output::local_time(snap.time),
+            snap.name
+        );
+    }
+    if !errors.is_empty() && wanted == "latest" {
         eprintln!(
             "warning: {} snapshot(s) could not be read; `latest` is the newest readable one",
             errors.len()
@@ -641,8 +714,23 @@ async fn restore_cmd(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Resu
     let restorer = Restorer::new(&repo, snap, opts).await?;
     let line = show_progress(g).then(|| ProgressLine::start("restore", progress));
     let result = if let Some(url) = &a.to {
-        let target = pg_conn(g, url)?;
-        restorer.to_postgres(&target, a.force, a.jobs).await
+        match engine_of(url) {
+            Some(Engine::Postgres) => {
+                let target = pg_conn(g, url)?;
+                restorer.to_postgres(&target, a.force, a.jobs).await
+            }
+            Some(Engine::Mysql) => {
+                let target = MyConn::parse(url, db_password(g)?)?;
+                restorer.to_mysql(&target, a.force).await
+            }
+            Some(Engine::Sqlite) => {
+                let target = sqlite::parse_url(url)?;
+                restorer.to_sqlite(&target, a.force).await
+            }
+            None => bail!(kluis::Error::InvalidInput(format!(
+                "--to {url}: expected postgres://, mysql:// or sqlite:// (for files: --target DIR)"
+            ))),
+        }
     } else if a.stdout {
         let out = stdout_file()?;
         restorer.stream_to(Box::new(out)).await

@@ -35,7 +35,7 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
-fn local_time(t: jiff::Timestamp) -> String {
+pub fn local_time(t: jiff::Timestamp) -> String {
     t.to_zoned_datetime(jiff::tz::TimeZone::system())
         .strftime("%Y-%m-%d %H:%M:%S")
         .to_string()
@@ -86,12 +86,9 @@ pub fn snapshot_table(list: &[Snapshot]) -> String {
                         "command {}",
                         command.split_whitespace().next().unwrap_or("")
                     ),
-                    Source::Postgres(db) => format!(
-                        "postgresql {} ({} tables, server {})",
-                        db.database,
-                        db.tables.len(),
-                        db.server_version
-                    ),
+                    Source::Postgres(db) => database_summary("postgresql", db),
+                    Source::Mysql(db) => database_summary("mysql", db),
+                    Source::Sqlite(db) => database_summary("sqlite", db),
                 },
             ]
         })
@@ -102,6 +99,15 @@ pub fn snapshot_table(list: &[Snapshot]) -> String {
     );
     let _ = writeln!(out, "{} snapshot(s)", list.len());
     out
+}
+
+fn database_summary(engine: &str, db: &kluis::snapshot::DatabaseRecord) -> String {
+    format!(
+        "{engine} {} ({} tables, {})",
+        db.database,
+        db.tables.len(),
+        db.server_version
+    )
 }
 
 pub fn key_table(slots: &[KeySlotInfo]) -> String {

@@ -28,7 +28,9 @@ use crate::repository::EpochKey;
 use crate::repository::Repository;
 use crate::snapshot::{Snapshot, Source as SnapshotSource};
 use crate::source::StderrPolicy;
+use crate::source::mysql::{self, MyConn};
 use crate::source::postgres::{self, PgConn};
+use crate::source::sqlite;
 use crate::tree::{self, Node, NodeType, Tree};
 
 /// Largest ranged read: a run of adjacent blobs up to this many stored bytes. With the default
@@ -177,10 +179,7 @@ impl<'a> Restorer<'a> {
         jobs: usize,
     ) -> Result<RestoreReport> {
         let SnapshotSource::Postgres(record) = &self.snapshot.source else {
-            return Err(Error::invalid(format!(
-                "snapshot {} is not a PostgreSQL snapshot: restore it with --stdout or --target",
-                self.snapshot.id.short()
-            )));
+            return Err(self.wrong_engine("PostgreSQL"));
         };
         let root = self.tree(&self.snapshot.tree).await?;
         let encoding = record.encoding.clone();
@@ -234,9 +233,22 @@ impl<'a> Restorer<'a> {
             node.name.to_display(),
             target.display
         );
-        let mut child = postgres::loader(target)?
+        self.pipe_into(node, postgres::loader(target)?, "psql", what)
+            .await
+    }
+
+    /// Streams a node into a database client's standard input; fails with the client's own
+    /// words if it exits non-zero or reports an error.
+    async fn pipe_into(
+        &self,
+        node: &Node,
+        mut command: std::process::Command,
+        tool: &'static str,
+        what: String,
+    ) -> Result<u64> {
+        let mut child = command
             .spawn()
-            .map_err(|e| Error::TargetFailed(format!("{what}: cannot start psql: {e}")))?;
+            .map_err(|e| Error::TargetFailed(format!("{what}: cannot start {tool}: {e}")))?;
         let stdin = child.stdin.take().expect("piped");
         let stderr = child
             .stderr
@@ -244,7 +256,7 @@ impl<'a> Restorer<'a> {
             .map(crate::source::collect_stderr)
             .expect("piped");
         let written = self.write_content(node, Box::new(stdin)).await;
-        // The writer (psql's stdin) is dropped by now: psql sees the end of its input.
+        // The writer (the client's stdin) is dropped by now: it sees the end of its input.
         let written = written.map(|(n, out)| {
             drop(out);
             n
@@ -256,13 +268,110 @@ impl<'a> Restorer<'a> {
         .await
         .map_err(|e| Error::invalid(format!("restore crashed: {e}")))?;
         let (status, stderr) = status;
-        let status = status.map_err(|e| Error::TargetFailed(format!("{what}: psql: {e}")))?;
+        let status = status.map_err(|e| Error::TargetFailed(format!("{what}: {tool}: {e}")))?;
         if let Err(msg) =
-            crate::source::check_exit("psql", status, &stderr, StderrPolicy::DatabaseTool)
+            crate::source::check_exit(tool, status, &stderr, StderrPolicy::DatabaseTool)
         {
             return Err(Error::TargetFailed(format!("{what}: {msg}")));
         }
         written
+    }
+
+    /// Restores a MySQL/MariaDB snapshot into the database `target` names: creates it (see
+    /// [`mysql::prepare_target`]) and loads the dump through the client, which stops at the
+    /// first error and names its line.
+    pub async fn to_mysql(mut self, target: &MyConn, force: bool) -> Result<RestoreReport> {
+        let SnapshotSource::Mysql(record) = &self.snapshot.source else {
+            return Err(self.wrong_engine("MySQL"));
+        };
+        let root = self.tree(&self.snapshot.tree).await?;
+        let node = self.single_stream(&root, mysql::STREAM)?;
+        let (charset, collation) = (record.encoding.clone(), record.collation.clone());
+        {
+            let target = target.clone();
+            tokio::task::spawn_blocking(move || {
+                mysql::prepare_target(&target, &charset, collation.as_deref(), force)
+            })
+            .await
+            .map_err(|e| Error::invalid(format!("restore crashed: {e}")))??;
+        }
+        let what = format!("restoring {} into {}", mysql::STREAM, target.display);
+        let bytes = self
+            .pipe_into(&node, mysql::loader(target)?, "mariadb", what)
+            .await?;
+        self.report.files += 1;
+        self.report.bytes += bytes;
+        Ok(self.report)
+    }
+
+    /// Restores a SQLite snapshot to the file `target`: written beside it, checked with
+    /// `PRAGMA integrity_check`, then renamed into place (see [`sqlite::commit_target`]).
+    pub async fn to_sqlite(mut self, target: &Path, force: bool) -> Result<RestoreReport> {
+        if !matches!(self.snapshot.source, SnapshotSource::Sqlite(_)) {
+            return Err(self.wrong_engine("SQLite"));
+        }
+        let root = self.tree(&self.snapshot.tree).await?;
+        let node = match root.nodes.as_slice() {
+            [n] if n.node_type == NodeType::File => n.clone(),
+            _ => {
+                return Err(Error::corrupt(
+                    format!("snapshot {}", self.snapshot.id.short()),
+                    "a SQLite snapshot must hold exactly one file",
+                ));
+            }
+        };
+        sqlite::prepare_target(target, force)?;
+        let partial = sqlite::partial_path(target);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .map_err(|e| Error::io(&partial, e))?;
+        let result = async {
+            let (bytes, out) = self
+                .write_content(&node, Box::new(SyncOnFlush(file)))
+                .await?;
+            drop(out);
+            sqlite::commit_target(&partial, target)?;
+            Ok::<u64, Error>(bytes)
+        }
+        .await;
+        match result {
+            Ok(bytes) => {
+                self.report.files += 1;
+                self.report.bytes += bytes;
+                Ok(self.report)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&partial);
+                Err(e)
+            }
+        }
+    }
+
+    fn wrong_engine(&self, engine: &str) -> Error {
+        Error::invalid(format!(
+            "snapshot {} ({}) is not a {engine} snapshot: restore it with {}",
+            self.snapshot.id.short(),
+            self.snapshot.name,
+            match self.snapshot.source {
+                SnapshotSource::Postgres(_) => "--to postgres://HOST/NEWDB",
+                SnapshotSource::Mysql(_) => "--to mysql://HOST/NEWDB",
+                SnapshotSource::Sqlite(_) => "--to sqlite:///PATH",
+                _ => "--stdout or --target DIR",
+            }
+        ))
+    }
+
+    /// The one file named `name` in a root tree.
+    fn single_stream(&self, root: &Tree, name: &str) -> Result<Node> {
+        match root.nodes.as_slice() {
+            [n] if n.node_type == NodeType::File && n.name.0 == name.as_bytes() => Ok(n.clone()),
+            _ => Err(Error::corrupt(
+                format!("snapshot {}", self.snapshot.id.short()),
+                format!("a database snapshot of this kind must hold exactly one file, {name}"),
+            )),
+        }
     }
 
     /// Restores the snapshot's tree under `target`.
@@ -612,6 +721,20 @@ impl Fetched {
         });
         stored_buffers.give(stored);
         decoded
+    }
+}
+
+/// A restored file: flushed to disk before it is checked and renamed into place.
+struct SyncOnFlush(fs::File);
+
+impl Write for SyncOnFlush {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()?;
+        self.0.sync_all()
     }
 }
 

@@ -23,6 +23,10 @@ pub enum Source {
     Command { command: String },
     /// A PostgreSQL database, as the streams of a plain SQL dump (see `source::postgres`).
     Postgres(DatabaseRecord),
+    /// A MySQL or MariaDB database, as one `mariadb-dump` stream (see `source::mysql`).
+    Mysql(DatabaseRecord),
+    /// A SQLite database, as a consistent copy of its file (see `source::sqlite`).
+    Sqlite(DatabaseRecord),
 }
 
 /// What a database snapshot holds, for restores and restore drills.
@@ -34,6 +38,9 @@ pub struct DatabaseRecord {
     pub database: String,
     pub server_version: String,
     pub encoding: String,
+    /// The database's default collation (MySQL), to create the restore target with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collation: Option<String>,
     /// Every table whose rows the snapshot holds, in stream order.
     pub tables: Vec<TableRecord>,
 }
@@ -166,6 +173,25 @@ pub fn select<'a>(
     }
 }
 
+/// The newest snapshot taken at or before `at` (optionally of a name): what an operator means
+/// by "the state as of yesterday 14:00".
+pub fn select_at<'a>(
+    snapshots: &'a [Snapshot],
+    at: Timestamp,
+    name: Option<&str>,
+) -> Result<&'a Snapshot> {
+    snapshots
+        .iter()
+        .filter(|s| name.is_none_or(|n| s.name == n) && s.time <= at)
+        .max_by_key(|s| (s.time, s.finished))
+        .ok_or_else(|| {
+            Error::SnapshotNotFound(format!(
+                "at or before {at}{}",
+                name.map(|n| format!(" named {n:?}")).unwrap_or_default()
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +259,41 @@ mod tests {
             select(&[], "latest", None),
             Err(Error::SnapshotNotFound(_))
         ));
+    }
+
+    #[test]
+    fn selection_at_a_time() {
+        let all = vec![
+            snap(
+                "aa000000000000000000000000000000",
+                "2026-11-01T02:30:00Z",
+                "db",
+            ),
+            snap(
+                "bb000000000000000000000000000000",
+                "2026-11-02T02:30:00Z",
+                "db",
+            ),
+            snap(
+                "cc000000000000000000000000000000",
+                "2026-11-02T03:00:00Z",
+                "files",
+            ),
+        ];
+        let at = |t: &str| t.parse::<Timestamp>().unwrap();
+        let pick = |t: &str, n: Option<&str>| select_at(&all, at(t), n).map(|s| s.id.short());
+        assert_eq!(pick("2026-11-02T02:30:00Z", None).unwrap(), "bb000000");
+        assert_eq!(pick("2026-11-02T02:29:59Z", None).unwrap(), "aa000000");
+        assert_eq!(
+            pick("2026-11-09T00:00:00Z", Some("db")).unwrap(),
+            "bb000000"
+        );
+        assert_eq!(pick("2026-11-09T00:00:00Z", None).unwrap(), "cc000000");
+        assert!(matches!(
+            pick("2026-11-01T02:29:59Z", None),
+            Err(Error::SnapshotNotFound(_))
+        ));
+        assert!(pick("2026-11-09T00:00:00Z", Some("nope")).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole kluis test suite on a fresh machine: installs what is missing first (PostgreSQL,
-# MariaDB, Garage), then checks formatting and lints, runs every test, and runs the demo.
+# MariaDB server and client, Garage), then checks formatting and lints, runs every test, and
+# runs the demo.
 # Every server a test needs is started by the test itself, in a temporary directory on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ log() { printf '\n== %s\n' "$*"; }
 missing=()
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]] || missing+=(mariadb-server)
+command -v mariadb-dump >/dev/null || missing+=(mariadb-client)
 command -v setpriv >/dev/null || missing+=(util-linux)
 if ((${#missing[@]})); then
     log "installing ${missing[*]}"

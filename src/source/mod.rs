@@ -7,7 +7,9 @@
 //! tool's own end marker. The error quotes the tool's message.
 
 pub mod command;
+pub mod mysql;
 pub mod postgres;
+pub mod sqlite;
 
 use std::io::{self, Read};
 use std::process::{Child, ChildStderr, ChildStdout};
@@ -375,6 +377,24 @@ impl<R: Read> Read for Framed<R> {
         }
         self.tail.read(buf)
     }
+}
+
+/// Decodes `%XX` escapes of a URL part.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Finds a program: `$dir/name` if a directory is configured, else on `PATH`.

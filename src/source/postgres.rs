@@ -86,7 +86,8 @@ impl PgConn {
             ));
         }
         let decode = |s: &str| {
-            percent_decode(s).ok_or_else(|| bad(format!("{s:?} is not valid percent-encoding")))
+            super::percent_decode(s)
+                .ok_or_else(|| bad(format!("{s:?} is not valid percent-encoding")))
         };
         let mut env: Vec<(String, String)> = Vec::new();
         if let Some(h) = u.host_str().filter(|h| !h.is_empty()) {
@@ -221,23 +222,6 @@ pub fn redact(url: &str) -> String {
         }
         Err(_) => "(unparsable URL)".into(),
     }
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// A table as the snapshot-holding session described it.
@@ -593,6 +577,7 @@ impl StreamSet for PostgresSource {
             database: self.conn.database.clone(),
             server_version: info.version.clone(),
             encoding: info.encoding.clone(),
+            collation: None,
             tables,
         }))
     }

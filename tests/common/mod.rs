@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod mariadb;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;

@@ -1,0 +1,234 @@
+//! A throwaway MariaDB server for the tests: its own data directory, socket and loopback port.
+
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::{free_port, text};
+
+/// A MariaDB server in a temporary directory on a loopback port. The harness talks to it as
+/// root over its socket; kluis connects over TCP as `kluis` with [`Mariadb::PASSWORD`].
+/// Killed on drop.
+pub struct Mariadb {
+    pub dir: TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn server_binary() -> PathBuf {
+    for p in ["/usr/sbin/mariadbd", "/usr/sbin/mysqld"] {
+        if fs::metadata(p).is_ok() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("MariaDB is not installed: tests/run-all.sh installs it")
+}
+
+impl Mariadb {
+    pub const USER: &'static str = "kluis";
+    pub const PASSWORD: &'static str = "maria-test-pass\"word'\\";
+
+    pub fn start() -> Mariadb {
+        let dir = TempDir::new().unwrap();
+        let data = dir.path().join("data");
+        let out = Command::new("mariadb-install-db")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(["--auth-root-authentication-method=normal", "--user=root"])
+            .args(["--skip-test-db", "--skip-name-resolve"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mariadb-install-db: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let mut db = Mariadb {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        db.launch();
+        let pw = Self::PASSWORD.replace('\\', "\\\\").replace('\'', "\\'");
+        db.sql(
+            "",
+            &format!(
+                "CREATE USER '{u}'@'127.0.0.1' IDENTIFIED BY '{pw}';
+                 GRANT ALL ON *.* TO '{u}'@'127.0.0.1' WITH GRANT OPTION;",
+                u = Self::USER
+            ),
+        );
+        db
+    }
+
+    fn launch(&mut self) {
+        let data = self.dir.path().join("data");
+        let log = fs::File::create(self.dir.path().join("log")).unwrap();
+        let child = Command::new(server_binary())
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", self.socket().display()))
+            .arg(format!("--port={}", self.port))
+            .arg(format!(
+                "--pid-file={}",
+                self.dir.path().join("pid").display()
+            ))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--user=root",
+                "--skip-log-bin",
+                "--skip-name-resolve",
+                "--innodb-buffer-pool-size=64M",
+                "--innodb-flush-log-at-trx-commit=0",
+                "--innodb-doublewrite=0",
+                "--character-set-server=utf8mb4",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            let ok = self
+                .client()
+                .args(["-e", "SELECT 1"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "mariadbd exited ({status}): {}",
+                    fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "mariadbd did not come up: {}",
+                fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("sock")
+    }
+
+    /// Stops the server; `start_again` brings it back.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn start_again(&mut self) {
+        self.launch();
+    }
+
+    /// `mysql://kluis@127.0.0.1:PORT/db` (the password goes in a file, never the URL).
+    pub fn url(&self, db: &str) -> String {
+        format!("mysql://{}@127.0.0.1:{}/{db}", Self::USER, self.port)
+    }
+
+    /// The client as root over the socket, in batch mode.
+    pub fn client(&self) -> Command {
+        let mut c = Command::new("mariadb");
+        c.arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket().display()))
+            .args([
+                "-uroot",
+                "--batch",
+                "--skip-column-names",
+                "--default-character-set=utf8mb4",
+            ]);
+        c
+    }
+
+    /// Runs SQL (a script, from stdin) in `db` ("" for none); returns its output; panics on
+    /// error.
+    pub fn sql(&self, db: &str, script: &str) -> String {
+        let mut c = self.client();
+        if !db.is_empty() {
+            c.arg(format!("--database={db}"));
+        }
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "mariadb {db} failed: {}\nscript: {}",
+            text(&out.stderr),
+            &script[..script.len().min(2000)]
+        );
+        text(&out.stdout)
+    }
+
+    /// A logical fingerprint of a database: every table's row count and row-by-row checksum.
+    pub fn fingerprint(&self, db: &str) -> String {
+        let tables = self.sql(
+            "",
+            &format!(
+                "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{db}' \
+                 AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME"
+            ),
+        );
+        let mut out = String::new();
+        for t in tables.lines() {
+            let q = format!("`{}`", t.replace('`', "``"));
+            let rows = self.sql(
+                db,
+                &format!("SELECT '{t}', COUNT(*) FROM {q}; CHECKSUM TABLE {q} EXTENDED;"),
+            );
+            // CHECKSUM TABLE names the table with its database: compare without it.
+            out.push_str(&rows.replace(&format!("{db}.{t}\t"), &format!("{t}\t")));
+        }
+        out
+    }
+
+    /// The schema as `mariadb-dump --no-data` writes it, with routines, triggers and events.
+    pub fn schema(&self, db: &str) -> String {
+        let out = Command::new("mariadb-dump")
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket().display()))
+            .args([
+                "-uroot",
+                "--no-data",
+                "--routines",
+                "--triggers",
+                "--events",
+                "--skip-dump-date",
+                "--skip-comments",
+                db,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mariadb-dump: {}", text(&out.stderr));
+        text(&out.stdout)
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
