@@ -3,32 +3,27 @@
 //! Thin by design: parse arguments, find the repository and the secret, call the engine, print.
 //! Data goes to stdout, messages and progress to stderr. Exit codes: see `kluis::error::exit`.
 
+mod backup;
+mod databases;
 mod output;
+mod restore;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use jiff::Timestamp;
 
-use kluis::backup::{self, BackupOptions, Source};
 use kluis::check::{self, CheckOptions};
 use kluis::error::{self, exit};
 use kluis::keys::{self, KdfParams, Secret};
 use kluis::progress::{Cancel, Progress};
 use kluis::repository::{InitOptions, Repository};
-use kluis::restore::{RestoreOptions, Restorer};
-use kluis::snapshot;
-use kluis::source::command::CommandSource;
-use kluis::source::mysql::{MyConn, MysqlSource};
-use kluis::source::postgres::{self, PgConn, PostgresSource};
-use kluis::source::sqlite::{self, SqliteSource};
 use kluis::store::Store;
 
-use output::{ProgressLine, human_bytes, human_duration};
+use output::{ProgressLine, human_bytes};
 
 #[derive(Parser)]
 #[command(
@@ -73,11 +68,11 @@ enum Command {
     Init(InitArgs),
     /// Back up a database (postgres://...), a command's output, standard input, or files and
     /// directories
-    Backup(BackupArgs),
+    Backup(backup::BackupArgs),
     /// List snapshots
     Snapshots(SnapshotsArgs),
     /// Restore a snapshot to standard output or into a directory
-    Restore(RestoreArgs),
+    Restore(restore::RestoreArgs),
     /// Verify the repository's integrity
     Check(CheckArgs),
     /// Manage the key slots that open the repository
@@ -105,84 +100,12 @@ struct InitArgs {
 }
 
 #[derive(Args)]
-struct BackupArgs {
-    /// Files and directories to back up, or one database URL: postgres://[user@]host[:port]/db,
-    /// mysql://[user@]host[:port]/db (or ?socket=PATH), sqlite:///path/to/file
-    paths: Vec<PathBuf>,
-    /// Read the data from standard input (requires --name)
-    #[arg(long, conflicts_with = "paths")]
-    stdin: bool,
-    /// Back up the standard output of this shell command (requires --name); a non-zero exit
-    /// or an error on its stderr fails the backup
-    #[arg(long, conflicts_with_all = ["paths", "stdin"])]
-    command: Option<String>,
-    /// Snapshot name (default for paths: the first path's base name; for a database: its name)
-    #[arg(long)]
-    name: Option<String>,
-    /// Host name to record (default: this host)
-    #[arg(long)]
-    host: Option<String>,
-    /// Snapshot time instead of now: RFC 3339, or "YYYY-MM-DD[ HH:MM[:SS]]" in local time
-    #[arg(long, value_parser = parse_time)]
-    time: Option<Timestamp>,
-    /// Tag the snapshot (repeatable)
-    #[arg(long = "tag")]
-    tags: Vec<String>,
-    /// Compression threads (default: one per core)
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Concurrent pack uploads
-    #[arg(long, default_value_t = 2)]
-    uploads: usize,
-    /// Print the snapshot as JSON
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
 struct SnapshotsArgs {
     /// Only snapshots with this name
     #[arg(long)]
     name: Option<String>,
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Args)]
-struct RestoreArgs {
-    /// Snapshot id, id prefix, or `latest` (or give --at)
-    #[arg(required_unless_present = "at", conflicts_with = "at")]
-    snapshot: Option<String>,
-    /// The newest snapshot taken at or before this time: RFC 3339, "YYYY-MM-DD[ HH:MM[:SS]]"
-    /// in local time, or an age such as 36h or 2days
-    #[arg(long, value_parser = parse_at)]
-    at: Option<Timestamp>,
-    /// With `latest` or --at: only snapshots of this name
-    #[arg(long)]
-    name: Option<String>,
-    /// Write the stream to standard output (a database snapshot: as a plain SQL dump)
-    #[arg(long, conflicts_with_all = ["target", "to"], required_unless_present_any = ["target", "to"])]
-    stdout: bool,
-    /// Restore a database snapshot into this database: postgres://[user@]host[:port]/newdb,
-    /// mysql://[user@]host[:port]/newdb or sqlite:///path/new.db (created if missing; an
-    /// existing non-empty one is refused unless --force)
-    #[arg(long, conflicts_with = "target")]
-    to: Option<String>,
-    /// With --to: drop and recreate a target database that is not empty
-    #[arg(long, requires = "to")]
-    force: bool,
-    /// With --to: tables loaded at once
-    #[arg(long, default_value_t = 2)]
-    jobs: usize,
-    /// Restore files and directories into this directory
-    #[arg(long)]
-    target: Option<PathBuf>,
-    /// Replace files that already exist under --target
-    #[arg(long)]
-    overwrite: bool,
-    /// Ranged reads in flight
-    #[arg(long, default_value_t = 4)]
-    fetches: usize,
 }
 
 #[derive(Args)]
@@ -254,17 +177,6 @@ fn parse_time(s: &str) -> Result<Timestamp, String> {
         .to_zoned_datetime(jiff::tz::TimeZone::system())
         .map(|z| z.timestamp())
         .map_err(|e| format!("{s:?}: {e}"))
-}
-
-/// A point in time, or an age before now ("36h", "2days").
-fn parse_at(s: &str) -> Result<Timestamp, String> {
-    if let Ok(age) = humantime::parse_duration(s) {
-        let age = jiff::SignedDuration::try_from(age).map_err(|e| format!("{s:?}: {e}"))?;
-        return Timestamp::now()
-            .checked_sub(age)
-            .map_err(|e| format!("{s:?}: {e}"));
-    }
-    parse_time(s).map_err(|e| format!("{e}, or an age such as 36h"))
 }
 
 fn main() -> ExitCode {
@@ -420,7 +332,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
             );
             Ok(exit::OK)
         }
-        Command::Backup(a) => backup_cmd(g, a, cancel).await,
+        Command::Backup(a) => backup::run(g, a, cancel).await,
         Command::Snapshots(a) => {
             let repo = open(g).await?;
             let (mut list, errors) = repo.snapshots().await?;
@@ -441,7 +353,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
                 exit::CORRUPT
             })
         }
-        Command::Restore(a) => restore_cmd(g, a, cancel).await,
+        Command::Restore(a) => restore::run(g, a, cancel).await,
         Command::Check(a) => {
             let repo = open(g).await?;
             let progress = Progress::new();
@@ -499,266 +411,6 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
         }
         Command::Key(k) => key_cmd(g, k).await,
     }
-}
-
-/// The database password: --db-password-file, or the systemd credential `kluis-db-password`.
-fn db_password(g: &Global) -> anyhow::Result<Option<zeroize::Zeroizing<String>>> {
-    let path = match &g.db_password_file {
-        Some(p) => Some(p.clone()),
-        None => std::env::var_os("CREDENTIALS_DIRECTORY")
-            .map(|d| Path::new(&d).join("kluis-db-password"))
-            .filter(|p| p.exists()),
-    };
-    match path {
-        None => Ok(None),
-        Some(p) => Ok(Some(keys::read_secret_line(&p)?)),
-    }
-}
-
-fn pg_conn(g: &Global, url: &str) -> anyhow::Result<PgConn> {
-    let conn = PgConn::parse(url, db_password(g)?)?;
-    Ok(conn.with_bin_dir(postgres::tools_dir(g.pg_bin_dir.as_deref())))
-}
-
-/// The database engines a URL can name.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Engine {
-    Postgres,
-    Mysql,
-    Sqlite,
-}
-
-fn engine_of(url: &str) -> Option<Engine> {
-    let scheme = url.split_once("://")?.0;
-    match scheme {
-        "postgres" | "postgresql" => Some(Engine::Postgres),
-        "mysql" | "mariadb" => Some(Engine::Mysql),
-        "sqlite" => Some(Engine::Sqlite),
-        _ => None,
-    }
-}
-
-/// A database URL given where paths go.
-fn database_url(paths: &[PathBuf]) -> Option<(Engine, String)> {
-    match paths {
-        [p] => {
-            let s = p.to_str()?;
-            engine_of(s).map(|e| (e, s.to_string()))
-        }
-        _ => None,
-    }
-}
-
-async fn backup_cmd(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result<i32> {
-    let mut default_name = None;
-    let source = if a.stdin {
-        if a.name.is_none() {
-            bail!(kluis::Error::InvalidInput(
-                "--stdin needs --name NAME".into()
-            ));
-        }
-        Source::Stream(Box::new(std::io::stdin()))
-    } else if let Some(cmd) = &a.command {
-        let Some(name) = &a.name else {
-            bail!(kluis::Error::InvalidInput(
-                "--command needs --name NAME".into()
-            ));
-        };
-        Source::Streams(Box::new(CommandSource::new(cmd.clone(), name.clone())))
-    } else if let Some((engine, url)) = database_url(&a.paths) {
-        match engine {
-            Engine::Postgres => {
-                let conn = pg_conn(g, &url)?;
-                default_name = Some(conn.database.clone());
-                Source::Streams(Box::new(PostgresSource::new(conn)))
-            }
-            Engine::Mysql => {
-                let conn = MyConn::parse(&url, db_password(g)?)?;
-                default_name = Some(conn.database.clone());
-                Source::Streams(Box::new(MysqlSource::new(conn)))
-            }
-            Engine::Sqlite => {
-                let path = sqlite::parse_url(&url)?;
-                default_name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-                Source::Streams(Box::new(SqliteSource::new(path, None)))
-            }
-        }
-    } else if a
-        .paths
-        .iter()
-        .any(|p| p.to_str().is_some_and(|s| s.contains("://")))
-    {
-        bail!(kluis::Error::InvalidInput(format!(
-            "{}: back up one database URL at a time (postgres://, mysql://, sqlite://), \
-             without other paths",
-            a.paths
-                .iter()
-                .find(|p| p.to_str().is_some_and(|s| s.contains("://")))
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        )));
-    } else if a.paths.is_empty() {
-        bail!(kluis::Error::InvalidInput(
-            "nothing to back up: give paths, or --stdin --name NAME".into()
-        ));
-    } else {
-        Source::Paths(a.paths.clone())
-    };
-    let name = match a.name.clone().or(default_name) {
-        Some(n) => n,
-        None => {
-            let first = std::path::absolute(&a.paths[0])
-                .with_context(|| a.paths[0].display().to_string())?;
-            first
-                .file_name()
-                .map_or_else(|| "root".into(), |n| n.to_string_lossy().into_owned())
-        }
-    };
-    let repo = open(g).await?;
-    let progress = Progress::new();
-    let mut opts = BackupOptions::new(name);
-    opts.host = a.host.clone().unwrap_or_else(kluis::hostname);
-    opts.time = a.time;
-    opts.tags = a.tags.clone();
-    opts.threads = a.threads;
-    opts.uploads = a.uploads;
-    opts.cancel = cancel;
-    opts.progress = progress.clone();
-    let started = Instant::now();
-    let line = show_progress(g).then(|| ProgressLine::start("backup", progress));
-    let result = backup::backup(&repo, source, opts).await;
-    drop(line);
-    let report = result?;
-    let s = &report.snapshot;
-    for skipped in &report.skipped {
-        if !g.quiet {
-            eprintln!("skipped {skipped}");
-        }
-    }
-    for e in &s.summary.errors {
-        eprintln!("warning: {e}");
-    }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(s)?);
-    } else {
-        let elapsed = started.elapsed();
-        println!(
-            "snapshot {} saved: {} read, {} new, {} stored, in {} ({}/s)",
-            s.id.short(),
-            human_bytes(s.summary.logical_bytes),
-            human_bytes(s.summary.new_bytes),
-            human_bytes(s.summary.stored_bytes),
-            human_duration(elapsed),
-            human_bytes((s.summary.logical_bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64),
-        );
-    }
-    if s.summary.errors.is_empty() {
-        Ok(exit::OK)
-    } else {
-        eprintln!(
-            "warning: {} file(s) could not be read; the snapshot is committed without them",
-            s.summary.errors.len()
-        );
-        Ok(exit::INCOMPLETE)
-    }
-}
-
-async fn restore_cmd(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i32> {
-    let repo = open(g).await?;
-    let (list, errors) = repo.snapshots().await?;
-    for err in &errors {
-        eprintln!("warning: {err}");
-    }
-    let wanted = a
-        .snapshot
-        .clone()
-        .unwrap_or_else(|| "latest".into())
-        .to_ascii_lowercase();
-    let selected = match a.at {
-        Some(at) => snapshot::select_at(&list, at, a.name.as_deref()),
-        None => snapshot::select(&list, &wanted, a.name.as_deref()),
-    };
-    let snap = match selected {
-        Ok(s) => s,
-        Err(e) => {
-            // A snapshot that cannot be read is not listed: if it may be the one asked for,
-            // its damage is the error, not "not found".
-            let culprit = errors.into_iter().find(|u| {
-                wanted == "latest" || u.id.is_some_and(|id| id.to_hex().starts_with(&wanted))
-            });
-            return Err(culprit.map_or_else(|| e.into(), |u| u.error.into()));
-        }
-    };
-    if a.at.is_some() && !g.quiet {
-        eprintln!(
-            "snapshot {} of {} ({})",
-            snap.id.short(),
-            output::local_time(snap.time),
-            snap.name
-        );
-    }
-    if !errors.is_empty() && wanted == "latest" {
-        eprintln!(
-            "warning: {} snapshot(s) could not be read; `latest` is the newest readable one",
-            errors.len()
-        );
-    }
-    let progress = Progress::new();
-    let opts = RestoreOptions {
-        fetches: a.fetches.max(1),
-        overwrite: a.overwrite,
-        cancel,
-        progress: progress.clone(),
-    };
-    let started = Instant::now();
-    let restorer = Restorer::new(&repo, snap, opts).await?;
-    let line = show_progress(g).then(|| ProgressLine::start("restore", progress));
-    let result = if let Some(url) = &a.to {
-        match engine_of(url) {
-            Some(Engine::Postgres) => {
-                let target = pg_conn(g, url)?;
-                restorer.to_postgres(&target, a.force, a.jobs).await
-            }
-            Some(Engine::Mysql) => {
-                let target = MyConn::parse(url, db_password(g)?)?;
-                restorer.to_mysql(&target, a.force).await
-            }
-            Some(Engine::Sqlite) => {
-                let target = sqlite::parse_url(url)?;
-                restorer.to_sqlite(&target, a.force).await
-            }
-            None => bail!(kluis::Error::InvalidInput(format!(
-                "--to {url}: expected postgres://, mysql:// or sqlite:// (for files: --target DIR)"
-            ))),
-        }
-    } else if a.stdout {
-        let out = stdout_file()?;
-        restorer.stream_to(Box::new(out)).await
-    } else {
-        let target = a
-            .target
-            .clone()
-            .expect("clap requires --stdout or --target");
-        restorer.to_directory(&target).await
-    };
-    drop(line);
-    let report = result?;
-    for w in &report.warnings {
-        eprintln!("warning: {w}");
-    }
-    if !g.quiet {
-        let elapsed = started.elapsed();
-        eprintln!(
-            "restored snapshot {} ({}): {} file(s), {}, verified, in {} ({}/s)",
-            snap.id.short(),
-            snap.name,
-            report.files,
-            human_bytes(report.bytes),
-            human_duration(elapsed),
-            human_bytes((report.bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64),
-        );
-    }
-    Ok(exit::OK)
 }
 
 /// Standard output as a plain file: no line buffering for binary streams.

@@ -87,6 +87,9 @@ pub fn snapshot_table(list: &[Snapshot]) -> String {
                         command.split_whitespace().next().unwrap_or("")
                     ),
                     Source::Postgres(db) => database_summary("postgresql", db),
+                    Source::PostgresGlobals(g) => {
+                        format!("postgresql roles and tablespaces ({})", g.server_version)
+                    }
                     Source::Mysql(db) => database_summary("mysql", db),
                     Source::Sqlite(db) => database_summary("sqlite", db),
                 },

@@ -29,7 +29,7 @@ use crate::repository::Repository;
 use crate::snapshot::{Snapshot, Source as SnapshotSource};
 use crate::source::StderrPolicy;
 use crate::source::mysql::{self, MyConn};
-use crate::source::postgres::{self, PgConn};
+use crate::source::postgres::{self, PgConn, globals};
 use crate::source::sqlite;
 use crate::tree::{self, Node, NodeType, Tree};
 
@@ -233,19 +233,46 @@ impl<'a> Restorer<'a> {
             node.name.to_display(),
             target.display
         );
-        self.pipe_into(node, postgres::loader(target)?, "psql", what)
+        self.pipe_into(node, postgres::loader(target)?, "psql", what, None)
             .await
+            .map(|(bytes, _)| bytes)
+    }
+
+    /// Restores a snapshot of a server's globals (roles, tablespaces) into the server `target`
+    /// names. Roles that exist already are reported in the warnings; other errors fail.
+    pub async fn to_postgres_globals(mut self, target: &PgConn) -> Result<RestoreReport> {
+        if !matches!(self.snapshot.source, SnapshotSource::PostgresGlobals(_)) {
+            return Err(self.wrong_engine("PostgreSQL globals"));
+        }
+        let root = self.tree(&self.snapshot.tree).await?;
+        let node = self.single_stream(&root, globals::STREAM)?;
+        let what = format!("restoring roles into {}", target.display);
+        let (bytes, warnings) = self
+            .pipe_into(
+                &node,
+                globals::loader(target)?,
+                "psql",
+                what,
+                Some(globals::tolerated),
+            )
+            .await?;
+        self.report.files += 1;
+        self.report.bytes += bytes;
+        self.report.warnings.extend(warnings);
+        Ok(self.report)
     }
 
     /// Streams a node into a database client's standard input; fails with the client's own
-    /// words if it exits non-zero or reports an error.
+    /// words if it exits non-zero or reports an error. Error lines that `tolerated` accepts
+    /// come back as warnings instead.
     async fn pipe_into(
         &self,
         node: &Node,
         mut command: std::process::Command,
         tool: &'static str,
         what: String,
-    ) -> Result<u64> {
+        tolerated: Option<fn(&str) -> bool>,
+    ) -> Result<(u64, Vec<String>)> {
         let mut child = command
             .spawn()
             .map_err(|e| Error::TargetFailed(format!("{what}: cannot start {tool}: {e}")))?;
@@ -269,12 +296,29 @@ impl<'a> Restorer<'a> {
         .map_err(|e| Error::invalid(format!("restore crashed: {e}")))?;
         let (status, stderr) = status;
         let status = status.map_err(|e| Error::TargetFailed(format!("{what}: {tool}: {e}")))?;
+        let mut warnings = Vec::new();
+        let stderr = match tolerated {
+            None => stderr,
+            Some(ok) => {
+                let text = String::from_utf8_lossy(&stderr);
+                let mut kept = String::new();
+                for line in text.lines() {
+                    if ok(line) {
+                        warnings.push(format!("{tool}: {line}"));
+                    } else {
+                        kept.push_str(line);
+                        kept.push('\n');
+                    }
+                }
+                kept.into_bytes()
+            }
+        };
         if let Err(msg) =
             crate::source::check_exit(tool, status, &stderr, StderrPolicy::DatabaseTool)
         {
             return Err(Error::TargetFailed(format!("{what}: {msg}")));
         }
-        written
+        written.map(|bytes| (bytes, warnings))
     }
 
     /// Restores a MySQL/MariaDB snapshot into the database `target` names: creates it (see
@@ -296,8 +340,8 @@ impl<'a> Restorer<'a> {
             .map_err(|e| Error::invalid(format!("restore crashed: {e}")))??;
         }
         let what = format!("restoring {} into {}", mysql::STREAM, target.display);
-        let bytes = self
-            .pipe_into(&node, mysql::loader(target)?, "mariadb", what)
+        let (bytes, _) = self
+            .pipe_into(&node, mysql::loader(target)?, "mariadb", what, None)
             .await?;
         self.report.files += 1;
         self.report.bytes += bytes;
@@ -356,6 +400,7 @@ impl<'a> Restorer<'a> {
             self.snapshot.name,
             match self.snapshot.source {
                 SnapshotSource::Postgres(_) => "--to postgres://HOST/NEWDB",
+                SnapshotSource::PostgresGlobals(_) => "--to postgres://HOST/",
                 SnapshotSource::Mysql(_) => "--to mysql://HOST/NEWDB",
                 SnapshotSource::Sqlite(_) => "--to sqlite:///PATH",
                 _ => "--stdout or --target DIR",

@@ -23,6 +23,9 @@ pub enum Source {
     Command { command: String },
     /// A PostgreSQL database, as the streams of a plain SQL dump (see `source::postgres`).
     Postgres(DatabaseRecord),
+    /// A PostgreSQL server's roles and tablespaces (`pg_dumpall --globals-only`).
+    #[serde(rename = "postgres-globals")]
+    PostgresGlobals(GlobalsRecord),
     /// A MySQL or MariaDB database, as one `mariadb-dump` stream (see `source::mysql`).
     Mysql(DatabaseRecord),
     /// A SQLite database, as a consistent copy of its file (see `source::sqlite`).
@@ -43,6 +46,15 @@ pub struct DatabaseRecord {
     pub collation: Option<String>,
     /// Every table whose rows the snapshot holds, in stream order.
     pub tables: Vec<TableRecord>,
+}
+
+/// What a snapshot of a PostgreSQL server's globals holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalsRecord {
+    /// The server's URL, without secrets.
+    pub server: String,
+    pub server_version: String,
 }
 
 /// One table of a database snapshot.

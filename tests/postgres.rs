@@ -375,3 +375,146 @@ fn command_source_checks_its_exit_and_stderr() {
     }
     assert_eq!(snapshot_count(&repo), 1);
 }
+
+#[test]
+fn postgres_server_backup_restores_roles_onto_a_new_server() {
+    let (pg, repo, pw) = setup();
+    pg.sql(
+        "postgres",
+        "CREATE ROLE app_owner LOGIN PASSWORD 'owner-pw';
+         CREATE DATABASE one OWNER app_owner;
+         CREATE DATABASE two;",
+    );
+    pg.sql(
+        "one",
+        "CREATE TABLE t(id int PRIMARY KEY); ALTER TABLE t OWNER TO app_owner;
+         INSERT INTO t VALUES (1), (2);",
+    );
+    pg.sql(
+        "two",
+        "CREATE TABLE u(v text); INSERT INTO u VALUES ('two');",
+    );
+    let server = format!("postgres://postgres@127.0.0.1:{}/", pg.port);
+    let out = run_with_pw(
+        &repo,
+        &pw,
+        &["backup", "--json", "--all-databases", "--globals", &server],
+    );
+    assert_success(&out, &["backup", "--all-databases", "--globals"]);
+    let saved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = saved
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["postgres-globals", "one", "postgres", "two"]);
+    assert_eq!(saved[0]["source"]["kind"], "postgres-globals");
+
+    // A new server has no role app_owner: the restore stops and names it.
+    let other = Postgres::start();
+    let out = run_with_pw(
+        &repo,
+        &pw,
+        &[
+            "restore",
+            "latest",
+            "--name",
+            "one",
+            "--to",
+            &other.url("one"),
+        ],
+    );
+    let err = assert_code(&out, EXIT_TARGET_FAILED, "restore without the roles");
+    assert!(err.contains("app_owner"), "{err}");
+    // With --roles, the roles come first, from the globals snapshot of the same run.
+    let out = run_with_pw(
+        &repo,
+        &pw,
+        &[
+            "restore",
+            "latest",
+            "--name",
+            "one",
+            "--to",
+            &other.url("one"),
+            "--roles",
+            "--force",
+        ],
+    );
+    assert_success(&out, &["restore", "--roles"]);
+    assert_eq!(other.sql("one", "SELECT count(*) FROM t").trim(), "2");
+    assert_eq!(
+        other
+            .sql(
+                "one",
+                "SELECT tableowner FROM pg_tables WHERE tablename = 't'"
+            )
+            .trim(),
+        "app_owner"
+    );
+    // The role's password came along: it can log in over TCP.
+    let owner_pw = password_file(&repo, "owner-pw");
+    let url = format!("postgres://app_owner@127.0.0.1:{}/one", other.port);
+    let out = run_with_pw(&repo, &owner_pw, &["backup", "--name", "owner-check", &url]);
+    assert_success(&out, &["backup as the restored role"]);
+    // Restoring the roles again keeps the existing ones, with a warning.
+    let out = run_with_pw(
+        &repo,
+        &pw,
+        &[
+            "restore",
+            "latest",
+            "--name",
+            "postgres-globals",
+            "--to",
+            &format!("postgres://postgres@127.0.0.1:{}/", other.port),
+        ],
+    );
+    let err = assert_code(&out, 0, "restore the roles again");
+    assert!(err.contains("already exists"), "{err}");
+    // The other databases are there too.
+    let out = run_with_pw(
+        &repo,
+        &pw,
+        &[
+            "restore",
+            "latest",
+            "--name",
+            "two",
+            "--to",
+            &other.url("two"),
+        ],
+    );
+    assert_success(&out, &["restore two"]);
+    assert_eq!(other.sql("two", "SELECT v FROM u").trim(), "two");
+}
+
+#[test]
+fn restore_at_picks_the_snapshot_of_that_moment() {
+    let repo = Repo::init_file(&[]);
+    for (time, content) in [
+        ("2026-11-01T02:30:00Z", "monday\n"),
+        ("2026-11-02T02:30:00Z", "tuesday\n"),
+        ("2026-11-03T02:30:00Z", "wednesday\n"),
+    ] {
+        let out = repo.run_stdin(
+            &["backup", "--stdin", "--name", "db", "--time", time],
+            content.as_bytes(),
+        );
+        assert_success(&out, &["backup", time]);
+    }
+    let at = |when: &str| {
+        let out = repo.run(&["restore", "--at", when, "--name", "db", "--stdout"]);
+        assert_success(&out, &["restore --at", when]);
+        text(&out.stdout)
+    };
+    assert_eq!(at("2026-11-02T12:00:00Z"), "tuesday\n");
+    assert_eq!(at("2026-11-02T02:30:00Z"), "tuesday\n");
+    assert_eq!(at("2026-11-02T02:29:59Z"), "monday\n");
+    // An age: an hour ago is after all three.
+    assert_eq!(at("1h"), "wednesday\n");
+    let out = repo.run(&["restore", "--at", "2026-10-01T00:00:00Z", "--stdout"]);
+    let err = assert_code(&out, 1, "nothing that old");
+    assert!(err.contains("at or before"), "{err}");
+}

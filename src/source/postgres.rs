@@ -16,6 +16,10 @@
 //!
 //! Concatenated, they are a plain SQL dump that `psql` restores. Passwords reach the tools
 //! through their environment (`PGPASSWORD`), never their arguments.
+//!
+//! Roles and tablespaces belong to the server, not to a database: [`globals`] backs them up.
+
+pub mod globals;
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
@@ -44,6 +48,8 @@ pub struct PgConn {
     /// The URL without secrets, for messages and the snapshot record.
     pub display: String,
     pub database: String,
+    /// Whether the URL named the database (else `database` is `postgres`).
+    pub names_database: bool,
 }
 
 impl std::fmt::Debug for PgConn {
@@ -73,6 +79,19 @@ impl PgConn {
     /// Parses `postgres://[user@][host][:port][/database][?param=value&...]`. A password in
     /// the URL is refused (it would show in the process list); pass it separately.
     pub fn parse(url: &str, password: Option<Zeroizing<String>>) -> Result<PgConn> {
+        let conn = Self::parse_server(url, password)?;
+        if !conn.names_database {
+            return Err(Error::invalid(format!(
+                "database URL {}: names no database (postgres://host/DATABASE)",
+                redact(url)
+            )));
+        }
+        Ok(conn)
+    }
+
+    /// Like [`PgConn::parse`], but the URL may name no database (a whole server: the
+    /// `postgres` database is then used for queries).
+    pub fn parse_server(url: &str, password: Option<Zeroizing<String>>) -> Result<PgConn> {
         let bad = |why: String| Error::invalid(format!("database URL {}: {why}", redact(url)));
         let u = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
         if !matches!(u.scheme(), "postgres" | "postgresql") {
@@ -121,9 +140,11 @@ impl PgConn {
             .iter()
             .find(|(k, _)| k == "PGDATABASE")
             .map(|(_, v)| v.clone())
-            .or_else(|| std::env::var("PGDATABASE").ok())
-            .ok_or_else(|| bad("names no database (postgres://host/DATABASE)".into()))?;
+            .or_else(|| std::env::var("PGDATABASE").ok());
+        let names_database = database.is_some();
+        let database = database.unwrap_or_else(|| "postgres".into());
         Ok(PgConn {
+            names_database,
             env,
             password: password.map(Arc::new),
             bin_dir: None,
@@ -144,6 +165,7 @@ impl PgConn {
         c.env.retain(|(k, _)| k != "PGDATABASE");
         c.env.push(("PGDATABASE".into(), database.to_string()));
         c.database = database.to_string();
+        c.names_database = true;
         c
     }
 
@@ -591,6 +613,20 @@ impl PostgresSource {
             .flat_map(|w| w.lock().expect("not poisoned").clone())
             .collect()
     }
+}
+
+/// The databases of a server that a backup of "all databases" means: every one that accepts
+/// connections, templates excepted.
+pub fn list_databases(server: &PgConn) -> Result<Vec<String>> {
+    let rows = server.query_one(
+        "SELECT coalesce(string_agg(datname, E'\\n' ORDER BY datname), '') FROM pg_database \
+         WHERE datallowconn AND NOT datistemplate",
+    )?;
+    Ok(rows
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
 }
 
 /// `'text'` as an SQL string literal (standard_conforming_strings on).

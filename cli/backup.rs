@@ -1,0 +1,291 @@
+//! `kluis backup`: files and directories, standard input, a command, or databases.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use jiff::Timestamp;
+
+use kluis::backup::{self, BackupOptions, Source};
+use kluis::error::exit;
+use kluis::progress::{Cancel, Progress};
+use kluis::source::command::CommandSource;
+use kluis::source::mysql::{MyConn, MysqlSource};
+use kluis::source::postgres::globals::GlobalsSource;
+use kluis::source::postgres::{self, PgConn, PostgresSource};
+use kluis::source::sqlite::{self, SqliteSource};
+
+use crate::databases::{Engine, database_url, db_password, pg_conn};
+use crate::output::{ProgressLine, human_bytes, human_duration};
+use crate::{Global, open, parse_time, show_progress};
+
+#[derive(Args)]
+pub struct BackupArgs {
+    /// Files and directories to back up, or one database URL: postgres://[user@]host[:port]/db,
+    /// mysql://[user@]host[:port]/db (or ?socket=PATH), sqlite:///path/to/file
+    paths: Vec<PathBuf>,
+    /// Read the data from standard input (requires --name)
+    #[arg(long, conflicts_with = "paths")]
+    stdin: bool,
+    /// Back up the standard output of this shell command (requires --name); a non-zero exit
+    /// or an error on its stderr fails the backup
+    #[arg(long, conflicts_with_all = ["paths", "stdin"])]
+    command: Option<String>,
+    /// Snapshot name (default for paths: the first path's base name; for a database: its name)
+    #[arg(long)]
+    name: Option<String>,
+    /// Host name to record (default: this host)
+    #[arg(long)]
+    host: Option<String>,
+    /// Snapshot time instead of now: RFC 3339, or "YYYY-MM-DD[ HH:MM[:SS]]" in local time
+    #[arg(long, value_parser = parse_time)]
+    time: Option<Timestamp>,
+    /// Tag the snapshot (repeatable)
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Compression threads (default: one per core)
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Concurrent pack uploads
+    #[arg(long, default_value_t = 2)]
+    uploads: usize,
+    /// Print the snapshot as JSON
+    #[arg(long)]
+    json: bool,
+    /// With a postgres:// URL of a server: back up this database (repeatable), each as a
+    /// snapshot named after it
+    #[arg(long = "database", value_name = "NAME")]
+    databases: Vec<String>,
+    /// With a postgres:// URL of a server: back up every database that accepts connections
+    #[arg(long, conflicts_with = "databases")]
+    all_databases: bool,
+    /// With a postgres:// URL: also back up the server's roles and tablespaces
+    /// (pg_dumpall --globals-only, needs a superuser) as the snapshot `postgres-globals`
+    #[arg(long)]
+    globals: bool,
+}
+
+/// One snapshot to take: its name and its source.
+struct Planned {
+    name: String,
+    source: Source,
+}
+
+/// What the arguments ask for: usually one snapshot; one per database (and one of the roles)
+/// for a PostgreSQL server with --database, --all-databases or --globals.
+fn plan(g: &Global, a: &BackupArgs) -> anyhow::Result<Vec<Planned>> {
+    let one = |name: Option<String>, source: Source| {
+        let name = a.name.clone().or(name);
+        Ok::<_, anyhow::Error>(vec![Planned {
+            name: name.unwrap_or_default(),
+            source,
+        }])
+    };
+    let server_wide = a.all_databases || a.globals || !a.databases.is_empty();
+    if server_wide && !matches!(database_url(&a.paths), Some((Engine::Postgres, _))) {
+        bail!(kluis::Error::InvalidInput(
+            "--database, --all-databases and --globals go with a postgres:// URL".into()
+        ));
+    }
+    if a.stdin {
+        if a.name.is_none() {
+            bail!(kluis::Error::InvalidInput(
+                "--stdin needs --name NAME".into()
+            ));
+        }
+        return one(None, Source::Stream(Box::new(std::io::stdin())));
+    }
+    if let Some(cmd) = &a.command {
+        let Some(name) = &a.name else {
+            bail!(kluis::Error::InvalidInput(
+                "--command needs --name NAME".into()
+            ));
+        };
+        let source = CommandSource::new(cmd.clone(), name.clone());
+        return one(None, Source::Streams(Box::new(source)));
+    }
+    if let Some((engine, url)) = database_url(&a.paths) {
+        return match engine {
+            Engine::Postgres if server_wide => plan_postgres_server(g, a, &url),
+            Engine::Postgres => {
+                let conn = pg_conn(g, &url)?;
+                let name = conn.database.clone();
+                one(
+                    Some(name),
+                    Source::Streams(Box::new(PostgresSource::new(conn))),
+                )
+            }
+            Engine::Mysql => {
+                let conn = MyConn::parse(&url, db_password(g)?)?;
+                let name = conn.database.clone();
+                one(
+                    Some(name),
+                    Source::Streams(Box::new(MysqlSource::new(conn))),
+                )
+            }
+            Engine::Sqlite => {
+                let path = sqlite::parse_url(&url)?;
+                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                one(
+                    name,
+                    Source::Streams(Box::new(SqliteSource::new(path, None))),
+                )
+            }
+        };
+    }
+    if let Some(p) = a
+        .paths
+        .iter()
+        .find(|p| p.to_str().is_some_and(|s| s.contains("://")))
+    {
+        bail!(kluis::Error::InvalidInput(format!(
+            "{}: back up one database URL at a time (postgres://, mysql://, sqlite://), \
+             without other paths",
+            p.display()
+        )));
+    }
+    if a.paths.is_empty() {
+        bail!(kluis::Error::InvalidInput(
+            "nothing to back up: give paths, a database URL, --command, or --stdin --name NAME"
+                .into()
+        ));
+    }
+    let first =
+        std::path::absolute(&a.paths[0]).with_context(|| a.paths[0].display().to_string())?;
+    let name = first
+        .file_name()
+        .map_or_else(|| "root".into(), |n| n.to_string_lossy().into_owned());
+    one(Some(name), Source::Paths(a.paths.clone()))
+}
+
+/// A PostgreSQL server: its roles first (so a restore finds them at or before the databases),
+/// then each database as a snapshot named after it.
+fn plan_postgres_server(g: &Global, a: &BackupArgs, url: &str) -> anyhow::Result<Vec<Planned>> {
+    let server = PgConn::parse_server(url, db_password(g)?)?
+        .with_bin_dir(postgres::tools_dir(g.pg_bin_dir.as_deref()));
+    let mut databases = a.databases.clone();
+    if a.all_databases {
+        databases = postgres::list_databases(&server)?;
+    } else if databases.is_empty() && server.names_database && !a.globals {
+        databases.push(server.database.clone());
+    }
+    if a.name.is_some() && databases.len() + usize::from(a.globals) > 1 {
+        bail!(kluis::Error::InvalidInput(
+            "--name names one snapshot; with several databases each is named after its database"
+                .into()
+        ));
+    }
+    let mut planned = Vec::new();
+    if a.globals {
+        planned.push(Planned {
+            name: a.name.clone().unwrap_or_else(|| GLOBALS_NAME.into()),
+            source: Source::Streams(Box::new(GlobalsSource::new(server.clone()))),
+        });
+    }
+    for db in databases {
+        planned.push(Planned {
+            name: a.name.clone().unwrap_or_else(|| db.clone()),
+            source: Source::Streams(Box::new(PostgresSource::new(server.with_database(&db)))),
+        });
+    }
+    Ok(planned)
+}
+
+/// The snapshot name of a PostgreSQL server's roles and tablespaces.
+pub const GLOBALS_NAME: &str = "postgres-globals";
+
+pub async fn run(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result<i32> {
+    let planned = plan(g, &a)?;
+    let repo = open(g).await?;
+    let several = planned.len() > 1;
+    let mut code = exit::OK;
+    let mut first_error = None;
+    let mut saved = Vec::new();
+    for Planned { name, source } in planned {
+        if cancel.is_cancelled() {
+            break;
+        }
+        match backup_one(g, &a, &repo, name.clone(), source, cancel.clone()).await {
+            Ok((c, snapshot)) => {
+                if code == exit::OK {
+                    code = c;
+                }
+                saved.push(snapshot);
+            }
+            // With several databases, one failure does not stop the others.
+            Err(e) if several => {
+                eprintln!("error: {name}: {e:#}");
+                first_error.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if a.json {
+        // One object for one snapshot, an array for several.
+        let text = match saved.as_slice() {
+            [one] if !several => serde_json::to_string_pretty(one)?,
+            all => serde_json::to_string_pretty(all)?,
+        };
+        println!("{text}");
+    }
+    match first_error {
+        Some(e) => Err(e.context("some backups failed (see above); the others are committed")),
+        None => Ok(code),
+    }
+}
+
+async fn backup_one(
+    g: &Global,
+    a: &BackupArgs,
+    repo: &kluis::repository::Repository,
+    name: String,
+    source: Source,
+    cancel: Cancel,
+) -> anyhow::Result<(i32, kluis::snapshot::Snapshot)> {
+    let progress = Progress::new();
+    let mut opts = BackupOptions::new(name);
+    opts.host = a.host.clone().unwrap_or_else(kluis::hostname);
+    opts.time = a.time;
+    opts.tags = a.tags.clone();
+    opts.threads = a.threads;
+    opts.uploads = a.uploads;
+    opts.cancel = cancel;
+    opts.progress = progress.clone();
+    let started = Instant::now();
+    let line = show_progress(g).then(|| ProgressLine::start("backup", progress));
+    let result = backup::backup(repo, source, opts).await;
+    drop(line);
+    let report = result?;
+    let s = &report.snapshot;
+    for skipped in &report.skipped {
+        if !g.quiet {
+            eprintln!("skipped {skipped}");
+        }
+    }
+    for e in &s.summary.errors {
+        eprintln!("warning: {e}");
+    }
+    if !a.json {
+        let elapsed = started.elapsed();
+        println!(
+            "snapshot {} of {} saved: {} read, {} new, {} stored, in {} ({}/s)",
+            s.id.short(),
+            s.name,
+            human_bytes(s.summary.logical_bytes),
+            human_bytes(s.summary.new_bytes),
+            human_bytes(s.summary.stored_bytes),
+            human_duration(elapsed),
+            human_bytes((s.summary.logical_bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64),
+        );
+    }
+    if s.summary.errors.is_empty() {
+        Ok((exit::OK, report.snapshot))
+    } else {
+        eprintln!(
+            "warning: {} file(s) could not be read; the snapshot is committed without them",
+            s.summary.errors.len()
+        );
+        Ok((exit::INCOMPLETE, report.snapshot))
+    }
+}

@@ -1,0 +1,208 @@
+//! `kluis restore`: a snapshot to standard output, a directory, or a database.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::bail;
+use clap::Args;
+use jiff::Timestamp;
+
+use kluis::error::exit;
+use kluis::progress::{Cancel, Progress};
+use kluis::restore::{RestoreOptions, Restorer};
+use kluis::snapshot::{self, Source as SnapshotSource};
+use kluis::source::mysql::MyConn;
+use kluis::source::postgres::{self, PgConn};
+use kluis::source::sqlite;
+
+use crate::databases::{Engine, db_password, engine_of, pg_conn};
+use crate::output::{self, ProgressLine, human_bytes, human_duration};
+use crate::{Global, open, parse_time, show_progress, stdout_file};
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// Snapshot id, id prefix, or `latest` (or give --at)
+    #[arg(required_unless_present = "at", conflicts_with = "at")]
+    snapshot: Option<String>,
+    /// The newest snapshot taken at or before this time: RFC 3339, "YYYY-MM-DD[ HH:MM[:SS]]"
+    /// in local time, or an age such as 36h or 2days
+    #[arg(long, value_parser = parse_at)]
+    at: Option<Timestamp>,
+    /// With `latest` or --at: only snapshots of this name
+    #[arg(long)]
+    name: Option<String>,
+    /// Write the stream to standard output (a database snapshot: as a plain SQL dump)
+    #[arg(long, conflicts_with_all = ["target", "to"], required_unless_present_any = ["target", "to"])]
+    stdout: bool,
+    /// Restore a database snapshot into this database: postgres://[user@]host[:port]/newdb,
+    /// mysql://[user@]host[:port]/newdb or sqlite:///path/new.db (created if missing; an
+    /// existing non-empty one is refused unless --force)
+    #[arg(long, conflicts_with = "target")]
+    to: Option<String>,
+    /// With --to: drop and recreate a target database that is not empty
+    #[arg(long, requires = "to")]
+    force: bool,
+    /// With --to: tables loaded at once
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// With --to postgres://: first restore the server's roles and tablespaces from the newest
+    /// `postgres-globals` snapshot of the same host taken at or before this one
+    /// (`kluis backup --globals`); roles that exist already are kept
+    #[arg(long, requires = "to")]
+    roles: bool,
+    /// Restore files and directories into this directory
+    #[arg(long)]
+    target: Option<PathBuf>,
+    /// Replace files that already exist under --target
+    #[arg(long)]
+    overwrite: bool,
+    /// Ranged reads in flight
+    #[arg(long, default_value_t = 4)]
+    fetches: usize,
+}
+
+/// A point in time, or an age before now ("36h", "2days").
+fn parse_at(s: &str) -> Result<Timestamp, String> {
+    if let Ok(age) = humantime::parse_duration(s) {
+        let age = jiff::SignedDuration::try_from(age).map_err(|e| format!("{s:?}: {e}"))?;
+        return Timestamp::now()
+            .checked_sub(age)
+            .map_err(|e| format!("{s:?}: {e}"));
+    }
+    parse_time(s).map_err(|e| format!("{e}, or an age such as 36h"))
+}
+
+pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i32> {
+    let repo = open(g).await?;
+    let (list, errors) = repo.snapshots().await?;
+    for err in &errors {
+        eprintln!("warning: {err}");
+    }
+    let wanted = a
+        .snapshot
+        .clone()
+        .unwrap_or_else(|| "latest".into())
+        .to_ascii_lowercase();
+    let selected = match a.at {
+        Some(at) => snapshot::select_at(&list, at, a.name.as_deref()),
+        None => snapshot::select(&list, &wanted, a.name.as_deref()),
+    };
+    let snap = match selected {
+        Ok(s) => s,
+        Err(e) => {
+            // A snapshot that cannot be read is not listed: if it may be the one asked for,
+            // its damage is the error, not "not found".
+            let culprit = errors.into_iter().find(|u| {
+                wanted == "latest" || u.id.is_some_and(|id| id.to_hex().starts_with(&wanted))
+            });
+            return Err(culprit.map_or_else(|| e.into(), |u| u.error.into()));
+        }
+    };
+    if a.at.is_some() && !g.quiet {
+        eprintln!(
+            "snapshot {} of {} ({})",
+            snap.id.short(),
+            output::local_time(snap.time),
+            snap.name
+        );
+    }
+    if !errors.is_empty() && wanted == "latest" {
+        eprintln!(
+            "warning: {} snapshot(s) could not be read; `latest` is the newest readable one",
+            errors.len()
+        );
+    }
+    let progress = Progress::new();
+    let opts = RestoreOptions {
+        fetches: a.fetches.max(1),
+        overwrite: a.overwrite,
+        cancel,
+        progress: progress.clone(),
+    };
+    let started = Instant::now();
+    if a.roles {
+        let Some(Engine::Postgres) = a.to.as_deref().and_then(engine_of) else {
+            bail!(kluis::Error::InvalidInput(
+                "--roles goes with --to postgres://".into()
+            ));
+        };
+        let roles = list
+            .iter()
+            .filter(|s| {
+                matches!(s.source, SnapshotSource::PostgresGlobals(_))
+                    && s.host == snap.host
+                    && s.time <= snap.time
+            })
+            .max_by_key(|s| s.time)
+            .ok_or_else(|| {
+                kluis::Error::SnapshotNotFound(format!(
+                    "postgres-globals of host {} at or before {} (back up with --globals)",
+                    snap.host, snap.time
+                ))
+            })?;
+        let server = pg_conn(g, a.to.as_deref().unwrap_or_default())?.with_database("postgres");
+        let report = Restorer::new(&repo, roles, opts.clone())
+            .await?
+            .to_postgres_globals(&server)
+            .await?;
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
+        if !g.quiet {
+            eprintln!("restored roles from snapshot {}", roles.id.short());
+        }
+    }
+    let restorer = Restorer::new(&repo, snap, opts).await?;
+    let line = show_progress(g).then(|| ProgressLine::start("restore", progress));
+    let result = if let Some(url) = &a.to {
+        match engine_of(url) {
+            Some(Engine::Postgres) if matches!(snap.source, SnapshotSource::PostgresGlobals(_)) => {
+                let server = PgConn::parse_server(url, db_password(g)?)?
+                    .with_bin_dir(postgres::tools_dir(g.pg_bin_dir.as_deref()));
+                restorer.to_postgres_globals(&server).await
+            }
+            Some(Engine::Postgres) => {
+                let target = pg_conn(g, url)?;
+                restorer.to_postgres(&target, a.force, a.jobs).await
+            }
+            Some(Engine::Mysql) => {
+                let target = MyConn::parse(url, db_password(g)?)?;
+                restorer.to_mysql(&target, a.force).await
+            }
+            Some(Engine::Sqlite) => {
+                let target = sqlite::parse_url(url)?;
+                restorer.to_sqlite(&target, a.force).await
+            }
+            None => bail!(kluis::Error::InvalidInput(format!(
+                "--to {url}: expected postgres://, mysql:// or sqlite:// (for files: --target DIR)"
+            ))),
+        }
+    } else if a.stdout {
+        let out = stdout_file()?;
+        restorer.stream_to(Box::new(out)).await
+    } else {
+        let target = a
+            .target
+            .clone()
+            .expect("clap requires --stdout or --target");
+        restorer.to_directory(&target).await
+    };
+    drop(line);
+    let report = result?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !g.quiet {
+        let elapsed = started.elapsed();
+        eprintln!(
+            "restored snapshot {} ({}): {} file(s), {}, verified, in {} ({}/s)",
+            snap.id.short(),
+            snap.name,
+            report.files,
+            human_bytes(report.bytes),
+            human_duration(elapsed),
+            human_bytes((report.bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64),
+        );
+    }
+    Ok(exit::OK)
+}
