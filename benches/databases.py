@@ -84,6 +84,88 @@ class Postgres:
         self.psql(db, "-v", f"scale={scale}", "-f", str(WORKLOADS / "saas.sql"))
 
 
+class Mariadb:
+    """A throwaway MariaDB holding a copy of the PostgreSQL workload, refreshed every night.
+
+    The workload's SQL is PostgreSQL's; MariaDB gets the same rows (CSV, id order), so its dump
+    changes from night to night exactly as the data does.
+    """
+    SCHEMA = """
+CREATE TABLE customers(id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL,
+  phone text, street text, city text, created_at datetime(6) NOT NULL, newsletter bool NOT NULL);
+CREATE TABLE appointments(id bigint PRIMARY KEY, customer_id bigint NOT NULL,
+  starts_at datetime(6) NOT NULL, duration_min int NOT NULL, status text NOT NULL, note text,
+  KEY (customer_id), KEY (starts_at));
+CREATE TABLE invoices(id bigint PRIMARY KEY, customer_id bigint NOT NULL,
+  amount_cents bigint NOT NULL, vat_cents bigint NOT NULL, iban text, issued_at date NOT NULL,
+  `lines` json, KEY (customer_id));
+"""
+    COLUMNS = {
+        "customers": "id, name, email, phone, street, city, "
+                     "to_char(created_at, 'YYYY-MM-DD HH24:MI:SS.US'), newsletter::int",
+        "appointments": "id, customer_id, to_char(starts_at, 'YYYY-MM-DD HH24:MI:SS.US'), "
+                        "duration_min, status, note",
+        "invoices": "id, customer_id, amount_cents, vat_cents, iban, issued_at, lines",
+    }
+
+    def __init__(self, work):
+        self.dir = Path(tempfile.mkdtemp(prefix="kluis-bench-my.", dir=work))
+        self.port = 40000 + os.getpid() % 20000
+        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.dir}/data",
+                        "--auth-root-authentication-method=normal", "--user=root",
+                        "--skip-test-db"], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={self.dir}/data",
+             f"--socket={self.dir}/sock", f"--port={self.port}", "--bind-address=127.0.0.1",
+             "--user=root", "--skip-log-bin", "--innodb-buffer-pool-size=512M",
+             "--innodb-flush-log-at-trx-commit=0", "--character-set-server=utf8mb4",
+             "--local-infile=1"],
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"))
+        for _ in range(600):
+            if self.sql("", "SELECT 1", check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        self.sql("", "CREATE DATABASE s1")
+        self.sql("s1", self.SCHEMA)
+
+    def client(self, db):
+        cmd = ["mariadb", "--no-defaults", f"--socket={self.dir}/sock", "-uroot",
+               "--local-infile=1", "--default-character-set=utf8mb4"]
+        return cmd + ([f"--database={db}"] if db else [])
+
+    def sql(self, db, script, check=True):
+        return subprocess.run(self.client(db), input=script.encode(), check=check,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def url(self, db):
+        return f"mysql://root@localhost/{db}?socket={self.dir}/sock"
+
+    def sync_from(self, pg, db):
+        """Replaces every table's rows with PostgreSQL's, in id order."""
+        for table, cols in self.COLUMNS.items():
+            csv = self.dir / f"{table}.csv"
+            with open(csv, "wb") as f:
+                subprocess.run([pg.bin / "psql", "-X", "-q", "-h", "127.0.0.1", "-p",
+                                str(pg.port), "-U", "postgres", "-d", db, "-c",
+                                f"COPY (SELECT {cols} FROM {table} ORDER BY id) TO STDOUT "
+                                "(FORMAT csv, NULL '\\N')"], check=True, stdout=f)
+            self.sql("s1", f"TRUNCATE {table}; LOAD DATA LOCAL INFILE '{csv}' INTO TABLE {table} "
+                           "FIELDS TERMINATED BY ',' OPTIONALLY ENCLOSED BY '\"';")
+            csv.unlink()
+
+    def dump(self, out):
+        with open(out, "wb") as f:
+            subprocess.run(["mariadb-dump", "--no-defaults", f"--socket={self.dir}/sock", "-uroot",
+                            "--single-transaction", "--order-by-primary", "--skip-dump-date",
+                            "s1"], check=True, stdout=f)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class KluisDb(compare.Kluis):
     """kluis backing up the live database."""
     name = "kluis"
@@ -126,8 +208,22 @@ def nights(args, work, names):
         kluis_db.fresh()
         kluis_stdin.repo = work / "repo-kluis-stdin"
         kluis_stdin.fresh()
+    my = Mariadb(work) if (args.mysql and shutil.which("mariadb-dump")) else None
+    my_tools = {}
+    if my:
+        kluis_my = KluisDb(work)
+        kluis_my.repo = work / "repo-kluis-mysql"
+        if kluis_stdin:
+            kluis_my.fresh()
+        for n in names:
+            if n != "kluis":
+                t = compare.TOOLS[n](work)
+                t.repo = work / f"repo-{n}-mysql"
+                t.fresh()
+                my_tools[n] = t
     rows = {}
     dump = work / "night.sql"
+    my_dump = work / "night-mysql.sql"
     for night in range(1, 5):
         if night > 1:
             PG.psql("s1", "-v", "scale=1", "-v", f"day={night - 1}", "-f",
@@ -143,6 +239,16 @@ def nights(args, work, names):
         for n, t in tools.items():
             t.backup(dump, "s1.sql")
             rows.setdefault(n, []).append(t.stored())
+        if my:
+            my.sync_from(PG, "s1")
+            my.dump(my_dump)
+            if kluis_stdin:
+                kluis_my.backup_db(my.url("s1"), "s1")
+                rows.setdefault("MariaDB: kluis (mysql:// source)", []).append(
+                    compare.du(kluis_my.repo))
+            for n, t in my_tools.items():
+                t.backup(my_dump, "s1.sql")
+                rows.setdefault(f"MariaDB: {n} (mariadb-dump)", []).append(t.stored())
         print(f"night {night}: dump {dump.stat().st_size / mb:.1f} MB", file=sys.stderr)
 
     # The newest snapshot of each must restore the newest state.
@@ -162,6 +268,8 @@ def nights(args, work, names):
                         PG.url("restored")], env=env, check=True)
         ok["kluis (postgres:// source)"] = fingerprint(PG, "restored") == fingerprint(PG, "s1")
 
+    if my:
+        my.stop()
     print("\n| nights (scale 1) | after night 1 | 2 | 3 | 4 | added per night (avg of 2-4) "
           "| share of night 1 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -175,6 +283,10 @@ def nights(args, work, names):
         share = (s[3] - s[0]) / 3 / s[0]
         print(f"\nkluis postgres:// source adds {100 * share:.1f} % of its first night per night "
               f"(floor: <= 10 %): {'PASS' if share <= 0.10 else 'FAIL'}")
+        if "MariaDB: kluis (mysql:// source)" in rows:
+            s = rows["MariaDB: kluis (mysql:// source)"]
+            share = (s[3] - s[0]) / 3 / s[0]
+            print(f"kluis mysql:// source adds {100 * share:.1f} % of its first night per night")
 
 
 def speed(args, work):
@@ -222,6 +334,8 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--skip-nights", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--no-mysql", dest="mysql", action="store_false",
+                    help="skip the MariaDB copy of the nightly workload")
     args = ap.parse_args()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "kluis"], cwd=ROOT,

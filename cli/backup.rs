@@ -142,7 +142,7 @@ fn plan(g: &Global, a: &BackupArgs) -> anyhow::Result<Vec<Planned>> {
         bail!(kluis::Error::InvalidInput(format!(
             "{}: back up one database URL at a time (postgres://, mysql://, sqlite://), \
              without other paths",
-            p.display()
+            postgres::redact(&p.to_string_lossy())
         )));
     }
     if a.paths.is_empty() {
@@ -253,7 +253,11 @@ async fn backup_one(
     opts.cancel = cancel;
     opts.progress = progress.clone();
     let started = Instant::now();
-    let line = show_progress(g).then(|| ProgressLine::start("backup", progress));
+    let unit = match source {
+        Source::Streams(_) => "streams",
+        _ => "files",
+    };
+    let line = show_progress(g).then(|| ProgressLine::start("backup", unit, progress));
     let result = backup::backup(repo, source, opts).await;
     drop(line);
     let report = result?;
@@ -262,6 +266,9 @@ async fn backup_one(
         if !g.quiet {
             eprintln!("skipped {skipped}");
         }
+    }
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
     }
     for e in &s.summary.errors {
         eprintln!("warning: {e}");

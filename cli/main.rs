@@ -357,7 +357,8 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
         Command::Check(a) => {
             let repo = open(g).await?;
             let progress = Progress::new();
-            let line = show_progress(g).then(|| ProgressLine::start("check", progress.clone()));
+            let line =
+                show_progress(g).then(|| ProgressLine::start("check", "files", progress.clone()));
             let report = check::check(
                 &repo,
                 CheckOptions {

@@ -138,7 +138,8 @@ pub struct ProgressLine {
 }
 
 impl ProgressLine {
-    pub fn start(label: &'static str, progress: Arc<Progress>) -> ProgressLine {
+    /// `unit` names what `progress.files` counts: "files", or "tables" for a database.
+    pub fn start(label: &'static str, unit: &'static str, progress: Arc<Progress>) -> ProgressLine {
         let started = Instant::now();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -162,7 +163,7 @@ impl ProgressLine {
                 }
                 let files = Progress::get(&progress.files);
                 if files > 0 {
-                    let _ = write!(line, ", {files} files");
+                    let _ = write!(line, ", {files} {unit}");
                 }
                 let errors = Progress::get(&progress.errors);
                 if errors > 0 {

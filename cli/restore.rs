@@ -153,7 +153,12 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
         }
     }
     let restorer = Restorer::new(&repo, snap, opts).await?;
-    let line = show_progress(g).then(|| ProgressLine::start("restore", progress));
+    let unit = if a.target.is_some() {
+        "files"
+    } else {
+        "streams"
+    };
+    let line = show_progress(g).then(|| ProgressLine::start("restore", unit, progress));
     let result = if let Some(url) = &a.to {
         match engine_of(url) {
             Some(Engine::Postgres) if matches!(snap.source, SnapshotSource::PostgresGlobals(_)) => {
@@ -174,7 +179,8 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
                 restorer.to_sqlite(&target, a.force).await
             }
             None => bail!(kluis::Error::InvalidInput(format!(
-                "--to {url}: expected postgres://, mysql:// or sqlite:// (for files: --target DIR)"
+                "--to {}: expected postgres://, mysql:// or sqlite:// (for files: --target DIR)",
+                postgres::redact(url)
             ))),
         }
     } else if a.stdout {
@@ -188,6 +194,11 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
         restorer.to_directory(&target).await
     };
     drop(line);
+    if result.is_err() && a.to.is_some() {
+        eprintln!(
+            "note: the target may hold part of the snapshot; drop it, or restore again with --force"
+        );
+    }
     let report = result?;
     for w in &report.warnings {
         eprintln!("warning: {w}");
@@ -195,7 +206,7 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
     if !g.quiet {
         let elapsed = started.elapsed();
         eprintln!(
-            "restored snapshot {} ({}): {} file(s), {}, verified, in {} ({}/s)",
+            "restored snapshot {} ({}): {} {unit}, {}, verified, in {} ({}/s)",
             snap.id.short(),
             snap.name,
             report.files,

@@ -91,6 +91,8 @@ pub struct BackupReport {
     pub object: String,
     /// Special files that were skipped (sockets, devices, FIFOs).
     pub skipped: Vec<String>,
+    /// What a stream source's tools printed on standard error without failing (warnings).
+    pub warnings: Vec<String>,
 }
 
 /// Backs up `source` and commits a snapshot.
@@ -175,6 +177,7 @@ pub async fn backup(
         mut summary,
         streams,
         skipped,
+        warnings,
         record,
     } = pending;
     let source_kind = record.unwrap_or(source_kind);
@@ -205,6 +208,7 @@ pub async fn backup(
         snapshot,
         object,
         skipped,
+        warnings,
     })
 }
 
@@ -358,6 +362,7 @@ struct PipelineOutput {
     summary: Summary,
     streams: Vec<StreamDigest>,
     skipped: Vec<String>,
+    warnings: Vec<String>,
     /// What a stream source reported about itself.
     record: Option<SnapshotSource>,
 }
@@ -391,12 +396,14 @@ fn run_pipeline(
         params,
         summary: Summary::default(),
         skipped: Vec::new(),
+        warnings: Vec::new(),
     };
     let read = reader.read_source(source, &name);
     // Dropping the job sender is what tells the workers the input is over.
     let Reader {
         summary,
         skipped,
+        warnings,
         jobs,
         ..
     } = reader;
@@ -426,6 +433,7 @@ fn run_pipeline(
             summary,
             streams,
             skipped,
+            warnings,
             record,
         }),
     }
@@ -518,6 +526,8 @@ struct Reader<'a> {
     read_buffers: Arc<BufferPool>,
     summary: Summary,
     skipped: Vec<String>,
+    /// A stream source's warnings, once it finished.
+    warnings: Vec<String>,
 }
 
 /// A file's content as a node needs it.
@@ -590,6 +600,7 @@ impl Reader<'_> {
                     Progress::add(&self.ctx.progress.files, 1);
                 }
                 let record = set.finish()?;
+                self.warnings = set.warnings();
                 let tree = self.submit_tree(&Tree { nodes })?;
                 Ok((tree, digests, Some(record)))
             }

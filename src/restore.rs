@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -93,6 +93,10 @@ impl<'a> Restorer<'a> {
         opts: RestoreOptions,
     ) -> Result<Restorer<'a>> {
         let (index, index_errors) = repo.load_index_epoch(snapshot.epoch()).await?;
+        opts.progress.total_bytes.store(
+            snapshot.summary.logical_bytes,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(Restorer {
             repo,
             snapshot,
@@ -233,9 +237,11 @@ impl<'a> Restorer<'a> {
             node.name.to_display(),
             target.display
         );
-        self.pipe_into(node, postgres::loader(target)?, "psql", what, None)
-            .await
-            .map(|(bytes, _)| bytes)
+        let (bytes, _) = self
+            .pipe_into(node, postgres::loader(target)?, "psql", what, None)
+            .await?;
+        Progress::add(&self.opts.progress.files, 1);
+        Ok(bytes)
     }
 
     /// Restores a snapshot of a server's globals (roles, tablespaces) into the server `target`
@@ -282,19 +288,29 @@ impl<'a> Restorer<'a> {
             .take()
             .map(crate::source::collect_stderr)
             .expect("piped");
-        let written = self.write_content(node, Box::new(stdin)).await;
-        // The writer (the client's stdin) is dropped by now: it sees the end of its input.
+        let child = Arc::new(std::sync::Mutex::new(child));
+        let complete = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guarded = ClientInput {
+            stdin: Some(stdin),
+            child: child.clone(),
+            complete: complete.clone(),
+        };
+        let written = self.write_content(node, Box::new(guarded)).await;
+        // On success the client sees the end of its input; on failure it was killed first.
         let written = written.map(|(n, out)| {
+            complete.store(true, std::sync::atomic::Ordering::SeqCst);
             drop(out);
             n
         });
         let status = tokio::task::spawn_blocking(move || {
-            let status = child.wait();
+            let status = child.lock().expect("not poisoned").wait();
             (status, stderr.join().unwrap_or_default())
         })
         .await
         .map_err(|e| Error::invalid(format!("restore crashed: {e}")))?;
         let (status, stderr) = status;
+        // The restore's own failure (the client was killed for it) is the one to report.
+        let written = written?;
         let status = status.map_err(|e| Error::TargetFailed(format!("{what}: {tool}: {e}")))?;
         let mut warnings = Vec::new();
         let stderr = match tolerated {
@@ -318,7 +334,7 @@ impl<'a> Restorer<'a> {
         {
             return Err(Error::TargetFailed(format!("{what}: {msg}")));
         }
-        written.map(|bytes| (bytes, warnings))
+        Ok((written, warnings))
     }
 
     /// Restores a MySQL/MariaDB snapshot into the database `target` names: creates it (see
@@ -369,6 +385,7 @@ impl<'a> Restorer<'a> {
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&partial)
             .map_err(|e| Error::io(&partial, e))?;
         let result = async {
@@ -376,7 +393,7 @@ impl<'a> Restorer<'a> {
                 .write_content(&node, Box::new(SyncOnFlush(file)))
                 .await?;
             drop(out);
-            sqlite::commit_target(&partial, target)?;
+            sqlite::commit_target(&partial, target, force)?;
             Ok::<u64, Error>(bytes)
         }
         .await;
@@ -766,6 +783,36 @@ impl Fetched {
         });
         stored_buffers.give(stored);
         decoded
+    }
+}
+
+/// A database client's standard input. Dropped before the stream is complete (a fetch failed,
+/// data was corrupt, the restore was interrupted), it kills the client before closing the pipe:
+/// a client that sees a clean end of input would run a cut-off last statement.
+struct ClientInput {
+    stdin: Option<std::process::ChildStdin>,
+    child: Arc<std::sync::Mutex<std::process::Child>>,
+    complete: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Write for ClientInput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stdin.as_mut().expect("open until dropped").write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stdin.as_mut().expect("open until dropped").flush()
+    }
+}
+
+impl Drop for ClientInput {
+    fn drop(&mut self) {
+        if !self.complete.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Ok(mut c) = self.child.lock() {
+                let _ = c.kill();
+            }
+        }
+        drop(self.stdin.take());
     }
 }
 

@@ -33,14 +33,6 @@ impl CommandSource {
         let first = self.command.split_whitespace().next().unwrap_or("");
         format!("command {first:?}")
     }
-
-    /// What the command printed on standard error, once it ended successfully.
-    pub fn warnings(&self) -> Vec<String> {
-        self.warnings
-            .as_ref()
-            .map(|w| w.lock().expect("not poisoned").clone())
-            .unwrap_or_default()
-    }
 }
 
 impl StreamSet for CommandSource {
@@ -63,6 +55,14 @@ impl StreamSet for CommandSource {
             name: self.stream.clone(),
             reader: Box::new(out),
         }))
+    }
+
+    /// What the command printed on standard error, once it ended successfully.
+    fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .as_ref()
+            .map(|w| w.lock().expect("not poisoned").clone())
+            .unwrap_or_default()
     }
 
     fn finish(&mut self) -> Result<SourceRecord> {

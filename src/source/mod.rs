@@ -43,6 +43,11 @@ pub trait StreamSet: Send {
     /// the source, or the error that fails the backup.
     fn finish(&mut self) -> Result<SourceRecord>;
 
+    /// What the source's tools printed on standard error without failing, once it finished.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Chunk sizes (min, average, max) for these streams; they must stay the same from one
     /// backup to the next for deduplication to work.
     fn chunk_sizes(&self) -> (u32, u32, u32) {
@@ -111,22 +116,40 @@ impl StderrPolicy {
     }
 }
 
-/// Most of a child's standard error kept for the error message.
+/// A child's standard error kept whole, for the error message.
 const STDERR_KEEP: usize = 64 << 10;
 
-/// Collects a child's standard error on a thread, keeping the first [`STDERR_KEEP`] bytes.
+/// Past [`STDERR_KEEP`], error lines are still kept, up to this much: a real error must not
+/// hide behind pages of warnings (or of tolerated errors, when roles are restored).
+const STDERR_ERRORS_KEEP: usize = 1 << 20;
+
+/// Collects a child's standard error on a thread: the first [`STDERR_KEEP`] bytes, then only
+/// lines that mention an error.
 pub(crate) fn collect_stderr(stderr: ChildStderr) -> JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
+        use std::io::BufRead;
         let mut kept = Vec::new();
-        let mut r = stderr;
-        let mut buf = [0u8; 8192];
+        let mut r = io::BufReader::new(stderr);
+        let mut line = Vec::new();
         loop {
-            match r.read(&mut buf) {
+            line.clear();
+            // Lines are read at most 64 KiB at a time: memory stays bounded whatever it prints.
+            match io::Read::by_ref(&mut r)
+                .take(64 << 10)
+                .read_until(b'\n', &mut line)
+            {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let room = STDERR_KEEP.saturating_sub(kept.len());
-                    kept.extend_from_slice(&buf[..n.min(room)]);
-                }
+                Ok(_) => {}
+            }
+            let keep = if kept.len() < STDERR_KEEP {
+                true
+            } else {
+                let l = String::from_utf8_lossy(&line).to_ascii_lowercase();
+                kept.len() < STDERR_KEEP + STDERR_ERRORS_KEEP
+                    && (l.contains("error") || l.contains("fatal") || l.contains("panic"))
+            };
+            if keep {
+                kept.extend_from_slice(&line);
             }
         }
         kept

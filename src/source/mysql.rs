@@ -16,6 +16,10 @@ use std::sync::{Arc, Mutex};
 
 use zeroize::Zeroizing;
 
+mod rows;
+
+use rows::RowCounter;
+
 use super::{ChildOutput, NamedStream, StderrPolicy, StreamSet, find_program};
 use crate::error::{Error, Result};
 use crate::snapshot::{DatabaseRecord, Source as SourceRecord, TableRecord};
@@ -92,6 +96,13 @@ impl MyConn {
         let database = decode(u.path().trim_start_matches('/'))?;
         if database.is_empty() || database.contains('/') {
             return Err(bad("names no database (mysql://host/DATABASE)".into()));
+        }
+        if password.as_ref().is_some_and(|p| p.len() > 2000) {
+            return Err(bad(
+                "the database password is longer than 2000 bytes, more than the MySQL tools \
+                 read from an option file"
+                    .into(),
+            ));
         }
         let options = write_options(&lines, password.as_deref().map(String::as_str))
             .map_err(|e| Error::io("temporary MySQL option file", e))?;
@@ -171,28 +182,37 @@ fn write_options(
 ) -> io::Result<tempfile::TempDir> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = tempfile::Builder::new().prefix("kluis-mysql-").tempdir()?;
-    let quote = |v: &str| {
-        let mut s = String::with_capacity(v.len() + 2);
-        s.push('"');
+    // Written straight into one zeroized buffer: no stray copies of the password.
+    let quote_into = |out: &mut String, v: &str| {
+        out.push('"');
         for c in v.chars() {
             match c {
-                '\\' => s.push_str("\\\\"),
-                '"' => s.push_str("\\\""),
-                '\n' => s.push_str("\\n"),
-                '\t' => s.push_str("\\t"),
-                '\r' => s.push_str("\\r"),
-                c => s.push(c),
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c => out.push(c),
             }
         }
-        s.push('"');
-        s
+        out.push_str("\"\n");
     };
-    let mut text = Zeroizing::new(String::from("[client]\n"));
+    let room = lines
+        .iter()
+        .map(|(k, v)| k.len() + 2 * v.len() + 4)
+        .sum::<usize>()
+        + password.map_or(0, |p| 2 * p.len() + 16)
+        + 16;
+    let mut text = Zeroizing::new(String::with_capacity(room));
+    text.push_str("[client]\n");
     for (k, v) in lines {
-        text.push_str(&format!("{k}={}\n", quote(v)));
+        text.push_str(k);
+        text.push('=');
+        quote_into(&mut text, v);
     }
     if let Some(p) = password {
-        text.push_str(&format!("password={}\n", quote(p)));
+        text.push_str("password=");
+        quote_into(&mut text, p);
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -264,14 +284,6 @@ impl MysqlSource {
             started: false,
         }
     }
-
-    /// Warnings the dump tool printed (stderr lines that were not errors).
-    pub fn warnings(&self) -> Vec<String> {
-        self.warnings
-            .as_ref()
-            .map(|w| w.lock().expect("not poisoned").clone())
-            .unwrap_or_default()
-    }
 }
 
 impl StreamSet for MysqlSource {
@@ -317,6 +329,14 @@ impl StreamSet for MysqlSource {
         }))
     }
 
+    /// Warnings the dump tool printed (stderr lines that were not errors).
+    fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .as_ref()
+            .map(|w| w.lock().expect("not poisoned").clone())
+            .unwrap_or_default()
+    }
+
     fn finish(&mut self) -> Result<SourceRecord> {
         let info = self
             .info
@@ -356,135 +376,6 @@ impl<R: Read> Read for Counting<R> {
         self.counter.lock().expect("not poisoned").feed(&buf[..n]);
         Ok(n)
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct TableRows {
-    name: String,
-    rows: u64,
-    key: Option<String>,
-}
-
-/// Finds tables and counts rows in mariadb-dump/mysqldump output, a byte at a time: a table
-/// starts at a `CREATE TABLE` line, its key is the `-- ORDER BY:` comment, and each top-level
-/// parenthesised tuple of an `INSERT INTO ... VALUES` statement is a row (strings are single
-/// quoted with backslash escapes; binary columns are hex, outside quotes).
-#[derive(Debug, Default)]
-struct RowCounter {
-    tables: Vec<TableRows>,
-    /// The start of the current line, up to [`LINE_HEAD`] bytes, while not in an INSERT.
-    line: Vec<u8>,
-    at_line_start: bool,
-    insert: Option<Insert>,
-    started: bool,
-}
-
-const LINE_HEAD: usize = 512;
-
-#[derive(Debug, Default)]
-struct Insert {
-    depth: u32,
-    in_string: bool,
-    escaped: bool,
-}
-
-impl RowCounter {
-    fn feed(&mut self, bytes: &[u8]) {
-        if !self.started {
-            self.started = true;
-            self.at_line_start = true;
-        }
-        for &b in bytes {
-            if let Some(ins) = &mut self.insert {
-                if ins.in_string {
-                    if ins.escaped {
-                        ins.escaped = false;
-                    } else if b == b'\\' {
-                        ins.escaped = true;
-                    } else if b == b'\'' {
-                        ins.in_string = false;
-                    }
-                    continue;
-                }
-                match b {
-                    b'\'' => ins.in_string = true,
-                    b'(' => {
-                        if ins.depth == 0 {
-                            if let Some(t) = self.tables.last_mut() {
-                                t.rows += 1;
-                            }
-                        }
-                        ins.depth += 1;
-                    }
-                    b')' => ins.depth = ins.depth.saturating_sub(1),
-                    b';' if ins.depth == 0 => {
-                        self.insert = None;
-                        self.line.clear();
-                        self.at_line_start = false;
-                    }
-                    _ => {}
-                }
-                continue;
-            }
-            if b == b'\n' {
-                self.end_line();
-                self.at_line_start = true;
-                continue;
-            }
-            if self.line.len() < LINE_HEAD {
-                self.line.push(b);
-                if b == b'S'
-                    && self.at_line_start
-                    && self.line.starts_with(b"INSERT INTO `")
-                    && self.line.ends_with(b" VALUES")
-                {
-                    self.insert = Some(Insert::default());
-                }
-            }
-        }
-    }
-
-    fn end_line(&mut self) {
-        let line = std::mem::take(&mut self.line);
-        if !self.at_line_start {
-            return;
-        }
-        if let Some(rest) = line.strip_prefix(b"CREATE TABLE `") {
-            if let Some(name) = backquoted(rest) {
-                self.tables.push(TableRows {
-                    name,
-                    rows: 0,
-                    key: None,
-                });
-            }
-        } else if let Some(rest) = line.strip_prefix(b"-- ORDER BY:") {
-            let key = String::from_utf8_lossy(rest).trim().to_string();
-            if let Some(t) = self.tables.last_mut() {
-                if !key.is_empty() {
-                    t.key = Some(key);
-                }
-            }
-        }
-    }
-}
-
-/// The name up to the closing backquote (a doubled backquote is one).
-fn backquoted(b: &[u8]) -> Option<String> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'`' {
-            if b.get(i + 1) == Some(&b'`') {
-                out.push(b'`');
-                i += 2;
-                continue;
-            }
-            return Some(String::from_utf8_lossy(&out).into_owned());
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    None
 }
 
 /// Makes the restore target ready: creates the database (in the snapshot's character set and
@@ -591,43 +482,5 @@ mod tests {
         let dir = options_path(&c).to_path_buf();
         drop(c);
         assert!(!dir.exists(), "the option file outlived its connection");
-    }
-
-    #[test]
-    fn counts_rows_of_both_insert_styles() {
-        let dump = "-- MariaDB dump\n\
-            CREATE TABLE `a` (\n  `id` int\n);\n\
-            -- ORDER BY:  `id`\n\
-            INSERT INTO `a` VALUES\n(1,'x'),\n(2,'it''s (not) a row'),\n(3,'\\'),(');\n\
-            CREATE TABLE `b``q` (\n  `x` int\n);\n\
-            INSERT INTO `b``q` VALUES (1,0x28),(2,NULL),(3,'('),(4,'a;b');\n\
-            INSERT INTO `b``q` VALUES (5,'');\n\
-            CREATE TABLE `empty` (`x` int);\n\
-            -- Dump completed\n";
-        // Fed in awkward pieces: state carries across reads.
-        let mut c = RowCounter::default();
-        for piece in dump.as_bytes().chunks(3) {
-            c.feed(piece);
-        }
-        assert_eq!(
-            c.tables,
-            vec![
-                TableRows {
-                    name: "a".into(),
-                    rows: 3,
-                    key: Some("`id`".into())
-                },
-                TableRows {
-                    name: "b`q".into(),
-                    rows: 5,
-                    key: None
-                },
-                TableRows {
-                    name: "empty".into(),
-                    rows: 0,
-                    key: None
-                },
-            ]
-        );
     }
 }

@@ -576,6 +576,14 @@ impl StreamSet for PostgresSource {
         Ok(Some(NamedStream { name, reader }))
     }
 
+    /// Warnings the tools printed (stderr lines that were not errors).
+    fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .iter()
+            .flat_map(|w| w.lock().expect("not poisoned").clone())
+            .collect()
+    }
+
     fn finish(&mut self) -> Result<SourceRecord> {
         let info = self
             .info
@@ -602,16 +610,6 @@ impl StreamSet for PostgresSource {
             collation: None,
             tables,
         }))
-    }
-}
-
-impl PostgresSource {
-    /// Warnings the tools printed (stderr lines that were not errors).
-    pub fn warnings(&self) -> Vec<String> {
-        self.warnings
-            .iter()
-            .flat_map(|w| w.lock().expect("not poisoned").clone())
-            .collect()
     }
 }
 

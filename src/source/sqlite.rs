@@ -38,7 +38,9 @@ pub fn parse_url(url: &str) -> Result<PathBuf> {
 pub struct SqliteSource {
     path: PathBuf,
     temp_dir: Option<PathBuf>,
-    copy: Option<tempfile::NamedTempFile>,
+    /// A private directory (mode 0700) holding the copy and the journal files SQLite makes
+    /// beside it, so nobody else can plant one there; removed whole.
+    copy: Option<tempfile::TempDir>,
     record: Option<DatabaseRecord>,
     started: bool,
 }
@@ -89,25 +91,20 @@ impl SqliteSource {
             .busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| fail("cannot set a busy timeout", e))?;
         let dir = self.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
-        let copy = tempfile::Builder::new()
+        let private = tempfile::Builder::new()
             .prefix(".kluis-sqlite-")
-            .tempfile_in(&dir)
+            .tempdir_in(&dir)
             .map_err(|e| {
                 Error::SourceFailed(format!(
                     "cannot create a temporary copy of {shown} in {}: {e}",
                     dir.display()
                 ))
             })?;
-        let copy_path = copy.path().to_path_buf();
-        let result = self.copy_into(&source, &copy_path, &shown);
-        if result.is_err() {
-            // The temporary file goes with `copy`; its journal files must go too.
-            let _ = remove_sidecars(&copy_path);
-        }
-        let record = result?;
-        self.record = Some(record);
+        let copy_path = private.path().join("copy.db");
+        // On failure `private` is dropped here, and the copy and its journal files with it.
+        self.record = Some(self.copy_into(&source, &copy_path, &shown)?);
         let file = File::open(&copy_path).map_err(|e| Error::io(&copy_path, e))?;
-        self.copy = Some(copy);
+        self.copy = Some(private);
         Ok(file)
     }
 
@@ -176,7 +173,7 @@ fn describe_tables(c: &Connection, shown: &str) -> rusqlite::Result<DatabaseReco
     let names = query_strings(
         c,
         "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' \
-         ESCAPE '\\' ORDER BY name",
+         ESCAPE '\\' AND sql NOT LIKE 'CREATE VIRTUAL TABLE%' ORDER BY name",
     )?;
     let mut tables = Vec::new();
     for name in names {
@@ -218,9 +215,7 @@ impl StreamSet for SqliteSource {
 
     fn finish(&mut self) -> Result<SourceRecord> {
         // The copy is read: remove it now rather than when the source is dropped.
-        if let Some(copy) = self.copy.take() {
-            remove_sidecars(copy.path())?;
-        }
+        self.copy = None;
         let record = self
             .record
             .take()
@@ -259,7 +254,10 @@ pub fn prepare_target(target: &Path, force: bool) -> Result<()> {
         }
         _ => {}
     }
+    // A partial file of an interrupted restore, and journal files SQLite could replay into
+    // the next one.
     let partial = partial_path(target);
+    remove_sidecars(&partial)?;
     match std::fs::remove_file(&partial) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -267,9 +265,11 @@ pub fn prepare_target(target: &Path, force: bool) -> Result<()> {
     }
 }
 
-/// Checks a restored file (`PRAGMA integrity_check`) and moves it into place, with the old
-/// database's journal files removed so SQLite cannot replay them over it.
-pub fn commit_target(partial: &Path, target: &Path) -> Result<()> {
+/// Checks a restored file (`PRAGMA integrity_check`) and moves it into place. Without `force`
+/// it never replaces a file that appeared meanwhile. With `force` the old database's journal
+/// files are moved aside first (SQLite would replay them over the new file) and put back if
+/// the new file cannot be moved into place.
+pub fn commit_target(partial: &Path, target: &Path, force: bool) -> Result<()> {
     let shown = partial.display().to_string();
     let check = Connection::open(partial)
         .and_then(|c| query_strings(&c, "PRAGMA integrity_check"))
@@ -281,8 +281,30 @@ pub fn commit_target(partial: &Path, target: &Path) -> Result<()> {
         )));
     }
     remove_sidecars(partial)?;
-    remove_sidecars(target)?;
-    std::fs::rename(partial, target).map_err(|e| Error::io(target, e))?;
+    if force {
+        let aside = move_sidecars_aside(target)?;
+        if let Err(e) = std::fs::rename(partial, target) {
+            for (from, to) in &aside {
+                let _ = std::fs::rename(to, from);
+            }
+            return Err(Error::io(target, e));
+        }
+        for (_, to) in aside {
+            std::fs::remove_file(&to).map_err(|e| Error::io(&to, e))?;
+        }
+    } else {
+        std::fs::hard_link(partial, target).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::invalid(format!(
+                    "{} appeared during the restore; pass --force to replace it",
+                    target.display()
+                ))
+            } else {
+                Error::io(target, e)
+            }
+        })?;
+        std::fs::remove_file(partial).map_err(|e| Error::io(partial, e))?;
+    }
     if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
@@ -291,12 +313,38 @@ pub fn commit_target(partial: &Path, target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes a database file's `-wal`, `-shm` and `-journal` files, if any.
-fn remove_sidecars(db: &Path) -> Result<()> {
-    for suffix in ["-wal", "-shm", "-journal"] {
+fn sidecars(db: &Path) -> [PathBuf; 3] {
+    ["-wal", "-shm", "-journal"].map(|suffix| {
         let mut name = db.file_name().unwrap_or_default().to_os_string();
         name.push(suffix);
-        let p = db.with_file_name(name);
+        db.with_file_name(name)
+    })
+}
+
+/// Renames a database's journal files to `<name>.kluis-old`; returns (original, aside) pairs.
+fn move_sidecars_aside(db: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let mut moved = Vec::new();
+    for p in sidecars(db) {
+        let mut aside = p.clone().into_os_string();
+        aside.push(".kluis-old");
+        let aside = PathBuf::from(aside);
+        match std::fs::rename(&p, &aside) {
+            Ok(()) => moved.push((p, aside)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                for (from, to) in &moved {
+                    let _ = std::fs::rename(to, from);
+                }
+                return Err(Error::io(&p, e));
+            }
+        }
+    }
+    Ok(moved)
+}
+
+/// Removes a database file's `-wal`, `-shm` and `-journal` files, if any.
+fn remove_sidecars(db: &Path) -> Result<()> {
+    for p in sidecars(db) {
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -366,7 +414,7 @@ mod tests {
         let target = dir.path().join("restored.db");
         prepare_target(&target, false).unwrap();
         std::fs::write(partial_path(&target), &bytes).unwrap();
-        commit_target(&partial_path(&target), &target).unwrap();
+        commit_target(&partial_path(&target), &target, false).unwrap();
         let r = Connection::open(&target).unwrap();
         let n: i64 = r
             .query_row("SELECT count(*) FROM t", [], |x| x.get(0))
@@ -381,6 +429,6 @@ mod tests {
             *b = 0x55;
         }
         std::fs::write(partial_path(&target), &bad).unwrap();
-        assert!(commit_target(&partial_path(&target), &target).is_err());
+        assert!(commit_target(&partial_path(&target), &target, true).is_err());
     }
 }
