@@ -5,15 +5,18 @@ Starts a throwaway PostgreSQL (as the postgres user when run as root) in a tempo
 on loopback and measures, in one run:
 
   1. Nights. The shared SaaS workload at scale 1, then one business day of changes
-     (saas-day.sql) before each of nights 2..4. Every night kluis backs up the live database
+     (saas-day.sql) before each of nights 2..4. The same rows are copied into a MariaDB each
+     night (unless --no-mysql). Every night kluis backs up the live database
      (`kluis backup postgres://...`: per-table streams in primary-key order, one snapshot), and
-     restic, borg and rustic back up a plain `pg_dump -Z0` of the same state on stdin. Also
+     restic, borg and rustic back up a plain `pg_dump -Z0` of the same state on stdin (and
+     kluis `mysql://` against `mariadb-dump` on stdin for the MariaDB copy). Also
      kluis on that same plain dump (stdin), to separate the source from the engine. Prints stored
      bytes after each night and the bytes added per night, as a share of the first night.
      Floor (issue 4): kluis adds on average <= 10 % of its first night.
      Each tool's newest snapshot must restore the newest state (checked).
   2. Speed. The workload at scale 6 (~370 MB dump): `pg_dump -Z0 > /dev/null` against
-     `kluis backup postgres://` into a fresh repository, alternately, --rounds times.
+     `kluis backup postgres://` into a fresh repository, alternately, --rounds times; and the
+     server's share alone: each table's `COPY ... ORDER BY <key>` to /dev/null.
      Floor (issue 4): kluis <= 1.15x pg_dump.
 
 Usage: benches/databases.py [--rounds 3] [--only kluis,restic,borg,rustic] [--skip-speed]
@@ -289,16 +292,35 @@ def nights(args, work, names):
             print(f"kluis mysql:// source adds {100 * share:.1f} % of its first night per night")
 
 
+def ordered_copies(db):
+    """Every table's rows in primary-key order, one table after the other, to /dev/null: the
+    server's share of kluis's work, without kluis."""
+    psql = [str(PG.bin / "psql"), "-X", "-q", "-A", "-t", "-h", "127.0.0.1", "-p", str(PG.port),
+            "-U", "postgres", "-d", db]
+    tables = subprocess.run(psql + ["-c", "SELECT format('%I.%I', schemaname, tablename) FROM "
+                                          "pg_tables WHERE schemaname = 'public'"],
+                            check=True, capture_output=True, text=True).stdout.split()
+    with open(os.devnull, "wb") as null:
+        for t in tables:
+            subprocess.run(psql + ["-c", f"COPY (SELECT * FROM ONLY {t} ORDER BY id) TO STDOUT"],
+                           check=True, stdout=null)
+
+
 def speed(args, work):
     PG.load("s6", 6)
     size = 0
-    t_dump, t_kluis, rss = [], [], []
+    t_dump, t_kluis, t_ordered, rss = [], [], [], []
     kluis = KluisDb(work)
     kluis.repo = work / "repo-kluis-speed"
     for r in range(args.rounds):
-        order = ["dump", "kluis"] if r % 2 == 0 else ["kluis", "dump"]
+        order = ["dump", "ordered", "kluis"] if r % 2 == 0 else ["kluis", "ordered", "dump"]
         for what in order:
-            if what == "dump":
+            if what == "ordered":
+                os.sync()
+                started = time.monotonic()
+                ordered_copies("s6")
+                t_ordered.append(time.monotonic() - started)
+            elif what == "dump":
                 os.sync()
                 started = time.monotonic()
                 with open(os.devnull, "wb") as null:
@@ -320,9 +342,13 @@ def speed(args, work):
     print("| | seconds | MB/s | peak RSS MB |")
     print("|---|---:|---:|---:|")
     print(f"| pg_dump -Z0 > /dev/null | {d:.2f} | {size / 1e6 / d:.0f} | |")
+    o = statistics.median(t_ordered)
+    print(f"| COPY ... ORDER BY <key> of each table > /dev/null (psql, one after the other) "
+          f"| {o:.2f} | {size / 1e6 / o:.0f} | |")
     print(f"| kluis backup postgres:// | {k:.2f} | {size / 1e6 / k:.0f} | "
           f"{statistics.median(rss) / 1e6:.0f} |")
-    print(f"\nkluis / pg_dump = {k / d:.2f}x (ceiling 1.15x): {'PASS' if k / d <= 1.15 else 'FAIL'}")
+    print(f"\nkluis / pg_dump = {k / d:.2f}x (ceiling 1.15x): {'PASS' if k / d <= 1.15 else 'FAIL'}"
+          f"; ordered COPY alone / pg_dump = {o / d:.2f}x")
 
 
 def main():

@@ -16,6 +16,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
@@ -390,7 +391,8 @@ fn run_pipeline(
     let mut reader = Reader {
         ctx: &ctx,
         index,
-        seen: IdSet::default(),
+        seen: Mutex::new(IdSet::default()),
+        counts: ReadCounts::default(),
         jobs: job_tx,
         read_buffers: crate::chunker::buffer_pool(&params),
         params,
@@ -401,12 +403,14 @@ fn run_pipeline(
     let read = reader.read_source(source, &name);
     // Dropping the job sender is what tells the workers the input is over.
     let Reader {
-        summary,
+        mut summary,
+        counts,
         skipped,
         warnings,
         jobs,
         ..
     } = reader;
+    counts.add_to(&mut summary);
     drop(jobs);
     let mut first_error = None;
     for w in workers {
@@ -519,7 +523,10 @@ fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Job>>) -> Result<()> {
 struct Reader<'a> {
     ctx: &'a Shared,
     index: Index,
-    seen: IdSet<BlobId>,
+    /// Blobs submitted by this backup; shared by streams read at once.
+    seen: Mutex<IdSet<BlobId>>,
+    /// Counts kept by `submit` and `read_content`, which may run on several threads.
+    counts: ReadCounts,
     jobs: SyncSender<Job>,
     params: ChunkerParams,
     /// The chunkers' read buffers, shared by every file of the backup.
@@ -528,6 +535,24 @@ struct Reader<'a> {
     skipped: Vec<String>,
     /// A stream source's warnings, once it finished.
     warnings: Vec<String>,
+}
+
+/// The summary's counts that stream readers running at once add to.
+#[derive(Default)]
+struct ReadCounts {
+    logical_bytes: AtomicU64,
+    blobs: AtomicU64,
+    new_blobs: AtomicU64,
+    new_bytes: AtomicU64,
+}
+
+impl ReadCounts {
+    fn add_to(&self, summary: &mut Summary) {
+        summary.logical_bytes += Progress::get(&self.logical_bytes);
+        summary.blobs += Progress::get(&self.blobs);
+        summary.new_blobs += Progress::get(&self.new_blobs);
+        summary.new_bytes += Progress::get(&self.new_bytes);
+    }
 }
 
 /// A file's content as a node needs it.
@@ -570,35 +595,9 @@ impl Reader<'_> {
                     seed: self.params.seed,
                 };
                 self.params.validate()?;
-                let mut nodes: Vec<Node> = Vec::new();
-                let mut digests = Vec::new();
                 let now = Timestamp::now().as_nanosecond() as i64;
-                while let Some(stream) = set.next_stream()? {
-                    let bytes = stream.name.as_bytes();
-                    if bytes.is_empty()
-                        || bytes.contains(&b'/')
-                        || bytes.contains(&0)
-                        || nodes.last().is_some_and(|n| n.name.0.as_slice() >= bytes)
-                    {
-                        return Err(Error::invalid(format!(
-                            "stream name {:?} is empty, holds '/', or is out of order",
-                            stream.name
-                        )));
-                    }
-                    let c = self.read_content(stream.reader).map_err(|e| match e {
-                        ReadError::Source(e) => source::read_error(&stream.name, e),
-                        ReadError::Pipeline(e) => e,
-                    })?;
-                    digests.push(StreamDigest {
-                        path: stream.name.clone(),
-                        size: c.size,
-                        sha256: c.sha256,
-                    });
-                    let name = NameBytes(stream.name.into_bytes());
-                    nodes.push(file_node(name, 0o600, 0, 0, now, c));
-                    self.summary.files += 1;
-                    Progress::add(&self.ctx.progress.files, 1);
-                }
+                let (nodes, digests) = self.read_streams(set.as_mut(), now)?;
+                self.summary.files += nodes.len() as u64;
                 let record = set.finish()?;
                 self.warnings = set.warnings();
                 let tree = self.submit_tree(&Tree { nodes })?;
@@ -629,14 +628,14 @@ impl Reader<'_> {
     }
 
     /// Hashes a blob and queues it for storage unless the repository or this backup has it.
-    fn submit(&mut self, kind: BlobKind, data: Bytes) -> Result<BlobId> {
+    fn submit(&self, kind: BlobKind, data: Bytes) -> Result<BlobId> {
         if self.ctx.cancel.is_cancelled() {
             return Err(Error::Interrupted);
         }
         let id = self.ctx.key.blob_id(&data);
-        if !self.index.contains(&id) && self.seen.insert(id) {
-            self.summary.new_blobs += 1;
-            self.summary.new_bytes += data.len() as u64;
+        if !self.index.contains(&id) && self.seen.lock().expect("not poisoned").insert(id) {
+            Progress::add(&self.counts.new_blobs, 1);
+            Progress::add(&self.counts.new_bytes, data.len() as u64);
             Progress::add(&self.ctx.progress.new_bytes, data.len() as u64);
             self.jobs
                 .send(Job { id, kind, data })
@@ -645,11 +644,11 @@ impl Reader<'_> {
         Ok(id)
     }
 
-    fn submit_tree(&mut self, tree: &Tree) -> Result<BlobId> {
+    fn submit_tree(&self, tree: &Tree) -> Result<BlobId> {
         self.submit(BlobKind::Tree, Bytes::from(tree.encode()))
     }
 
-    fn read_content(&mut self, reader: impl Read) -> Result<Content, ReadError> {
+    fn read_content(&self, reader: impl Read) -> Result<Content, ReadError> {
         let mut chunker = Chunker::with_pool(reader, &self.params, self.read_buffers.clone());
         let mut sha = Sha256::default();
         let mut size = 0u64;
@@ -659,8 +658,8 @@ impl Reader<'_> {
             sha.update(&chunk);
             size += chunk.len() as u64;
             Progress::add(&self.ctx.progress.bytes, chunk.len() as u64);
-            self.summary.logical_bytes += chunk.len() as u64;
-            self.summary.blobs += 1;
+            Progress::add(&self.counts.logical_bytes, chunk.len() as u64);
+            Progress::add(&self.counts.blobs, 1);
             ids.push(
                 self.submit(BlobKind::Data, chunk)
                     .map_err(ReadError::Pipeline)?,
@@ -689,6 +688,84 @@ impl Reader<'_> {
             sha256: sha.finish(),
             inline: ids,
             lists,
+        })
+    }
+
+    /// Reads a source's streams, up to [`StreamSet::parallel_streams`] at once, each on its own
+    /// thread (the tools behind them then run side by side too); returns their nodes and
+    /// digests in stream order. The first failure cancels the streams still being read.
+    fn read_streams(
+        &self,
+        set: &mut dyn StreamSet,
+        now: i64,
+    ) -> Result<(Vec<Node>, Vec<StreamDigest>)> {
+        let parallel = set.parallel_streams().max(1);
+        std::thread::scope(|scope| {
+            let mut nodes: Vec<Node> = Vec::new();
+            let mut digests = Vec::new();
+            let mut inflight = std::collections::VecDeque::new();
+            let mut last: Option<Vec<u8>> = None;
+            let mut more = true;
+            let result = (|| loop {
+                while more && inflight.len() < parallel {
+                    let Some(stream) = set.next_stream()? else {
+                        more = false;
+                        break;
+                    };
+                    let bytes = stream.name.as_bytes();
+                    if bytes.is_empty()
+                        || bytes.contains(&b'/')
+                        || bytes.contains(&0)
+                        || last.as_deref().is_some_and(|l| l >= bytes)
+                    {
+                        return Err(Error::invalid(format!(
+                            "stream name {:?} is empty, holds '/', or is out of order",
+                            stream.name
+                        )));
+                    }
+                    last = Some(bytes.to_vec());
+                    let reader = stream.reader;
+                    let handle = std::thread::Builder::new()
+                        .name("kluis-stream".into())
+                        .spawn_scoped(scope, move || self.read_content(reader))
+                        .map_err(|e| Error::io("stream reader thread", e))?;
+                    inflight.push_back((stream.name, handle));
+                }
+                let Some((name, handle)) = inflight.pop_front() else {
+                    return Ok(());
+                };
+                let content = handle
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(ReadError::Pipeline(Error::invalid(
+                            "a stream reader crashed",
+                        )))
+                    })
+                    .map_err(|e| match e {
+                        ReadError::Source(e) => source::read_error(&name, e),
+                        ReadError::Pipeline(e) => e,
+                    })?;
+                digests.push(StreamDigest {
+                    path: name.clone(),
+                    size: content.size,
+                    sha256: content.sha256,
+                });
+                nodes.push(file_node(
+                    NameBytes(name.into_bytes()),
+                    0o600,
+                    0,
+                    0,
+                    now,
+                    content,
+                ));
+                Progress::add(&self.ctx.progress.files, 1);
+            })();
+            if result.is_err() {
+                // The other readers stop at their next chunk; their tools are killed as their
+                // outputs are dropped.
+                self.ctx.cancel.cancel();
+            }
+            result.map(|()| (nodes, digests))
         })
     }
 

@@ -43,6 +43,12 @@ pub trait StreamSet: Send {
     /// the source, or the error that fails the backup.
     fn finish(&mut self) -> Result<SourceRecord>;
 
+    /// How many streams the backup may read at once (each on its own thread, so the tools
+    /// behind them run side by side). Streams still end up in the snapshot in order.
+    fn parallel_streams(&self) -> usize {
+        1
+    }
+
     /// What the source's tools printed on standard error without failing, once it finished.
     fn warnings(&self) -> Vec<String> {
         Vec::new()
@@ -115,6 +121,9 @@ impl StderrPolicy {
         }
     }
 }
+
+/// The pipe size asked for a tool's standard output.
+const PIPE_SIZE: usize = 1 << 20;
 
 /// A child's standard error kept whole, for the error message.
 const STDERR_KEEP: usize = 64 << 10;
@@ -237,6 +246,9 @@ impl ChildOutput {
                 "{what}: standard output and error must be piped"
             )));
         };
+        // A 1 MiB pipe instead of 64 KiB: the tool and the backup wake each other far less
+        // often. Best effort: the limit (/proc/sys/fs/pipe-max-size) may be lower.
+        let _ = rustix::pipe::fcntl_setpipe_size(&stdout, PIPE_SIZE);
         Ok(ChildOutput {
             what,
             child,

@@ -576,6 +576,12 @@ impl StreamSet for PostgresSource {
         Ok(Some(NamedStream { name, reader }))
     }
 
+    /// Two tables at once: ordering by primary key costs the server more than pg_dump's
+    /// plain scan, and two backends side by side (in the same exported snapshot) pay for it.
+    fn parallel_streams(&self) -> usize {
+        2
+    }
+
     /// Warnings the tools printed (stderr lines that were not errors).
     fn warnings(&self) -> Vec<String> {
         self.warnings
