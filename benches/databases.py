@@ -272,6 +272,11 @@ def nights(args, work, names):
         ok["kluis (postgres:// source)"] = fingerprint(PG, "restored") == fingerprint(PG, "s1")
 
     if my:
+        want_my = sha256(my_dump)
+        for n, t in my_tools.items():
+            out = work / "restored.sql"
+            t.restore("s1.sql", out)
+            ok[f"MariaDB: {n} (mariadb-dump)"] = sha256(out) == want_my
         my.stop()
     print("\n| nights (scale 1) | after night 1 | 2 | 3 | 4 | added per night (avg of 2-4) "
           "| share of night 1 |")
