@@ -6,9 +6,9 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 
+use common::databases::*;
 use common::mariadb::Mariadb;
 use common::*;
 
@@ -69,32 +69,11 @@ DELIMITER ;
 CREATE EVENT nightly ON SCHEDULE EVERY 1 DAY STARTS '2030-01-01 03:00:00' DO DELETE FROM nokey WHERE a > 100;
 "#;
 
-fn password_file(repo: &Repo, content: &str) -> PathBuf {
-    let p = repo
-        .path()
-        .join(format!("dbpw-{}", hex(content.as_bytes())));
-    fs::write(&p, format!("{content}\n")).unwrap();
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
-    p
-}
-
 fn setup() -> (Mariadb, Repo, PathBuf) {
     let db = Mariadb::start();
     let repo = Repo::init_file(&[]);
     let pw = password_file(&repo, Mariadb::PASSWORD);
     (db, repo, pw)
-}
-
-fn run_with_pw(repo: &Repo, pw: &Path, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["--db-password-file", pw.to_str().unwrap()];
-    all.extend_from_slice(args);
-    repo.run(&all)
-}
-
-fn snapshot_count(repo: &Repo) -> usize {
-    let out = repo.ok(&["snapshots", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    v.as_array().unwrap().len()
 }
 
 #[test]
@@ -227,42 +206,17 @@ fn mysql_snapshot_is_consistent_under_concurrent_writes() {
          INSERT INTO checking SELECT seq, 1000 FROM seq_1_to_2000;
          INSERT INTO savings SELECT seq, 1000, repeat('p', 2000) FROM seq_1_to_2000;",
     );
-    let mut script = String::new();
-    for i in 0..60_000u64 {
-        let (a, b) = (1 + (i * 7919) % 2000, 1 + (i * 104_729) % 2000);
-        script.push_str(&format!(
-            "START TRANSACTION; UPDATE checking SET balance = balance - 3 WHERE id = {a}; \
-             UPDATE savings SET balance = balance + 3 WHERE id = {b}; COMMIT;\n"
-        ));
-    }
-    let mut writer = db
-        .client()
-        .arg("--database=bank")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = writer.stdin.take().unwrap();
-    let feeder = std::thread::spawn(move || {
-        use std::io::Write;
-        let _ = stdin.write_all(script.as_bytes());
-    });
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let writer = Writer::start(
+        db.client().arg("--database=bank"),
+        transfers("START TRANSACTION", 60_000),
+    );
     let mut backups = 0;
     for _ in 0..3 {
         let out = run_with_pw(&repo, &pw, &["backup", &db.url("bank")]);
         assert_success(&out, &["backup", "bank"]);
         backups += 1;
     }
-    let still_writing = writer.try_wait().unwrap().is_none();
-    let _ = writer.kill();
-    let _ = writer.wait();
-    let _ = feeder.join();
-    assert!(
-        still_writing,
-        "the writer finished before the backups did: test proves nothing"
-    );
+    writer.stop();
     let out = repo.ok(&["snapshots", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(list.as_array().unwrap().len(), backups);
@@ -275,7 +229,7 @@ fn mysql_snapshot_is_consistent_under_concurrent_writes() {
             &target,
             "SELECT (SELECT sum(balance) FROM checking) + (SELECT sum(balance) FROM savings)",
         );
-        assert_eq!(total.trim(), "4000000", "snapshot {id} is not consistent");
+        assert_eq!(total.trim(), BANK_TOTAL, "snapshot {id} is not consistent");
     }
 }
 

@@ -6,9 +6,9 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 
+use common::databases::*;
 use common::*;
 
 /// Everything a plain dump must carry faithfully.
@@ -57,32 +57,11 @@ SELECT lo_from_bytea(0, '\xdeadbeef00ff'::bytea);
 COMMENT ON TABLE public.people IS 'people, with 😀';
 "#;
 
-fn password_file(repo: &Repo, content: &str) -> PathBuf {
-    let p = repo
-        .path()
-        .join(format!("dbpw-{}", hex(content.as_bytes())));
-    fs::write(&p, format!("{content}\n")).unwrap();
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
-    p
-}
-
 fn setup() -> (Postgres, Repo, PathBuf) {
     let pg = Postgres::start();
     let repo = Repo::init_file(&[]);
     let pw = password_file(&repo, Postgres::PASSWORD);
     (pg, repo, pw)
-}
-
-fn run_with_pw(repo: &Repo, pw: &Path, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["--db-password-file", pw.to_str().unwrap()];
-    all.extend_from_slice(args);
-    repo.run(&all)
-}
-
-fn snapshot_count(repo: &Repo) -> usize {
-    let out = repo.ok(&["snapshots", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    v.as_array().unwrap().len()
 }
 
 #[test]
@@ -201,42 +180,14 @@ fn postgres_snapshot_is_consistent_under_concurrent_writes() {
          INSERT INTO checking SELECT g, 1000 FROM generate_series(1, 2000) g;
          INSERT INTO savings SELECT g, 1000, repeat('p', 2000) FROM generate_series(1, 2000) g;",
     );
-    let mut script = String::new();
-    for i in 0..60_000u64 {
-        let (a, b) = (1 + (i * 7919) % 2000, 1 + (i * 104_729) % 2000);
-        script.push_str(&format!(
-            "BEGIN; UPDATE checking SET balance = balance - 3 WHERE id = {a}; \
-             UPDATE savings SET balance = balance + 3 WHERE id = {b}; COMMIT;\n"
-        ));
-    }
-    let mut writer = pg
-        .psql()
-        .args(["-d", "bank"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = writer.stdin.take().unwrap();
-    let feeder = std::thread::spawn(move || {
-        use std::io::Write;
-        let _ = stdin.write_all(script.as_bytes());
-    });
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let writer = Writer::start(pg.psql().args(["-d", "bank"]), transfers("BEGIN", 60_000));
     let mut backups = 0;
     for _ in 0..3 {
         let out = run_with_pw(&repo, &pw, &["backup", &pg.url("bank")]);
         assert_success(&out, &["backup", "bank"]);
         backups += 1;
     }
-    let still_writing = writer.try_wait().unwrap().is_none();
-    let _ = writer.kill();
-    let _ = writer.wait();
-    let _ = feeder.join();
-    assert!(
-        still_writing,
-        "the writer finished before the backups did: test proves nothing"
-    );
+    writer.stop();
     let out = repo.ok(&["snapshots", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(list.as_array().unwrap().len(), backups);
@@ -249,7 +200,7 @@ fn postgres_snapshot_is_consistent_under_concurrent_writes() {
             &db,
             "SELECT (SELECT sum(balance) FROM checking) + (SELECT sum(balance) FROM savings)",
         );
-        assert_eq!(total.trim(), "4000000", "snapshot {id} is not consistent");
+        assert_eq!(total.trim(), BANK_TOTAL, "snapshot {id} is not consistent");
     }
 }
 

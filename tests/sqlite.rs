@@ -7,6 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
+use common::databases::snapshot_count;
 use common::*;
 use rusqlite::Connection;
 
@@ -89,12 +90,6 @@ fn fingerprint(path: &Path) -> String {
 
 fn sqlite_url(p: &Path) -> String {
     format!("sqlite://{}", p.display())
-}
-
-fn snapshot_count(repo: &Repo) -> usize {
-    let out = repo.ok(&["snapshots", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    v.as_array().unwrap().len()
 }
 
 #[test]

@@ -4,7 +4,6 @@
 //! prints a line containing "error" or "fatal" (any case) on its standard error.
 
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 
 use super::{ChildOutput, NamedStream, StderrPolicy, StreamSet};
 use crate::error::{Error, Result};
@@ -14,7 +13,7 @@ pub struct CommandSource {
     command: String,
     stream: String,
     spawned: bool,
-    warnings: Option<Arc<Mutex<Vec<String>>>>,
+    warnings: Option<super::Warnings>,
 }
 
 impl CommandSource {
@@ -59,10 +58,7 @@ impl StreamSet for CommandSource {
 
     /// What the command printed on standard error, once it ended successfully.
     fn warnings(&self) -> Vec<String> {
-        self.warnings
-            .as_ref()
-            .map(|w| w.lock().expect("not poisoned").clone())
-            .unwrap_or_default()
+        super::collect_warnings(&self.warnings)
     }
 
     fn finish(&mut self) -> Result<SourceRecord> {

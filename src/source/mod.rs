@@ -10,6 +10,7 @@ pub mod command;
 pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
+pub mod url;
 
 use std::io::{self, Read};
 use std::process::{Child, ChildStderr, ChildStdout};
@@ -59,6 +60,16 @@ pub trait StreamSet: Send {
     fn chunk_sizes(&self) -> (u32, u32, u32) {
         DUMP_CHUNK_SIZES
     }
+}
+
+/// Where a tool's warnings land once it ends (see [`ChildOutput::warnings`]).
+pub type Warnings = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Every warning collected in `from`, in order.
+pub(crate) fn collect_warnings<'a>(from: impl IntoIterator<Item = &'a Warnings>) -> Vec<String> {
+    from.into_iter()
+        .flat_map(|w| w.lock().expect("not poisoned").clone())
+        .collect()
 }
 
 /// The error a stream's reader returns when its producer failed; the backup reports its text.
@@ -231,7 +242,7 @@ pub struct ChildOutput {
     /// Counts newlines (rows of COPY output), if set.
     lines: Option<Arc<AtomicU64>>,
     /// Warnings the tool printed, once it ended.
-    warnings: Arc<std::sync::Mutex<Vec<String>>>,
+    warnings: Warnings,
     done: bool,
 }
 
@@ -276,7 +287,7 @@ impl ChildOutput {
     }
 
     /// Where the tool's warnings (stderr lines that are not errors) land once it ends.
-    pub fn warnings(&self) -> Arc<std::sync::Mutex<Vec<String>>> {
+    pub fn warnings(&self) -> Warnings {
         self.warnings.clone()
     }
 

@@ -20,6 +20,7 @@ mod rows;
 
 use rows::RowCounter;
 
+use super::url::DbUrl;
 use super::{ChildOutput, NamedStream, StderrPolicy, StreamSet, find_program};
 use crate::error::{Error, Result};
 use crate::snapshot::{DatabaseRecord, Source as SourceRecord, TableRecord};
@@ -52,56 +53,36 @@ impl MyConn {
     /// Parses `mysql://[user@][host][:port]/database[?socket=PATH]` (or `mariadb://`). A
     /// password in the URL is refused (it would show in the process list); pass it separately.
     pub fn parse(url: &str, password: Option<Zeroizing<String>>) -> Result<MyConn> {
-        let shown = super::postgres::redact(url);
-        let bad = |why: String| Error::invalid(format!("database URL {shown}: {why}"));
-        let u = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        if !matches!(u.scheme(), "mysql" | "mariadb") {
-            return Err(bad("expected mysql:// or mariadb://".into()));
-        }
-        if u.password().is_some() {
-            return Err(bad(
-                "holds a password; put it in --db-password-file (or the systemd credential \
-                 kluis-db-password) so it never shows in the process list"
-                    .into(),
-            ));
-        }
-        let decode = |s: &str| {
-            super::percent_decode(s)
-                .ok_or_else(|| bad(format!("{s:?} is not valid percent-encoding")))
-        };
+        let u = DbUrl::parse(url, &["mysql", "mariadb"])?;
         let mut lines: Vec<(String, String)> = Vec::new();
-        if let Some(h) = u.host_str().filter(|h| !h.is_empty()) {
-            let h = h.trim_start_matches('[').trim_end_matches(']');
-            lines.push(("host".into(), decode(h)?));
+        let parts = [
+            ("host", u.host.clone()),
+            ("port", u.port.map(|p| p.to_string())),
+            ("user", u.user.clone()),
+        ];
+        for (key, value) in parts {
+            if let Some(v) = value {
+                lines.push((key.into(), v));
+            }
         }
-        if let Some(p) = u.port() {
-            lines.push(("port".into(), p.to_string()));
-        }
-        if !u.username().is_empty() {
-            lines.push(("user".into(), decode(u.username())?));
-        }
-        for (k, v) in u.query_pairs() {
+        for (k, v) in &u.query {
             // Only options that both the dump tool and the client read from `[client]`.
-            let key = match k.as_ref() {
-                "socket" | "ssl-ca" | "ssl-cert" | "ssl-key" => k.into_owned(),
-                _ => {
-                    return Err(bad(format!(
-                        "unknown parameter {k:?} (known: socket, ssl-ca, ssl-cert, ssl-key)"
-                    )));
-                }
-            };
-            lines.retain(|(n, _)| *n != key);
-            lines.push((key, v.into_owned()));
+            if !["socket", "ssl-ca", "ssl-cert", "ssl-key"].contains(&k.as_str()) {
+                return Err(u.error(format!(
+                    "unknown parameter {k:?} (known: socket, ssl-ca, ssl-cert, ssl-key)"
+                )));
+            }
+            lines.retain(|(n, _)| n != k);
+            lines.push((k.clone(), v.clone()));
         }
-        let database = decode(u.path().trim_start_matches('/'))?;
-        if database.is_empty() || database.contains('/') {
-            return Err(bad("names no database (mysql://host/DATABASE)".into()));
-        }
+        let database = match &u.database {
+            Some(d) if !d.contains('/') => d.clone(),
+            _ => return Err(u.error("names no database (mysql://host/DATABASE)")),
+        };
         if password.as_ref().is_some_and(|p| p.len() > 2000) {
-            return Err(bad(
+            return Err(u.error(
                 "the database password is longer than 2000 bytes, more than the MySQL tools \
-                 read from an option file"
-                    .into(),
+                 read from an option file",
             ));
         }
         let options = write_options(&lines, password.as_deref().map(String::as_str))
@@ -109,7 +90,7 @@ impl MyConn {
         Ok(MyConn {
             options: Arc::new(options),
             bin_dir: None,
-            display: shown,
+            display: u.shown,
             database,
         })
     }
@@ -270,7 +251,7 @@ pub struct MysqlSource {
     conn: MyConn,
     info: Option<Info>,
     tables: Arc<Mutex<RowCounter>>,
-    warnings: Option<Arc<Mutex<Vec<String>>>>,
+    warnings: Option<super::Warnings>,
     started: bool,
 }
 
@@ -331,10 +312,7 @@ impl StreamSet for MysqlSource {
 
     /// Warnings the dump tool printed (stderr lines that were not errors).
     fn warnings(&self) -> Vec<String> {
-        self.warnings
-            .as_ref()
-            .map(|w| w.lock().expect("not poisoned").clone())
-            .unwrap_or_default()
+        super::collect_warnings(&self.warnings)
     }
 
     fn finish(&mut self) -> Result<SourceRecord> {

@@ -31,6 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use super::url::DbUrl;
+pub use super::url::redact;
 use super::{ChildOutput, Framed, NamedStream, StderrPolicy, StreamSet, find_program};
 use crate::error::{Error, Result};
 use crate::snapshot::{DatabaseRecord, Source as SourceRecord, TableRecord};
@@ -92,49 +94,28 @@ impl PgConn {
     /// Like [`PgConn::parse`], but the URL may name no database (a whole server: the
     /// `postgres` database is then used for queries).
     pub fn parse_server(url: &str, password: Option<Zeroizing<String>>) -> Result<PgConn> {
-        let bad = |why: String| Error::invalid(format!("database URL {}: {why}", redact(url)));
-        let u = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        if !matches!(u.scheme(), "postgres" | "postgresql") {
-            return Err(bad("expected postgres://".into()));
-        }
-        if u.password().is_some() {
-            return Err(bad(
-                "holds a password; put it in --db-password-file (or the systemd credential \
-                 kluis-db-password) so it never shows in the process list"
-                    .into(),
-            ));
-        }
-        let decode = |s: &str| {
-            super::percent_decode(s)
-                .ok_or_else(|| bad(format!("{s:?} is not valid percent-encoding")))
-        };
+        let u = DbUrl::parse(url, &["postgres", "postgresql"])?;
         let mut env: Vec<(String, String)> = Vec::new();
-        if let Some(h) = u.host_str().filter(|h| !h.is_empty()) {
-            let h = h.trim_start_matches('[').trim_end_matches(']');
-            env.push(("PGHOST".into(), decode(h)?));
+        let parts = [
+            ("PGHOST", u.host.clone()),
+            ("PGPORT", u.port.map(|p| p.to_string())),
+            ("PGUSER", u.user.clone()),
+            ("PGDATABASE", u.database.clone()),
+        ];
+        for (var, value) in parts {
+            if let Some(v) = value {
+                env.push((var.into(), v));
+            }
         }
-        if let Some(p) = u.port() {
-            env.push(("PGPORT".into(), p.to_string()));
-        }
-        if !u.username().is_empty() {
-            env.push(("PGUSER".into(), decode(u.username())?));
-        }
-        let path = u.path().trim_start_matches('/');
-        if !path.is_empty() {
-            env.push(("PGDATABASE".into(), decode(path)?));
-        }
-        for (k, v) in u.query_pairs() {
-            let Some((_, var)) = PARAMS.iter().find(|(p, _)| *p == k) else {
-                return Err(bad(format!(
+        for (k, v) in &u.query {
+            let Some((_, var)) = PARAMS.iter().find(|(p, _)| p == k) else {
+                return Err(u.error(format!(
                     "unknown parameter {k:?} (known: {})",
                     PARAMS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
                 )));
             };
-            if *var == "PGPASSWORD" {
-                return Err(bad("holds a password".into()));
-            }
             env.retain(|(name, _)| name != var);
-            env.push((var.to_string(), v.into_owned()));
+            env.push((var.to_string(), v.clone()));
         }
         let database = env
             .iter()
@@ -148,7 +129,7 @@ impl PgConn {
             env,
             password: password.map(Arc::new),
             bin_dir: None,
-            display: redact(url),
+            display: u.shown,
             database,
         })
     }
@@ -216,33 +197,6 @@ impl PgConn {
             )));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-}
-
-/// The URL with any password replaced, for messages.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            let pairs: Vec<(String, String)> = u
-                .query_pairs()
-                .map(|(k, v)| {
-                    let v = if k == "password" {
-                        "***".into()
-                    } else {
-                        v.into_owned()
-                    };
-                    (k.into_owned(), v)
-                })
-                .collect();
-            if !pairs.is_empty() {
-                u.query_pairs_mut().clear().extend_pairs(pairs);
-            }
-            u.to_string()
-        }
-        Err(_) => "(unparsable URL)".into(),
     }
 }
 
@@ -410,7 +364,7 @@ pub struct PostgresSource {
     rows: Vec<Arc<AtomicU64>>,
     /// The next stream: 0 pre-data, 1..=tables data, then other data, then post-data.
     step: usize,
-    warnings: Vec<Arc<std::sync::Mutex<Vec<String>>>>,
+    warnings: Vec<super::Warnings>,
 }
 
 impl PostgresSource {
@@ -584,10 +538,7 @@ impl StreamSet for PostgresSource {
 
     /// Warnings the tools printed (stderr lines that were not errors).
     fn warnings(&self) -> Vec<String> {
-        self.warnings
-            .iter()
-            .flat_map(|w| w.lock().expect("not poisoned").clone())
-            .collect()
+        super::collect_warnings(&self.warnings)
     }
 
     fn finish(&mut self) -> Result<SourceRecord> {
