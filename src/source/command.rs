@@ -6,7 +6,7 @@
 use std::process::{Command, Stdio};
 
 use super::{ChildOutput, NamedStream, StderrPolicy, StreamSet};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::snapshot::Source as SourceRecord;
 
 pub struct CommandSource {
@@ -40,15 +40,9 @@ impl StreamSet for CommandSource {
             return Ok(None);
         }
         self.spawned = true;
-        let child = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(&self.command)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::SourceFailed(format!("cannot start {}: {e}", self.label())))?;
-        let out = ChildOutput::new(self.label(), child, StderrPolicy::Strict)?;
+        let mut sh = Command::new("/bin/sh");
+        sh.arg("-c").arg(&self.command).stdin(Stdio::null());
+        let out = ChildOutput::spawn(self.label(), &mut sh, StderrPolicy::Strict)?;
         self.warnings = Some(out.warnings());
         Ok(Some(NamedStream {
             name: self.stream.clone(),

@@ -274,6 +274,21 @@ impl ChildOutput {
         })
     }
 
+    /// Starts `command` with its standard output and error piped, as [`ChildOutput::new`].
+    pub fn spawn(
+        what: impl Into<String>,
+        command: &mut std::process::Command,
+        policy: StderrPolicy,
+    ) -> Result<Self> {
+        let what = what.into();
+        let child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::SourceFailed(format!("cannot start {what}: {e}")))?;
+        ChildOutput::new(what, child, policy)
+    }
+
     /// Requires the output to end with `marker`.
     pub fn with_trailer(mut self, marker: &'static [u8]) -> Self {
         self.trailer = Some(marker);

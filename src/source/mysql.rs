@@ -288,18 +288,10 @@ impl StreamSet for MysqlSource {
             "--default-character-set=utf8mb4",
             "--max-allowed-packet=1G",
         ])
-        .arg(&self.conn.database)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let child = c
-            .spawn()
-            .map_err(|e| Error::SourceFailed(format!("cannot start mariadb-dump: {e}")))?;
-        let out = ChildOutput::new(
-            format!("mariadb-dump of {}", self.conn.display),
-            child,
-            StderrPolicy::DatabaseTool,
-        )?
-        .with_trailer(DUMP_END);
+        .arg(&self.conn.database);
+        let what = format!("mariadb-dump of {}", self.conn.display);
+        let out =
+            ChildOutput::spawn(what, &mut c, StderrPolicy::DatabaseTool)?.with_trailer(DUMP_END);
         self.warnings = Some(out.warnings());
         Ok(Some(NamedStream {
             name: STREAM.into(),

@@ -399,18 +399,10 @@ impl PostgresSource {
     fn pg_dump(&mut self, what: &str, args: &[String]) -> Result<Box<dyn std::io::Read + Send>> {
         let mut c = self.conn.command("pg_dump")?;
         c.arg(format!("--snapshot={}", self.snapshot_id()))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let child = c
-            .spawn()
-            .map_err(|e| Error::SourceFailed(format!("cannot start pg_dump: {e}")))?;
-        let out = ChildOutput::new(
-            format!("pg_dump ({what}) of {}", self.conn.display),
-            child,
-            StderrPolicy::DatabaseTool,
-        )?
-        .with_trailer(PG_DUMP_END);
+            .args(args);
+        let what = format!("pg_dump ({what}) of {}", self.conn.display);
+        let out =
+            ChildOutput::spawn(what, &mut c, StderrPolicy::DatabaseTool)?.with_trailer(PG_DUMP_END);
         self.warnings.push(out.warnings());
         Ok(Box::new(out))
     }
@@ -436,21 +428,13 @@ impl PostgresSource {
                 "-c".to_string(),
                 format!("SET TRANSACTION SNAPSHOT '{}'", self.snapshot_id()),
             ])
-            .args(["-c", &copy])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let child = c
-            .spawn()
-            .map_err(|e| Error::SourceFailed(format!("cannot start psql: {e}")))?;
-        let out = ChildOutput::new(
-            format!(
-                "psql (COPY of table {}) on {}",
-                t.qualified, self.conn.display
-            ),
-            child,
-            StderrPolicy::DatabaseTool,
-        )?
-        .count_lines(self.rows[i].clone());
+            .args(["-c", &copy]);
+        let what = format!(
+            "psql (COPY of table {}) on {}",
+            t.qualified, self.conn.display
+        );
+        let out = ChildOutput::spawn(what, &mut c, StderrPolicy::DatabaseTool)?
+            .count_lines(self.rows[i].clone());
         self.warnings.push(out.warnings());
         let ordered = match &t.key {
             Some(k) => format!("ordered by primary key ({k})"),

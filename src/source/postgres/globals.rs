@@ -44,18 +44,9 @@ impl StreamSet for GlobalsSource {
         self.started = true;
         self.version = Some(self.conn.query_one("SHOW server_version")?);
         let mut c = self.conn.command("pg_dumpall")?;
-        c.args(["--globals-only", "--database", &self.conn.database])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let child = c
-            .spawn()
-            .map_err(|e| Error::SourceFailed(format!("cannot start pg_dumpall: {e}")))?;
-        let out = ChildOutput::new(
-            format!("pg_dumpall --globals-only of {}", self.conn.display),
-            child,
-            StderrPolicy::DatabaseTool,
-        )?
-        .with_trailer(END);
+        c.args(["--globals-only", "--database", &self.conn.database]);
+        let what = format!("pg_dumpall --globals-only of {}", self.conn.display);
+        let out = ChildOutput::spawn(what, &mut c, StderrPolicy::DatabaseTool)?.with_trailer(END);
         Ok(Some(NamedStream {
             name: STREAM.into(),
             reader: Box::new(out),
