@@ -8,7 +8,9 @@ use clap::Args;
 use jiff::Timestamp;
 
 use kluis::backup::{self, BackupOptions, Source};
+use kluis::config::Loaded;
 use kluis::error::exit;
+use kluis::jobs;
 use kluis::progress::{Cancel, Progress};
 use kluis::source::command::CommandSource;
 use kluis::source::mysql::{MyConn, MysqlSource};
@@ -60,6 +62,12 @@ pub struct BackupArgs {
     /// With a postgres:// URL of a server: back up every database that accepts connections
     #[arg(long, conflicts_with = "databases")]
     all_databases: bool,
+    /// Run this job of a kluisd configuration now (its repository, source and tags)
+    #[arg(long, conflicts_with_all = ["paths", "stdin", "command"])]
+    job: Option<String>,
+    /// With --job: the configuration file (default: the embedded one)
+    #[arg(long, requires = "job")]
+    config: Option<PathBuf>,
     /// With a postgres:// URL: also back up the server's roles and tablespaces
     /// (pg_dumpall --globals-only, needs a superuser) as the snapshot `postgres-globals`
     #[arg(long)]
@@ -195,7 +203,65 @@ fn plan_postgres_server(g: &Global, a: &BackupArgs, url: &str) -> anyhow::Result
 /// The snapshot name of a PostgreSQL server's roles and tablespaces.
 pub const GLOBALS_NAME: &str = "postgres-globals";
 
+/// `--job NAME`: the job's repository, source and snapshot name, from its configuration.
+async fn run_job(g: &Global, a: &BackupArgs, name: &str, cancel: Cancel) -> anyhow::Result<i32> {
+    let config = match &a.config {
+        Some(p) => Loaded::from_file(p)?,
+        None => Loaded::embedded()?,
+    };
+    let Some(job) = config.jobs.iter().find(|j| j.name == name) else {
+        bail!(kluis::Error::InvalidInput(format!(
+            "{} has no job {name:?} (it has: {})",
+            config.origin,
+            config
+                .jobs
+                .iter()
+                .map(|j| j.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| config.state_dir.display().to_string())?;
+    let repo = jobs::open_repository(&config, &job.repository).await?;
+    let source = jobs::source(&config, job)?;
+    let mut a = a.clone_options();
+    a.tags.extend(job.tags.iter().cloned());
+    let (code, snapshot) =
+        backup_one(g, &a, &repo, job.snapshot_name.clone(), source, cancel).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&snapshot)?);
+    }
+    Ok(code)
+}
+
+impl BackupArgs {
+    /// The options that apply to any backup, for a configured job.
+    fn clone_options(&self) -> BackupArgs {
+        BackupArgs {
+            paths: Vec::new(),
+            stdin: false,
+            command: None,
+            name: None,
+            host: self.host.clone(),
+            time: self.time,
+            tags: self.tags.clone(),
+            threads: self.threads,
+            uploads: self.uploads,
+            json: self.json,
+            job: None,
+            config: None,
+            databases: Vec::new(),
+            all_databases: false,
+            globals: false,
+        }
+    }
+}
+
 pub async fn run(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result<i32> {
+    if let Some(name) = &a.job {
+        return run_job(g, &a, name, cancel).await;
+    }
     let planned = plan(g, &a)?;
     let repo = open(g).await?;
     let several = planned.len() > 1;

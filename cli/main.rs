@@ -4,6 +4,7 @@
 //! Data goes to stdout, messages and progress to stderr. Exit codes: see `kluis::error::exit`.
 
 mod backup;
+mod config;
 mod databases;
 mod output;
 mod restore;
@@ -78,6 +79,9 @@ enum Command {
     /// Manage the key slots that open the repository
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Check a kluisd configuration file
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
 }
 
 #[derive(Args)]
@@ -411,6 +415,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
             }
         }
         Command::Key(k) => key_cmd(g, k).await,
+        Command::Config(c) => config::run(c),
     }
 }
 

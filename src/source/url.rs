@@ -23,7 +23,7 @@ impl DbUrl {
     pub fn parse(url: &str, schemes: &[&str]) -> Result<DbUrl> {
         let shown = redact(url);
         let bad = |why: String| Error::invalid(format!("database URL {shown}: {why}"));
-        let u = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+        let u = parse_url(url).map_err(|e| bad(e.to_string()))?;
         if !schemes.contains(&u.scheme()) {
             let want: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
             return Err(bad(format!("expected {}", want.join(" or "))));
@@ -39,7 +39,7 @@ impl DbUrl {
             super::percent_decode(s)
                 .ok_or_else(|| bad(format!("{s:?} is not valid percent-encoding")))
         };
-        let host = match u.host_str().filter(|h| !h.is_empty()) {
+        let host = match u.host_str().filter(|h| !h.is_empty() && *h != NO_HOST) {
             Some(h) => Some(decode(h.trim_start_matches('[').trim_end_matches(']'))?),
             None => None,
         };
@@ -70,30 +70,57 @@ impl DbUrl {
     }
 }
 
-/// The URL with any password replaced, for messages.
+/// The URL with any password replaced, for messages. Text that is not a URL (a path) is
+/// returned as it is.
 pub fn redact(url: &str) -> String {
+    let Ok(mut u) = parse_url(url) else {
+        return if url.contains("://") {
+            "(unparsable URL)".into()
+        } else {
+            url.to_string()
+        };
+    };
+    let query_secret = u.query_pairs().any(|(k, _)| k == "password");
+    if u.password().is_none() && !query_secret {
+        return url.to_string();
+    }
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    if query_secret {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    let shown = u.to_string();
+    shown.replacen(&format!("@{NO_HOST}"), "@", 1)
+}
+
+/// Stands in for the empty host of `scheme://user@/db` (libpq's way to name a user and use
+/// the default socket), which the `url` crate refuses.
+const NO_HOST: &str = "kluis-no-host.invalid";
+
+fn parse_url(url: &str) -> std::result::Result<url::Url, url::ParseError> {
     match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
+        Err(url::ParseError::EmptyHost) => {
+            let (scheme, rest) = url.split_once("://").ok_or(url::ParseError::EmptyHost)?;
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(end);
+            match authority.strip_suffix('@') {
+                Some(user) => url::Url::parse(&format!("{scheme}://{user}@{NO_HOST}{tail}")),
+                None => Err(url::ParseError::EmptyHost),
             }
-            let pairs: Vec<(String, String)> = u
-                .query_pairs()
-                .map(|(k, v)| {
-                    let v = if k == "password" {
-                        "***".into()
-                    } else {
-                        v.into_owned()
-                    };
-                    (k.into_owned(), v)
-                })
-                .collect();
-            if !pairs.is_empty() {
-                u.query_pairs_mut().clear().extend_pairs(pairs);
-            }
-            u.to_string()
         }
-        Err(_) => "(unparsable URL)".into(),
+        other => other,
     }
 }
 
@@ -132,5 +159,23 @@ mod tests {
             None
         );
         assert_eq!(redact("postgress://u:pw@h/db"), "postgress://u:***@h/db");
+        assert_eq!(redact("/srv/repo"), "/srv/repo");
+        assert_eq!(
+            redact("s3://b/p?endpoint=https://x"),
+            "s3://b/p?endpoint=https://x"
+        );
+        // libpq's user on the default socket.
+        let u = DbUrl::parse(
+            "postgres://backup@/billing?host=/run/postgresql",
+            &["postgres"],
+        )
+        .unwrap();
+        assert_eq!(u.user.as_deref(), Some("backup"));
+        assert_eq!(u.host, None);
+        assert_eq!(u.database.as_deref(), Some("billing"));
+        assert_eq!(
+            redact("postgres://backup:pw@/billing"),
+            "postgres://backup:***@/billing"
+        );
     }
 }

@@ -1,0 +1,86 @@
+//! `kluis config check`: validates a `kluisd` configuration and shows what would run when.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use jiff::Timestamp;
+
+use kluis::config::{JobSource, Loaded};
+use kluis::error::exit;
+use kluis::source::postgres::redact;
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Check a kluisd configuration file (default: the embedded one) and print each job's
+    /// next runs
+    Check {
+        /// The file (default: the embedded config/kluis.toml)
+        path: Option<PathBuf>,
+        /// How many upcoming runs to show per job
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+pub fn run(c: ConfigCommand) -> anyhow::Result<i32> {
+    let ConfigCommand::Check { path, runs } = c;
+    let config = match &path {
+        Some(p) => Loaded::from_file(p)?,
+        None => Loaded::embedded()?,
+    };
+    println!(
+        "{}: valid; state in {}, time zone {}, at most {} job(s) at once, metrics on {}",
+        config.origin,
+        config.state_dir.display(),
+        config.time_zone.iana_name().unwrap_or("(system)"),
+        config.daemon.max_concurrent_jobs,
+        config.http.listen
+    );
+    for (name, r) in &config.repositories {
+        println!(
+            "repository {name}: {}{}",
+            redact(&r.url),
+            if r.init { " (created if missing)" } else { "" }
+        );
+    }
+    let now = Timestamp::now();
+    for job in &config.jobs {
+        let what = match &job.source {
+            JobSource::Paths(p) => p
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            JobSource::Database(url) => redact(url),
+            JobSource::Command(c) => {
+                format!("command {:?}", c.split_whitespace().next().unwrap_or(""))
+            }
+        };
+        println!(
+            "job {}: {what} -> {} as {:?}, {}, timeout {}",
+            job.name,
+            job.repository,
+            job.snapshot_name,
+            job.schedule,
+            humantime::format_duration(job.timeout)
+        );
+        let mut at = now;
+        for _ in 0..runs {
+            match job.schedule.next_after(at, &config.time_zone) {
+                Some(next) => {
+                    println!(
+                        "  {}",
+                        next.to_zoned_datetime(config.time_zone.clone())
+                            .strftime("%a %F %T %Z")
+                    );
+                    at = next;
+                }
+                None => {
+                    println!("  (never)");
+                    break;
+                }
+            }
+        }
+    }
+    Ok(exit::OK)
+}

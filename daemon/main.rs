@@ -1,0 +1,410 @@
+//! `kluisd`: runs the configured backup jobs on their schedules.
+//!
+//! ```text
+//! kluisd                         # the embedded default (config/kluis.toml)
+//! kluisd --config /etc/kluis/kluisd.toml
+//! kluisd --config FILE --once    # every job once, now; exit 0 if all succeeded
+//! ```
+//!
+//! Scheduling: each job's next run comes from its schedule in the configured time zone, plus a
+//! random jitter. A job runs once at a time: a run that comes due while the previous one still
+//! runs is skipped and logged. At most `max_concurrent_jobs` run at once; the others wait for
+//! a turn. A job whose last snapshot (read from its repository, so it survives restarts) is
+//! older than its last due run, by at most `catch_up`, runs at start-up; so does a job that
+//! never succeeded. A run past its `timeout` is cancelled: nothing partial is committed.
+//!
+//! SIGTERM or SIGINT: no new runs; running ones get `shutdown_grace`, then are cancelled. Exit
+//! code 0 when nothing was cut short, 1 when a run was cancelled or a configuration failed to
+//! load.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use kluis::config::{Job, Loaded};
+use kluis::jobs;
+use kluis::progress::{Cancel, Progress};
+
+fn log(msg: impl std::fmt::Display) {
+    eprintln!(
+        "{} kluisd: {msg}",
+        Timestamp::now()
+            .round(jiff::Unit::Millisecond)
+            .unwrap_or(Timestamp::now())
+    );
+}
+
+struct Args {
+    config: Option<PathBuf>,
+    once: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        config: None,
+        once: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" | "-c" => {
+                args.config = Some(it.next().ok_or("--config needs a file")?.into());
+            }
+            "--once" => args.once = true,
+            "--version" | "-V" => {
+                println!("kluisd {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            "--help" | "-h" => {
+                println!(
+                    "kluisd: runs kluis backup jobs on their schedules\n\n\
+                     usage: kluisd [--config FILE] [--once]\n\n\
+                     --config FILE  the configuration (default: the embedded config/kluis.toml)\n\
+                     --once         run every job once, now, and exit (0 if all succeeded)"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (see --help)")),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("kluisd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match &args.config {
+        Some(p) => Loaded::from_file(p),
+        None => Loaded::embedded(),
+    };
+    let config = match config {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("kluisd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kluisd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async move {
+        if let Err(e) = std::fs::create_dir_all(&config.state_dir) {
+            log(format!(
+                "cannot create the state directory {}: {e}",
+                config.state_dir.display()
+            ));
+            return 1;
+        }
+        log(format!(
+            "configuration {}: {} job(s), state in {}, time zone {}",
+            config.origin,
+            config.jobs.len(),
+            config.state_dir.display(),
+            config.time_zone.iana_name().unwrap_or("(system)")
+        ));
+        if args.once {
+            run_once(config).await
+        } else {
+            Daemon::new(config).run().await
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    ExitCode::from(code)
+}
+
+/// `--once`: every job now, as many at once as allowed.
+async fn run_once(config: Arc<Loaded>) -> u8 {
+    let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent_jobs));
+    let mut set = JoinSet::new();
+    for job in config.jobs.clone() {
+        let (config, permits) = (config.clone(), permits.clone());
+        set.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            run_job(&config, &job, Cancel::new()).await
+        });
+    }
+    let mut failed = 0;
+    while let Some(r) = set.join_next().await {
+        if !matches!(r, Ok(Outcome::Ok)) {
+            failed += 1;
+        }
+    }
+    u8::from(failed > 0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Failed,
+    TimedOut,
+}
+
+/// One run of a job, with its timeout; logs the result.
+async fn run_job(config: &Loaded, job: &Job, cancel: Cancel) -> Outcome {
+    let started = Instant::now();
+    log(format!("job {}: backup starting", job.name));
+    let run = jobs::run(config, job, cancel.clone(), Progress::new());
+    let result = {
+        tokio::pin!(run);
+        match tokio::time::timeout(job.timeout, &mut run).await {
+            Ok(r) => r,
+            Err(_) => {
+                cancel.cancel();
+                let _ = run.await;
+                log(format!(
+                    "job {}: cancelled after its timeout of {}; nothing was committed",
+                    job.name,
+                    humantime::format_duration(job.timeout)
+                ));
+                return Outcome::TimedOut;
+            }
+        }
+    };
+    match result {
+        Ok(report) => {
+            let s = &report.snapshot;
+            for w in report.warnings.iter().chain(&s.summary.errors) {
+                log(format!("job {}: warning: {w}", job.name));
+            }
+            log(format!(
+                "job {}: snapshot {} saved: {} bytes read, {} new, {} stored, in {:.1} s",
+                job.name,
+                s.id.short(),
+                s.summary.logical_bytes,
+                s.summary.new_bytes,
+                s.summary.stored_bytes,
+                started.elapsed().as_secs_f64()
+            ));
+            Outcome::Ok
+        }
+        Err(e) => {
+            log(format!("job {}: backup failed: {e}", job.name));
+            Outcome::Failed
+        }
+    }
+}
+
+/// A job's place in the schedule.
+struct Slot {
+    job: Job,
+    next: Timestamp,
+    running: Option<Cancel>,
+}
+
+struct Daemon {
+    config: Arc<Loaded>,
+    slots: BTreeMap<String, Slot>,
+    permits: Arc<Semaphore>,
+}
+
+impl Daemon {
+    fn new(config: Arc<Loaded>) -> Daemon {
+        let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent_jobs));
+        Daemon {
+            config,
+            slots: BTreeMap::new(),
+            permits,
+        }
+    }
+
+    /// The run after `after`, with jitter.
+    fn next_run(&self, job: &Job, after: Timestamp) -> Timestamp {
+        let next = job
+            .schedule
+            .next_after(after, &self.config.time_zone)
+            .unwrap_or_else(|| after + jiff::SignedDuration::from_hours(24 * 365));
+        next + jiff::SignedDuration::from_nanos(jitter_nanos(job.jitter))
+    }
+
+    /// When each job runs first: now if its last due run was missed within the catch-up
+    /// window, or if it never succeeded; else at its next scheduled time.
+    async fn plan(&mut self) {
+        let now = Timestamp::now();
+        for job in self.config.jobs.clone() {
+            let last = match jobs::last_snapshot(&self.config, &job).await {
+                Ok(last) => last,
+                Err(e) => {
+                    log(format!(
+                        "job {}: cannot read its repository ({e}); it runs at start-up",
+                        job.name
+                    ));
+                    None
+                }
+            };
+            let window = jiff::SignedDuration::try_from(self.config.daemon.catch_up)
+                .unwrap_or(jiff::SignedDuration::ZERO);
+            let next = match last {
+                None => now,
+                // A run was due after the last snapshot and within the window: make it up.
+                Some(s) => match job
+                    .schedule
+                    .next_after(s.time.max(now - window), &self.config.time_zone)
+                {
+                    Some(due) if due <= now => now,
+                    _ => self.next_run(&job, now),
+                },
+            };
+            log(format!(
+                "job {}: {}, next run {}",
+                job.name,
+                job.schedule,
+                next.to_zoned_datetime(self.config.time_zone.clone())
+                    .strftime("%F %T %Z")
+            ));
+            self.slots.insert(
+                job.name.clone(),
+                Slot {
+                    job,
+                    next,
+                    running: None,
+                },
+            );
+        }
+    }
+
+    async fn run(mut self) -> u8 {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            log("cannot install signal handlers");
+            return 1;
+        };
+        self.plan().await;
+        let mut running: JoinSet<(String, Outcome)> = JoinSet::new();
+        loop {
+            let now = Timestamp::now();
+            let due: Vec<String> = self
+                .slots
+                .iter()
+                .filter(|(_, s)| s.next <= now)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in due {
+                self.start(&name, &mut running, now);
+            }
+            let wake = self
+                .slots
+                .values()
+                .map(|s| s.next)
+                .min()
+                .map(|t| t.duration_since(Timestamp::now()))
+                .and_then(|d| Duration::try_from(d).ok())
+                .unwrap_or(Duration::from_secs(60))
+                .min(Duration::from_secs(60));
+            tokio::select! {
+                _ = tokio::time::sleep(wake) => {}
+                Some(done) = running.join_next(), if !running.is_empty() => {
+                    if let Ok((name, _)) = done {
+                        if let Some(slot) = self.slots.get_mut(&name) {
+                            slot.running = None;
+                        }
+                    }
+                }
+                _ = term.recv() => return self.shut_down(running).await,
+                _ = int.recv() => return self.shut_down(running).await,
+            }
+        }
+    }
+
+    /// Starts a due job, unless its previous run is still going.
+    fn start(&mut self, name: &str, running: &mut JoinSet<(String, Outcome)>, now: Timestamp) {
+        let next = {
+            let slot = &self.slots[name];
+            self.next_run(&slot.job, now)
+        };
+        let slot = self.slots.get_mut(name).expect("a due job has a slot");
+        slot.next = next;
+        if slot.running.is_some() {
+            log(format!(
+                "job {name}: due again while its previous run is still going; this run is skipped"
+            ));
+            return;
+        }
+        let cancel = Cancel::new();
+        slot.running = Some(cancel.clone());
+        let (config, permits, job) = (self.config.clone(), self.permits.clone(), slot.job.clone());
+        running.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let outcome = run_job(&config, &job, cancel).await;
+            (job.name.clone(), outcome)
+        });
+    }
+
+    async fn shut_down(self, mut running: JoinSet<(String, Outcome)>) -> u8 {
+        if running.is_empty() {
+            log("stopping");
+            return 0;
+        }
+        let grace = self.config.daemon.shutdown_grace;
+        log(format!(
+            "stopping: {} job(s) running, waiting up to {} for them",
+            running.len(),
+            humantime::format_duration(grace)
+        ));
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut cut = 0;
+        loop {
+            tokio::select! {
+                done = running.join_next() => match done {
+                    None => break,
+                    Some(_) => continue,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    for slot in self.slots.values() {
+                        if let Some(c) = &slot.running {
+                            c.cancel();
+                        }
+                    }
+                    while let Some(r) = running.join_next().await {
+                        if !matches!(r, Ok((_, Outcome::Ok))) {
+                            cut += 1;
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        if cut > 0 {
+            log(format!(
+                "stopped: {cut} job(s) cut short; nothing partial was committed"
+            ));
+            1
+        } else {
+            log("stopped");
+            0
+        }
+    }
+}
+
+/// A random delay of up to `max`.
+fn jitter_nanos(max: Duration) -> i64 {
+    if max.is_zero() {
+        return 0;
+    }
+    let mut b = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        return 0;
+    }
+    let nanos = max.as_nanos().min(i64::MAX as u128) as u64;
+    (u64::from_le_bytes(b) % nanos.max(1)) as i64
+}

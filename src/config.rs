@@ -1,0 +1,457 @@
+//! The `kluisd` configuration file: repositories, jobs and the daemon's own settings.
+//!
+//! One TOML file. Unknown keys are errors (a typo must not silently disable a backup);
+//! durations are humantime strings (`"90s"`, `"36h"`, `"7d"`); secrets are never inline, only
+//! files or systemd credentials. `{state_dir}` in a path or URL stands for the state directory.
+//! Every error names the file and, where it can, the line and the key.
+//!
+//! ```toml
+//! [daemon]
+//! state_dir = "/var/lib/kluis"
+//! time_zone = "Europe/Amsterdam"
+//!
+//! [repositories.offsite]
+//! url = "s3://backups/db1?endpoint=https://s3.nl-ams.scw.cloud&region=nl-ams"
+//! key_file = "/etc/kluis/offsite.key"
+//!
+//! [jobs.billing]
+//! repository = "offsite"
+//! database = "postgres://backup@db1/billing"
+//! db_password_file = "/etc/kluis/pg-password"
+//! schedule = "daily at 02:30"
+//! timeout = "2h"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::{Error, Result};
+use crate::keys::Secret;
+use crate::schedule::Schedule;
+
+/// The default configuration, embedded in the binary: it runs on any machine with nothing
+/// installed (a local repository under the state directory, backing up `/etc`).
+pub const EMBEDDED: &str = include_str!("../config/kluis.toml");
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub repositories: BTreeMap<String, RepositoryConfig>,
+    #[serde(default)]
+    pub jobs: BTreeMap<String, JobConfig>,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Where the daemon keeps its state (default: systemd's `$STATE_DIRECTORY`, else
+    /// `/var/lib/kluis` for root and `~/.local/state/kluis` for others).
+    pub state_dir: Option<PathBuf>,
+    /// The IANA time zone schedules are read in (default: the host's).
+    pub time_zone: Option<String>,
+    /// Jobs running at once, whatever their schedules.
+    #[serde(default = "one")]
+    pub max_concurrent_jobs: usize,
+    /// A run missed while the daemon was down is made up at start-up when it was due at most
+    /// this long ago. A job that has never succeeded runs at start-up in any case.
+    #[serde(default = "default_catch_up", with = "human")]
+    pub catch_up: Duration,
+    /// On SIGTERM, how long running jobs may take to finish before they are aborted.
+    #[serde(default = "default_grace", with = "human")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            state_dir: None,
+            time_zone: None,
+            max_concurrent_jobs: 1,
+            catch_up: default_catch_up(),
+            shutdown_grace: default_grace(),
+        }
+    }
+}
+
+/// `[http]`: `/metrics` and `/healthz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+/// `[repositories.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// A path, `file://` or `s3://` URL, as for `kluis --repo`.
+    pub url: String,
+    /// A key file (from `kluis key generate`).
+    pub key_file: Option<PathBuf>,
+    /// A file whose first line is the passphrase.
+    pub password_file: Option<PathBuf>,
+    /// A systemd credential (in `$CREDENTIALS_DIRECTORY`) holding a key file.
+    pub key_credential: Option<String>,
+    /// Create the repository, and its key file if missing, when there is none yet.
+    #[serde(default)]
+    pub init: bool,
+}
+
+/// `[jobs.NAME]`: what to back up, where, and when.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// The name of a `[repositories.NAME]` section.
+    pub repository: Spanned<String>,
+    /// Files and directories.
+    pub paths: Option<Vec<PathBuf>>,
+    /// A database URL: `postgres://`, `mysql://` or `sqlite://`.
+    pub database: Option<String>,
+    /// A shell command whose standard output is backed up.
+    pub command: Option<String>,
+    /// The database password, for `database` (also the systemd credential
+    /// `kluis-db-password`).
+    pub db_password_file: Option<PathBuf>,
+    /// When it runs; see [`crate::schedule`].
+    pub schedule: Spanned<String>,
+    /// A random delay of up to this much before each run (spreads many hosts' load).
+    #[serde(default, with = "human")]
+    pub jitter: Duration,
+    /// A run taking longer is aborted cleanly (nothing partial is committed).
+    #[serde(default = "default_timeout", with = "human")]
+    pub timeout: Duration,
+    /// The snapshot name (default: the job's name).
+    pub snapshot_name: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_catch_up() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9911".into()
+}
+
+/// Durations as humantime strings.
+mod human {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration ({e})")))
+    }
+}
+
+/// A job, checked and ready to run.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub name: String,
+    pub snapshot_name: String,
+    pub repository: String,
+    pub source: JobSource,
+    pub db_password_file: Option<PathBuf>,
+    pub schedule: Schedule,
+    pub jitter: Duration,
+    pub timeout: Duration,
+    pub tags: Vec<String>,
+}
+
+/// What a job backs up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobSource {
+    Paths(Vec<PathBuf>),
+    Database(String),
+    Command(String),
+}
+
+/// A configuration file, loaded and checked.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// Where it came from, for messages (`(embedded default)` for [`EMBEDDED`]).
+    pub origin: String,
+    pub daemon: DaemonConfig,
+    pub http: HttpConfig,
+    pub state_dir: PathBuf,
+    pub time_zone: jiff::tz::TimeZone,
+    pub repositories: BTreeMap<String, RepositoryConfig>,
+    pub jobs: Vec<Job>,
+}
+
+impl Loaded {
+    /// Reads and checks the file at `path`.
+    pub fn from_file(path: &Path) -> Result<Loaded> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Loaded::parse(&text, &path.display().to_string())
+    }
+
+    /// Checks the embedded default.
+    pub fn embedded() -> Result<Loaded> {
+        Loaded::parse(EMBEDDED, "(embedded default)")
+    }
+
+    /// Parses and checks `text`; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Loaded> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| Error::invalid(format!("config {origin}: {}", e.to_string().trim())))?;
+        let at = |span: std::ops::Range<usize>, key: &str, why: String| {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            Error::invalid(format!("config {origin}:{line}: {key}: {why}"))
+        };
+        let state_dir = match &config.daemon.state_dir {
+            Some(d) => d.clone(),
+            None => default_state_dir(),
+        };
+        let time_zone = match &config.daemon.time_zone {
+            Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
+                Error::invalid(format!(
+                    "config {origin}: daemon.time_zone {name:?} is not a known IANA time zone ({e})"
+                ))
+            })?,
+            None => jiff::tz::TimeZone::system(),
+        };
+        if config.daemon.max_concurrent_jobs == 0 {
+            return Err(Error::invalid(format!(
+                "config {origin}: daemon.max_concurrent_jobs must be at least 1"
+            )));
+        }
+        let expand = |s: &str| s.replace("{state_dir}", &state_dir.to_string_lossy());
+        let expand_path = |p: &PathBuf| PathBuf::from(expand(&p.to_string_lossy()));
+        let mut repositories = BTreeMap::new();
+        for (name, r) in config.repositories {
+            let secrets = [
+                r.key_file.is_some(),
+                r.password_file.is_some(),
+                r.key_credential.is_some(),
+            ];
+            if secrets.iter().filter(|s| **s).count() != 1 {
+                return Err(Error::invalid(format!(
+                    "config {origin}: repositories.{name}: give exactly one of key_file, \
+                     password_file, key_credential"
+                )));
+            }
+            if r.init && r.key_file.is_none() {
+                return Err(Error::invalid(format!(
+                    "config {origin}: repositories.{name}: init needs a key_file (created when \
+                     missing)"
+                )));
+            }
+            repositories.insert(
+                name,
+                RepositoryConfig {
+                    url: expand(&r.url),
+                    key_file: r.key_file.as_ref().map(expand_path),
+                    password_file: r.password_file.as_ref().map(expand_path),
+                    ..r
+                },
+            );
+        }
+        let mut jobs = Vec::new();
+        for (name, j) in config.jobs {
+            if name.is_empty() || name.contains(['/', '\0']) {
+                return Err(Error::invalid(format!(
+                    "config {origin}: job name {name:?} must be non-empty without '/'"
+                )));
+            }
+            let key = |k: &str| format!("jobs.{name}.{k}");
+            if !repositories.contains_key(j.repository.get_ref()) {
+                return Err(at(
+                    j.repository.span(),
+                    &key("repository"),
+                    format!(
+                        "no [repositories.{}] section (there are: {})",
+                        j.repository.get_ref(),
+                        repositories.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            let source = match (&j.paths, &j.database, &j.command) {
+                (Some(p), None, None) if !p.is_empty() => {
+                    JobSource::Paths(p.iter().map(expand_path).collect())
+                }
+                (None, Some(d), None) => JobSource::Database(expand(d)),
+                (None, None, Some(c)) => JobSource::Command(c.clone()),
+                _ => {
+                    return Err(at(
+                        j.schedule.span(),
+                        &format!("jobs.{name}"),
+                        "give exactly one of paths, database, command".into(),
+                    ));
+                }
+            };
+            let schedule = Schedule::parse(j.schedule.get_ref())
+                .map_err(|e| at(j.schedule.span(), &key("schedule"), e.to_string()))?;
+            jobs.push(Job {
+                snapshot_name: j.snapshot_name.clone().unwrap_or_else(|| name.clone()),
+                name,
+                repository: j.repository.into_inner(),
+                source,
+                db_password_file: j.db_password_file.as_ref().map(expand_path),
+                schedule,
+                jitter: j.jitter,
+                timeout: j.timeout,
+                tags: j.tags,
+            });
+        }
+        Ok(Loaded {
+            origin: origin.to_string(),
+            daemon: config.daemon,
+            http: config.http,
+            state_dir,
+            time_zone,
+            repositories,
+            jobs,
+        })
+    }
+
+    /// The secret that opens a repository.
+    pub fn secret(&self, repository: &str) -> Result<Secret> {
+        let r = self.repositories.get(repository).ok_or_else(|| {
+            Error::invalid(format!("no repository {repository:?} in {}", self.origin))
+        })?;
+        if let Some(k) = &r.key_file {
+            return Secret::from_key_file(k);
+        }
+        if let Some(p) = &r.password_file {
+            return Secret::from_password_file(p);
+        }
+        let name = r.key_credential.as_deref().unwrap_or_default();
+        let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+            Error::invalid(format!(
+                "repositories.{repository}.key_credential {name:?}: no $CREDENTIALS_DIRECTORY \
+                 (set LoadCredential= in the unit)"
+            ))
+        })?;
+        Secret::from_key_file(&Path::new(&dir).join(name))
+    }
+}
+
+/// systemd's `$STATE_DIRECTORY`, else `/var/lib/kluis` for root, `~/.local/state/kluis` for
+/// others.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
+        // systemd may list several, separated by ':'.
+        let first = d
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if !first.is_empty() {
+            return PathBuf::from(first);
+        }
+    }
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    match std::env::var_os("HOME") {
+        Some(home) if !root => Path::new(&home).join(".local/state/kluis"),
+        _ => PathBuf::from("/var/lib/kluis"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_loads() {
+        let c = Loaded::embedded().unwrap();
+        assert!(!c.jobs.is_empty());
+        for j in &c.jobs {
+            assert!(c.repositories.contains_key(&j.repository));
+        }
+    }
+
+    #[test]
+    fn errors_name_the_line_and_key() {
+        let text = "[repositories.r]\nurl = \"/x\"\nkey_file = \"/k\"\n\n[jobs.a]\n\
+                    repository = \"r\"\npaths = [\"/etc\"]\nschedule = \"daily at 25:00\"\n";
+        let e = Loaded::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("t.toml:8: jobs.a.schedule") && e.contains("0 to 23"),
+            "{e}"
+        );
+
+        let text = text
+            .replace("daily at 25:00", "daily at 02:30")
+            .replace("\"r\"", "\"nope\"");
+        let e = Loaded::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("t.toml:6: jobs.a.repository") && e.contains("nope"),
+            "{e}"
+        );
+
+        let e = Loaded::parse("[jobs.a]\nrepository = \"r\"\nshedule = \"x\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.toml") && e.contains("shedule") && e.contains("line 3"),
+            "{e}"
+        );
+
+        let e = Loaded::parse("[daemon]\ncatch_up = \"soon\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("soon") && e.contains("line 2"), "{e}");
+
+        let two = "[repositories.r]\nurl = \"/x\"\nkey_file = \"/k\"\n[jobs.a]\n\
+                   repository = \"r\"\npaths = [\"/etc\"]\ncommand = \"x\"\nschedule = \"every 1h\"\n";
+        let e = Loaded::parse(two, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("exactly one of paths, database, command"), "{e}");
+    }
+
+    #[test]
+    fn state_dir_is_substituted() {
+        let text = "[daemon]\nstate_dir = \"/srv/k\"\n[repositories.r]\nurl = \"{state_dir}/repo\"\n\
+                    key_file = \"{state_dir}/key\"\ninit = true\n[jobs.a]\nrepository = \"r\"\n\
+                    database = \"sqlite://{state_dir}/app.db\"\nschedule = \"every 10m\"\n";
+        let c = Loaded::parse(text, "t").unwrap();
+        assert_eq!(c.repositories["r"].url, "/srv/k/repo");
+        assert_eq!(
+            c.repositories["r"].key_file.as_deref(),
+            Some(Path::new("/srv/k/key"))
+        );
+        assert_eq!(
+            c.jobs[0].source,
+            JobSource::Database("sqlite:///srv/k/app.db".into())
+        );
+        assert_eq!(c.jobs[0].snapshot_name, "a");
+    }
+}

@@ -1,0 +1,124 @@
+//! Running a configured job: open (or create) its repository, build its source, back it up.
+//!
+//! Shared by `kluisd`, which runs jobs on their schedules, and `kluis backup --job`.
+
+use std::path::Path;
+
+use crate::backup::{self, BackupOptions, BackupReport, Source};
+use crate::config::{Job, JobSource, Loaded};
+use crate::error::{Error, Result};
+use crate::keys;
+use crate::progress::{Cancel, Progress};
+use crate::repository::{InitOptions, Repository};
+use crate::snapshot::Snapshot;
+use crate::source::command::CommandSource;
+use crate::source::mysql::{MyConn, MysqlSource};
+use crate::source::postgres::{self, PgConn, PostgresSource};
+use crate::source::sqlite::{self, SqliteSource};
+use crate::store::Store;
+
+/// Opens the repository `name`; one configured with `init = true` is created when missing,
+/// its key file too.
+pub async fn open_repository(config: &Loaded, name: &str) -> Result<Repository> {
+    let r = config
+        .repositories
+        .get(name)
+        .ok_or_else(|| Error::invalid(format!("no repository {name:?} in {}", config.origin)))?;
+    if r.init {
+        if let Some(key) = &r.key_file {
+            if !key.exists() {
+                if let Some(dir) = key.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                }
+                keys::generate_key_file(key)?;
+            }
+        }
+    }
+    let secret = config.secret(name)?;
+    let store = Store::open(&r.url, r.init)?;
+    match Repository::open(store.clone(), &secret).await {
+        Err(Error::RepositoryNotFound { .. }) if r.init => {
+            Repository::init(store, &secret, InitOptions::default()).await
+        }
+        other => other,
+    }
+}
+
+/// The source a job describes.
+pub fn source(config: &Loaded, job: &Job) -> Result<Source> {
+    Ok(match &job.source {
+        JobSource::Paths(p) => Source::Paths(p.clone()),
+        JobSource::Command(c) => Source::Streams(Box::new(CommandSource::new(
+            c.clone(),
+            job.snapshot_name.clone(),
+        ))),
+        JobSource::Database(url) => {
+            let scheme = url.split_once("://").map_or("", |(s, _)| s);
+            match scheme {
+                "postgres" | "postgresql" => {
+                    let conn = PgConn::parse(url, db_password(job)?)?
+                        .with_bin_dir(postgres::tools_dir(None));
+                    Source::Streams(Box::new(PostgresSource::new(conn)))
+                }
+                "mysql" | "mariadb" => {
+                    let conn = MyConn::parse(url, db_password(job)?)?;
+                    Source::Streams(Box::new(MysqlSource::new(conn)))
+                }
+                "sqlite" => {
+                    let path = sqlite::parse_url(url)?;
+                    // The consistent copy goes to the state directory, not a small /tmp.
+                    Source::Streams(Box::new(SqliteSource::new(
+                        path,
+                        Some(config.state_dir.clone()),
+                    )))
+                }
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "job {}: database {}: expected postgres://, mysql:// or sqlite://",
+                        job.name,
+                        postgres::redact(url)
+                    )));
+                }
+            }
+        }
+    })
+}
+
+/// The job's database password: its `db_password_file`, or the systemd credential
+/// `kluis-db-password`.
+fn db_password(job: &Job) -> Result<Option<zeroize::Zeroizing<String>>> {
+    let path = match &job.db_password_file {
+        Some(p) => Some(p.clone()),
+        None => std::env::var_os("CREDENTIALS_DIRECTORY")
+            .map(|d| Path::new(&d).join("kluis-db-password"))
+            .filter(|p| p.exists()),
+    };
+    path.map(|p| keys::read_secret_line(&p)).transpose()
+}
+
+/// Backs the job up now.
+pub async fn run(
+    config: &Loaded,
+    job: &Job,
+    cancel: Cancel,
+    progress: std::sync::Arc<Progress>,
+) -> Result<BackupReport> {
+    let repo = open_repository(config, &job.repository).await?;
+    let source = source(config, job)?;
+    let mut opts = BackupOptions::new(job.snapshot_name.clone());
+    opts.tags = job.tags.clone();
+    opts.cancel = cancel;
+    opts.progress = progress;
+    backup::backup(&repo, source, opts).await
+}
+
+/// The job's newest snapshot in its repository, if any: the last success survives restarts
+/// because it is read from where the backups are.
+pub async fn last_snapshot(config: &Loaded, job: &Job) -> Result<Option<Snapshot>> {
+    let repo = open_repository(config, &job.repository).await?;
+    let (list, _) = repo.snapshots().await?;
+    Ok(list
+        .into_iter()
+        .filter(|s| s.name == job.snapshot_name)
+        .max_by_key(|s| s.time))
+}

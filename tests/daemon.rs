@@ -1,0 +1,314 @@
+//! kluisd and its configuration, end to end: the real daemon binary on configurations written
+//! to a temporary directory, each with its own state directory and local repository.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tempfile::TempDir;
+
+const KLUISD: &str = env!("CARGO_BIN_EXE_kluisd");
+
+/// A state directory and a configuration file whose `{jobs}` are appended to a local
+/// repository section.
+struct Setup {
+    dir: TempDir,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new(daemon: &str, jobs: &str) -> Setup {
+        let dir = TempDir::new().unwrap();
+        let state = dir.path().join("state");
+        let config = dir.path().join("kluisd.toml");
+        fs::write(
+            &config,
+            format!(
+                "[daemon]\nstate_dir = \"{}\"\ntime_zone = \"UTC\"\n{daemon}\n\
+                 [repositories.local]\nurl = \"{{state_dir}}/repository\"\n\
+                 key_file = \"{{state_dir}}/repository.key\"\ninit = true\n\n{jobs}",
+                state.display()
+            ),
+        )
+        .unwrap();
+        Setup { dir, config }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn kluisd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(KLUISD);
+        c.arg("--config").arg(&self.config).args(args);
+        c
+    }
+
+    /// `kluis` on the job's repository.
+    fn kluis(&self, args: &[&str]) -> Output {
+        Command::new(KLUIS)
+            .args(args)
+            .env("KLUIS_REPOSITORY", self.state().join("repository"))
+            .env("KLUIS_KEY_FILE", self.state().join("repository.key"))
+            .output()
+            .unwrap()
+    }
+
+    fn snapshots(&self) -> Vec<serde_json::Value> {
+        let out = self.kluis(&["snapshots", "--json"]);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array().unwrap().clone()
+    }
+
+    fn wait_for_snapshots(&self, n: usize, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.snapshots().len() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        false
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+/// Waits for the daemon to exit; returns its exit code and log.
+fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut log = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut log)
+                .unwrap();
+            return (status.code(), log);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "kluisd did not stop within {limit:?}: {}",
+                text(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn data_dir(setup: &Setup) -> PathBuf {
+    let d = setup.dir.path().join("data");
+    sample_tree(&d, 1);
+    d
+}
+
+#[test]
+fn once_runs_every_job_and_reports_failures() {
+    let setup = Setup::new("", "");
+    let data = data_dir(&setup);
+    let jobs = format!(
+        "[jobs.files]\nrepository = \"local\"\npaths = [\"{}\"]\nschedule = \"daily at 02:30\"\n\
+         [jobs.generated]\nrepository = \"local\"\ncommand = \"seq 1 100000\"\n\
+         schedule = \"every 1h\"\ntags = [\"nightly\"]\n",
+        data.display()
+    );
+    rewrite(&setup, &jobs);
+    let out = setup.kluisd(&["--once"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let snaps = setup.snapshots();
+    let mut names: Vec<&str> = snaps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["files", "generated"]);
+    let generated = snaps.iter().find(|s| s["name"] == "generated").unwrap();
+    assert_eq!(generated["tags"][0], "nightly");
+    // The key file was made 0600 with the repository.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(setup.state().join("repository.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let restored = setup.dir.path().join("restored");
+    let out = setup.kluis(&[
+        "restore",
+        "latest",
+        "--name",
+        "files",
+        "--target",
+        restored.to_str().unwrap(),
+    ]);
+    assert_success(&out, &["restore"]);
+    assert_same_tree(&data, &restored.join("data"));
+
+    // A failing job fails --once, and commits nothing.
+    let failing = "[jobs.broken]\nrepository = \"local\"\ncommand = \"echo partial; exit 3\"\n\
+                   schedule = \"every 1h\"\n";
+    let setup2 = Setup::new("", failing);
+    let out = setup2.kluisd(&["--once"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("exit code 3"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(setup2.snapshots().is_empty());
+}
+
+/// Replaces the jobs of a setup's configuration.
+fn rewrite(setup: &Setup, jobs: &str) -> PathBuf {
+    let text = fs::read_to_string(&setup.config).unwrap();
+    fs::write(&setup.config, format!("{text}{jobs}")).unwrap();
+    setup.config.clone()
+}
+
+#[test]
+fn runs_on_schedule_and_stops_cleanly() {
+    let setup = Setup::new("", "");
+    let data = data_dir(&setup);
+    rewrite(
+        &setup,
+        &format!(
+            "[jobs.files]\nrepository = \"local\"\npaths = [\"{}\"]\nschedule = \"every 2s\"\n",
+            data.display()
+        ),
+    );
+    let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
+    // A first run at start-up (the job never ran), then one every two seconds.
+    let ok = setup.wait_for_snapshots(3, Duration::from_secs(30));
+    signal(&child, "-TERM");
+    let (code, log) = finish(child, Duration::from_secs(30));
+    assert!(ok, "fewer than 3 snapshots in 30 s: {log}");
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("stopped") || log.contains("stopping"), "{log}");
+    setup.kluis(&["check"]);
+}
+
+#[test]
+fn sigterm_during_a_backup_commits_nothing() {
+    // A source that never ends: the run must be cut short by the shutdown grace period.
+    let jobs = "[jobs.endless]\nrepository = \"local\"\n\
+                command = \"while :; do head -c 65536 /dev/urandom; sleep 0.05; done\"\n\
+                schedule = \"every 1h\"\n";
+    let setup = Setup::new("shutdown_grace = \"1s\"", jobs);
+    let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    signal(&child, "-TERM");
+    let (code, log) = finish(child, Duration::from_secs(30));
+    assert_eq!(
+        code,
+        Some(1),
+        "a cut-short run must show in the exit code: {log}"
+    );
+    assert!(log.contains("cut short"), "{log}");
+    assert!(
+        setup.snapshots().is_empty(),
+        "a partial snapshot is visible"
+    );
+    let out = setup.kluis(&["check"]);
+    assert_success(&out, &["check after SIGTERM"]);
+}
+
+#[test]
+fn a_missed_run_is_caught_up_within_the_window() {
+    let now = jiff::Timestamp::now();
+    let due = now - jiff::SignedDuration::from_mins(30);
+    let hhmm = due
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+        .strftime("%H:%M")
+        .to_string();
+    let data_job = |dir: &Path| {
+        format!(
+            "[jobs.files]\nrepository = \"local\"\npaths = [\"{}\"]\nschedule = \"daily at {hhmm}\"\n",
+            dir.display()
+        )
+    };
+    for (window, caught_up) in [("2h", true), ("10m", false)] {
+        let setup = Setup::new(&format!("catch_up = \"{window}\""), "");
+        let data = data_dir(&setup);
+        rewrite(&setup, &data_job(&data));
+        // The last success: yesterday, before the run that was due 30 minutes ago.
+        let yesterday = (now - jiff::SignedDuration::from_hours(25)).to_string();
+        let out = Command::new(KLUIS)
+            .args(["backup", "--job", "files", "--time", &yesterday, "--config"])
+            .arg(&setup.config)
+            .output()
+            .unwrap();
+        assert_success(&out, &["backup --job"]);
+        assert_eq!(setup.snapshots().len(), 1);
+        let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
+        let ran = setup.wait_for_snapshots(2, Duration::from_secs(if caught_up { 20 } else { 4 }));
+        signal(&child, "-TERM");
+        let (code, log) = finish(child, Duration::from_secs(30));
+        assert_eq!(code, Some(0), "{log}");
+        assert_eq!(ran, caught_up, "catch_up {window}: {log}");
+    }
+}
+
+#[test]
+fn every_file_in_config_checks() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(KLUIS)
+                .args(["config", "check"])
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert_success(&out, &["config check", p.to_str().unwrap()]);
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 2,
+        "config/ holds the embedded default and an example"
+    );
+    let out = Command::new(KLUIS)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    assert_success(&out, &["config check (embedded)"]);
+
+    let bad = TempDir::new().unwrap();
+    let p = bad.path().join("bad.toml");
+    fs::write(
+        &p,
+        "[repositories.r]\nurl = \"/x\"\nkey_file = \"/k\"\n[jobs.a]\nrepository = \"r\"\n\
+         paths = [\"/etc\"]\nschedule = \"daily at 24:00\"\n",
+    )
+    .unwrap();
+    let out = Command::new(KLUIS)
+        .args(["config", "check"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let err = assert_code(&out, EXIT_USAGE, "a bad schedule");
+    assert!(err.contains("bad.toml:7: jobs.a.schedule"), "{err}");
+    // kluisd refuses it too, before doing anything.
+    let out = Command::new(KLUISD)
+        .arg("--config")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
