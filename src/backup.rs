@@ -595,6 +595,7 @@ impl Reader<'_> {
                     seed: self.params.seed,
                 };
                 self.params.validate()?;
+                set.attach_cancel(self.ctx.cancel.clone());
                 let now = Timestamp::now().as_nanosecond() as i64;
                 let (nodes, digests) = self.read_streams(set.as_mut(), now)?;
                 self.summary.files += nodes.len() as u64;

@@ -264,6 +264,21 @@ fn a_missed_run_is_caught_up_within_the_window() {
 }
 
 #[test]
+fn a_run_past_its_timeout_is_cancelled_even_when_its_tool_is_silent() {
+    // A dump that waits (for a lock, say) and prints nothing.
+    let jobs = "[jobs.stuck]\nrepository = \"local\"\ncommand = \"sleep 120; echo late\"\n\
+                schedule = \"every 1h\"\ntimeout = \"2s\"\n";
+    let setup = Setup::new("", jobs);
+    let started = Instant::now();
+    let out = setup.kluisd(&["--once"]).output().unwrap();
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{log}");
+    assert!(log.contains("cancelled after its timeout"), "{log}");
+    assert!(setup.snapshots().is_empty());
+}
+
+#[test]
 fn every_file_in_config_checks() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     let mut checked = 0;

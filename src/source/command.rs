@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 
 use super::{ChildOutput, NamedStream, StderrPolicy, StreamSet};
 use crate::error::Result;
+use crate::progress::Cancel;
 use crate::snapshot::Source as SourceRecord;
 
 pub struct CommandSource {
@@ -14,6 +15,7 @@ pub struct CommandSource {
     stream: String,
     spawned: bool,
     warnings: Option<super::Warnings>,
+    cancel: Cancel,
 }
 
 impl CommandSource {
@@ -24,6 +26,7 @@ impl CommandSource {
             stream: stream.into(),
             spawned: false,
             warnings: None,
+            cancel: Cancel::new(),
         }
     }
 
@@ -42,7 +45,8 @@ impl StreamSet for CommandSource {
         self.spawned = true;
         let mut sh = Command::new("/bin/sh");
         sh.arg("-c").arg(&self.command).stdin(Stdio::null());
-        let out = ChildOutput::spawn(self.label(), &mut sh, StderrPolicy::Strict)?;
+        let out = ChildOutput::spawn(self.label(), &mut sh, StderrPolicy::Strict)?
+            .cancel_on(self.cancel.clone());
         self.warnings = Some(out.warnings());
         Ok(Some(NamedStream {
             name: self.stream.clone(),
@@ -51,6 +55,10 @@ impl StreamSet for CommandSource {
     }
 
     /// What the command printed on standard error, once it ended successfully.
+    fn attach_cancel(&mut self, cancel: Cancel) {
+        self.cancel = cancel;
+    }
+
     fn warnings(&self) -> Vec<String> {
         super::collect_warnings(&self.warnings)
     }

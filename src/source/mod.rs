@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::progress::Cancel;
 use crate::snapshot::Source as SourceRecord;
 
 /// Chunk sizes (min, average, max) for database dumps: much smaller than for files, because a
@@ -43,6 +44,10 @@ pub trait StreamSet: Send {
     /// Called once every stream has been read to its end: what the snapshot records about
     /// the source, or the error that fails the backup.
     fn finish(&mut self) -> Result<SourceRecord>;
+
+    /// The backup's cancellation flag, set before the first stream: a source whose tools may
+    /// go quiet for long hands it to their outputs ([`ChildOutput::cancel_on`]).
+    fn attach_cancel(&mut self, _cancel: Cancel) {}
 
     /// How many streams the backup may read at once (each on its own thread, so the tools
     /// behind them run side by side). Streams still end up in the snapshot in order.
@@ -84,8 +89,23 @@ impl std::fmt::Display for SourceError {
 
 impl std::error::Error for SourceError {}
 
+/// A stream's reader gave up because the backup was cancelled.
+#[derive(Debug)]
+pub struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cancelled")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
 /// Turns a stream's read error into the backup's error.
 pub fn read_error(stream: &str, e: io::Error) -> Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Cancelled>()) {
+        return Error::Interrupted;
+    }
     match e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<SourceError>())
@@ -243,6 +263,9 @@ pub struct ChildOutput {
     lines: Option<Arc<AtomicU64>>,
     /// Warnings the tool printed, once it ended.
     warnings: Warnings,
+    /// Set when the backup is cancelled: the read gives up and the child is killed, even
+    /// while the tool prints nothing (a dump waiting for a lock).
+    cancel: Option<Cancel>,
     done: bool,
 }
 
@@ -270,6 +293,7 @@ impl ChildOutput {
             tail: Vec::new(),
             lines: None,
             warnings: Arc::default(),
+            cancel: None,
             done: false,
         })
     }
@@ -280,13 +304,59 @@ impl ChildOutput {
         command: &mut std::process::Command,
         policy: StderrPolicy,
     ) -> Result<Self> {
+        use std::os::unix::process::CommandExt;
         let what = what.into();
+        // Its own process group: a cancelled tool's children die with it, and a Ctrl-C on
+        // the terminal reaches kluis alone, which then stops its tools itself.
         let child = command
+            .process_group(0)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| Error::SourceFailed(format!("cannot start {what}: {e}")))?;
         ChildOutput::new(what, child, policy)
+    }
+
+    /// Kills the tool and whatever it started (a shell's children: [`ChildOutput::spawn`]
+    /// gives each tool its own process group), and reaps it.
+    fn kill(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Gives up reading, and kills the child, once `cancel` is set.
+    pub fn cancel_on(mut self, cancel: Cancel) -> Self {
+        self.cancel = Some(cancel);
+        self
+    }
+
+    /// Waits until the output is readable, or the backup is cancelled.
+    fn wait_readable(&mut self) -> io::Result<()> {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let Some(cancel) = self.cancel.clone() else {
+            return Ok(());
+        };
+        let tick = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
+        };
+        loop {
+            if cancel.is_cancelled() {
+                self.kill();
+                self.done = true;
+                return Err(io::Error::other(Cancelled));
+            }
+            let mut fds = [PollFd::new(&self.stdout, PollFlags::IN)];
+            match poll(&mut fds, Some(&tick)) {
+                Ok(0) => continue,
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Requires the output to end with `marker`.
@@ -362,6 +432,7 @@ impl Read for ChildOutput {
         if self.done {
             return Ok(0);
         }
+        self.wait_readable()?;
         let n = match self.stdout.read(buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
@@ -398,8 +469,7 @@ impl Read for ChildOutput {
 impl Drop for ChildOutput {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.kill();
         }
     }
 }
@@ -556,6 +626,33 @@ mod tests {
         ok("printf 'data\\n-- dump compl\\n\\n\\\\unrestrict abc\\n'").unwrap_err();
         let e = ok("printf 'data\\n-- dump compl'").unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn a_silent_tool_is_killed_when_the_backup_is_cancelled() {
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg("sleep 30")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let cancel = Cancel::new();
+        let mut r = ChildOutput::new("quiet tool", child, StderrPolicy::Strict)
+            .unwrap()
+            .cancel_on(cancel.clone());
+        let canceller = {
+            let cancel = cancel.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                cancel.cancel();
+            })
+        };
+        let started = std::time::Instant::now();
+        let e = r.read(&mut [0u8; 16]).unwrap_err();
+        canceller.join().unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(matches!(read_error("s", e), Error::Interrupted));
     }
 
     #[test]

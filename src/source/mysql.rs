@@ -23,6 +23,7 @@ use rows::RowCounter;
 use super::url::DbUrl;
 use super::{ChildOutput, NamedStream, StderrPolicy, StreamSet, find_program};
 use crate::error::{Error, Result};
+use crate::progress::Cancel;
 use crate::snapshot::{DatabaseRecord, Source as SourceRecord, TableRecord};
 
 /// mariadb-dump's last line with `--skip-dump-date`: output without it was cut short.
@@ -252,6 +253,7 @@ pub struct MysqlSource {
     info: Option<Info>,
     tables: Arc<Mutex<RowCounter>>,
     warnings: Option<super::Warnings>,
+    cancel: Cancel,
     started: bool,
 }
 
@@ -262,6 +264,7 @@ impl MysqlSource {
             info: None,
             tables: Arc::default(),
             warnings: None,
+            cancel: Cancel::new(),
             started: false,
         }
     }
@@ -290,8 +293,9 @@ impl StreamSet for MysqlSource {
         ])
         .arg(&self.conn.database);
         let what = format!("mariadb-dump of {}", self.conn.display);
-        let out =
-            ChildOutput::spawn(what, &mut c, StderrPolicy::DatabaseTool)?.with_trailer(DUMP_END);
+        let out = ChildOutput::spawn(what, &mut c, StderrPolicy::DatabaseTool)?
+            .with_trailer(DUMP_END)
+            .cancel_on(self.cancel.clone());
         self.warnings = Some(out.warnings());
         Ok(Some(NamedStream {
             name: STREAM.into(),
@@ -303,6 +307,10 @@ impl StreamSet for MysqlSource {
     }
 
     /// Warnings the dump tool printed (stderr lines that were not errors).
+    fn attach_cancel(&mut self, cancel: Cancel) {
+        self.cancel = cancel;
+    }
+
     fn warnings(&self) -> Vec<String> {
         super::collect_warnings(&self.warnings)
     }

@@ -35,6 +35,7 @@ use super::url::DbUrl;
 pub use super::url::redact;
 use super::{ChildOutput, Framed, NamedStream, StderrPolicy, StreamSet, find_program};
 use crate::error::{Error, Result};
+use crate::progress::Cancel;
 use crate::snapshot::{DatabaseRecord, Source as SourceRecord, TableRecord};
 
 /// pg_dump's last line: output without it was cut short.
@@ -365,6 +366,7 @@ pub struct PostgresSource {
     /// The next stream: 0 pre-data, 1..=tables data, then other data, then post-data.
     step: usize,
     warnings: Vec<super::Warnings>,
+    cancel: Cancel,
 }
 
 impl PostgresSource {
@@ -377,6 +379,7 @@ impl PostgresSource {
             rows: Vec::new(),
             step: 0,
             warnings: Vec::new(),
+            cancel: Cancel::new(),
         }
     }
 
@@ -401,8 +404,9 @@ impl PostgresSource {
         c.arg(format!("--snapshot={}", self.snapshot_id()))
             .args(args);
         let what = format!("pg_dump ({what}) of {}", self.conn.display);
-        let out =
-            ChildOutput::spawn(what, &mut c, StderrPolicy::DatabaseTool)?.with_trailer(PG_DUMP_END);
+        let out = ChildOutput::spawn(what, &mut c, StderrPolicy::DatabaseTool)?
+            .with_trailer(PG_DUMP_END)
+            .cancel_on(self.cancel.clone());
         self.warnings.push(out.warnings());
         Ok(Box::new(out))
     }
@@ -434,7 +438,8 @@ impl PostgresSource {
             t.qualified, self.conn.display
         );
         let out = ChildOutput::spawn(what, &mut c, StderrPolicy::DatabaseTool)?
-            .count_lines(self.rows[i].clone());
+            .count_lines(self.rows[i].clone())
+            .cancel_on(self.cancel.clone());
         self.warnings.push(out.warnings());
         let ordered = match &t.key {
             Some(k) => format!("ordered by primary key ({k})"),
@@ -516,6 +521,10 @@ impl StreamSet for PostgresSource {
 
     /// Two tables at once: ordering by primary key costs the server more than pg_dump's
     /// plain scan, and two backends side by side (in the same exported snapshot) pay for it.
+    fn attach_cancel(&mut self, cancel: Cancel) {
+        self.cancel = cancel;
+    }
+
     fn parallel_streams(&self) -> usize {
         2
     }
