@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The main job, until the daemon exists: back up data that exists on any machine (/etc and
-# /usr/share/doc, plus a stream) into a local-directory repository, back it up again to show
-# deduplication, restore it, compare every byte, and verify the repository.
+# The main job end to end, with nothing left running: back up data that exists on any machine
+# (/etc and /usr/share/doc, plus a stream) into a local-directory repository, back it up again
+# to show deduplication, restore it, compare every byte, verify the repository; then run
+# kluisd once on its embedded default (config/kluis.toml) with a state directory of its own.
 #
 #   tests/demo.sh            # uses a fresh temporary directory, removed afterwards
 #   KLUIS_DEMO_DIR=/x tests/demo.sh   # keeps everything under /x
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --quiet --bin kluis
+cargo build --quiet --bin kluis --bin kluisd
 kluis="$PWD/target/debug/kluis"
+kluisd="$PWD/target/debug/kluisd"
 
 if [[ -n "${KLUIS_DEMO_DIR:-}" ]]; then
     work="$KLUIS_DEMO_DIR"
@@ -19,7 +21,7 @@ else
     trap 'rm -rf "$work"' EXIT
 fi
 export KLUIS_REPOSITORY="$work/repo" KLUIS_KEY_FILE="$work/key"
-rm -rf "$work/repo" "$work/restore" "$work/key"
+rm -rf "$work/repo" "$work/restore" "$work/key" "$work/state"
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -67,5 +69,10 @@ step "restore the stream and compare its SHA-256"
 
 step "verify every byte in the repository"
 "$kluis" check --read-data
+
+step "kluisd --once on its embedded default, state in $work/state"
+STATE_DIRECTORY="$work/state" "$kluisd" --once
+KLUIS_REPOSITORY="$work/state/repository" KLUIS_KEY_FILE="$work/state/repository.key" \
+    "$kluis" snapshots
 
 step "done: repository at $KLUIS_REPOSITORY ($(du -sh "$KLUIS_REPOSITORY" | cut -f1))"
