@@ -29,6 +29,7 @@ use tokio::task::JoinSet;
 
 use kluis::config::{Job, Loaded};
 use kluis::jobs;
+use kluis::metrics::{self, Metrics};
 use kluis::progress::{Cancel, Progress};
 
 fn log(msg: impl std::fmt::Display) {
@@ -120,25 +121,44 @@ fn main() -> ExitCode {
             config.state_dir.display(),
             config.time_zone.iana_name().unwrap_or("(system)")
         ));
+        let metrics = Arc::new(Metrics::new());
         if args.once {
-            run_once(config).await
-        } else {
-            Daemon::new(config).run().await
+            return run_once(config, metrics).await;
         }
+        let listener = match tokio::net::TcpListener::bind(&config.http.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                log(format!(
+                    "cannot listen on {} for /metrics: {e}",
+                    config.http.listen
+                ));
+                return 2;
+            }
+        };
+        log(format!(
+            "serving /metrics and /healthz on http://{}",
+            listener
+                .local_addr()
+                .map_or(config.http.listen.clone(), |a| a.to_string())
+        ));
+        let server = tokio::spawn(metrics::serve(listener, metrics.clone()));
+        let code = Daemon::new(config, metrics).run().await;
+        server.abort();
+        code
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     ExitCode::from(code)
 }
 
 /// `--once`: every job now, as many at once as allowed.
-async fn run_once(config: Arc<Loaded>) -> u8 {
+async fn run_once(config: Arc<Loaded>, metrics: Arc<Metrics>) -> u8 {
     let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent_jobs));
     let mut set = JoinSet::new();
     for job in config.jobs.clone() {
-        let (config, permits) = (config.clone(), permits.clone());
+        let (config, permits, metrics) = (config.clone(), permits.clone(), metrics.clone());
         set.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            run_job(&config, &job, Cancel::new()).await
+            run_job(&config, &job, Cancel::new(), &metrics).await
         });
     }
     let mut failed = 0;
@@ -157,10 +177,24 @@ enum Outcome {
     TimedOut,
 }
 
-/// One run of a job, with its timeout; logs the result.
-async fn run_job(config: &Loaded, job: &Job, cancel: Cancel) -> Outcome {
+/// One run of a job, with its timeout; logs the result and records it in the metrics.
+async fn run_job(config: &Loaded, job: &Job, cancel: Cancel, metrics: &Metrics) -> Outcome {
     let started = Instant::now();
     log(format!("job {}: backup starting", job.name));
+    let running = metrics.job_running.with_label_values(&[&job.name]);
+    running.set(1);
+    let outcome = run_job_inner(config, job, cancel, metrics, started).await;
+    running.set(0);
+    outcome
+}
+
+async fn run_job_inner(
+    config: &Loaded,
+    job: &Job,
+    cancel: Cancel,
+    metrics: &Metrics,
+    started: Instant,
+) -> Outcome {
     let run = jobs::run(config, job, cancel.clone(), Progress::new());
     let result = {
         tokio::pin!(run);
@@ -174,6 +208,7 @@ async fn run_job(config: &Loaded, job: &Job, cancel: Cancel) -> Outcome {
                     job.name,
                     humantime::format_duration(job.timeout)
                 ));
+                metrics.record_failure(&job.name, "timeout", started.elapsed().as_secs_f64());
                 return Outcome::TimedOut;
             }
         }
@@ -193,10 +228,31 @@ async fn run_job(config: &Loaded, job: &Job, cancel: Cancel) -> Outcome {
                 s.summary.stored_bytes,
                 started.elapsed().as_secs_f64()
             ));
+            metrics.record_success(
+                &job.name,
+                &job.repository,
+                s,
+                started.elapsed().as_secs_f64(),
+            );
+            match jobs::snapshots(config, &job.repository).await {
+                Ok(list) => metrics.record_repository(&job.repository, &list),
+                Err(_) => metrics
+                    .repository_up
+                    .with_label_values(&[&job.repository])
+                    .set(0),
+            }
             Outcome::Ok
         }
         Err(e) => {
             log(format!("job {}: backup failed: {e}", job.name));
+            let reason = metrics::failure_reason(&e);
+            metrics.record_failure(&job.name, reason, started.elapsed().as_secs_f64());
+            if reason == "storage" {
+                metrics
+                    .repository_up
+                    .with_label_values(&[&job.repository])
+                    .set(0);
+            }
             Outcome::Failed
         }
     }
@@ -213,16 +269,28 @@ struct Daemon {
     config: Arc<Loaded>,
     slots: BTreeMap<String, Slot>,
     permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl Daemon {
-    fn new(config: Arc<Loaded>) -> Daemon {
+    fn new(config: Arc<Loaded>, metrics: Arc<Metrics>) -> Daemon {
         let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent_jobs));
         Daemon {
             config,
             slots: BTreeMap::new(),
             permits,
+            metrics,
         }
+    }
+
+    fn set_next(&mut self, name: &str, next: Timestamp) {
+        if let Some(slot) = self.slots.get_mut(name) {
+            slot.next = next;
+        }
+        self.metrics
+            .job_next_run
+            .with_label_values(&[name])
+            .set(next.as_millisecond() as f64 / 1000.0);
     }
 
     /// The run after `after`, with jitter.
@@ -238,19 +306,35 @@ impl Daemon {
     /// window, or if it never succeeded; else at its next scheduled time.
     async fn plan(&mut self) {
         let now = Timestamp::now();
-        for job in self.config.jobs.clone() {
-            let last = match jobs::last_snapshot(&self.config, &job).await {
-                Ok(last) => last,
+        let mut listed: BTreeMap<String, Option<Vec<kluis::snapshot::Snapshot>>> = BTreeMap::new();
+        for name in self.config.repositories.keys() {
+            let list = match jobs::snapshots(&self.config, name).await {
+                Ok(list) => {
+                    self.metrics.record_repository(name, &list);
+                    Some(list)
+                }
                 Err(e) => {
-                    log(format!(
-                        "job {}: cannot read its repository ({e}); it runs at start-up",
-                        job.name
-                    ));
+                    log(format!("repository {name}: cannot be read ({e})"));
+                    self.metrics.repository_up.with_label_values(&[name]).set(0);
                     None
                 }
             };
-            let window = jiff::SignedDuration::try_from(self.config.daemon.catch_up)
-                .unwrap_or(jiff::SignedDuration::ZERO);
+            listed.insert(name.clone(), list);
+        }
+        let window = jiff::SignedDuration::try_from(self.config.daemon.catch_up)
+            .unwrap_or(jiff::SignedDuration::ZERO);
+        for job in self.config.jobs.clone() {
+            self.metrics.declare_job(&job.name);
+            let last = listed
+                .get(&job.repository)
+                .and_then(|l| l.as_deref())
+                .and_then(|l| jobs::last_of(&job, l));
+            if let Some(s) = last {
+                self.metrics
+                    .job_last_success
+                    .with_label_values(&[&job.name])
+                    .set(s.time.as_millisecond() as f64 / 1000.0);
+            }
             let next = match last {
                 None => now,
                 // A run was due after the last snapshot and within the window: make it up.
@@ -269,14 +353,16 @@ impl Daemon {
                 next.to_zoned_datetime(self.config.time_zone.clone())
                     .strftime("%F %T %Z")
             ));
+            let name = job.name.clone();
             self.slots.insert(
-                job.name.clone(),
+                name.clone(),
                 Slot {
                     job,
                     next,
                     running: None,
                 },
             );
+            self.set_next(&name, next);
         }
     }
 
@@ -332,20 +418,22 @@ impl Daemon {
             let slot = &self.slots[name];
             self.next_run(&slot.job, now)
         };
+        self.set_next(name, next);
         let slot = self.slots.get_mut(name).expect("a due job has a slot");
-        slot.next = next;
         if slot.running.is_some() {
             log(format!(
                 "job {name}: due again while its previous run is still going; this run is skipped"
             ));
+            self.metrics.job_skipped.with_label_values(&[name]).inc();
             return;
         }
         let cancel = Cancel::new();
         slot.running = Some(cancel.clone());
         let (config, permits, job) = (self.config.clone(), self.permits.clone(), slot.job.clone());
+        let metrics = self.metrics.clone();
         running.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let outcome = run_job(&config, &job, cancel).await;
+            let outcome = run_job(&config, &job, cancel, &metrics).await;
             (job.name.clone(), outcome)
         });
     }

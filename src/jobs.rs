@@ -112,13 +112,17 @@ pub async fn run(
     backup::backup(&repo, source, opts).await
 }
 
-/// The job's newest snapshot in its repository, if any: the last success survives restarts
-/// because it is read from where the backups are.
-pub async fn last_snapshot(config: &Loaded, job: &Job) -> Result<Option<Snapshot>> {
-    let repo = open_repository(config, &job.repository).await?;
-    let (list, _) = repo.snapshots().await?;
-    Ok(list
-        .into_iter()
+/// Every readable snapshot of a repository: a job's last success survives restarts because it
+/// is read from where the backups are.
+pub async fn snapshots(config: &Loaded, repository: &str) -> Result<Vec<Snapshot>> {
+    let repo = open_repository(config, repository).await?;
+    Ok(repo.snapshots().await?.0)
+}
+
+/// A job's newest snapshot among `snapshots`.
+pub fn last_of<'a>(job: &Job, snapshots: &'a [Snapshot]) -> Option<&'a Snapshot> {
+    snapshots
+        .iter()
         .filter(|s| s.name == job.snapshot_name)
-        .max_by_key(|s| s.time))
+        .max_by_key(|s| s.time)
 }

@@ -33,6 +33,7 @@ pub mod id;
 pub mod index;
 pub mod jobs;
 pub mod keys;
+pub mod metrics;
 pub mod object;
 pub mod pack;
 pub mod progress;

@@ -18,6 +18,8 @@ const KLUISD: &str = env!("CARGO_BIN_EXE_kluisd");
 struct Setup {
     dir: TempDir,
     config: PathBuf,
+    /// Where `/metrics` is served.
+    port: u16,
 }
 
 impl Setup {
@@ -25,17 +27,19 @@ impl Setup {
         let dir = TempDir::new().unwrap();
         let state = dir.path().join("state");
         let config = dir.path().join("kluisd.toml");
+        let port = free_port();
         fs::write(
             &config,
             format!(
                 "[daemon]\nstate_dir = \"{}\"\ntime_zone = \"UTC\"\n{daemon}\n\
+                 [http]\nlisten = \"127.0.0.1:{port}\"\n\
                  [repositories.local]\nurl = \"{{state_dir}}/repository\"\n\
                  key_file = \"{{state_dir}}/repository.key\"\ninit = true\n\n{jobs}",
                 state.display()
             ),
         )
         .unwrap();
-        Setup { dir, config }
+        Setup { dir, config, port }
     }
 
     fn state(&self) -> PathBuf {
@@ -77,6 +81,23 @@ impl Setup {
         }
         false
     }
+}
+
+/// `GET path` on the daemon's HTTP endpoint: (status line, body).
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// A metric's value on a `/metrics` page, by its name and labels as printed.
+fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -194,6 +215,58 @@ fn runs_on_schedule_and_stops_cleanly() {
     let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
     // A first run at start-up (the job never ran), then one every two seconds.
     let ok = setup.wait_for_snapshots(3, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, health) = http_get(setup.port, "/healthz");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(health, "ok\n");
+    let (status, page) = http_get(setup.port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let runs = metric(
+        &page,
+        "kluis_job_runs_total{job=\"files\",result=\"success\"}",
+    );
+    assert!(runs.is_some_and(|r| r >= 3.0), "{page}");
+    assert_eq!(
+        metric(
+            &page,
+            "kluis_job_runs_total{job=\"files\",result=\"failure\"}"
+        ),
+        Some(0.0)
+    );
+    assert!(
+        metric(&page, "kluis_repository_snapshots{repository=\"local\"}").is_some_and(|n| n >= 3.0)
+    );
+    assert!(metric(&page, "kluis_job_last_read_bytes{job=\"files\"}").is_some_and(|b| b > 0.0));
+    assert!(metric(&page, "kluis_job_next_run_timestamp_seconds{job=\"files\"}").is_some());
+    assert_eq!(
+        metric(&page, "kluis_build_info{version=\"0.1.0\"}"),
+        Some(1.0)
+    );
+    assert!(!page.contains("snapshot_id"), "unbounded labels: {page}");
+    // The page passes Prometheus's own linter.
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is not installed: tests/run-all.sh installs it (Debian: prometheus)");
+    {
+        use std::io::Write;
+        lint.stdin
+            .take()
+            .unwrap()
+            .write_all(page.as_bytes())
+            .unwrap();
+    }
+    let lint = lint.wait_with_output().unwrap();
+    assert!(
+        lint.status.success() && lint.stdout.is_empty() && lint.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        text(&lint.stdout),
+        text(&lint.stderr)
+    );
+    assert!(http_get(setup.port, "/nope").0.contains("404"));
     signal(&child, "-TERM");
     let (code, log) = finish(child, Duration::from_secs(30));
     assert!(ok, "fewer than 3 snapshots in 30 s: {log}");

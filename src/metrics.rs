@@ -1,0 +1,296 @@
+//! The daemon's Prometheus metrics, and the tiny HTTP endpoint that serves them.
+//!
+//! Names follow Prometheus conventions (`kluis_<noun>_<unit>[_total]`); labels are bounded:
+//! `job`, `repository`, and small fixed sets (`result`, `reason`), never a snapshot id. Every
+//! metric is listed, with its meaning, in the README.
+
+use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::error::Error;
+use crate::snapshot::Snapshot;
+
+/// Every metric of `kluisd`.
+pub struct Metrics {
+    registry: Registry,
+    pub job_last_run: GaugeVec,
+    pub job_last_success: GaugeVec,
+    pub job_duration: GaugeVec,
+    pub job_read_bytes: IntGaugeVec,
+    pub job_new_bytes: IntGaugeVec,
+    pub job_stored_bytes: IntGaugeVec,
+    pub job_dedup_ratio: GaugeVec,
+    pub job_runs: IntCounterVec,
+    pub job_failures: IntCounterVec,
+    pub job_skipped: IntCounterVec,
+    pub job_next_run: GaugeVec,
+    pub job_running: IntGaugeVec,
+    pub repository_snapshots: IntGaugeVec,
+    pub repository_stored_bytes: IntGaugeVec,
+    pub repository_last_write: GaugeVec,
+    pub repository_up: IntGaugeVec,
+}
+
+/// How a run ended, as the `result` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunResult {
+    Success,
+    Failure,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        macro_rules! register {
+            ($kind:ident, $name:expr, $help:expr, $labels:expr) => {{
+                let m = $kind::new(Opts::new($name, $help), $labels).expect("valid metric");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("each metric registered once");
+                m
+            }};
+        }
+        let build = register!(
+            IntGaugeVec,
+            "kluis_build_info",
+            "Always 1; the version label says which kluis runs.",
+            &["version"]
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Metrics {
+            job_last_run: register!(
+                GaugeVec,
+                "kluis_job_last_run_timestamp_seconds",
+                "When the job's last run ended, successful or not (Unix time).",
+                &["job"]
+            ),
+            job_last_success: register!(
+                GaugeVec,
+                "kluis_job_last_success_timestamp_seconds",
+                "The time of the job's newest snapshot (Unix time); read from the repository at start-up.",
+                &["job"]
+            ),
+            job_duration: register!(
+                GaugeVec,
+                "kluis_job_last_duration_seconds",
+                "How long the job's last run took.",
+                &["job"]
+            ),
+            job_read_bytes: register!(
+                IntGaugeVec,
+                "kluis_job_last_read_bytes",
+                "Bytes the job's last successful run read from its source.",
+                &["job"]
+            ),
+            job_new_bytes: register!(
+                IntGaugeVec,
+                "kluis_job_last_new_bytes",
+                "Bytes of new (not deduplicated) data in the job's last successful run, before compression.",
+                &["job"]
+            ),
+            job_stored_bytes: register!(
+                IntGaugeVec,
+                "kluis_job_last_stored_bytes",
+                "Bytes the job's last successful run added to its repository (compressed and encrypted).",
+                &["job"]
+            ),
+            job_dedup_ratio: register!(
+                GaugeVec,
+                "kluis_job_last_dedup_ratio",
+                "Share of the last successful run's data that was already in the repository (0 to 1).",
+                &["job"]
+            ),
+            job_runs: register!(
+                IntCounterVec,
+                "kluis_job_runs_total",
+                "Runs of the job that ended, by result (success, failure).",
+                &["job", "result"]
+            ),
+            job_failures: register!(
+                IntCounterVec,
+                "kluis_job_failures_total",
+                "Failed runs of the job, by reason (source, storage, corrupt, timeout, interrupted, config, other).",
+                &["job", "reason"]
+            ),
+            job_skipped: register!(
+                IntCounterVec,
+                "kluis_job_skipped_runs_total",
+                "Runs that came due while the job's previous run was still going, and were skipped.",
+                &["job"]
+            ),
+            job_next_run: register!(
+                GaugeVec,
+                "kluis_job_next_run_timestamp_seconds",
+                "When the job runs next (Unix time).",
+                &["job"]
+            ),
+            job_running: register!(
+                IntGaugeVec,
+                "kluis_job_running",
+                "1 while the job runs, else 0.",
+                &["job"]
+            ),
+            repository_snapshots: register!(
+                IntGaugeVec,
+                "kluis_repository_snapshots",
+                "Snapshots in the repository.",
+                &["repository"]
+            ),
+            repository_stored_bytes: register!(
+                IntGaugeVec,
+                "kluis_repository_stored_bytes",
+                "Bytes the repository's snapshots added to it, summed (compressed and encrypted).",
+                &["repository"]
+            ),
+            repository_last_write: register!(
+                GaugeVec,
+                "kluis_repository_last_write_timestamp_seconds",
+                "When a snapshot was last committed to the repository by this daemon (Unix time).",
+                &["repository"]
+            ),
+            repository_up: register!(
+                IntGaugeVec,
+                "kluis_repository_up",
+                "1 if the repository could be opened and listed the last time it was tried, else 0.",
+                &["repository"]
+            ),
+            registry,
+        }
+    }
+
+    /// The page `/metrics` serves.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// A job's labels exist from the start, so a dashboard shows 0 rather than nothing.
+    pub fn declare_job(&self, job: &str) {
+        for result in ["success", "failure"] {
+            self.job_runs.with_label_values(&[job, result]);
+        }
+        self.job_running.with_label_values(&[job]).set(0);
+        self.job_skipped.with_label_values(&[job]);
+    }
+
+    /// Records a successful run's snapshot.
+    pub fn record_success(&self, job: &str, repository: &str, s: &Snapshot, seconds: f64) {
+        let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+        let sum = &s.summary;
+        self.job_last_run.with_label_values(&[job]).set(now);
+        self.job_last_success
+            .with_label_values(&[job])
+            .set(s.time.as_millisecond() as f64 / 1000.0);
+        self.job_duration.with_label_values(&[job]).set(seconds);
+        self.job_read_bytes
+            .with_label_values(&[job])
+            .set(sum.logical_bytes as i64);
+        self.job_new_bytes
+            .with_label_values(&[job])
+            .set(sum.new_bytes as i64);
+        self.job_stored_bytes
+            .with_label_values(&[job])
+            .set(sum.stored_bytes as i64);
+        let ratio = if sum.logical_bytes == 0 {
+            1.0
+        } else {
+            1.0 - (sum.new_bytes.min(sum.logical_bytes) as f64 / sum.logical_bytes as f64)
+        };
+        self.job_dedup_ratio.with_label_values(&[job]).set(ratio);
+        self.job_runs.with_label_values(&[job, "success"]).inc();
+        self.repository_last_write
+            .with_label_values(&[repository])
+            .set(now);
+    }
+
+    /// Records a failed run and why.
+    pub fn record_failure(&self, job: &str, reason: &str, seconds: f64) {
+        let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+        self.job_last_run.with_label_values(&[job]).set(now);
+        self.job_duration.with_label_values(&[job]).set(seconds);
+        self.job_runs.with_label_values(&[job, "failure"]).inc();
+        self.job_failures.with_label_values(&[job, reason]).inc();
+    }
+
+    /// A repository's snapshots, after a listing.
+    pub fn record_repository(&self, repository: &str, snapshots: &[Snapshot]) {
+        self.repository_up.with_label_values(&[repository]).set(1);
+        self.repository_snapshots
+            .with_label_values(&[repository])
+            .set(snapshots.len() as i64);
+        let stored: u64 = snapshots.iter().map(|s| s.summary.stored_bytes).sum();
+        self.repository_stored_bytes
+            .with_label_values(&[repository])
+            .set(stored as i64);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// The `reason` label of a failure.
+pub fn failure_reason(e: &Error) -> &'static str {
+    match e {
+        Error::SourceFailed(_) => "source",
+        Error::Store { .. } | Error::Io { .. } | Error::RepositoryNotFound { .. } => "storage",
+        Error::Corrupt { .. } | Error::MissingBlob(_) | Error::MissingObject { .. } => "corrupt",
+        Error::Interrupted => "interrupted",
+        Error::InvalidInput(_) | Error::InsecureSecretFile { .. } | Error::WrongPassword { .. } => {
+            "config"
+        }
+        _ => "other",
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` on `listener` until the task is dropped. A
+/// minimal HTTP/1.1 responder: one request per connection, bounded request size.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: std::sync::Arc<Metrics>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let request = String::from_utf8_lossy(&buf);
+            let mut parts = request.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, kind, body) = match (method, path) {
+                ("GET", "/metrics") => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    metrics.render(),
+                ),
+                ("GET", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".into()),
+                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
+                _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
