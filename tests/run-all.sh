@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole kluis test suite on a fresh machine: installs what is missing first (PostgreSQL,
-# MariaDB server and client, promtool, Garage), then checks formatting and lints, runs every test, and
-# runs the demo.
+# MariaDB server and client, promtool, Garage), then checks formatting and lints, runs every
+# test, and runs the demo.
 # Every server a test needs is started by the test itself, in a temporary directory on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
