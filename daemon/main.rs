@@ -27,6 +27,8 @@ use jiff::Timestamp;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+mod notify;
+
 use kluis::config::{Job, Loaded};
 use kluis::jobs;
 use kluis::metrics::{self, Metrics};
@@ -142,7 +144,9 @@ fn main() -> ExitCode {
                 .map_or(config.http.listen.clone(), |a| a.to_string())
         ));
         let server = tokio::spawn(metrics::serve(listener, metrics.clone()));
-        let code = Daemon::new(config, metrics).run().await;
+        let code = Daemon::new(config, args.config.clone(), metrics)
+            .run()
+            .await;
         server.abort();
         code
     });
@@ -267,20 +271,102 @@ struct Slot {
 
 struct Daemon {
     config: Arc<Loaded>,
+    /// The file the configuration came from (none: the embedded default), for reloads.
+    config_path: Option<PathBuf>,
     slots: BTreeMap<String, Slot>,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    notifier: notify::Notifier,
 }
 
 impl Daemon {
-    fn new(config: Arc<Loaded>, metrics: Arc<Metrics>) -> Daemon {
+    fn new(config: Arc<Loaded>, config_path: Option<PathBuf>, metrics: Arc<Metrics>) -> Daemon {
         let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent_jobs));
         Daemon {
             config,
+            config_path,
             slots: BTreeMap::new(),
             permits,
             metrics,
+            notifier: notify::Notifier::from_env(),
         }
+    }
+
+    /// A STATUS line for `systemctl status`: what runs, and what is next.
+    fn status(&self) {
+        let running: Vec<&str> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.running.is_some())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let next = self.slots.values().min_by_key(|s| s.next).map(|s| {
+            format!(
+                "next: {} at {}",
+                s.job.name,
+                s.next
+                    .to_zoned_datetime(self.config.time_zone.clone())
+                    .strftime("%F %T %Z")
+            )
+        });
+        let now = if running.is_empty() {
+            "idle".to_string()
+        } else {
+            format!("running {}", running.join(", "))
+        };
+        self.notifier.send(&format!(
+            "STATUS={now}; {}",
+            next.unwrap_or_else(|| "no jobs".into())
+        ));
+    }
+
+    /// SIGHUP: reads the configuration file again. A file that does not check leaves the
+    /// daemon on the configuration it had; running jobs finish under the one they started with.
+    async fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            log("SIGHUP: running on the embedded configuration; there is no file to reload");
+            return;
+        };
+        self.notifier.send("RELOADING=1");
+        match Loaded::from_file(&path) {
+            Err(e) => {
+                log(format!(
+                    "reload failed, still running the previous configuration: {e}"
+                ));
+                self.metrics.config_reload_failures.inc();
+                self.metrics.config_last_reload_ok.set(0);
+            }
+            Ok(new) => {
+                if new.http.listen != self.config.http.listen {
+                    log("http.listen changed: it takes effect at the next start");
+                }
+                if new.daemon.max_concurrent_jobs != self.config.daemon.max_concurrent_jobs {
+                    self.permits = Arc::new(Semaphore::new(new.daemon.max_concurrent_jobs));
+                }
+                let old = std::mem::take(&mut self.slots);
+                self.config = Arc::new(new);
+                self.plan().await;
+                // A job still running keeps its run: no second one starts beside it.
+                for (name, slot) in old {
+                    if let (Some(cancel), Some(new_slot)) =
+                        (slot.running, self.slots.get_mut(&name))
+                    {
+                        new_slot.running = Some(cancel);
+                    }
+                }
+                log(format!(
+                    "configuration reloaded from {}: {} job(s)",
+                    path.display(),
+                    self.config.jobs.len()
+                ));
+                self.metrics.config_last_reload_ok.set(1);
+                self.metrics
+                    .config_last_reload
+                    .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
+            }
+        }
+        self.notifier.send("READY=1");
+        self.status();
     }
 
     fn set_next(&mut self, name: &str, next: Timestamp) {
@@ -368,14 +454,19 @@ impl Daemon {
 
     async fn run(mut self) -> u8 {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             log("cannot install signal handlers");
             return 1;
         };
         self.plan().await;
+        self.notifier.send("READY=1");
+        let watchdog_every = notify::Notifier::watchdog_interval();
+        let mut watchdog =
+            tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
         let mut running: JoinSet<(String, Outcome)> = JoinSet::new();
         loop {
             let now = Timestamp::now();
@@ -385,8 +476,12 @@ impl Daemon {
                 .filter(|(_, s)| s.next <= now)
                 .map(|(n, _)| n.clone())
                 .collect();
+            let started = !due.is_empty();
             for name in due {
                 self.start(&name, &mut running, now);
+            }
+            if started {
+                self.status();
             }
             let wake = self
                 .slots
@@ -405,7 +500,12 @@ impl Daemon {
                             slot.running = None;
                         }
                     }
+                    self.status();
                 }
+                _ = watchdog.tick(), if watchdog_every.is_some() => {
+                    self.notifier.send("WATCHDOG=1");
+                }
+                _ = hup.recv() => self.reload().await,
                 _ = term.recv() => return self.shut_down(running).await,
                 _ = int.recv() => return self.shut_down(running).await,
             }
@@ -439,6 +539,7 @@ impl Daemon {
     }
 
     async fn shut_down(self, mut running: JoinSet<(String, Outcome)>) -> u8 {
+        self.notifier.send("STOPPING=1");
         if running.is_empty() {
             log("stopping");
             return 0;

@@ -4,7 +4,10 @@
 //! `job`, `repository`, and small fixed sets (`result`, `reason`), never a snapshot id. Every
 //! metric is listed, with its meaning, in the README.
 
-use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::Error;
@@ -29,6 +32,9 @@ pub struct Metrics {
     pub repository_stored_bytes: IntGaugeVec,
     pub repository_last_write: GaugeVec,
     pub repository_up: IntGaugeVec,
+    pub config_reload_failures: IntCounter,
+    pub config_last_reload_ok: IntGauge,
+    pub config_last_reload: Gauge,
 }
 
 /// How a run ended, as the `result` label says it.
@@ -57,7 +63,35 @@ impl Metrics {
             &["version"]
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        macro_rules! single {
+            ($kind:ident, $name:expr, $help:expr) => {{
+                let m = $kind::with_opts(Opts::new($name, $help)).expect("valid metric");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("each metric registered once");
+                m
+            }};
+        }
+        let config_last_reload_ok = single!(
+            IntGauge,
+            "kluis_config_last_reload_successful",
+            "1 if the configuration in use is the file's current content, 0 if the last reload failed (the daemon keeps the previous configuration)."
+        );
+        config_last_reload_ok.set(1);
+        let config_last_reload = single!(
+            Gauge,
+            "kluis_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully (Unix time)."
+        );
+        config_last_reload.set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
         Metrics {
+            config_reload_failures: single!(
+                IntCounter,
+                "kluis_config_reload_failures_total",
+                "Reloads (SIGHUP, or the file changed) that failed: the file did not parse or check."
+            ),
+            config_last_reload_ok,
+            config_last_reload,
             job_last_run: register!(
                 GaugeVec,
                 "kluis_job_last_run_timestamp_seconds",

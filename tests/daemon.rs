@@ -400,3 +400,116 @@ fn every_file_in_config_checks() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
 }
+
+#[test]
+fn sighup_reloads_a_valid_file_and_keeps_the_old_one_on_errors() {
+    let setup = Setup::new("", "");
+    let data = data_dir(&setup);
+    let files = format!(
+        "[jobs.files]\nrepository = \"local\"\npaths = [\"{}\"]\nschedule = \"every 1h\"\n",
+        data.display()
+    );
+    let base = fs::read_to_string(&setup.config).unwrap();
+    fs::write(&setup.config, format!("{base}{files}")).unwrap();
+    // systemd's notification socket, as Type=notify sets it.
+    let sock_path = setup.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let child = setup
+        .kluisd(&[])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let mut heard = String::new();
+    while !heard.contains("READY=1") {
+        let n = sock.recv(&mut buf).expect("kluisd never said READY=1");
+        heard.push_str(&String::from_utf8_lossy(&buf[..n]));
+        heard.push('\n');
+    }
+    assert!(setup.wait_for_snapshots(1, Duration::from_secs(20)));
+
+    // A new job: it never ran, so it runs as soon as the file is reloaded.
+    let more =
+        "[jobs.more]\nrepository = \"local\"\ncommand = \"seq 1 1000\"\nschedule = \"every 1h\"\n";
+    fs::write(&setup.config, format!("{base}{files}{more}")).unwrap();
+    signal(&child, "-HUP");
+    assert!(
+        setup.wait_for_snapshots(2, Duration::from_secs(20)),
+        "the new job did not run after SIGHUP"
+    );
+    assert!(setup.snapshots().iter().any(|s| s["name"] == "more"));
+
+    // A broken file: logged and counted, the daemon goes on with what it had.
+    fs::write(
+        &setup.config,
+        format!("{base}{files}[jobs.broken]\nschedule = 3\n"),
+    )
+    .unwrap();
+    signal(&child, "-HUP");
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, page) = http_get(setup.port, "/metrics");
+    assert_eq!(
+        metric(&page, "kluis_config_reload_failures_total"),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, "kluis_config_last_reload_successful"),
+        Some(0.0),
+        "{page}"
+    );
+    assert_eq!(http_get(setup.port, "/healthz").1, "ok\n");
+    signal(&child, "-TERM");
+    let (code, log) = finish(child, Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("reload failed, still running the previous configuration"),
+        "{log}"
+    );
+    assert!(
+        log.contains("kluisd.toml:"),
+        "the error names the file: {log}"
+    );
+}
+
+#[test]
+fn the_systemd_unit_is_hardened_and_valid() {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/kluisd.service");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes"])
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze is not installed");
+    let report = text(&out.stdout);
+    let score: f64 = report
+        .lines()
+        .find_map(|l| l.split("exposure level for kluisd.service:").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no score: {report}{}", text(&out.stderr)));
+    assert!(score <= 2.0, "exposure {score} > 2.0:\n{report}");
+    // `verify` wants the binary to exist: check a copy that points at the one just built.
+    let dir = TempDir::new().unwrap();
+    let copy = dir.path().join("kluisd.service");
+    fs::write(
+        &copy,
+        fs::read_to_string(&unit)
+            .unwrap()
+            .replace("/usr/local/bin/kluisd", KLUISD),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty() && out.stdout.is_empty(),
+        "systemd-analyze verify: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
