@@ -513,3 +513,24 @@ fn the_systemd_unit_is_hardened_and_valid() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn alert_rules_pass_their_unit_tests() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prometheus");
+    for args in [
+        ["check", "rules", "kluis-alerts.yml"],
+        ["test", "rules", "kluis-alerts.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool is not installed: tests/run-all.sh installs it (Debian: prometheus)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+}
