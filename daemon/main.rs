@@ -27,7 +27,7 @@ use jiff::Timestamp;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-mod notify;
+mod systemd;
 
 use kluis::config::{Job, Loaded};
 use kluis::jobs;
@@ -276,7 +276,7 @@ struct Daemon {
     slots: BTreeMap<String, Slot>,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
-    notifier: notify::Notifier,
+    notifier: systemd::Notifier,
 }
 
 impl Daemon {
@@ -288,7 +288,7 @@ impl Daemon {
             slots: BTreeMap::new(),
             permits,
             metrics,
-            notifier: notify::Notifier::from_env(),
+            notifier: systemd::Notifier::from_env(),
         }
     }
 
@@ -463,8 +463,14 @@ impl Daemon {
             return 1;
         };
         self.plan().await;
+        // The configuration file is watched: a change is a reload, as SIGHUP is.
+        let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
+        let _watcher = self
+            .config_path
+            .as_deref()
+            .and_then(|p| watch(p, changed_tx));
         self.notifier.send("READY=1");
-        let watchdog_every = notify::Notifier::watchdog_interval();
+        let watchdog_every = systemd::Notifier::watchdog_interval();
         let mut watchdog =
             tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
         let mut running: JoinSet<(String, Outcome)> = JoinSet::new();
@@ -506,6 +512,13 @@ impl Daemon {
                     self.notifier.send("WATCHDOG=1");
                 }
                 _ = hup.recv() => self.reload().await,
+                Some(()) = changed.recv() => {
+                    // Editors write in several steps: let them finish.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    while changed.try_recv().is_ok() {}
+                    log("the configuration file changed");
+                    self.reload().await;
+                }
                 _ = term.recv() => return self.shut_down(running).await,
                 _ = int.recv() => return self.shut_down(running).await,
             }
@@ -583,6 +596,44 @@ impl Daemon {
             0
         }
     }
+}
+
+/// Watches the directory of the configuration file (editors replace files by renaming) and
+/// signals changes to that file. `None` if watching is not possible: SIGHUP still works.
+fn watch(
+    path: &std::path::Path,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let path = std::path::absolute(path).ok()?;
+    let name = path.file_name()?.to_os_string();
+    let dir = path.parent()?.to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let ours = event
+            .paths
+            .iter()
+            .any(|p| p.file_name() == Some(name.as_os_str()));
+        if ours && (event.kind.is_modify() || event.kind.is_create() || event.kind.is_remove()) {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|e| {
+        log(format!(
+            "cannot watch the configuration file ({e}); SIGHUP reloads it"
+        ))
+    })
+    .ok()?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|e| {
+            log(format!(
+                "cannot watch {} ({e}); SIGHUP reloads the configuration",
+                dir.display()
+            ))
+        })
+        .ok()?;
+    Some(watcher)
 }
 
 /// A random delay of up to `max`.

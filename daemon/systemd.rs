@@ -19,7 +19,11 @@ impl Notifier {
             } else {
                 std::os::unix::net::SocketAddr::from_pathname(&path).ok()?
             };
-            Some((UnixDatagram::unbound().ok()?, addr))
+            // Never blocks: a notification systemd is slow to read is dropped, the daemon
+            // goes on.
+            let socket = UnixDatagram::unbound().ok()?;
+            socket.set_nonblocking(true).ok()?;
+            Some((socket, addr))
         });
         Notifier { socket }
     }
