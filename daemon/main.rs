@@ -648,3 +648,26 @@ fn jitter_nanos(max: Duration) -> i64 {
     let nanos = max.as_nanos().min(i64::MAX as u128) as u64;
     (u64::from_le_bytes(b) % nanos.max(1)) as i64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_its_bound() {
+        assert_eq!(jitter_nanos(Duration::ZERO), 0);
+        let max = Duration::from_secs(600);
+        let draws: Vec<i64> = (0..1000).map(|_| jitter_nanos(max)).collect();
+        assert!(
+            draws
+                .iter()
+                .all(|&j| (0..max.as_nanos() as i64).contains(&j))
+        );
+        // Spread out, not stuck at one value.
+        let low = draws
+            .iter()
+            .filter(|&&j| j < max.as_nanos() as i64 / 2)
+            .count();
+        assert!((300..700).contains(&low), "{low} of 1000 in the lower half");
+    }
+}

@@ -547,3 +547,36 @@ fn alert_rules_pass_their_unit_tests() {
         );
     }
 }
+
+#[test]
+fn a_job_never_overlaps_itself() {
+    // Due every second, but each run takes about two: runs that come due meanwhile are skipped.
+    let jobs = "[jobs.slow]\nrepository = \"local\"\ncommand = \"sleep 2; seq 1 1000\"\n\
+                schedule = \"every 1s\"\n";
+    let setup = Setup::new("max_concurrent_jobs = 4", jobs);
+    let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
+    let ok = setup.wait_for_snapshots(3, Duration::from_secs(30));
+    let (_, page) = http_get(setup.port, "/metrics");
+    signal(&child, "-TERM");
+    let (_, log) = finish(child, Duration::from_secs(30));
+    assert!(ok, "{log}");
+    let skipped = metric(&page, "kluis_job_skipped_runs_total{job=\"slow\"}").unwrap_or(0.0);
+    assert!(skipped >= 1.0, "no run was skipped: {page}");
+    let mut runs: Vec<(jiff::Timestamp, jiff::Timestamp)> = setup
+        .snapshots()
+        .iter()
+        .map(|s| {
+            (
+                s["started"].as_str().unwrap().parse().unwrap(),
+                s["finished"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    runs.sort();
+    for pair in runs.windows(2) {
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "two runs overlapped: {pair:?}\n{log}"
+        );
+    }
+}
