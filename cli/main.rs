@@ -8,6 +8,7 @@ mod config;
 mod databases;
 mod output;
 mod restore;
+mod status;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -82,6 +83,8 @@ enum Command {
     /// Check a kluisd configuration file
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Each configured job's last run, result and next run, and the repositories' state
+    Status(status::StatusArgs),
 }
 
 #[derive(Args)]
@@ -416,6 +419,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
         }
         Command::Key(k) => key_cmd(g, k).await,
         Command::Config(c) => config::run(c),
+        Command::Status(a) => status::run(a).await,
     }
 }
 

@@ -33,6 +33,7 @@ use kluis::config::{Job, Loaded};
 use kluis::jobs;
 use kluis::metrics::{self, Metrics};
 use kluis::progress::{Cancel, Progress};
+use kluis::status::{Board, RepositoryStatus};
 
 fn log(msg: impl std::fmt::Display) {
     eprintln!(
@@ -143,8 +144,9 @@ fn main() -> ExitCode {
                 .local_addr()
                 .map_or(config.http.listen.clone(), |a| a.to_string())
         ));
-        let server = tokio::spawn(metrics::serve(listener, metrics.clone()));
-        let code = Daemon::new(config, args.config.clone(), metrics)
+        let board = Arc::new(Board::default());
+        let server = tokio::spawn(metrics::serve(listener, metrics.clone(), board.clone()));
+        let code = Daemon::new(config, args.config.clone(), metrics, board)
             .run()
             .await;
         server.abort();
@@ -162,7 +164,7 @@ async fn run_once(config: Arc<Loaded>, metrics: Arc<Metrics>) -> u8 {
         let (config, permits, metrics) = (config.clone(), permits.clone(), metrics.clone());
         set.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            run_job(&config, &job, Cancel::new(), &metrics).await
+            run_job(&config, &job, Cancel::new(), &metrics, &Board::default()).await
         });
     }
     let mut failed = 0;
@@ -182,13 +184,32 @@ enum Outcome {
 }
 
 /// One run of a job, with its timeout; logs the result and records it in the metrics.
-async fn run_job(config: &Loaded, job: &Job, cancel: Cancel, metrics: &Metrics) -> Outcome {
+async fn run_job(
+    config: &Loaded,
+    job: &Job,
+    cancel: Cancel,
+    metrics: &Metrics,
+    board: &Board,
+) -> Outcome {
     let started = Instant::now();
     log(format!("job {}: backup starting", job.name));
     let running = metrics.job_running.with_label_values(&[&job.name]);
     running.set(1);
-    let outcome = run_job_inner(config, job, cancel, metrics, started).await;
+    board.job(&job.name, |j| j.running = Some(true));
+    let (outcome, result) = run_job_inner(config, job, cancel, metrics, started).await;
     running.set(0);
+    board.job(&job.name, |j| {
+        j.running = Some(false);
+        j.last_run = Some(Timestamp::now());
+        match &result {
+            Ok(snapshot) => {
+                j.last_result = Some("success".into());
+                j.last_success = Some(snapshot.time);
+                j.last_snapshot = Some(snapshot.id.to_hex());
+            }
+            Err(why) => j.last_result = Some(format!("failure: {why}")),
+        }
+    });
     outcome
 }
 
@@ -198,7 +219,7 @@ async fn run_job_inner(
     cancel: Cancel,
     metrics: &Metrics,
     started: Instant,
-) -> Outcome {
+) -> (Outcome, Result<kluis::snapshot::Snapshot, String>) {
     let run = jobs::run(config, job, cancel.clone(), Progress::new());
     let result = {
         tokio::pin!(run);
@@ -213,7 +234,13 @@ async fn run_job_inner(
                     humantime::format_duration(job.timeout)
                 ));
                 metrics.record_failure(&job.name, "timeout", started.elapsed().as_secs_f64());
-                return Outcome::TimedOut;
+                return (
+                    Outcome::TimedOut,
+                    Err(format!(
+                        "timeout: cancelled after {}",
+                        humantime::format_duration(job.timeout)
+                    )),
+                );
             }
         }
     };
@@ -245,7 +272,7 @@ async fn run_job_inner(
                     .with_label_values(&[&job.repository])
                     .set(0),
             }
-            Outcome::Ok
+            (Outcome::Ok, Ok(report.snapshot))
         }
         Err(e) => {
             log(format!("job {}: backup failed: {e}", job.name));
@@ -257,7 +284,7 @@ async fn run_job_inner(
                     .with_label_values(&[&job.repository])
                     .set(0);
             }
-            Outcome::Failed
+            (Outcome::Failed, Err(format!("{reason}: {e}")))
         }
     }
 }
@@ -276,11 +303,17 @@ struct Daemon {
     slots: BTreeMap<String, Slot>,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    board: Arc<Board>,
     notifier: systemd::Notifier,
 }
 
 impl Daemon {
-    fn new(config: Arc<Loaded>, config_path: Option<PathBuf>, metrics: Arc<Metrics>) -> Daemon {
+    fn new(
+        config: Arc<Loaded>,
+        config_path: Option<PathBuf>,
+        metrics: Arc<Metrics>,
+        board: Arc<Board>,
+    ) -> Daemon {
         let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent_jobs));
         Daemon {
             config,
@@ -288,6 +321,7 @@ impl Daemon {
             slots: BTreeMap::new(),
             permits,
             metrics,
+            board,
             notifier: systemd::Notifier::from_env(),
         }
     }
@@ -344,6 +378,8 @@ impl Daemon {
                     self.permits = Arc::new(Semaphore::new(new.daemon.max_concurrent_jobs));
                 }
                 let old = std::mem::take(&mut self.slots);
+                let names: Vec<String> = new.jobs.iter().map(|j| j.name.clone()).collect();
+                self.board.retain_jobs(&names);
                 self.config = Arc::new(new);
                 self.plan().await;
                 // A job still running keeps its run: no second one starts beside it.
@@ -377,6 +413,7 @@ impl Daemon {
             .job_next_run
             .with_label_values(&[name])
             .set(next.as_millisecond() as f64 / 1000.0);
+        self.board.job(name, |j| j.next_run = Some(next));
     }
 
     /// The run after `after`, with jitter.
@@ -394,14 +431,27 @@ impl Daemon {
         let now = Timestamp::now();
         let mut listed: BTreeMap<String, Option<Vec<kluis::snapshot::Snapshot>>> = BTreeMap::new();
         for name in self.config.repositories.keys() {
+            let location = kluis::source::postgres::redact(&self.config.repositories[name].url);
             let list = match jobs::snapshots(&self.config, name).await {
                 Ok(list) => {
                     self.metrics.record_repository(name, &list);
+                    self.board.repository(RepositoryStatus {
+                        name: name.clone(),
+                        location,
+                        snapshots: Some(list.len()),
+                        error: None,
+                    });
                     Some(list)
                 }
                 Err(e) => {
                     log(format!("repository {name}: cannot be read ({e})"));
                     self.metrics.repository_up.with_label_values(&[name]).set(0);
+                    self.board.repository(RepositoryStatus {
+                        name: name.clone(),
+                        location,
+                        snapshots: None,
+                        error: Some(e.to_string()),
+                    });
                     None
                 }
             };
@@ -421,6 +471,14 @@ impl Daemon {
                     .with_label_values(&[&job.name])
                     .set(s.time.as_millisecond() as f64 / 1000.0);
             }
+            self.board.job(&job.name, |j| {
+                j.repository = job.repository.clone();
+                j.schedule = job.schedule.to_string();
+                if let Some(s) = last {
+                    j.last_success = Some(s.time);
+                    j.last_snapshot = Some(s.id.to_hex());
+                }
+            });
             let next = match last {
                 None => now,
                 // A run was due after the last snapshot and within the window: make it up.
@@ -543,10 +601,10 @@ impl Daemon {
         let cancel = Cancel::new();
         slot.running = Some(cancel.clone());
         let (config, permits, job) = (self.config.clone(), self.permits.clone(), slot.job.clone());
-        let metrics = self.metrics.clone();
+        let (metrics, board) = (self.metrics.clone(), self.board.clone());
         running.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let outcome = run_job(&config, &job, cancel, &metrics).await;
+            let outcome = run_job(&config, &job, cancel, &metrics, &board).await;
             (job.name.clone(), outcome)
         });
     }

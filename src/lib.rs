@@ -42,6 +42,7 @@ pub mod restore;
 pub mod schedule;
 pub mod snapshot;
 pub mod source;
+pub mod status;
 pub mod store;
 pub mod tree;
 

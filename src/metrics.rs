@@ -280,14 +280,19 @@ pub fn failure_reason(e: &Error) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` and `GET /healthz` on `listener` until the task is dropped. A
-/// minimal HTTP/1.1 responder: one request per connection, bounded request size.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: std::sync::Arc<Metrics>) {
+/// Serves `GET /metrics`, `GET /status` (JSON, for `kluis status`) and `GET /healthz` on
+/// `listener` until the task is dropped. A minimal HTTP/1.1 responder: one request per
+/// connection, bounded request size.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    board: std::sync::Arc<crate::status::Board>,
+) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             continue;
         };
-        let metrics = metrics.clone();
+        let (metrics, board) = (metrics.clone(), board.clone());
         tokio::spawn(async move {
             let mut buf = Vec::with_capacity(1024);
             let mut chunk = [0u8; 1024];
@@ -314,6 +319,11 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: std::sync::Arc<Me
                     metrics.render(),
                 ),
                 ("GET", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".into()),
+                ("GET", "/status") => (
+                    "200 OK",
+                    "application/json",
+                    serde_json::to_string(&board.snapshot()).unwrap_or_default(),
+                ),
                 ("GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
                 _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
             };

@@ -267,12 +267,35 @@ fn runs_on_schedule_and_stops_cleanly() {
         text(&lint.stderr)
     );
     assert!(http_get(setup.port, "/nope").0.contains("404"));
+    // `kluis status` asks the daemon while it runs...
+    let status = |setup: &Setup| {
+        let out = Command::new(KLUIS)
+            .args(["status", "--json", "--config"])
+            .arg(&setup.config)
+            .output()
+            .unwrap();
+        assert_success(&out, &["status"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let live = status(&setup);
+    assert_eq!(live["source"], "daemon", "{live}");
+    assert_eq!(live["jobs"][0]["name"], "files");
+    assert_eq!(live["jobs"][0]["last_result"], "success", "{live}");
+    assert!(live["jobs"][0]["next_run"].is_string(), "{live}");
     signal(&child, "-TERM");
     let (code, log) = finish(child, Duration::from_secs(30));
     assert!(ok, "fewer than 3 snapshots in 30 s: {log}");
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("stopped") || log.contains("stopping"), "{log}");
     setup.kluis(&["check"]);
+    // ...and reads the repositories when it is gone.
+    let offline = status(&setup);
+    assert_eq!(offline["source"], "repositories", "{offline}");
+    assert_eq!(
+        offline["jobs"][0]["last_snapshot"],
+        live["jobs"][0]["last_snapshot"]
+    );
+    assert!(offline["repositories"][0]["snapshots"].as_u64().unwrap() >= 3);
 }
 
 #[test]
