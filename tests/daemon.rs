@@ -100,6 +100,32 @@ fn metric(page: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
+/// `promtool check metrics` finds nothing to say about a `/metrics` page.
+fn promtool_check_metrics(page: &str) {
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is not installed: tests/run-all.sh installs it (Debian: prometheus)");
+    {
+        use std::io::Write;
+        lint.stdin
+            .take()
+            .unwrap()
+            .write_all(page.as_bytes())
+            .unwrap();
+    }
+    let lint = lint.wait_with_output().unwrap();
+    assert!(
+        lint.status.success() && lint.stdout.is_empty() && lint.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        text(&lint.stdout),
+        text(&lint.stderr)
+    );
+}
+
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -244,28 +270,7 @@ fn runs_on_schedule_and_stops_cleanly() {
     );
     assert!(!page.contains("snapshot_id"), "unbounded labels: {page}");
     // The page passes Prometheus's own linter.
-    let mut lint = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is not installed: tests/run-all.sh installs it (Debian: prometheus)");
-    {
-        use std::io::Write;
-        lint.stdin
-            .take()
-            .unwrap()
-            .write_all(page.as_bytes())
-            .unwrap();
-    }
-    let lint = lint.wait_with_output().unwrap();
-    assert!(
-        lint.status.success() && lint.stdout.is_empty() && lint.stderr.is_empty(),
-        "promtool check metrics: {}{}",
-        text(&lint.stdout),
-        text(&lint.stderr)
-    );
+    promtool_check_metrics(&page);
     assert!(http_get(setup.port, "/nope").0.contains("404"));
     // `kluis status` asks the daemon while it runs...
     let status = |setup: &Setup| {
@@ -613,4 +618,52 @@ fn a_job_never_overlaps_itself() {
             "two runs overlapped: {pair:?}\n{log}"
         );
     }
+}
+
+#[test]
+fn the_embedded_default_backs_up_within_seconds_and_counts_it() {
+    // config/kluis.toml as shipped, with a schedule of seconds, its own state directory and a
+    // free port: the README's main command, sped up.
+    let shipped =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kluis.toml"))
+            .unwrap();
+    assert!(shipped.contains("schedule = \"every 1m\""), "{shipped}");
+    assert!(shipped.contains("listen = \"127.0.0.1:9911\""), "{shipped}");
+    let dir = TempDir::new().unwrap();
+    let port = free_port();
+    let config = dir.path().join("kluis.toml");
+    fs::write(
+        &config,
+        shipped
+            .replace("schedule = \"every 1m\"", "schedule = \"every 3s\"")
+            .replace("127.0.0.1:9911", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let child = Command::new(KLUISD)
+        .arg("--config")
+        .arg(&config)
+        .env("STATE_DIRECTORY", &state)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let setup = Setup {
+        config: config.clone(),
+        port,
+        dir,
+    };
+    let ok = setup.wait_for_snapshots(2, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, page) = http_get(port, "/metrics");
+    signal(&child, "-TERM");
+    let (code, log) = finish(child, Duration::from_secs(30));
+    assert!(ok, "no snapshots from the embedded default: {log}");
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("job etc: snapshot"), "{log}");
+    let runs = metric(
+        &page,
+        "kluis_job_runs_total{job=\"etc\",result=\"success\"}",
+    );
+    assert!(runs.is_some_and(|r| r >= 1.0), "{page}");
+    promtool_check_metrics(&page);
 }
