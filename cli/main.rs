@@ -6,6 +6,7 @@
 mod backup;
 mod config;
 mod databases;
+mod forget;
 mod output;
 mod restore;
 mod status;
@@ -85,6 +86,8 @@ enum Command {
     Config(config::ConfigCommand),
     /// Each configured job's last run, result and next run, and the repositories' state
     Status(status::StatusArgs),
+    /// Remove snapshots by a retention policy (keep-last, keep-daily, ..., max-age)
+    Forget(forget::ForgetArgs),
 }
 
 #[derive(Args)]
@@ -420,6 +423,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
         Command::Key(k) => key_cmd(g, k).await,
         Command::Config(c) => config::run(c),
         Command::Status(a) => status::run(a).await,
+        Command::Forget(a) => forget::run(g, a, cancel).await,
     }
 }
 

@@ -39,6 +39,7 @@ pub mod pack;
 pub mod progress;
 pub mod repository;
 pub mod restore;
+pub mod retention;
 pub mod schedule;
 pub mod snapshot;
 pub mod source;

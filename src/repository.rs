@@ -446,6 +446,14 @@ impl Repository {
         Ok(object)
     }
 
+    /// Deletes a snapshot's manifest: the snapshot is gone; the data only it used is garbage
+    /// for a later prune. Manifests go before their data, never the other way round.
+    pub async fn forget(&self, snapshot: &Snapshot) -> Result<()> {
+        self.store
+            .delete(&name::snapshot(snapshot.epoch(), &snapshot.id))
+            .await
+    }
+
     /// Writes an index segment; returns its name and stored size.
     pub async fn save_index(
         &self,

@@ -1,0 +1,141 @@
+//! `kluis forget`: applies a retention policy, listing every snapshot with keep or remove and
+//! the rule that decided, and deletes the removed snapshots' manifests (their data is garbage
+//! for a later prune).
+
+use std::time::Duration;
+
+use clap::Args;
+use jiff::Timestamp;
+
+use kluis::error::exit;
+use kluis::progress::Cancel;
+use kluis::retention::{self, Policy};
+
+use crate::output;
+use crate::{Global, open};
+
+#[derive(Args)]
+pub struct ForgetArgs {
+    /// Keep the N newest snapshots
+    #[arg(long, default_value_t = 0)]
+    keep_last: u32,
+    /// Keep the newest snapshot of each of the N newest hours that have one
+    #[arg(long, default_value_t = 0)]
+    keep_hourly: u32,
+    /// ... days
+    #[arg(long, default_value_t = 0)]
+    keep_daily: u32,
+    /// ... ISO weeks
+    #[arg(long, default_value_t = 0)]
+    keep_weekly: u32,
+    /// ... months
+    #[arg(long, default_value_t = 0)]
+    keep_monthly: u32,
+    /// ... years
+    #[arg(long, default_value_t = 0)]
+    keep_yearly: u32,
+    /// Keep every snapshot taken within this long before the newest (e.g. 7d)
+    #[arg(long, value_parser = humantime::parse_duration)]
+    keep_within: Option<Duration>,
+    /// Remove every snapshot older than this (e.g. 30d), whatever keeps it: the storage limit
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_age: Option<Duration>,
+    /// Only snapshots of this name
+    #[arg(long)]
+    name: Option<String>,
+    /// Only snapshots of this host
+    #[arg(long)]
+    host: Option<String>,
+    /// The IANA time zone of the calendar buckets (default: the host's)
+    #[arg(long)]
+    time_zone: Option<String>,
+    /// Show what would be removed; remove nothing
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i32> {
+    let policy = Policy {
+        keep_last: a.keep_last,
+        keep_hourly: a.keep_hourly,
+        keep_daily: a.keep_daily,
+        keep_weekly: a.keep_weekly,
+        keep_monthly: a.keep_monthly,
+        keep_yearly: a.keep_yearly,
+        keep_within: a.keep_within,
+        max_age: a.max_age,
+    };
+    policy.validate()?;
+    let tz = match &a.time_zone {
+        Some(name) => jiff::tz::TimeZone::get(name)
+            .map_err(|e| kluis::Error::InvalidInput(format!("--time-zone {name:?}: {e}")))?,
+        None => jiff::tz::TimeZone::system(),
+    };
+    let repo = open(g).await?;
+    let (mut list, errors) = repo.snapshots().await?;
+    if !errors.is_empty() {
+        // A snapshot that cannot be read cannot be decided; forgetting around it could keep
+        // too little of its group. Stop and say so.
+        for e in &errors {
+            eprintln!("error: {e}");
+        }
+        anyhow::bail!(kluis::Error::Corrupt {
+            object: format!("{} snapshot manifest(s)", errors.len()),
+            detail: "cannot be read; nothing was forgotten (run `kluis check`)".into(),
+        });
+    }
+    list.retain(|s| {
+        a.name.as_ref().is_none_or(|n| &s.name == n) && a.host.as_ref().is_none_or(|h| &s.host == h)
+    });
+    let decisions = retention::decide(&list, &policy, Timestamp::now(), &tz)?;
+    let mut removed = 0;
+    if !a.dry_run {
+        for d in decisions.iter().filter(|d| !d.keep) {
+            if cancel.is_cancelled() {
+                anyhow::bail!(kluis::Error::Interrupted);
+            }
+            let snapshot = list
+                .iter()
+                .find(|s| s.id.to_hex() == d.id)
+                .expect("decided snapshots come from the list");
+            repo.forget(snapshot).await?;
+            removed += 1;
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&decisions)?);
+    } else {
+        let rows: Vec<Vec<String>> = decisions
+            .iter()
+            .map(|d| {
+                vec![
+                    d.id[..8].to_string(),
+                    output::local_time(d.time),
+                    d.host.clone(),
+                    d.name.clone(),
+                    if d.keep { "keep" } else { "remove" }.to_string(),
+                    d.reasons.join(", "),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            output::table(&["ID", "TIME", "HOST", "NAME", "DECISION", "WHY"], &rows)
+        );
+        let remove = decisions.iter().filter(|d| !d.keep).count();
+        if a.dry_run {
+            println!(
+                "dry run: {remove} of {} snapshot(s) would be removed",
+                decisions.len()
+            );
+        } else {
+            println!(
+                "removed {removed} of {} snapshot(s); their data is freed by the next prune",
+                decisions.len()
+            );
+        }
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,129 @@
+//! `kluis forget` on a real repository: the policy's decisions, the dry run, max-age, and that
+//! what is kept still restores.
+
+mod common;
+
+use common::*;
+
+fn names_and_times(repo: &Repo) -> Vec<(String, String)> {
+    let out = repo.ok(&["snapshots", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let mut list: Vec<(String, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["time"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    list.sort();
+    list
+}
+
+#[test]
+fn forget_keeps_what_the_policy_says_and_the_rest_restores() {
+    let repo = Repo::init_file(&[]);
+    // Five nights of one database, two runs on the last day, and one night of another.
+    let nights = [
+        "2026-11-20T02:30:00Z",
+        "2026-11-21T02:30:00Z",
+        "2026-11-22T02:30:00Z",
+        "2026-11-23T02:30:00Z",
+        "2026-11-24T02:30:00Z",
+        "2026-11-24T14:00:00Z",
+    ];
+    for (i, t) in nights.iter().enumerate() {
+        let out = repo.run_stdin(
+            &["backup", "--stdin", "--name", "billing", "--time", t],
+            dump_like(i as u64, 300_000).as_slice(),
+        );
+        assert_success(&out, &["backup", t]);
+    }
+    let out = repo.run_stdin(
+        &[
+            "backup",
+            "--stdin",
+            "--name",
+            "shop",
+            "--time",
+            "2026-11-20T03:00:00Z",
+        ],
+        b"shop dump\n",
+    );
+    assert_success(&out, &["backup shop"]);
+
+    // A dry run decides and lists, and removes nothing.
+    let out = repo.run(&[
+        "forget",
+        "--keep-daily",
+        "2",
+        "--time-zone",
+        "UTC",
+        "--dry-run",
+        "--json",
+    ]);
+    assert_success(&out, &["forget --dry-run"]);
+    let decisions: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(decisions.as_array().unwrap().len(), 7);
+    assert_eq!(names_and_times(&repo).len(), 7);
+    let billing: Vec<(bool, String)> = decisions
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["name"] == "billing")
+        .map(|d| {
+            (
+                d["keep"].as_bool().unwrap(),
+                d["reasons"][0].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        billing,
+        [
+            (true, "daily 1".to_string()),
+            (false, "no rule keeps it".to_string()),
+            (true, "daily 2".to_string()),
+            (false, "no rule keeps it".to_string()),
+            (false, "no rule keeps it".to_string()),
+            (false, "no rule keeps it".to_string()),
+        ]
+    );
+
+    // For real: billing keeps the newest of its last two days; shop (its own group) its one.
+    let out = repo.run(&["forget", "--keep-daily", "2", "--time-zone", "UTC"]);
+    assert_success(&out, &["forget"]);
+    assert!(
+        text(&out.stdout).contains("removed 4 of 7"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(
+        names_and_times(&repo),
+        [
+            ("billing".into(), "2026-11-23T02:30:00Z".into()),
+            ("billing".into(), "2026-11-24T14:00:00Z".into()),
+            ("shop".into(), "2026-11-20T03:00:00Z".into()),
+        ]
+    );
+    // What is kept restores bit-exact, and the repository checks (the forgotten snapshots'
+    // data waits for prune).
+    assert_eq!(
+        repo.restore_stdout("latest"),
+        dump_like(5, 300_000),
+        "the newest billing snapshot"
+    );
+    repo.ok(&["check", "--read-data"]);
+
+    // max-age wins over any keep rule: everything is older than an hour now.
+    let out = repo.run(&["forget", "--keep-last", "10", "--max-age", "1h"]);
+    assert_success(&out, &["forget --max-age"]);
+    assert!(names_and_times(&repo).is_empty());
+    // A policy that says nothing is refused, not read as "remove everything".
+    let out = repo.run(&["forget"]);
+    let err = assert_code(&out, EXIT_USAGE, "empty policy");
+    assert!(err.contains("keep rule"), "{err}");
+}
