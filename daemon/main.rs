@@ -14,8 +14,8 @@
 //! never succeeded. A run past its `timeout` is cancelled: nothing partial is committed.
 //!
 //! SIGTERM or SIGINT: no new runs; running ones get `shutdown_grace`, then are cancelled. Exit
-//! code 0 when nothing was cut short, 1 when a run was cancelled or a configuration failed to
-//! load.
+//! code 0 when nothing was cut short, 1 when a run was cancelled, 2 when the configuration
+//! does not load or its address cannot be listened on.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -227,7 +227,16 @@ async fn run_job_inner(
             Ok(r) => r,
             Err(_) => {
                 cancel.cancel();
-                let _ = run.await;
+                // It stops at its next step; one stuck in storage is abandoned after a minute.
+                if tokio::time::timeout(Duration::from_secs(60), run)
+                    .await
+                    .is_err()
+                {
+                    log(format!(
+                        "job {}: did not stop within a minute of its cancellation; abandoned",
+                        job.name
+                    ));
+                }
                 log(format!(
                     "job {}: cancelled after its timeout of {}; nothing was committed",
                     job.name,
@@ -293,7 +302,13 @@ async fn run_job_inner(
 struct Slot {
     job: Job,
     next: Timestamp,
-    running: Option<Cancel>,
+}
+
+/// A run in progress: which job, and how to cancel it. Kept apart from the schedule, so a
+/// reload that drops or re-adds a job neither loses a run nor starts a second one beside it.
+struct Run {
+    job: String,
+    cancel: Cancel,
 }
 
 struct Daemon {
@@ -301,6 +316,9 @@ struct Daemon {
     /// The file the configuration came from (none: the embedded default), for reloads.
     config_path: Option<PathBuf>,
     slots: BTreeMap<String, Slot>,
+    /// Runs in progress, by their task's id.
+    runs: BTreeMap<tokio::task::Id, Run>,
+    tasks: JoinSet<Outcome>,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     board: Arc<Board>,
@@ -319,6 +337,8 @@ impl Daemon {
             config,
             config_path,
             slots: BTreeMap::new(),
+            runs: BTreeMap::new(),
+            tasks: JoinSet::new(),
             permits,
             metrics,
             board,
@@ -328,12 +348,7 @@ impl Daemon {
 
     /// A STATUS line for `systemctl status`: what runs, and what is next.
     fn status(&self) {
-        let running: Vec<&str> = self
-            .slots
-            .iter()
-            .filter(|(_, s)| s.running.is_some())
-            .map(|(n, _)| n.as_str())
-            .collect();
+        let running: Vec<&str> = self.runs.values().map(|r| r.job.as_str()).collect();
         let next = self.slots.values().min_by_key(|s| s.next).map(|s| {
             format!(
                 "next: {} at {}",
@@ -377,19 +392,11 @@ impl Daemon {
                 if new.daemon.max_concurrent_jobs != self.config.daemon.max_concurrent_jobs {
                     self.permits = Arc::new(Semaphore::new(new.daemon.max_concurrent_jobs));
                 }
-                let old = std::mem::take(&mut self.slots);
                 let names: Vec<String> = new.jobs.iter().map(|j| j.name.clone()).collect();
                 self.board.retain_jobs(&names);
                 self.config = Arc::new(new);
+                self.slots.clear();
                 self.plan().await;
-                // A job still running keeps its run: no second one starts beside it.
-                for (name, slot) in old {
-                    if let (Some(cancel), Some(new_slot)) =
-                        (slot.running, self.slots.get_mut(&name))
-                    {
-                        new_slot.running = Some(cancel);
-                    }
-                }
                 log(format!(
                     "configuration reloaded from {}: {} job(s)",
                     path.display(),
@@ -482,10 +489,11 @@ impl Daemon {
             let next = match last {
                 None => now,
                 // A run was due after the last snapshot and within the window: make it up.
-                Some(s) => match job
-                    .schedule
-                    .next_after(s.time.max(now - window), &self.config.time_zone)
-                {
+                Some(s) => match job.schedule.next_after(
+                    s.time
+                        .max(now.checked_sub(window).unwrap_or(Timestamp::MIN)),
+                    &self.config.time_zone,
+                ) {
                     Some(due) if due <= now => now,
                     _ => self.next_run(&job, now),
                 },
@@ -498,14 +506,7 @@ impl Daemon {
                     .strftime("%F %T %Z")
             ));
             let name = job.name.clone();
-            self.slots.insert(
-                name.clone(),
-                Slot {
-                    job,
-                    next,
-                    running: None,
-                },
-            );
+            self.slots.insert(name.clone(), Slot { job, next });
             self.set_next(&name, next);
         }
     }
@@ -531,7 +532,6 @@ impl Daemon {
         let watchdog_every = systemd::Notifier::watchdog_interval();
         let mut watchdog =
             tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
-        let mut running: JoinSet<(String, Outcome)> = JoinSet::new();
         loop {
             let now = Timestamp::now();
             let due: Vec<String> = self
@@ -542,7 +542,7 @@ impl Daemon {
                 .collect();
             let started = !due.is_empty();
             for name in due {
-                self.start(&name, &mut running, now);
+                self.start(&name, now);
             }
             if started {
                 self.status();
@@ -553,17 +553,13 @@ impl Daemon {
                 .map(|s| s.next)
                 .min()
                 .map(|t| t.duration_since(Timestamp::now()))
-                .and_then(|d| Duration::try_from(d).ok())
+                .map(|d| Duration::try_from(d).unwrap_or(Duration::ZERO))
                 .unwrap_or(Duration::from_secs(60))
                 .min(Duration::from_secs(60));
             tokio::select! {
                 _ = tokio::time::sleep(wake) => {}
-                Some(done) = running.join_next(), if !running.is_empty() => {
-                    if let Ok((name, _)) = done {
-                        if let Some(slot) = self.slots.get_mut(&name) {
-                            slot.running = None;
-                        }
-                    }
+                Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.finished(done);
                     self.status();
                 }
                 _ = watchdog.tick(), if watchdog_every.is_some() => {
@@ -577,21 +573,39 @@ impl Daemon {
                     log("the configuration file changed");
                     self.reload().await;
                 }
-                _ = term.recv() => return self.shut_down(running).await,
-                _ = int.recv() => return self.shut_down(running).await,
+                _ = term.recv() => return self.shut_down().await,
+                _ = int.recv() => return self.shut_down().await,
             }
         }
     }
 
+    /// A run's task ended (or crashed): it no longer runs. Returns whether it succeeded.
+    fn finished(
+        &mut self,
+        done: Result<(tokio::task::Id, Outcome), tokio::task::JoinError>,
+    ) -> bool {
+        let (id, ok) = match done {
+            Ok((id, outcome)) => (id, outcome == Outcome::Ok),
+            Err(e) => (e.id(), false),
+        };
+        if let Some(run) = self.runs.remove(&id) {
+            self.metrics
+                .job_running
+                .with_label_values(&[&run.job])
+                .set(0);
+            self.board.job(&run.job, |j| j.running = Some(false));
+        }
+        ok
+    }
+
     /// Starts a due job, unless its previous run is still going.
-    fn start(&mut self, name: &str, running: &mut JoinSet<(String, Outcome)>, now: Timestamp) {
+    fn start(&mut self, name: &str, now: Timestamp) {
         let next = {
             let slot = &self.slots[name];
             self.next_run(&slot.job, now)
         };
         self.set_next(name, next);
-        let slot = self.slots.get_mut(name).expect("a due job has a slot");
-        if slot.running.is_some() {
+        if self.runs.values().any(|r| r.job == name) {
             log(format!(
                 "job {name}: due again while its previous run is still going; this run is skipped"
             ));
@@ -599,45 +613,74 @@ impl Daemon {
             return;
         }
         let cancel = Cancel::new();
-        slot.running = Some(cancel.clone());
-        let (config, permits, job) = (self.config.clone(), self.permits.clone(), slot.job.clone());
+        let (config, permits) = (self.config.clone(), self.permits.clone());
+        let job = self.slots[name].job.clone();
         let (metrics, board) = (self.metrics.clone(), self.board.clone());
-        running.spawn(async move {
-            let _permit = permits.acquire_owned().await;
-            let outcome = run_job(&config, &job, cancel, &metrics, &board).await;
-            (job.name.clone(), outcome)
+        let task_cancel = cancel.clone();
+        let handle = self.tasks.spawn(async move {
+            // Closed at shutdown: a run still waiting for its turn then never starts.
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return Outcome::Failed;
+            };
+            if task_cancel.is_cancelled() {
+                return Outcome::Failed;
+            }
+            run_job(&config, &job, task_cancel, &metrics, &board).await
         });
+        self.runs.insert(
+            handle.id(),
+            Run {
+                job: name.to_string(),
+                cancel,
+            },
+        );
     }
 
-    async fn shut_down(self, mut running: JoinSet<(String, Outcome)>) -> u8 {
+    async fn shut_down(mut self) -> u8 {
         self.notifier.send("STOPPING=1");
-        if running.is_empty() {
+        self.permits.close();
+        if self.tasks.is_empty() {
             log("stopping");
             return 0;
         }
         let grace = self.config.daemon.shutdown_grace;
         log(format!(
             "stopping: {} job(s) running, waiting up to {} for them",
-            running.len(),
+            self.tasks.len(),
             humantime::format_duration(grace)
         ));
         let deadline = tokio::time::Instant::now() + grace;
         let mut cut = 0;
         loop {
             tokio::select! {
-                done = running.join_next() => match done {
+                done = self.tasks.join_next_with_id() => match done {
                     None => break,
-                    Some(_) => continue,
+                    Some(done) => {
+                        self.finished(done);
+                    }
                 },
                 _ = tokio::time::sleep_until(deadline) => {
-                    for slot in self.slots.values() {
-                        if let Some(c) = &slot.running {
-                            c.cancel();
-                        }
+                    for run in self.runs.values() {
+                        run.cancel.cancel();
                     }
-                    while let Some(r) = running.join_next().await {
-                        if !matches!(r, Ok((_, Outcome::Ok))) {
-                            cut += 1;
+                    // Cancelled runs stop at their next step; one stuck in storage is left
+                    // behind after a further grace (the process exit ends it).
+                    let hard = tokio::time::Instant::now() + grace.max(Duration::from_secs(10));
+                    loop {
+                        tokio::select! {
+                            done = self.tasks.join_next_with_id() => match done {
+                                None => break,
+                                Some(done) => {
+                                    if !self.finished(done) {
+                                        cut += 1;
+                                    }
+                                }
+                            },
+                            _ = tokio::time::sleep_until(hard) => {
+                                cut += self.tasks.len();
+                                log(format!("{} run(s) did not stop after cancelling", self.tasks.len()));
+                                break;
+                            }
                         }
                     }
                     break;

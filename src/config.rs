@@ -246,6 +246,11 @@ impl Loaded {
             })?,
             None => jiff::tz::TimeZone::system(),
         };
+        if config.daemon.catch_up > Duration::from_secs(366 * 86400) {
+            return Err(Error::invalid(format!(
+                "config {origin}: daemon.catch_up is at most 366 days"
+            )));
+        }
         if config.daemon.max_concurrent_jobs == 0 {
             return Err(Error::invalid(format!(
                 "config {origin}: daemon.max_concurrent_jobs must be at least 1"
@@ -317,6 +322,12 @@ impl Loaded {
             };
             let schedule = Schedule::parse(j.schedule.get_ref())
                 .map_err(|e| at(j.schedule.span(), &key("schedule"), e.to_string()))?;
+            if j.timeout.is_zero() {
+                return Err(Error::invalid(format!(
+                    "config {origin}: {}: must be more than 0s",
+                    key("timeout")
+                )));
+            }
             jobs.push(Job {
                 snapshot_name: j.snapshot_name.clone().unwrap_or_else(|| name.clone()),
                 name,

@@ -204,7 +204,8 @@ impl Metrics {
         for result in ["success", "failure"] {
             self.job_runs.with_label_values(&[job, result]);
         }
-        self.job_running.with_label_values(&[job]).set(0);
+        // Created at 0 if new; a job still running through a reload keeps its 1.
+        self.job_running.with_label_values(&[job]);
         self.job_skipped.with_label_values(&[job]);
     }
 
@@ -288,12 +289,20 @@ pub async fn serve(
     metrics: std::sync::Arc<Metrics>,
     board: std::sync::Arc<crate::status::Board>,
 ) {
+    // A few scrapes at once is all a monitoring system needs; more wait for their turn.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
+            // Out of file descriptors, say: do not spin.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
         };
         let (metrics, board) = (metrics.clone(), board.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let mut buf = Vec::with_capacity(1024);
             let mut chunk = [0u8; 1024];
             let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -332,9 +341,12 @@ pub async fn serve(
                  Connection: close\r\n\r\n",
                 body.len()
             );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-            let _ = conn.shutdown().await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                conn.write_all(head.as_bytes()).await?;
+                conn.write_all(body.as_bytes()).await?;
+                conn.shutdown().await
+            })
+            .await;
         });
     }
 }

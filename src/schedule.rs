@@ -57,6 +57,18 @@ const MONTHS: [&str; 12] = [
     "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
 ];
 const WEEKDAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+const FULL_WEEKDAYS: [&str; 7] = [
+    "sunday",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+];
+
+/// The longest interval `every` takes.
+const MAX_INTERVAL: Duration = Duration::from_secs(366 * 86400);
 
 impl Schedule {
     /// Parses one of the forms in the module documentation.
@@ -68,8 +80,10 @@ impl Schedule {
             ["every", rest @ ..] => {
                 let d =
                     humantime::parse_duration(&rest.join(" ")).map_err(|e| bad(e.to_string()))?;
-                if d < Duration::from_secs(1) {
-                    return Err(bad("the interval must be at least one second".into()));
+                if d < Duration::from_secs(1) || d > MAX_INTERVAL {
+                    return Err(bad(
+                        "the interval must be at least one second and at most 366 days".into(),
+                    ));
                 }
                 Ok(Schedule::Every(d))
             }
@@ -88,7 +102,11 @@ impl Schedule {
             }
             ["weekly", "on", day, "at", t] => {
                 let (h, m) = parse_clock(t).map_err(bad)?;
-                let day = &day[..day.len().min(3)];
+                let day = WEEKDAYS
+                    .iter()
+                    .zip(FULL_WEEKDAYS)
+                    .position(|(short, full)| *day == *short || *day == full)
+                    .ok_or_else(|| bad(format!("{day:?} is not a day of the week")))?;
                 Cron::parse(&format!("{m} {h} * * {day}"), text)
                     .map(Box::new)
                     .map(Schedule::Cron)
@@ -397,6 +415,9 @@ mod tests {
             ("every soon", "every soon"),
             ("61 * * * *", "minute field"),
             ("* * * * funday", "day-of-week field"),
+            ("weekly on ééé at 03:00", "not a day of the week"),
+            ("weekly on mon-fri at 03:00", "not a day of the week"),
+            ("every 400d", "at most 366 days"),
             ("5-1 * * * *", "backwards"),
             ("*/0 * * * *", "step"),
             ("whenever", "expected"),

@@ -667,3 +667,35 @@ fn the_embedded_default_backs_up_within_seconds_and_counts_it() {
     assert!(runs.is_some_and(|r| r >= 1.0), "{page}");
     promtool_check_metrics(&page);
 }
+
+#[test]
+fn a_run_dropped_from_the_configuration_is_still_stopped_at_shutdown() {
+    let endless = "[jobs.endless]\nrepository = \"local\"\n\
+                   command = \"while :; do head -c 65536 /dev/urandom; sleep 0.05; done\"\n\
+                   schedule = \"every 1h\"\n";
+    let setup = Setup::new("shutdown_grace = \"1s\"", endless);
+    let with_job = fs::read_to_string(&setup.config).unwrap();
+    let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // The running job disappears from the file; its run goes on, and shutdown must still
+    // reach it. Added back, it must not start a second run beside the first.
+    fs::write(&setup.config, with_job.replace(endless, "")).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    fs::write(&setup.config, &with_job).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, page) = http_get(setup.port, "/metrics");
+    signal(&child, "-TERM");
+    let (code, log) = finish(child, Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{log}");
+    assert_eq!(
+        log.matches("job endless: backup starting").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        metric(&page, "kluis_job_running{job=\"endless\"}"),
+        Some(1.0),
+        "{page}"
+    );
+    assert!(setup.snapshots().is_empty());
+}
