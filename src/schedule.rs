@@ -38,7 +38,7 @@ pub struct Cron {
     days: Vec<u8>,
     months: Vec<u8>,
     weekdays: Vec<u8>,
-    /// Whether the day-of-month and day-of-week fields were `*`.
+    /// Whether the day-of-month and day-of-week fields start with `*` (`*`, `*/2`).
     any_day: bool,
     any_weekday: bool,
     text: String,
@@ -180,8 +180,8 @@ impl Cron {
             days: field(dom, 1, 31, &[], "day-of-month")?,
             months: field(mon, 1, 12, &MONTHS, "month")?,
             weekdays,
-            any_day: *dom == "*",
-            any_weekday: *dow == "*",
+            any_day: dom.starts_with('*'),
+            any_weekday: dow.starts_with('*'),
             text: expr.to_string(),
         })
     }
@@ -194,11 +194,12 @@ impl Cron {
         let dow = self
             .weekdays
             .contains(&(d.weekday().to_sunday_zero_offset() as u8));
-        match (self.any_day, self.any_weekday) {
-            (true, true) => true,
-            (true, false) => dow,
-            (false, true) => dom,
-            (false, false) => dom || dow,
+        // As Vixie cron: when either day field starts with `*` (`*`, `*/2`), both must
+        // match; when both are restricted, either may.
+        if self.any_day || self.any_weekday {
+            dom && dow
+        } else {
+            dom || dow
         }
     }
 
@@ -376,6 +377,16 @@ mod tests {
                 .unwrap()
                 .next_after(t("2026-03-01T00:00:00Z"), &utc),
             None
+        );
+        // A stepped star is still a star: every other day of the month, whatever the weekday.
+        let odd = Schedule::parse("0 0 */2 * *").unwrap();
+        assert_eq!(
+            runs(&odd, "2026-11-28T12:00:00Z", "2026-12-04T00:00:00Z", &utc),
+            [
+                "2026-11-29 00:00:00 +00:00",
+                "2026-12-01 00:00:00 +00:00",
+                "2026-12-03 00:00:00 +00:00",
+            ]
         );
         // 7 is Sunday, as 0 is.
         for sunday in ["0 12 * * 7", "0 12 * * 0", "0 12 * * sun"] {
