@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use jiff::Timestamp;
 
+use kluis::config::Loaded;
 use kluis::error::exit;
 use kluis::progress::Cancel;
 use kluis::retention::{self, Policy};
@@ -49,6 +50,13 @@ pub struct ForgetArgs {
     /// The IANA time zone of the calendar buckets (default: the host's)
     #[arg(long)]
     time_zone: Option<String>,
+    /// Apply the retention policy this repository has in a kluisd configuration (with --config)
+    #[arg(long, conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly",
+        "keep_monthly", "keep_yearly", "keep_within", "max_age"])]
+    repository: Option<String>,
+    /// With --repository: the configuration file (default: the embedded one)
+    #[arg(long, requires = "repository")]
+    config: Option<std::path::PathBuf>,
     /// Show what would be removed; remove nothing
     #[arg(long)]
     dry_run: bool,
@@ -57,23 +65,57 @@ pub struct ForgetArgs {
 }
 
 pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i32> {
-    let policy = Policy {
-        keep_last: a.keep_last,
-        keep_hourly: a.keep_hourly,
-        keep_daily: a.keep_daily,
-        keep_weekly: a.keep_weekly,
-        keep_monthly: a.keep_monthly,
-        keep_yearly: a.keep_yearly,
-        keep_within: a.keep_within,
-        max_age: a.max_age,
+    let configured = match &a.repository {
+        Some(name) => {
+            let config = match &a.config {
+                Some(p) => Loaded::from_file(p)?,
+                None => Loaded::embedded()?,
+            };
+            let policy = config
+                .repositories
+                .get(name)
+                .ok_or_else(|| {
+                    kluis::Error::InvalidInput(format!(
+                        "{} has no repository {name:?}",
+                        config.origin
+                    ))
+                })?
+                .retention
+                .clone()
+                .ok_or_else(|| {
+                    kluis::Error::InvalidInput(format!(
+                        "repositories.{name} in {} has no retention policy",
+                        config.origin
+                    ))
+                })?;
+            Some((config, name.clone(), policy))
+        }
+        None => None,
+    };
+    let policy = match &configured {
+        Some((_, _, p)) => p.clone(),
+        None => Policy {
+            keep_last: a.keep_last,
+            keep_hourly: a.keep_hourly,
+            keep_daily: a.keep_daily,
+            keep_weekly: a.keep_weekly,
+            keep_monthly: a.keep_monthly,
+            keep_yearly: a.keep_yearly,
+            keep_within: a.keep_within,
+            max_age: a.max_age,
+        },
     };
     policy.validate()?;
-    let tz = match &a.time_zone {
-        Some(name) => jiff::tz::TimeZone::get(name)
+    let tz = match (&a.time_zone, &configured) {
+        (Some(name), _) => jiff::tz::TimeZone::get(name)
             .map_err(|e| kluis::Error::InvalidInput(format!("--time-zone {name:?}: {e}")))?,
-        None => jiff::tz::TimeZone::system(),
+        (None, Some((config, _, _))) => config.time_zone.clone(),
+        (None, None) => jiff::tz::TimeZone::system(),
     };
-    let repo = open(g).await?;
+    let repo = match &configured {
+        Some((config, name, _)) => kluis::jobs::open_repository(config, name).await?,
+        None => open(g).await?,
+    };
     let (mut list, errors) = repo.snapshots().await?;
     if !errors.is_empty() {
         // A snapshot that cannot be read cannot be decided; forgetting around it could keep

@@ -189,7 +189,27 @@ fn parse_time(s: &str) -> Result<Timestamp, String> {
         .map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// `kluis snapshots | head`: standard output closed early ends the program quietly with the
+/// status a shell expects of a tool killed by SIGPIPE (141), not with a panic. Rust ignores
+/// SIGPIPE, so `println!` reports the closed pipe by panicking.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

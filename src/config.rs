@@ -115,6 +115,9 @@ pub struct RepositoryConfig {
     /// Create the repository, and its key file if missing, when there is none yet.
     #[serde(default)]
     pub init: bool,
+    /// How long its snapshots are kept (`kluis forget --config FILE --repository NAME`):
+    /// `{ keep_daily = 14, keep_monthly = 6, max_age = "200d" }`; see [`crate::retention`].
+    pub retention: Option<crate::retention::Policy>,
 }
 
 /// `[jobs.NAME]`: what to back up, where, and when.
@@ -270,6 +273,13 @@ impl Loaded {
                     "config {origin}: repositories.{name}: give exactly one of key_file, \
                      password_file, key_credential"
                 )));
+            }
+            if let Some(p) = &r.retention {
+                p.validate().map_err(|e| {
+                    Error::invalid(format!(
+                        "config {origin}: repositories.{name}.retention: {e}"
+                    ))
+                })?;
             }
             if r.init && r.key_file.is_none() {
                 return Err(Error::invalid(format!(

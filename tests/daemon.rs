@@ -699,3 +699,19 @@ fn a_run_dropped_from_the_configuration_is_still_stopped_at_shutdown() {
     );
     assert!(setup.snapshots().is_empty());
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `kluis config check | head -1`: the reader goes away early.
+    let mut child = Command::new(KLUIS)
+        .args(["config", "check", "--runs", "100000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(141), "{err}");
+}

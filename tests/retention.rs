@@ -127,3 +127,75 @@ fn forget_keeps_what_the_policy_says_and_the_rest_restores() {
     let err = assert_code(&out, EXIT_USAGE, "empty policy");
     assert!(err.contains("keep rule"), "{err}");
 }
+
+#[test]
+fn forget_applies_a_repositorys_configured_policy() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = dir.path().join("kluisd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nstate_dir = \"{}\"\ntime_zone = \"UTC\"\n\
+             [repositories.local]\nurl = \"{{state_dir}}/repository\"\n\
+             key_file = \"{{state_dir}}/repository.key\"\ninit = true\n\
+             retention = {{ keep_last = 2 }}\n\
+             [jobs.gen]\nrepository = \"local\"\ncommand = \"echo x\"\nschedule = \"every 1h\"\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    for t in [
+        "2026-11-20T00:00:00Z",
+        "2026-11-21T00:00:00Z",
+        "2026-11-22T00:00:00Z",
+    ] {
+        let out = std::process::Command::new(KLUIS)
+            .args(["backup", "--job", "gen", "--time", t, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_success(&out, &["backup --job", t]);
+    }
+    let out = std::process::Command::new(KLUIS)
+        .args(["forget", "--repository", "local", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_success(&out, &["forget --repository"]);
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kept: Vec<bool> = d
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["keep"].as_bool().unwrap())
+        .collect();
+    assert_eq!(kept, [true, true, false]);
+    // Keep options beside a configured policy are refused.
+    let out = std::process::Command::new(KLUIS)
+        .args([
+            "forget",
+            "--repository",
+            "local",
+            "--keep-last",
+            "9",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_USAGE));
+    // A policy that says nothing is refused when the file is checked.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[repositories.r]\nurl = \"/x\"\nkey_file = \"/k\"\nretention = { keep_last = 0 }\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(KLUIS)
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = assert_code(&out, EXIT_USAGE, "empty retention");
+    assert!(err.contains("repositories.r.retention"), "{err}");
+}
