@@ -218,25 +218,11 @@ pub fn show(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::id::{BlobId, ObjectId};
-    use crate::snapshot::{Source, Summary};
+    use crate::id::ObjectId;
 
     fn snap(n: u32, time: &str, host: &str, name: &str) -> Snapshot {
-        let t: Timestamp = time.parse().unwrap();
-        Snapshot {
-            id: format!("{n:032x}").parse::<ObjectId>().unwrap(),
-            time: t,
-            host: host.into(),
-            name: name.into(),
-            source: Source::Stdin,
-            tags: vec![],
-            tree: BlobId::default(),
-            started: t,
-            finished: t,
-            summary: Summary::default(),
-            streams: vec![],
-            program: "kluis test".into(),
-        }
+        let id = format!("{n:032x}").parse::<ObjectId>().unwrap();
+        Snapshot::for_test(id, time, host, name)
     }
 
     /// A nightly database backup at 02:30 UTC from 2026-01-01 to 2026-03-31, plus a few extra

@@ -205,15 +205,14 @@ pub fn select_at<'a>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn snap(id: &str, time: &str, name: &str) -> Snapshot {
-        let t: Timestamp = time.parse().unwrap();
+impl Snapshot {
+    /// A minimal snapshot for unit tests: a stdin snapshot with nothing in it.
+    pub(crate) fn for_test(id: ObjectId, time: &str, host: &str, name: &str) -> Snapshot {
+        let t: Timestamp = time.parse().expect("a test time parses");
         Snapshot {
-            id: id.parse().unwrap(),
+            id,
             time: t,
-            host: "h".into(),
+            host: host.into(),
             name: name.into(),
             source: Source::Stdin,
             tags: vec![],
@@ -224,6 +223,15 @@ mod tests {
             streams: vec![],
             program: "kluis test".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: &str, time: &str, name: &str) -> Snapshot {
+        Snapshot::for_test(id.parse().unwrap(), time, "h", name)
     }
 
     #[test]

@@ -183,13 +183,7 @@ fn mysql_round_trip_is_faithful() {
     );
 
     // Nothing readable in the repository, and no password in it either.
-    for (name, path) in repo.objects() {
-        let bytes = fs::read(path).unwrap();
-        assert!(
-            !bytes.windows(13).any(|w| w == b"empty strings"),
-            "{name} holds plaintext"
-        );
-    }
+    assert_no_plaintext(&repo, b"empty strings");
     repo.ok(&["check", "--read-data"]);
 }
 
@@ -217,18 +211,13 @@ fn mysql_snapshot_is_consistent_under_concurrent_writes() {
         backups += 1;
     }
     writer.stop();
-    let out = repo.ok(&["snapshots", "--json"]);
-    let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), backups);
-    for (i, s) in list.as_array().unwrap().iter().enumerate() {
-        let id = s["id"].as_str().unwrap();
+    let ids = snapshot_ids(&repo);
+    assert_eq!(ids.len(), backups);
+    for (i, id) in ids.iter().enumerate() {
         let target = format!("restored{i}");
         let out = run_with_pw(&repo, &pw, &["restore", id, "--to", &db.url(&target)]);
         assert_success(&out, &["restore", id]);
-        let total = db.sql(
-            &target,
-            "SELECT (SELECT sum(balance) FROM checking) + (SELECT sum(balance) FROM savings)",
-        );
+        let total = db.sql(&target, BANK_TOTAL_SQL);
         assert_eq!(total.trim(), BANK_TOTAL, "snapshot {id} is not consistent");
     }
 }

@@ -157,13 +157,7 @@ fn postgres_round_trip_is_faithful() {
     );
 
     // Nothing readable in the repository.
-    for (name, path) in repo.objects() {
-        let bytes = fs::read(path).unwrap();
-        assert!(
-            !bytes.windows(12).any(|w| w == b"empty string"),
-            "{name} holds plaintext"
-        );
-    }
+    assert_no_plaintext(&repo, b"empty string");
     repo.ok(&["check", "--read-data"]);
 }
 
@@ -188,18 +182,13 @@ fn postgres_snapshot_is_consistent_under_concurrent_writes() {
         backups += 1;
     }
     writer.stop();
-    let out = repo.ok(&["snapshots", "--json"]);
-    let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), backups);
-    for (i, s) in list.as_array().unwrap().iter().enumerate() {
-        let id = s["id"].as_str().unwrap();
+    let ids = snapshot_ids(&repo);
+    assert_eq!(ids.len(), backups);
+    for (i, id) in ids.iter().enumerate() {
         let db = format!("restored{i}");
         let out = run_with_pw(&repo, &pw, &["restore", id, "--to", &pg.url(&db)]);
         assert_success(&out, &["restore", id]);
-        let total = pg.sql(
-            &db,
-            "SELECT (SELECT sum(balance) FROM checking) + (SELECT sum(balance) FROM savings)",
-        );
+        let total = pg.sql(&db, BANK_TOTAL_SQL);
         assert_eq!(total.trim(), BANK_TOTAL, "snapshot {id} is not consistent");
     }
 }

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::databases::snapshot_count;
+use common::databases::{assert_no_plaintext, snapshot_count};
 use common::*;
 use rusqlite::Connection;
 
@@ -154,13 +154,7 @@ fn sqlite_round_trip_is_faithful() {
     repo.ok(&["restore", "latest", "--to", &sqlite_url(&target), "--force"]);
     assert_eq!(fingerprint(&target), want, "data differs after --force");
 
-    for (name, path) in repo.objects() {
-        let bytes = fs::read(path).unwrap();
-        assert!(
-            !bytes.windows(13).any(|w| w == b"empty strings"),
-            "{name} holds plaintext"
-        );
-    }
+    assert_no_plaintext(&repo, b"empty strings");
     repo.ok(&["check", "--read-data"]);
 }
 

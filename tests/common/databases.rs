@@ -35,6 +35,32 @@ pub fn snapshot_count(repo: &Repo) -> usize {
 /// The sum a restored bank must hold: 2000 checking and 2000 savings accounts of 1000.
 pub const BANK_TOTAL: &str = "4000000";
 
+/// The query that adds up a bank (the same in PostgreSQL and MySQL).
+pub const BANK_TOTAL_SQL: &str =
+    "SELECT (SELECT sum(balance) FROM checking) + (SELECT sum(balance) FROM savings)";
+
+/// Every snapshot's id, oldest first.
+pub fn snapshot_ids(repo: &Repo) -> Vec<String> {
+    let out = repo.ok(&["snapshots", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// No object in the repository holds `marker` in the clear.
+pub fn assert_no_plaintext(repo: &Repo, marker: &[u8]) {
+    for (name, path) in repo.objects() {
+        let bytes = fs::read(path).unwrap();
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "{name} holds plaintext"
+        );
+    }
+}
+
 /// `n` transfers of 3 from a checking to a savings account, each its own transaction opened
 /// with `begin` (`BEGIN` or `START TRANSACTION`). The total never changes.
 pub fn transfers(begin: &str, n: u64) -> String {

@@ -1,14 +1,13 @@
 //! A throwaway MariaDB server for the tests: its own data directory, socket and loopback port.
 
 use std::fs;
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{free_port, text};
+use super::{free_port, run_script, text};
 
 /// A MariaDB server in a temporary directory on a loopback port. The harness talks to it as
 /// root over its socket; kluis connects over TCP as `kluis` with [`Mariadb::PASSWORD`].
@@ -174,26 +173,7 @@ impl Mariadb {
         if !db.is_empty() {
             c.arg(format!("--database={db}"));
         }
-        let mut child = c
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "mariadb {db} failed: {}\nscript: {}",
-            text(&out.stderr),
-            &script[..script.len().min(2000)]
-        );
-        text(&out.stdout)
+        run_script(&mut c, script, &format!("mariadb {db}"))
     }
 
     /// A logical fingerprint of a database: every table's row count and row-by-row checksum.

@@ -509,6 +509,31 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     }
 }
 
+/// Feeds `script` to a database client on its standard input; returns what it printed; panics
+/// with its error output if it fails.
+pub fn run_script(client: &mut Command, script: &str, what: &str) -> String {
+    let mut child = client
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\nscript: {}",
+        text(&out.stderr),
+        &script[..script.len().min(2000)]
+    );
+    text(&out.stdout)
+}
+
 /// A PostgreSQL server in a temporary directory on a loopback port, run as the `postgres` user
 /// when the tests run as root (PostgreSQL refuses root). Local socket connections are trusted
 /// (the harness's own); TCP connections need the password `password()`. Stopped on drop.
@@ -653,28 +678,11 @@ impl Postgres {
 
     /// Runs SQL (a script, from stdin) in `db`; returns its output; panics on error.
     pub fn sql(&self, db: &str, script: &str) -> String {
-        let mut child = self
-            .psql()
-            .args(["-d", db])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "psql -d {db} failed: {}\nscript: {}",
-            text(&out.stderr),
-            &script[..script.len().min(2000)]
-        );
-        text(&out.stdout)
+        run_script(
+            self.psql().args(["-d", db]),
+            script,
+            &format!("psql -d {db}"),
+        )
     }
 
     /// A logical fingerprint of a database: every table's row count and ordered checksum,
