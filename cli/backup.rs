@@ -13,12 +13,11 @@ use kluis::error::exit;
 use kluis::jobs;
 use kluis::progress::{Cancel, Progress};
 use kluis::source::command::CommandSource;
-use kluis::source::mysql::{MyConn, MysqlSource};
+use kluis::source::database;
 use kluis::source::postgres::globals::GlobalsSource;
 use kluis::source::postgres::{self, PgConn, PostgresSource};
-use kluis::source::sqlite::{self, SqliteSource};
 
-use crate::databases::{Engine, database_url, db_password, pg_conn};
+use crate::databases::{Engine, database_url, db_password};
 use crate::output::{ProgressLine, human_bytes, human_duration};
 use crate::{Global, open, parse_time, show_progress};
 
@@ -116,29 +115,13 @@ fn plan(g: &Global, a: &BackupArgs) -> anyhow::Result<Vec<Planned>> {
     if let Some((engine, url)) = database_url(&a.paths) {
         return match engine {
             Engine::Postgres if server_wide => plan_postgres_server(g, a, &url),
-            Engine::Postgres => {
-                let conn = pg_conn(g, &url)?;
-                let name = conn.database.clone();
-                one(
-                    Some(name),
-                    Source::Streams(Box::new(PostgresSource::new(conn))),
-                )
-            }
-            Engine::Mysql => {
-                let conn = MyConn::parse(&url, db_password(g)?)?;
-                let name = conn.database.clone();
-                one(
-                    Some(name),
-                    Source::Streams(Box::new(MysqlSource::new(conn))),
-                )
-            }
-            Engine::Sqlite => {
-                let path = sqlite::parse_url(&url)?;
-                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-                one(
-                    name,
-                    Source::Streams(Box::new(SqliteSource::new(path, None))),
-                )
+            _ => {
+                let places = database::Places {
+                    pg_bin_dir: g.pg_bin_dir.clone(),
+                    temp_dir: None,
+                };
+                let (name, set) = database::open(&url, db_password(g)?, &places)?;
+                one(name, Source::Streams(set))
             }
         };
     }

@@ -2,8 +2,6 @@
 //!
 //! Shared by `kluisd`, which runs jobs on their schedules, and `kluis backup --job`.
 
-use std::path::Path;
-
 use crate::backup::{self, BackupOptions, BackupReport, Source};
 use crate::config::{Job, JobSource, Loaded};
 use crate::error::{Error, Result};
@@ -12,9 +10,7 @@ use crate::progress::{Cancel, Progress};
 use crate::repository::{InitOptions, Repository};
 use crate::snapshot::Snapshot;
 use crate::source::command::CommandSource;
-use crate::source::mysql::{MyConn, MysqlSource};
-use crate::source::postgres::{self, PgConn, PostgresSource};
-use crate::source::sqlite::{self, SqliteSource};
+use crate::source::database;
 use crate::store::Store;
 
 /// Opens the repository `name`; one configured with `init = true` is created when missing,
@@ -53,47 +49,15 @@ pub fn source(config: &Loaded, job: &Job) -> Result<Source> {
             job.snapshot_name.clone(),
         ))),
         JobSource::Database(url) => {
-            let scheme = url.split_once("://").map_or("", |(s, _)| s);
-            match scheme {
-                "postgres" | "postgresql" => {
-                    let conn = PgConn::parse(url, db_password(job)?)?
-                        .with_bin_dir(postgres::tools_dir(None));
-                    Source::Streams(Box::new(PostgresSource::new(conn)))
-                }
-                "mysql" | "mariadb" => {
-                    let conn = MyConn::parse(url, db_password(job)?)?;
-                    Source::Streams(Box::new(MysqlSource::new(conn)))
-                }
-                "sqlite" => {
-                    let path = sqlite::parse_url(url)?;
-                    // The consistent copy goes to the state directory, not a small /tmp.
-                    Source::Streams(Box::new(SqliteSource::new(
-                        path,
-                        Some(config.state_dir.clone()),
-                    )))
-                }
-                _ => {
-                    return Err(Error::invalid(format!(
-                        "job {}: database {}: expected postgres://, mysql:// or sqlite://",
-                        job.name,
-                        postgres::redact(url)
-                    )));
-                }
-            }
+            let places = database::Places {
+                pg_bin_dir: None,
+                // The consistent SQLite copy goes to the state directory, not a small /tmp.
+                temp_dir: Some(config.state_dir.clone()),
+            };
+            let password = database::password(job.db_password_file.as_deref())?;
+            Source::Streams(database::open(url, password, &places)?.1)
         }
     })
-}
-
-/// The job's database password: its `db_password_file`, or the systemd credential
-/// `kluis-db-password`.
-fn db_password(job: &Job) -> Result<Option<zeroize::Zeroizing<String>>> {
-    let path = match &job.db_password_file {
-        Some(p) => Some(p.clone()),
-        None => std::env::var_os("CREDENTIALS_DIRECTORY")
-            .map(|d| Path::new(&d).join("kluis-db-password"))
-            .filter(|p| p.exists()),
-    };
-    path.map(|p| keys::read_secret_line(&p)).transpose()
 }
 
 /// Backs the job up now.

@@ -7,6 +7,7 @@
 //! tool's own end marker. The error quotes the tool's message.
 
 pub mod command;
+pub mod database;
 pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
