@@ -60,6 +60,11 @@ pub struct ForgetArgs {
     /// Show what would be removed; remove nothing
     #[arg(long)]
     dry_run: bool,
+    /// Then prune: sweep earlier marks past their grace period and mark what is now unused
+    #[arg(long)]
+    prune: bool,
+    #[command(flatten)]
+    prune_args: crate::prune::PruneArgs,
     #[arg(long)]
     json: bool,
 }
@@ -88,12 +93,13 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
                         config.origin
                     ))
                 })?;
-            Some((config, name.clone(), policy))
+            let prune = config.repositories.get(name).and_then(|r| r.prune.clone());
+            Some((config, name.clone(), policy, prune))
         }
         None => None,
     };
     let policy = match &configured {
-        Some((_, _, p)) => p.clone(),
+        Some((_, _, p, _)) => p.clone(),
         None => Policy {
             keep_last: a.keep_last,
             keep_hourly: a.keep_hourly,
@@ -109,11 +115,11 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
     let tz = match (&a.time_zone, &configured) {
         (Some(name), _) => jiff::tz::TimeZone::get(name)
             .map_err(|e| kluis::Error::InvalidInput(format!("--time-zone {name:?}: {e}")))?,
-        (None, Some((config, _, _))) => config.time_zone.clone(),
+        (None, Some((config, _, _, _))) => config.time_zone.clone(),
         (None, None) => jiff::tz::TimeZone::system(),
     };
     let repo = match &configured {
-        Some((config, name, _)) => kluis::jobs::open_repository(config, name).await?,
+        Some((config, name, _, _)) => kluis::jobs::open_repository(config, name).await?,
         None => open(g).await?,
     };
     let (mut list, errors) = repo.snapshots().await?;
@@ -133,6 +139,7 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
     });
     let decisions = retention::decide(&list, &policy, Timestamp::now(), &tz)?;
     let mut removed = 0;
+    let pruned = if a.prune { Some(cancel.clone()) } else { None };
     if !a.dry_run {
         for d in decisions.iter().filter(|d| !d.keep) {
             if cancel.is_cancelled() {
@@ -146,9 +153,9 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
             removed += 1;
         }
     }
-    if a.json {
+    if a.json && !a.prune {
         println!("{}", serde_json::to_string_pretty(&decisions)?);
-    } else {
+    } else if !a.json {
         let rows: Vec<Vec<String>> = decisions
             .iter()
             .map(|d| {
@@ -177,6 +184,17 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
                 "removed {removed} of {} snapshot(s); their data is freed by the next prune",
                 decisions.len()
             );
+        }
+    }
+    if let Some(cancel) = pruned {
+        let configured = configured.as_ref().and_then(|(_, _, _, p)| p.as_ref());
+        let opts = crate::prune::options(&a.prune_args, configured, a.dry_run, cancel);
+        let report = crate::prune::execute(&repo, &opts).await?;
+        if a.json {
+            let both = serde_json::json!({ "forget": decisions, "prune": report });
+            println!("{}", serde_json::to_string_pretty(&both)?);
+        } else {
+            crate::prune::print(&report, false)?;
         }
     }
     Ok(exit::OK)

@@ -8,6 +8,7 @@ mod config;
 mod databases;
 mod forget;
 mod output;
+mod prune;
 mod restore;
 mod status;
 
@@ -88,6 +89,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Remove snapshots by a retention policy (keep-last, keep-daily, ..., max-age)
     Forget(forget::ForgetArgs),
+    /// Delete data no snapshot needs, in two phases: mark now, delete after a grace period
+    Prune(prune::PruneCommand),
 }
 
 #[derive(Args)]
@@ -444,6 +447,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
         Command::Config(c) => config::run(c),
         Command::Status(a) => status::run(a).await,
         Command::Forget(a) => forget::run(g, a, cancel).await,
+        Command::Prune(a) => prune::run(g, a, cancel).await,
     }
 }
 

@@ -16,7 +16,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
@@ -111,8 +111,11 @@ pub async fn backup(
     let started = Timestamp::now();
     let time = opts.time.unwrap_or(started);
     let epoch = Epoch::of(time);
+    // Prune's marks before the index: packs they condemn are not deduplicated against.
+    let prune_view = crate::prune::WriterView::read(repo).await?;
     let key = repo.write_key(epoch).await?;
-    let (index, _) = repo.load_index(Some((epoch, key.id))).await?;
+    let (mut index, _) = repo.load_index(Some((epoch, key.id))).await?;
+    index.exclude_packs(prune_view.condemned());
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -180,6 +183,7 @@ pub async fn backup(
         skipped,
         warnings,
         record,
+        reused,
     } = pending;
     let source_kind = record.unwrap_or(source_kind);
     if !stored.pending.packs.is_empty() {
@@ -204,6 +208,7 @@ pub async fn backup(
     if opts.cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
+    prune_view.check_commit(repo, &reused).await?;
     let object = repo.save_snapshot(&key, &snapshot).await?;
     Ok(BackupReport {
         snapshot,
@@ -366,6 +371,8 @@ struct PipelineOutput {
     warnings: Vec<String>,
     /// What a stream source reported about itself.
     record: Option<SnapshotSource>,
+    /// Packs of the repository this backup deduplicated against.
+    reused: IdSet<ObjectId>,
 }
 
 fn run_pipeline(
@@ -390,6 +397,9 @@ fn run_pipeline(
         .collect();
     let mut reader = Reader {
         ctx: &ctx,
+        reused: (0..index.packs().len())
+            .map(|_| AtomicBool::new(false))
+            .collect(),
         index,
         seen: Mutex::new(IdSet::default()),
         counts: ReadCounts::default(),
@@ -408,8 +418,17 @@ fn run_pipeline(
         skipped,
         warnings,
         jobs,
+        index,
+        reused,
         ..
     } = reader;
+    let reused: IdSet<ObjectId> = index
+        .packs()
+        .iter()
+        .zip(&reused)
+        .filter(|(_, r)| r.load(std::sync::atomic::Ordering::Relaxed))
+        .map(|(p, _)| p.id)
+        .collect();
     counts.add_to(&mut summary);
     drop(jobs);
     let mut first_error = None;
@@ -439,6 +458,7 @@ fn run_pipeline(
             skipped,
             warnings,
             record,
+            reused,
         }),
     }
 }
@@ -523,6 +543,8 @@ fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Job>>) -> Result<()> {
 struct Reader<'a> {
     ctx: &'a Shared,
     index: Index,
+    /// Per pack of `index`: whether this backup deduplicated against it.
+    reused: Vec<AtomicBool>,
     /// Blobs submitted by this backup; shared by streams read at once.
     seen: Mutex<IdSet<BlobId>>,
     /// Counts kept by `submit` and `read_content`, which may run on several threads.
@@ -634,7 +656,9 @@ impl Reader<'_> {
             return Err(Error::Interrupted);
         }
         let id = self.ctx.key.blob_id(&data);
-        if !self.index.contains(&id) && self.seen.lock().expect("not poisoned").insert(id) {
+        if let Some(pack) = self.index.pack_number(&id) {
+            self.reused[pack as usize].store(true, std::sync::atomic::Ordering::Relaxed);
+        } else if self.seen.lock().expect("not poisoned").insert(id) {
             Progress::add(&self.counts.new_blobs, 1);
             Progress::add(&self.counts.new_bytes, data.len() as u64);
             Progress::add(&self.ctx.progress.new_bytes, data.len() as u64);

@@ -118,6 +118,45 @@ pub struct RepositoryConfig {
     /// How long its snapshots are kept (`kluis forget --config FILE --repository NAME`):
     /// `{ keep_daily = 14, keep_monthly = 6, max_age = "200d" }`; see [`crate::retention`].
     pub retention: Option<crate::retention::Policy>,
+    /// Scheduled maintenance: `{ schedule = "daily at 05:00", grace = "24h" }`. Each run
+    /// forgets by `retention` (if set), then prunes.
+    pub prune: Option<PruneConfig>,
+}
+
+/// `[repositories.NAME] prune = { ... }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneConfig {
+    /// When it runs (kluisd); see [`crate::schedule`].
+    pub schedule: Option<Spanned<String>>,
+    /// Marked data is deleted only this long after it was marked. It must be longer than the
+    /// timeout of every job and copy writing to the repository.
+    #[serde(default = "default_prune_grace", with = "human")]
+    pub grace: Duration,
+    /// Packs with at least this share (0 to 1) of unused bytes are repacked.
+    #[serde(default = "default_repack_threshold")]
+    pub repack_threshold: f64,
+    /// A prune running longer is stopped (what it did so far stays consistent).
+    #[serde(default = "default_timeout", with = "human")]
+    pub timeout: Duration,
+}
+
+impl PruneConfig {
+    pub fn options(&self) -> crate::prune::PruneOptions {
+        crate::prune::PruneOptions {
+            grace: self.grace,
+            repack_threshold: self.repack_threshold,
+            ..crate::prune::PruneOptions::default()
+        }
+    }
+}
+
+fn default_prune_grace() -> Duration {
+    crate::prune::DEFAULT_GRACE
+}
+
+fn default_repack_threshold() -> f64 {
+    crate::prune::DEFAULT_REPACK_THRESHOLD
 }
 
 /// `[jobs.NAME]`: what to back up, where, and when.
@@ -182,6 +221,14 @@ mod human {
     }
 }
 
+/// A repository's scheduled maintenance, checked.
+#[derive(Debug, Clone)]
+pub struct Maintenance {
+    pub repository: String,
+    pub schedule: Schedule,
+    pub timeout: Duration,
+}
+
 /// A job, checked and ready to run.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -215,6 +262,8 @@ pub struct Loaded {
     pub time_zone: jiff::tz::TimeZone,
     pub repositories: BTreeMap<String, RepositoryConfig>,
     pub jobs: Vec<Job>,
+    /// Scheduled maintenance (forget by retention, then prune), one per repository.
+    pub prunes: Vec<Maintenance>,
 }
 
 impl Loaded {
@@ -350,7 +399,42 @@ impl Loaded {
                 tags: j.tags,
             });
         }
+        let mut prunes = Vec::new();
+        for (name, r) in &repositories {
+            let Some(p) = &r.prune else { continue };
+            let key = format!("repositories.{name}.prune");
+            if !(0.0..=1.0).contains(&p.repack_threshold) {
+                return Err(Error::invalid(format!(
+                    "config {origin}: {key}.repack_threshold must be between 0 and 1"
+                )));
+            }
+            // The grace period is what keeps a backup's reused data alive until it commits:
+            // it must outlast every run writing to the repository.
+            if let Some(j) = jobs
+                .iter()
+                .filter(|j| &j.repository == name)
+                .max_by_key(|j| j.timeout)
+                .filter(|j| j.timeout >= p.grace)
+            {
+                return Err(Error::invalid(format!(
+                    "config {origin}: {key}.grace ({}) must be longer than the timeout of every job writing to it; jobs.{}.timeout is {}",
+                    humantime::format_duration(p.grace),
+                    j.name,
+                    humantime::format_duration(j.timeout)
+                )));
+            }
+            if let Some(s) = &p.schedule {
+                let schedule = Schedule::parse(s.get_ref())
+                    .map_err(|e| at(s.span(), &format!("{key}.schedule"), e.to_string()))?;
+                prunes.push(Maintenance {
+                    repository: name.clone(),
+                    schedule,
+                    timeout: p.timeout,
+                });
+            }
+        }
         Ok(Loaded {
+            prunes,
             origin: origin.to_string(),
             daemon: config.daemon,
             http: config.http,

@@ -107,6 +107,11 @@ pub enum Error {
     #[error("{0}")]
     TargetFailed(String),
 
+    /// Another process's work collides with this one (a prune that condemned data a backup
+    /// reused, a prune already running); nothing was changed, and running again resolves it.
+    #[error("{0}")]
+    Conflict(String),
+
     #[error("check found {0} problem(s) in the repository")]
     CheckFailed(usize),
 

@@ -194,26 +194,53 @@ impl Index {
     /// Adds every blob of `segment` (whose packs belong to `epoch`, under key `key_id`).
     pub fn add_segment(&mut self, epoch: Epoch, key_id: ObjectId, segment: &IndexSegment) {
         for p in &segment.packs {
-            let number = *self.pack_numbers.entry(p.id).or_insert_with(|| {
-                self.packs.push(PackInfo {
-                    id: p.id,
-                    epoch,
-                    key_id,
-                    length: p.length,
-                });
-                (self.packs.len() - 1) as u32
-            });
-            for b in &p.blobs {
-                self.blobs.entry(b.id).or_insert(Location {
-                    pack: number,
-                    offset: b.offset,
-                    length: b.length,
-                    raw_length: b.raw_length,
-                    kind: b.kind,
-                    compression: b.compression,
-                });
-            }
+            self.add_pack(epoch, key_id, p.id, p.length, &p.blobs);
         }
+    }
+
+    /// Adds one pack's blobs; a blob already indexed keeps its first location.
+    pub fn add_pack(
+        &mut self,
+        epoch: Epoch,
+        key_id: ObjectId,
+        id: ObjectId,
+        length: u32,
+        blobs: &[BlobEntry],
+    ) {
+        let number = *self.pack_numbers.entry(id).or_insert_with(|| {
+            self.packs.push(PackInfo {
+                id,
+                epoch,
+                key_id,
+                length,
+            });
+            (self.packs.len() - 1) as u32
+        });
+        for b in blobs {
+            self.blobs.entry(b.id).or_insert(Location {
+                pack: number,
+                offset: b.offset,
+                length: b.length,
+                raw_length: b.raw_length,
+                kind: b.kind,
+                compression: b.compression,
+            });
+        }
+    }
+
+    /// Forgets every blob located in one of `packs` (packs a prune condemned: a writer must not
+    /// deduplicate against them). A blob with another copy elsewhere is stored again; harmless.
+    pub fn exclude_packs(&mut self, packs: &IdSet<ObjectId>) {
+        if packs.is_empty() {
+            return;
+        }
+        let excluded: Vec<bool> = self.packs.iter().map(|p| packs.contains(&p.id)).collect();
+        self.blobs.retain(|_, loc| !excluded[loc.pack as usize]);
+    }
+
+    /// The number of the pack holding `id`, an index into [`Index::packs`].
+    pub fn pack_number(&self, id: &BlobId) -> Option<u32> {
+        self.blobs.get(id).map(|loc| loc.pack)
     }
 
     pub fn get(&self, id: &BlobId) -> Option<(&PackInfo, Location)> {

@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod object;
 pub mod pack;
 pub mod progress;
+pub mod prune;
 pub mod repository;
 pub mod restore;
 pub mod retention;

@@ -29,6 +29,8 @@ pub enum Kind {
     Pack = 4,
     Index = 5,
     Snapshot = 6,
+    /// Prune's bookkeeping: marks, sweep records and leases (`prune/...`).
+    Prune = 7,
 }
 
 impl Kind {
@@ -40,6 +42,7 @@ impl Kind {
             4 => Kind::Pack,
             5 => Kind::Index,
             6 => Kind::Snapshot,
+            7 => Kind::Prune,
             _ => return None,
         })
     }
@@ -52,6 +55,7 @@ impl Kind {
             Kind::Pack => b"pack",
             Kind::Index => b"index",
             Kind::Snapshot => b"snapshot",
+            Kind::Prune => b"prune",
         }
     }
 }
@@ -216,6 +220,18 @@ pub mod name {
     pub const DATA: &str = "data";
     pub const INDEX: &str = "index";
     pub const SNAPSHOTS: &str = "snapshots";
+    pub const PRUNE_MARKS: &str = "prune/marks";
+    pub const PRUNE_SWEPT: &str = "prune/swept";
+    pub const PRUNE_LEASES: &str = "prune/leases";
+
+    /// `prune/marks/<id>` and friends: repository-wide objects named by a random id.
+    pub fn prune_object(prefix: &str, id: &ObjectId) -> String {
+        format!("{prefix}/{id}")
+    }
+
+    pub fn parse_prune_object(prefix: &str, name: &str) -> Option<ObjectId> {
+        name.strip_prefix(prefix)?.strip_prefix('/')?.parse().ok()
+    }
 
     pub fn key_slot(id: &ObjectId) -> String {
         format!("{KEYS}/{id}")

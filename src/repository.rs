@@ -399,6 +399,27 @@ impl Repository {
         ))
     }
 
+    /// Seals a repository-wide object (prune's bookkeeping) under the master key.
+    pub fn seal_master(&self, kind: Kind, object: &str, plaintext: &[u8]) -> Bytes {
+        Bytes::from(object::seal(
+            Header {
+                kind,
+                key_id: ObjectId::default(),
+            },
+            &self.master,
+            &self.config.id,
+            object,
+            plaintext,
+        ))
+    }
+
+    /// Reads and opens a repository-wide object sealed by [`Repository::seal_master`].
+    pub async fn open_master(&self, kind: Kind, object: &str) -> Result<Vec<u8>> {
+        let bytes = self.store.get(object).await?;
+        let header = Header::decode(object, &bytes, kind)?;
+        object::open(header, &self.master, &self.config.id, object, &bytes)
+    }
+
     /// Reads and opens an epoch-scoped object.
     pub async fn open_object(
         &self,

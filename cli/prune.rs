@@ -1,0 +1,126 @@
+//! `kluis prune`: sweeps what earlier prunes marked once their grace period has passed, then
+//! marks what no snapshot needs now (docs/FORMAT.md §6.6). Also run by `kluis forget --prune`.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use kluis::error::exit;
+use kluis::progress::Cancel;
+use kluis::prune::{self, PruneOptions, PruneReport};
+use kluis::repository::Repository;
+
+use crate::output;
+use crate::{Global, open};
+
+#[derive(Args, Clone)]
+pub struct PruneArgs {
+    /// Marked data is deleted only this long after it was marked; longer than the longest
+    /// backup (default 24h)
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub grace: Option<Duration>,
+    /// Repack packs with at least this percentage of unused bytes (default 20)
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub repack_threshold: Option<u8>,
+}
+
+#[derive(Args)]
+pub struct PruneCommand {
+    #[command(flatten)]
+    pub prune: PruneArgs,
+    /// Use this repository of a kluisd configuration (its prune settings too)
+    #[arg(long)]
+    pub repository: Option<String>,
+    /// With --repository: the configuration file (default: the embedded one)
+    #[arg(long, requires = "repository")]
+    pub config: Option<std::path::PathBuf>,
+    /// Show what would be deleted and marked; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options for a prune: the command line's, else the configured ones, else the defaults.
+pub fn options(
+    a: &PruneArgs,
+    configured: Option<&kluis::config::PruneConfig>,
+    dry_run: bool,
+    cancel: Cancel,
+) -> PruneOptions {
+    let mut o = match configured {
+        Some(c) => c.options(),
+        None => PruneOptions::default(),
+    };
+    if let Some(g) = a.grace {
+        o.grace = g;
+    }
+    if let Some(t) = a.repack_threshold {
+        o.repack_threshold = f64::from(t) / 100.0;
+    }
+    o.dry_run = dry_run;
+    o.cancel = cancel;
+    o
+}
+
+pub async fn run(g: &Global, a: PruneCommand, cancel: Cancel) -> anyhow::Result<i32> {
+    let (repo, configured) = match &a.repository {
+        Some(name) => {
+            let config = match &a.config {
+                Some(p) => kluis::config::Loaded::from_file(p)?,
+                None => kluis::config::Loaded::embedded()?,
+            };
+            let repo = kluis::jobs::open_repository(&config, name).await?;
+            let configured = config.repositories.get(name).and_then(|r| r.prune.clone());
+            (repo, configured)
+        }
+        None => (open(g).await?, None),
+    };
+    let opts = options(&a.prune, configured.as_ref(), a.dry_run, cancel);
+    let report = execute(&repo, &opts).await?;
+    print(&report, a.json)?;
+    Ok(exit::OK)
+}
+
+pub async fn execute(repo: &Repository, opts: &PruneOptions) -> anyhow::Result<PruneReport> {
+    Ok(prune::prune(repo, opts).await?)
+}
+
+pub fn print(r: &PruneReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    let would = if r.dry_run { "would " } else { "" };
+    println!(
+        "{} snapshot(s), {} pack(s), {} blob(s) in use",
+        r.snapshots, r.packs, r.blobs_used
+    );
+    println!(
+        "sweep: {} mark(s) past their grace period; {would}delete {} pack(s) ({}), {} index segment(s); {} marked pack(s) kept because a snapshot needs them",
+        r.marks_swept,
+        r.packs_deleted,
+        output::human_bytes(r.bytes_reclaimed),
+        r.segments_deleted,
+        r.packs_kept
+    );
+    println!(
+        "mark: {would}mark {} pack(s) ({}) and {} index segment(s); repacked {} pack(s) into {}",
+        r.packs_marked,
+        output::human_bytes(r.bytes_marked),
+        r.segments_marked,
+        r.packs_repacked,
+        output::human_bytes(r.bytes_repacked)
+    );
+    match r.next_sweep {
+        Some(t) => println!(
+            "marked data is deleted by the first prune after {}",
+            output::local_time(t)
+        ),
+        None => println!("nothing is marked"),
+    }
+    Ok(())
+}

@@ -1,0 +1,1076 @@
+//! `prune`: give back the space of forgotten snapshots, safely while other hosts back up.
+//!
+//! Writers take no locks. Prune deletes in two phases (docs/FORMAT.md §6.6):
+//!
+//! 1. **Mark.** Packs that no snapshot needs (and superseded index segments, and packs whose
+//!    used blobs were just copied into new packs by a repack) are written into a *mark*
+//!    (`prune/marks/<id>`), with its time and the grace period. From then on writers treat
+//!    the marked packs as absent: they never deduplicate against them.
+//! 2. **Sweep.** A later prune, once the grace period has passed, lists every snapshot again
+//!    (those committed in between included) and deletes only the marked packs whose used blobs
+//!    all live in some pack that stays. It first rewrites the index without the doomed packs,
+//!    then deletes them, then records the sweep (`prune/swept/<id>`).
+//!
+//! A backup that started before a mark was written may have deduplicated against a marked
+//! pack. Before it commits, it lists the marks again: if a mark it did not see condemns a pack
+//! it reused and that mark's sweep is near or done, it refuses to commit ([`WriterView`]).
+//! Otherwise its snapshot lands before the sweep lists snapshots, and the sweep keeps the pack.
+//!
+//! Two prunes never run at once: each writes a lease (`prune/leases/<id>`) and then lists the
+//! leases; whoever sees another live lease withdraws. Of two racing prunes at least one sees
+//! the other, so at most one proceeds, without conditional writes (which Garage ignores).
+//! Every listing error aborts; an unreadable snapshot or index segment aborts, because prune
+//! would not know what it needs.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use jiff::Timestamp;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{BlobId, ObjectId};
+use crate::index::{IdMap, IdSet, Index, IndexSegment, IndexedPack};
+use crate::object::{Epoch, Kind, name};
+use crate::pack::{self, BlobEntry, PackWriter};
+use crate::progress::Cancel;
+use crate::repository::Repository;
+use crate::tree::{self, Tree};
+
+/// How long a marked pack stays before a sweep may delete it: longer than the longest backup.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// A pack whose unused share of bytes reaches this is repacked.
+pub const DEFAULT_REPACK_THRESHOLD: f64 = 0.2;
+/// How long a swept mark is kept, so a writer that started before the mark can still see it.
+/// A backup running longer than this refuses to commit.
+pub const TOMBSTONE_LIFE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A prune lease older than this is stale (its prune crashed) and is ignored and removed.
+pub const LEASE_TTL: Duration = Duration::from_secs(6 * 3600);
+/// Index entries per segment written by prune.
+const SEGMENT_BLOBS: usize = 65_536;
+/// Objects deleted or fetched at once.
+const CONCURRENCY: usize = 16;
+
+/// A mark: what a prune condemned, and from when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mark {
+    pub id: ObjectId,
+    pub created: Timestamp,
+    pub host: String,
+    /// The sweep may delete the marked objects from `created + grace_seconds` on.
+    pub grace_seconds: u64,
+    /// Pack object names (`data/E/xx/id`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packs: Vec<String>,
+    /// Superseded index segment names (`index/E/id`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<String>,
+}
+
+impl Mark {
+    fn grace(&self) -> Duration {
+        Duration::from_secs(self.grace_seconds)
+    }
+
+    /// When the sweep may run.
+    pub fn due(&self) -> Timestamp {
+        add(self.created, self.grace())
+    }
+
+    fn pack_ids(&self) -> impl Iterator<Item = ObjectId> + '_ {
+        self.packs
+            .iter()
+            .filter_map(|p| name::parse_epoch_object(name::DATA, p).map(|(_, id)| id))
+    }
+}
+
+/// The record that a mark's sweep finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Swept {
+    pub id: ObjectId,
+    pub swept: Timestamp,
+}
+
+/// A running prune's claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    pub id: ObjectId,
+    pub host: String,
+    pub pid: u32,
+    pub started: Timestamp,
+    pub expires: Timestamp,
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// How far a writer stays from a sweep: clocks of different hosts may disagree by this much.
+fn margin(grace: Duration) -> Duration {
+    (grace / 4).min(Duration::from_secs(600))
+}
+
+async fn put_json<T: Serialize>(repo: &Repository, object: &str, value: &T) -> Result<()> {
+    let plain = serde_json::to_vec(value).expect("prune records serialize");
+    repo.store()
+        .put(object, repo.seal_master(Kind::Prune, object, &plain))
+        .await
+}
+
+async fn get_json<T: DeserializeOwned>(repo: &Repository, object: &str) -> Result<T> {
+    let plain = repo.open_master(Kind::Prune, object).await?;
+    serde_json::from_slice(&plain)
+        .map_err(|e| Error::corrupt(object, format!("does not parse: {e}")))
+}
+
+/// The ids under one of the `prune/` prefixes; a name that does not parse is an error.
+async fn list_ids(repo: &Repository, prefix: &str) -> Result<Vec<ObjectId>> {
+    repo.store()
+        .list(prefix)
+        .await?
+        .into_iter()
+        .map(|o| {
+            name::parse_prune_object(prefix, &o.name).ok_or_else(|| {
+                Error::corrupt(
+                    &o.name,
+                    format!("not a kluis object name under {prefix}/; remove it"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Marks and which of them were swept.
+async fn list_marks(repo: &Repository) -> Result<(Vec<ObjectId>, HashSet<ObjectId>)> {
+    let marks = list_ids(repo, name::PRUNE_MARKS).await?;
+    let swept = list_ids(repo, name::PRUNE_SWEPT).await?;
+    Ok((marks, swept.into_iter().collect()))
+}
+
+async fn read_marks(repo: &Repository, ids: &[ObjectId]) -> Result<Vec<Mark>> {
+    let objects: Vec<(ObjectId, String)> = ids
+        .iter()
+        .map(|id| (*id, name::prune_object(name::PRUNE_MARKS, id)))
+        .collect();
+    futures::stream::iter(objects)
+        .map(|(id, object)| async move {
+            let mark: Mark = get_json(repo, &object).await?;
+            if mark.id != id {
+                return Err(Error::corrupt(&object, "id differs from the object's name"));
+            }
+            Ok(mark)
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<Result<Mark>>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// What a writer (backup, copy) learned about prune before it started: the marks it saw, and
+/// the packs they condemn, which it must not deduplicate against.
+#[derive(Debug)]
+pub struct WriterView {
+    seen: HashSet<ObjectId>,
+    condemned: IdSet<ObjectId>,
+    started: Instant,
+}
+
+impl WriterView {
+    /// Reads the marks. Call it before loading the index.
+    pub async fn read(repo: &Repository) -> Result<WriterView> {
+        let started = Instant::now();
+        let (marks, swept) = list_marks(repo).await?;
+        let live: Vec<ObjectId> = marks
+            .iter()
+            .filter(|m| !swept.contains(m))
+            .copied()
+            .collect();
+        let mut condemned = IdSet::default();
+        for mark in read_marks(repo, &live).await? {
+            condemned.extend(mark.pack_ids());
+        }
+        Ok(WriterView {
+            seen: marks.into_iter().collect(),
+            condemned,
+            started,
+        })
+    }
+
+    /// Packs the writer must treat as absent.
+    pub fn condemned(&self) -> &IdSet<ObjectId> {
+        &self.condemned
+    }
+
+    /// Decides whether a snapshot that reused the packs `reused` may still be committed: it
+    /// may not if a mark written since [`WriterView::read`] condemns one of them and that
+    /// mark's sweep is done or near (within the clock margin).
+    pub async fn check_commit(&self, repo: &Repository, reused: &IdSet<ObjectId>) -> Result<()> {
+        let elapsed = self.started.elapsed();
+        if elapsed >= TOMBSTONE_LIFE {
+            return Err(Error::Conflict(format!(
+                "this run took {}, longer than prune's record keeping ({}); nothing was committed, run it again",
+                crate::retention::show(elapsed),
+                crate::retention::show(TOMBSTONE_LIFE)
+            )));
+        }
+        let (marks, swept) = list_marks(repo).await?;
+        let new: Vec<ObjectId> = marks
+            .into_iter()
+            .filter(|m| !self.seen.contains(m))
+            .collect();
+        if new.is_empty() || reused.is_empty() {
+            return Ok(());
+        }
+        let now = Timestamp::now();
+        for mark in read_marks(repo, &new).await? {
+            if !mark.pack_ids().any(|p| reused.contains(&p)) {
+                continue;
+            }
+            if swept.contains(&mark.id) || add(now, margin(mark.grace())) >= mark.due() {
+                return Err(Error::Conflict(format!(
+                    "a prune (mark {}, host {}) condemned data this run reused, and its grace period ends at {}; nothing was committed, run it again",
+                    mark.id.short(),
+                    mark.host,
+                    mark.due()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How to prune.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// Marked objects are deleted only this long after they were marked.
+    pub grace: Duration,
+    /// Packs with at least this share of unused bytes are repacked (0..=1; above 1: never).
+    pub repack_threshold: f64,
+    /// Report what would happen; write and delete nothing.
+    pub dry_run: bool,
+    pub host: String,
+    pub cancel: Cancel,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions {
+            grace: DEFAULT_GRACE,
+            repack_threshold: DEFAULT_REPACK_THRESHOLD,
+            dry_run: false,
+            host: crate::hostname(),
+            cancel: Cancel::new(),
+        }
+    }
+}
+
+/// What a prune did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub snapshots: usize,
+    pub packs: usize,
+    pub blobs_used: usize,
+    /// Marks whose grace period had passed and that this run swept.
+    pub marks_swept: usize,
+    pub packs_deleted: usize,
+    /// Bytes of the packs deleted.
+    pub bytes_reclaimed: u64,
+    /// Marked packs the sweep kept, because a snapshot committed since needs them.
+    pub packs_kept: usize,
+    pub segments_written: usize,
+    pub segments_deleted: usize,
+    /// Packs marked by this run (the sweep of a later run deletes them).
+    pub packs_marked: usize,
+    pub bytes_marked: u64,
+    pub segments_marked: usize,
+    pub packs_repacked: usize,
+    /// Bytes written into new packs by repacking.
+    pub bytes_repacked: u64,
+    /// When the objects marked by this run may be deleted.
+    pub next_sweep: Option<Timestamp>,
+    /// Marks still inside their grace period (not swept by this run).
+    pub marks_pending: usize,
+    pub warnings: Vec<String>,
+    pub duration_seconds: f64,
+}
+
+/// Prunes the repository: sweeps marks whose grace period has passed, then marks what is
+/// unused now. Holds the prune lease while it runs.
+pub async fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
+    if opts.repack_threshold.is_nan() || opts.repack_threshold < 0.0 {
+        return Err(Error::invalid("repack threshold must be between 0 and 1"));
+    }
+    let begun = Instant::now();
+    let lease = if opts.dry_run {
+        None
+    } else {
+        Some(acquire_lease(repo, &opts.host).await?)
+    };
+    let result = Pruner::new(repo, opts).run().await;
+    if let Some(lease) = lease {
+        let released = repo
+            .store()
+            .delete(&name::prune_object(name::PRUNE_LEASES, &lease))
+            .await;
+        if let (Ok(_), Err(e)) = (&result, released) {
+            return Err(e);
+        }
+    }
+    let mut report = result?;
+    report.duration_seconds = begun.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+async fn acquire_lease(repo: &Repository, host: &str) -> Result<ObjectId> {
+    let now = Timestamp::now();
+    let lease = Lease {
+        id: ObjectId::random(),
+        host: host.to_string(),
+        pid: std::process::id(),
+        started: now,
+        expires: add(now, LEASE_TTL),
+    };
+    let own = name::prune_object(name::PRUNE_LEASES, &lease.id);
+    put_json(repo, &own, &lease).await?;
+    let mut holder = None;
+    for id in list_ids(repo, name::PRUNE_LEASES).await? {
+        if id == lease.id {
+            continue;
+        }
+        let object = name::prune_object(name::PRUNE_LEASES, &id);
+        match get_json::<Lease>(repo, &object).await {
+            Ok(other) if other.expires <= now || crashed_here(&other, host) => {
+                repo.store().delete(&object).await?
+            }
+            Ok(other) => holder = Some(other),
+            Err(Error::MissingObject { .. }) => {}
+            Err(e) => {
+                repo.store().delete(&own).await?;
+                return Err(e);
+            }
+        }
+    }
+    if let Some(other) = holder {
+        repo.store().delete(&own).await?;
+        return Err(Error::Conflict(format!(
+            "another prune holds the repository: host {}, pid {}, since {} (its lease ends {}); try again later",
+            other.host, other.pid, other.started, other.expires
+        )));
+    }
+    Ok(lease.id)
+}
+
+/// A lease this host wrote whose process is gone: its prune was killed.
+fn crashed_here(lease: &Lease, host: &str) -> bool {
+    lease.host == host
+        && lease.pid != std::process::id()
+        && rustix::process::Pid::from_raw(lease.pid as i32)
+            .is_some_and(|pid| rustix::process::test_kill_process(pid).is_err())
+}
+
+/// One pack as prune sees it.
+struct PackRec {
+    epoch: Epoch,
+    key_id: ObjectId,
+    length: u32,
+    entries: Vec<BlobEntry>,
+    /// The size the data listing reports; `None` when the pack is missing.
+    listed: Option<u64>,
+}
+
+/// A live (not superseded) index segment.
+struct LiveSegment {
+    object: String,
+    id: ObjectId,
+    epoch: Epoch,
+    key_id: ObjectId,
+    packs: Vec<ObjectId>,
+}
+
+struct Pruner<'a> {
+    repo: &'a Repository,
+    opts: &'a PruneOptions,
+    report: PruneReport,
+    /// Segments this run's sweep superseded; the next sweep deletes them.
+    retired: Vec<String>,
+}
+
+impl<'a> Pruner<'a> {
+    fn new(repo: &'a Repository, opts: &'a PruneOptions) -> Self {
+        Pruner {
+            repo,
+            opts,
+            report: PruneReport {
+                dry_run: opts.dry_run,
+                ..PruneReport::default()
+            },
+            retired: Vec::new(),
+        }
+    }
+
+    fn cancelled(&self) -> Result<()> {
+        if self.opts.cancel.is_cancelled() {
+            return Err(Error::Interrupted);
+        }
+        Ok(())
+    }
+
+    async fn run(mut self) -> Result<PruneReport> {
+        let repo = self.repo;
+        let now = Timestamp::now();
+
+        // Marks first: a mark read after the snapshots could name a pack a snapshot listed
+        // before it needed.
+        let (mark_ids, swept) = list_marks(repo).await?;
+        let marks = read_marks(repo, &mark_ids).await?;
+        let (due, pending): (Vec<&Mark>, Vec<&Mark>) = marks
+            .iter()
+            .filter(|m| !swept.contains(&m.id))
+            .partition(|m| m.due() <= now);
+        self.report.marks_pending = pending.len();
+
+        let (snapshots, unreadable) = repo.snapshots().await?;
+        if let Some(bad) = unreadable.first() {
+            return Err(Error::invalid(format!(
+                "prune stopped: {bad}; prune must know what every snapshot needs (run `kluis check`)"
+            )));
+        }
+        self.report.snapshots = snapshots.len();
+
+        // Every index segment; an unreadable one stops prune, as it may list needed packs.
+        let mut loaded = Vec::new();
+        for (object, result) in repo.index_segments(name::INDEX).await? {
+            let (epoch, key_id, seg) = result.map_err(|e| {
+                Error::invalid(format!(
+                    "prune stopped: {e}; prune must read every index segment (run `kluis check`)"
+                ))
+            })?;
+            let id = name::parse_epoch_object(name::INDEX, &object)
+                .map(|(_, id)| id)
+                .ok_or_else(|| Error::corrupt(&object, "not an index segment name"))?;
+            loaded.push((object, id, epoch, key_id, seg));
+        }
+        let superseded: HashSet<ObjectId> = loaded
+            .iter()
+            .flat_map(|(_, _, _, _, s)| s.supersedes.iter().copied())
+            .collect();
+        let listed: HashMap<String, u64> = repo
+            .store()
+            .list(name::DATA)
+            .await?
+            .into_iter()
+            .map(|o| (o.name, o.size))
+            .collect();
+
+        let mut packs: IdMap<ObjectId, PackRec> = IdMap::default();
+        let mut live = Vec::new();
+        let mut old_segments = Vec::new();
+        for (object, id, epoch, key_id, seg) in loaded {
+            if superseded.contains(&id) {
+                old_segments.push(object);
+                continue;
+            }
+            let mut ids = Vec::with_capacity(seg.packs.len());
+            for p in seg.packs {
+                ids.push(p.id);
+                let listed = listed.get(&name::pack(epoch, &p.id)).copied();
+                packs.entry(p.id).or_insert(PackRec {
+                    epoch,
+                    key_id,
+                    length: p.length,
+                    entries: p.blobs,
+                    listed,
+                });
+            }
+            live.push(LiveSegment {
+                object,
+                id,
+                epoch,
+                key_id,
+                packs: ids,
+            });
+        }
+        self.report.packs = packs.len();
+        for (id, p) in &packs {
+            if p.listed.is_none() {
+                self.report.warnings.push(format!(
+                    "{}: pack is missing but the index lists it (run `kluis check`)",
+                    name::pack(p.epoch, id)
+                ));
+            }
+        }
+
+        let mut condemned: IdSet<ObjectId> = IdSet::default();
+        for m in &marks {
+            if !swept.contains(&m.id) {
+                condemned.extend(m.pack_ids());
+            }
+        }
+        let mut index = home_index(&packs, &IdSet::default(), &condemned);
+        let used = self.used_blobs(&index, &snapshots).await?;
+        self.report.blobs_used = used.len();
+        self.cancelled()?;
+
+        // Sweep.
+        let mut deleted: IdSet<ObjectId> = IdSet::default();
+        if !due.is_empty() {
+            deleted = self.sweep(&due, &packs, &used, &listed, &mut live).await?;
+            if !deleted.is_empty() {
+                let pending_packs = pending.iter().flat_map(|m| m.pack_ids()).collect();
+                index = home_index(&packs, &deleted, &pending_packs);
+            }
+        }
+        self.cancelled()?;
+
+        // Mark.
+        let mut already: IdSet<ObjectId> = IdSet::default();
+        let mut already_segments: HashSet<&str> = HashSet::new();
+        for m in &pending {
+            already.extend(m.pack_ids());
+            already_segments.extend(m.segments.iter().map(String::as_str));
+        }
+        let mut mark = Mark {
+            id: ObjectId::random(),
+            created: Timestamp::now(),
+            host: self.opts.host.clone(),
+            grace_seconds: self.opts.grace.as_secs(),
+            packs: Vec::new(),
+            segments: Vec::new(),
+        };
+        let swept_segments: HashSet<&str> = due
+            .iter()
+            .flat_map(|m| m.segments.iter().map(String::as_str))
+            .collect();
+        for object in old_segments.iter().chain(&self.retired) {
+            if !already_segments.contains(object.as_str())
+                && !swept_segments.contains(object.as_str())
+            {
+                mark.segments.push(object.clone());
+            }
+        }
+        // Packs the index lists.
+        let mut repack: Vec<ObjectId> = Vec::new();
+        for (id, p) in &packs {
+            let Some(size) = p.listed else { continue };
+            if deleted.contains(id) || already.contains(id) {
+                continue;
+            }
+            let mut used_bytes = 0u64;
+            let mut homed = false;
+            for e in &p.entries {
+                if used.contains(&e.id) {
+                    used_bytes += u64::from(e.length);
+                    homed |= index.get(&e.id).is_some_and(|(home, _)| home.id == *id);
+                }
+            }
+            if used_bytes == 0 || !homed {
+                // Nothing needs it, or every blob it holds that something needs is also
+                // stored in another pack (an interrupted repack leaves such packs).
+                mark.packs.push(name::pack(p.epoch, id));
+                self.report.bytes_marked += size;
+            } else {
+                let unused = 1.0 - used_bytes as f64 / f64::from(p.length.max(1));
+                if unused >= self.opts.repack_threshold && self.opts.repack_threshold <= 1.0 {
+                    repack.push(*id);
+                }
+            }
+        }
+        // Packs no index lists: leftovers of interrupted backups, or packs a backup is
+        // uploading right now and will index later; the grace period tells them apart.
+        for (object, &size) in &listed {
+            let Some((_, id)) = name::parse_epoch_object(name::DATA, object) else {
+                continue;
+            };
+            if packs.contains_key(&id) || deleted.contains(&id) || already.contains(&id) {
+                continue;
+            }
+            mark.packs.push(object.clone());
+            self.report.bytes_marked += size;
+        }
+        self.cancelled()?;
+        if !repack.is_empty() {
+            repack.sort_by_key(|id| (packs[id].epoch, packs[id].key_id, *id));
+            self.repack(&repack, &packs, &used, &index, &mut mark)
+                .await?;
+        }
+        mark.packs.sort();
+        mark.segments.sort();
+        self.report.packs_marked = mark.packs.len();
+        self.report.segments_marked = mark.segments.len();
+        if !mark.packs.is_empty() || !mark.segments.is_empty() {
+            self.report.next_sweep = Some(mark.due());
+            if !self.opts.dry_run {
+                put_json(
+                    repo,
+                    &name::prune_object(name::PRUNE_MARKS, &mark.id),
+                    &mark,
+                )
+                .await?;
+            }
+        } else if let Some(first) = pending.iter().map(|m| m.due()).min() {
+            self.report.next_sweep = Some(first);
+        }
+
+        // Swept marks past their record-keeping time: the mark goes first, then its record.
+        if !self.opts.dry_run {
+            for id in swept {
+                let record = name::prune_object(name::PRUNE_SWEPT, &id);
+                let s: Swept = get_json(repo, &record).await?;
+                if add(s.swept, TOMBSTONE_LIFE) <= now {
+                    repo.store()
+                        .delete(&name::prune_object(name::PRUNE_MARKS, &id))
+                        .await?;
+                    repo.store().delete(&record).await?;
+                }
+            }
+        }
+        Ok(self.report)
+    }
+
+    /// Every blob (data, tree, content list) some snapshot needs.
+    async fn used_blobs(
+        &self,
+        index: &Index,
+        snapshots: &[crate::snapshot::Snapshot],
+    ) -> Result<IdSet<BlobId>> {
+        let mut used: IdSet<BlobId> = IdSet::default();
+        let mut trees: Vec<(BlobId, ObjectId)> = Vec::new();
+        for s in snapshots {
+            if used.insert(s.tree) {
+                trees.push((s.tree, s.id));
+            }
+        }
+        let needed = |id: &BlobId, snapshot: &ObjectId| -> Result<()> {
+            if index.contains(id) {
+                Ok(())
+            } else {
+                Err(Error::invalid(format!(
+                    "prune stopped: blob {id}, needed by snapshot {}, is in no index segment (run `kluis check`)",
+                    snapshot.short()
+                )))
+            }
+        };
+        while let Some((tree_id, snapshot)) = trees.pop() {
+            self.cancelled()?;
+            needed(&tree_id, &snapshot)?;
+            let bytes = self.repo.read_blob(index, &tree_id).await?;
+            let tree = Tree::decode(&format!("tree {tree_id}"), &bytes)?;
+            for node in tree.nodes {
+                for id in node.content {
+                    needed(&id, &snapshot)?;
+                    used.insert(id);
+                }
+                for list in node.content_lists {
+                    needed(&list, &snapshot)?;
+                    if used.insert(list) {
+                        let bytes = self.repo.read_blob(index, &list).await?;
+                        for id in tree::decode_list(&format!("content list {list}"), &bytes)? {
+                            needed(&id, &snapshot)?;
+                            used.insert(id);
+                        }
+                    }
+                }
+                if let Some(sub) = node.subtree {
+                    if used.insert(sub) {
+                        trees.push((sub, snapshot));
+                    }
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    /// Deletes what the due marks condemned and nothing a snapshot needs; returns the packs
+    /// deleted (or, dry, that would be).
+    async fn sweep(
+        &mut self,
+        due: &[&Mark],
+        packs: &IdMap<ObjectId, PackRec>,
+        used: &IdSet<BlobId>,
+        listed: &HashMap<String, u64>,
+        live: &mut Vec<LiveSegment>,
+    ) -> Result<IdSet<ObjectId>> {
+        let repo = self.repo;
+        let mut condemned: Vec<(String, ObjectId)> = due
+            .iter()
+            .flat_map(|m| m.packs.iter())
+            .filter_map(|p| name::parse_epoch_object(name::DATA, p).map(|(_, id)| (p.clone(), id)))
+            .collect();
+        condemned.sort();
+        condemned.dedup();
+        let candidates: IdSet<ObjectId> = condemned.iter().map(|(_, id)| *id).collect();
+
+        // Blobs some snapshot needs that live in a condemned pack and nowhere else (yet).
+        let mut need: IdSet<BlobId> = IdSet::default();
+        for id in &candidates {
+            if let Some(p) = packs.get(id) {
+                need.extend(p.entries.iter().map(|e| e.id).filter(|b| used.contains(b)));
+            }
+        }
+        if !need.is_empty() {
+            for (id, p) in packs {
+                if !candidates.contains(id) && p.listed.is_some() {
+                    for e in &p.entries {
+                        need.remove(&e.id);
+                    }
+                }
+            }
+        }
+        let mut doomed: Vec<(String, u64)> = Vec::new();
+        let mut deleted: IdSet<ObjectId> = IdSet::default();
+        for (object, id) in &condemned {
+            let Some(&size) = listed.get(object) else {
+                continue; // already gone (an earlier sweep of this mark crashed half-way)
+            };
+            if let Some(p) = packs.get(id) {
+                if p.entries.iter().any(|e| need.contains(&e.id)) {
+                    // A snapshot committed since the mark needs it: keep it.
+                    self.report.packs_kept += 1;
+                    for e in &p.entries {
+                        need.remove(&e.id);
+                    }
+                    continue;
+                }
+            }
+            doomed.push((object.clone(), size));
+            deleted.insert(*id);
+        }
+
+        // The index first: new segments without the doomed packs supersede the old ones, so
+        // no reader finds a blob in a pack that is about to go.
+        let mut groups: HashMap<(Epoch, ObjectId), Vec<usize>> = HashMap::new();
+        for (n, seg) in live.iter().enumerate() {
+            if seg.packs.iter().any(|p| deleted.contains(p)) {
+                groups.entry((seg.epoch, seg.key_id)).or_default().push(n);
+            }
+        }
+        let mut groups: Vec<_> = groups.into_iter().collect();
+        groups.sort_by_key(|(k, _)| *k);
+        let mut retired = HashSet::new();
+        for ((epoch, key_id), members) in groups {
+            self.cancelled()?;
+            let supersedes: Vec<ObjectId> = members.iter().map(|&n| live[n].id).collect();
+            let mut kept: Vec<IndexedPack> = Vec::new();
+            let mut seen = IdSet::default();
+            for &n in &members {
+                for id in &live[n].packs {
+                    if deleted.contains(id) || !seen.insert(*id) {
+                        continue;
+                    }
+                    let p = &packs[id];
+                    kept.push(IndexedPack {
+                        id: *id,
+                        length: p.length,
+                        blobs: p.entries.clone(),
+                    });
+                }
+            }
+            self.write_segments(epoch, key_id, kept, supersedes).await?;
+            retired.extend(members);
+        }
+        // The superseded segments are marked for a later sweep (a reader may be loading them).
+        let mut n = 0;
+        live.retain(|seg| {
+            n += 1;
+            if retired.contains(&(n - 1)) {
+                self.retired.push(seg.object.clone());
+                return false;
+            }
+            true
+        });
+
+        for (_, size) in &doomed {
+            self.report.bytes_reclaimed += size;
+        }
+        self.report.packs_deleted = doomed.len();
+        if !self.opts.dry_run {
+            delete_all(repo, doomed.iter().map(|(o, _)| o.clone()).collect()).await?;
+        }
+        // Segments the due marks condemned: superseded for a whole grace period by now.
+        let segments: Vec<String> = due
+            .iter()
+            .flat_map(|m| m.segments.iter().cloned())
+            .collect();
+        self.report.segments_deleted = segments.len();
+        if !self.opts.dry_run {
+            delete_all(repo, segments).await?;
+            for m in due {
+                put_json(
+                    repo,
+                    &name::prune_object(name::PRUNE_SWEPT, &m.id),
+                    &Swept {
+                        id: m.id,
+                        swept: Timestamp::now(),
+                    },
+                )
+                .await?;
+            }
+        }
+        self.report.marks_swept = due.len();
+        Ok(deleted)
+    }
+
+    /// Writes `packs` as index segments of `(epoch, key_id)`; the last carries `supersedes`,
+    /// so the old segments drop out only once every new one is durable.
+    async fn write_segments(
+        &mut self,
+        epoch: Epoch,
+        key_id: ObjectId,
+        packs: Vec<IndexedPack>,
+        supersedes: Vec<ObjectId>,
+    ) -> Result<()> {
+        let mut segments = vec![IndexSegment::default()];
+        for p in packs {
+            let last = segments.last_mut().expect("one");
+            if !last.packs.is_empty() && last.blob_count() + p.blobs.len() > SEGMENT_BLOBS {
+                segments.push(IndexSegment::default());
+            }
+            segments.last_mut().expect("one").packs.push(p);
+        }
+        segments.last_mut().expect("one").supersedes = supersedes;
+        self.report.segments_written += segments.len();
+        if self.opts.dry_run {
+            return Ok(());
+        }
+        let key = self.repo.epoch_key(epoch, key_id).await?;
+        for seg in &segments {
+            self.repo.save_index(&key, seg).await?;
+        }
+        Ok(())
+    }
+
+    /// Copies the blobs snapshots need out of half-empty packs into new packs, indexes them,
+    /// and marks the old packs. Each blob is checked (decrypt, decompress, hash) on the way:
+    /// repacking never carries damage forward.
+    async fn repack(
+        &mut self,
+        ids: &[ObjectId],
+        packs: &IdMap<ObjectId, PackRec>,
+        used: &IdSet<BlobId>,
+        index: &Index,
+        mark: &mut Mark,
+    ) -> Result<()> {
+        let repo = self.repo;
+        let pack_size = repo.config().pack_size as usize;
+        let mut copied: IdSet<BlobId> = IdSet::default();
+        let mut start = 0;
+        while start < ids.len() {
+            let (epoch, key_id) = (packs[&ids[start]].epoch, packs[&ids[start]].key_id);
+            let end = start
+                + ids[start..]
+                    .iter()
+                    .take_while(|id| packs[*id].epoch == epoch && packs[*id].key_id == key_id)
+                    .count();
+            let key = repo.epoch_key(epoch, key_id).await?;
+            let mut writer: Option<PackWriter> = None;
+            let mut done: Vec<IndexedPack> = Vec::new();
+            for id in &ids[start..end] {
+                self.cancelled()?;
+                let p = &packs[id];
+                let object = name::pack(epoch, id);
+                let bytes = repo.store().get(&object).await?;
+                for e in &p.entries {
+                    // Only the copy the index resolves to is carried over; duplicates go.
+                    let home = index.get(&e.id).is_some_and(|(h, _)| h.id == *id);
+                    if !used.contains(&e.id) || !home || !copied.insert(e.id) {
+                        continue;
+                    }
+                    let range = e.offset as usize..(e.offset as usize + e.length as usize);
+                    let Some(stored) = bytes.get(range) else {
+                        return Err(Error::corrupt(
+                            &object,
+                            format!("blob {} lies outside the pack", e.id),
+                        ));
+                    };
+                    let mut check = stored.to_vec();
+                    repo.decode_blob(&key, &object, e, &mut check)?;
+                    let w = writer.get_or_insert_with(|| {
+                        PackWriter::new(epoch, key_id, key.key(), repo.id(), pack_size)
+                    });
+                    w.add_sealed(e.id, e.kind, e.compression, e.raw_length, stored);
+                    if w.len() >= pack_size {
+                        let full = writer.take().expect("open pack");
+                        done.push(self.upload_pack(&key, full).await?);
+                    }
+                }
+                mark.packs.push(object);
+                self.report.packs_repacked += 1;
+                self.report.bytes_marked += p.listed.unwrap_or(u64::from(p.length));
+            }
+            if let Some(w) = writer.take() {
+                done.push(self.upload_pack(&key, w).await?);
+            }
+            if !done.is_empty() {
+                self.write_segments(epoch, key_id, done, Vec::new()).await?;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    async fn upload_pack(
+        &mut self,
+        key: &crate::repository::EpochKey,
+        writer: PackWriter,
+    ) -> Result<IndexedPack> {
+        let repo = self.repo;
+        let pack = writer.finish(key.epoch);
+        let pkey = pack::pack_key(key.key(), &repo.id(), &pack.name);
+        pack::verify_sealed(
+            &pack,
+            &pkey,
+            pack::BlobKeys {
+                epoch_key: key.key(),
+                repo_id: &repo.id(),
+            },
+        )?;
+        let length = pack.bytes.len();
+        self.report.bytes_repacked += length as u64;
+        if !self.opts.dry_run {
+            repo.store()
+                .put(&pack.name, Bytes::clone(&pack.bytes))
+                .await?;
+        }
+        Ok(IndexedPack {
+            id: pack.id,
+            length: length as u32,
+            blobs: pack.entries,
+        })
+    }
+}
+
+async fn delete_all(repo: &Repository, objects: Vec<String>) -> Result<()> {
+    futures::stream::iter(objects)
+        .map(|o| async move { repo.store().delete(&o).await })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<Result<()>>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// The index prune resolves blobs with: each blob's home is its copy in a pack that stays,
+/// preferring packs no mark condemns, so a pack is never judged redundant because of a copy
+/// that is itself on its way out.
+fn home_index(
+    packs: &IdMap<ObjectId, PackRec>,
+    gone: &IdSet<ObjectId>,
+    condemned: &IdSet<ObjectId>,
+) -> Index {
+    let mut index = Index::default();
+    let mut ordered: Vec<(&ObjectId, &PackRec)> = packs
+        .iter()
+        .filter(|(id, p)| !gone.contains(*id) && p.listed.is_some())
+        .collect();
+    ordered.sort_by_key(|(id, _)| (condemned.contains(*id), **id));
+    for (id, p) in ordered {
+        index.add_pack(p.epoch, p.key_id, *id, p.length, &p.entries);
+    }
+    index
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KdfParams, Secret};
+    use crate::repository::InitOptions;
+    use crate::store::Store;
+
+    async fn repo() -> Repository {
+        let opts = InitOptions {
+            kdf: KdfParams {
+                memory_kib: 64,
+                iterations: 1,
+                parallelism: 1,
+            },
+            ..InitOptions::default()
+        };
+        let store = Store::open("memory://", true).unwrap();
+        Repository::init(store, &Secret::passphrase("pw"), opts)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_prune_at_a_time_and_stale_leases_are_ignored() {
+        let repo = repo().await;
+        let first = acquire_lease(&repo, "a").await.unwrap();
+        let second = acquire_lease(&repo, "b").await.unwrap_err();
+        assert!(matches!(second, Error::Conflict(_)), "{second}");
+        assert!(second.to_string().contains("host a"), "{second}");
+        // The loser withdrew its lease; only the holder's is left.
+        assert_eq!(
+            list_ids(&repo, name::PRUNE_LEASES).await.unwrap(),
+            vec![first]
+        );
+        repo.store()
+            .delete(&name::prune_object(name::PRUNE_LEASES, &first))
+            .await
+            .unwrap();
+        let third = acquire_lease(&repo, "c").await.unwrap();
+        // A crashed prune's lease, past its end, neither blocks nor survives the next one.
+        let stale = Lease {
+            id: ObjectId::random(),
+            host: "crashed".into(),
+            pid: 1,
+            started: Timestamp::UNIX_EPOCH,
+            expires: Timestamp::UNIX_EPOCH,
+        };
+        repo.store()
+            .delete(&name::prune_object(name::PRUNE_LEASES, &third))
+            .await
+            .unwrap();
+        let object = name::prune_object(name::PRUNE_LEASES, &stale.id);
+        put_json(&repo, &object, &stale).await.unwrap();
+        let fourth = acquire_lease(&repo, "d").await.unwrap();
+        assert_eq!(
+            list_ids(&repo, name::PRUNE_LEASES).await.unwrap(),
+            vec![fourth]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lease_left_by_a_dead_process_on_this_host_is_taken_over() {
+        let repo = repo().await;
+        let dead = Lease {
+            id: ObjectId::random(),
+            host: "here".into(),
+            // Beyond the kernel's largest pid: no such process.
+            pid: 1 << 23,
+            started: Timestamp::now(),
+            expires: add(Timestamp::now(), LEASE_TTL),
+        };
+        let object = name::prune_object(name::PRUNE_LEASES, &dead.id);
+        put_json(&repo, &object, &dead).await.unwrap();
+        // Another host cannot tell whether it is alive: it waits.
+        assert!(acquire_lease(&repo, "elsewhere").await.is_err());
+        let id = acquire_lease(&repo, "here").await.unwrap();
+        assert_eq!(list_ids(&repo, name::PRUNE_LEASES).await.unwrap(), vec![id]);
+    }
+
+    #[tokio::test]
+    async fn a_stray_object_under_prune_is_named() {
+        let repo = repo().await;
+        repo.store()
+            .put("prune/marks/notes.txt", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        let e = WriterView::read(&repo).await.unwrap_err();
+        assert!(e.to_string().contains("prune/marks/notes.txt"), "{e}");
+    }
+
+    #[test]
+    fn margins_stay_inside_the_grace_period() {
+        assert_eq!(margin(Duration::from_secs(4)), Duration::from_secs(1));
+        assert_eq!(margin(DEFAULT_GRACE), Duration::from_secs(600));
+    }
+}

@@ -1,0 +1,386 @@
+//! Prune: two phases (mark, then sweep after the grace period), repacking, the writer's side
+//! of the protocol, refusal on unreadable metadata, and SIGKILL at random points.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn sha256(b: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
+}
+
+fn json(out: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(out).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
+}
+
+fn prune(repo: &Repo, grace: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["prune", "--grace", grace, "--json"];
+    args.extend_from_slice(extra);
+    json(&repo.ok(&args))
+}
+
+fn count(v: &serde_json::Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {v}"))
+}
+
+/// Small chunks and packs: many objects, so prune has something to choose between.
+fn small_repo() -> Repo {
+    Repo::init_file(&["--pack-size", "65536", "--chunk-sizes", "4096,16384,65536"])
+}
+
+fn data_bytes(repo: &Repo) -> u64 {
+    repo.objects()
+        .iter()
+        .filter(|(n, _)| n.starts_with("data/"))
+        .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+fn wait_past(grace: Duration, since: Instant) {
+    let left = (grace + Duration::from_millis(200)).saturating_sub(since.elapsed());
+    std::thread::sleep(left);
+}
+
+#[test]
+fn forgotten_data_is_marked_first_and_deleted_only_after_the_grace_period() {
+    let repo = small_repo();
+    let a = random_bytes(1, 2 << 20);
+    let b = random_bytes(2, 2 << 20);
+    let mut c = a[..1 << 20].to_vec();
+    c.extend_from_slice(&random_bytes(3, 1 << 20));
+    repo.backup_stdin("a", &a);
+    let b_id = repo.backup_stdin("b", &b);
+    let c_id = repo.backup_stdin("c", &c);
+    repo.ok(&["forget", "--name", "a", "--max-age", "0s"]);
+    let packs = |repo: &Repo| -> Vec<String> {
+        repo.objects()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.starts_with("data/"))
+            .collect()
+    };
+    let original = packs(&repo);
+
+    let grace = Duration::from_secs(3);
+    let marked_at = Instant::now();
+    let first = prune(&repo, "3s", &[]);
+    assert_eq!(count(&first, "packs_deleted"), 0, "{first}");
+    assert!(count(&first, "packs_marked") > 0, "{first}");
+    // Within the grace period a second prune deletes nothing either.
+    let again = prune(&repo, "3s", &[]);
+    assert_eq!(count(&again, "packs_deleted"), 0, "{again}");
+    assert_eq!(count(&again, "marks_pending"), 1, "{again}");
+    let now = packs(&repo);
+    let gone: Vec<_> = original.iter().filter(|p| !now.contains(p)).collect();
+    assert!(gone.is_empty(), "deleted inside the grace period: {gone:?}");
+
+    wait_past(grace, marked_at);
+    let before = data_bytes(&repo);
+    let sweep = prune(&repo, "3s", &[]);
+    assert!(count(&sweep, "packs_deleted") > 0, "{sweep}");
+    let after = data_bytes(&repo);
+    assert_eq!(before - after, count(&sweep, "bytes_reclaimed"), "{sweep}");
+    // a's second half was its own: about 1 MiB went.
+    assert!(
+        before - after > 800 << 10,
+        "reclaimed only {}",
+        before - after
+    );
+    assert!(
+        after < 4500 << 10,
+        "{after} bytes of packs left for 4 MiB of snapshots"
+    );
+    assert!(repo.restore_stdout(&b_id) == b);
+    assert!(repo.restore_stdout(&c_id) == c);
+    repo.ok(&["check", "--read-data"]);
+
+    // The superseded index segments go one grace period later.
+    let retired_at = Instant::now();
+    wait_past(grace, retired_at);
+    let last = prune(&repo, "3s", &[]);
+    assert!(count(&last, "segments_deleted") > 0, "{last}");
+    repo.ok(&["check", "--read-data"]);
+    assert!(repo.restore_stdout(&c_id) == c);
+}
+
+#[test]
+fn a_backup_never_deduplicates_against_marked_data() {
+    let repo = small_repo();
+    let a = random_bytes(10, 1 << 20);
+    repo.backup_stdin("a", &a);
+    repo.ok(&["forget", "--name", "a", "--max-age", "0s"]);
+    let marked_at = Instant::now();
+    prune(&repo, "2s", &[]);
+    // The same bytes again: the marked packs are invisible, so everything is stored anew.
+    let out = repo.run_stdin(&["backup", "--stdin", "--name", "a", "--json"], &a);
+    assert_success(&out, &["backup after mark"]);
+    let v = json(&out.stdout);
+    assert!(
+        v["summary"]["new_bytes"].as_u64().unwrap() >= a.len() as u64,
+        "{v}"
+    );
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_past(Duration::from_secs(2), marked_at);
+    let sweep = prune(&repo, "2s", &[]);
+    assert!(count(&sweep, "packs_deleted") > 0, "{sweep}");
+    assert!(repo.restore_stdout(&id) == a);
+    repo.ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn half_empty_packs_are_repacked_and_the_copies_verified() {
+    let repo = Repo::init_file(&[
+        "--pack-size",
+        "1048576",
+        "--chunk-sizes",
+        "4096,16384,65536",
+    ]);
+    let dir = repo.path().join("src");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("keep"), random_bytes(20, 300 << 10)).unwrap();
+    std::fs::write(dir.join("drop"), random_bytes(21, 300 << 10)).unwrap();
+    repo.backup_paths(&["--name", "tree"], &[&dir]);
+    std::fs::remove_file(dir.join("drop")).unwrap();
+    let kept = repo.backup_paths(&["--name", "tree"], &[&dir]);
+    repo.ok(&["forget", "--name", "tree", "--keep-last", "1"]);
+
+    let marked_at = Instant::now();
+    let first = prune(&repo, "2s", &["--repack-threshold", "20"]);
+    assert!(count(&first, "packs_repacked") >= 1, "{first}");
+    assert!(count(&first, "bytes_repacked") > 250 << 10, "{first}");
+    repo.ok(&["check", "--read-data"]);
+    wait_past(Duration::from_secs(2), marked_at);
+    let sweep = prune(&repo, "2s", &["--repack-threshold", "20"]);
+    assert!(count(&sweep, "packs_deleted") >= 1, "{sweep}");
+    assert_eq!(count(&sweep, "packs_kept"), 0, "{sweep}");
+    // What is left is about the one file the kept snapshot needs.
+    let left = data_bytes(&repo);
+    assert!(left < 450 << 10, "{left} bytes of packs left");
+    let target = repo.path().join("restored");
+    repo.ok(&[
+        "restore",
+        &kept,
+        "--target",
+        target.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_same_tree(&dir, &target.join("src"));
+    repo.ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn the_sweep_keeps_marked_packs_a_snapshot_committed_since_needs() {
+    // A backup that started before the mark may reuse marked packs and commit inside the
+    // grace period. Simulated exactly: a's manifest is written again after the mark.
+    let repo = small_repo();
+    let a = random_bytes(30, 1 << 20);
+    repo.backup_stdin("a", &a);
+    let manifest = repo
+        .objects()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("snapshots/"))
+        .unwrap();
+    let saved = std::fs::read(&manifest.1).unwrap();
+    repo.ok(&["forget", "--name", "a", "--max-age", "0s"]);
+    let marked_at = Instant::now();
+    let first = prune(&repo, "2s", &[]);
+    assert!(count(&first, "packs_marked") > 0, "{first}");
+    // "Commit" it again (the same manifest bytes under the same name: they authenticate).
+    std::fs::write(&manifest.1, &saved).unwrap();
+    wait_past(Duration::from_secs(2), marked_at);
+    let sweep = prune(&repo, "2s", &[]);
+    assert_eq!(count(&sweep, "packs_deleted"), 0, "{sweep}");
+    assert!(count(&sweep, "packs_kept") > 0, "{sweep}");
+    assert!(repo.restore_stdout("latest") == a);
+    repo.ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn a_writer_that_raced_a_mark_refuses_to_commit_once_the_sweep_is_near() {
+    use kluis::keys::Secret;
+    use kluis::repository::Repository;
+    use kluis::store::Store;
+
+    let repo = small_repo();
+    let a = random_bytes(40, 1 << 20);
+    repo.backup_stdin("a", &a);
+    repo.ok(&["forget", "--name", "a", "--max-age", "0s"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(&repo.url, false).unwrap();
+        let secret = Secret::from_key_file(&repo.key_file).unwrap();
+        let lib = Repository::open(store, &secret).await.unwrap();
+        // The writer starts (reads the marks: none yet) and reuses a's packs.
+        let writer = kluis::prune::WriterView::read(&lib).await.unwrap();
+        let marked_at = Instant::now();
+        prune(&repo, "4s", &[]);
+        let marked = kluis::prune::WriterView::read(&lib).await.unwrap();
+        let reused = marked.condemned().clone();
+        assert!(!reused.is_empty());
+        // Inside the grace period (minus the 1 s clock margin) it may still commit: the
+        // sweep will see its snapshot.
+        writer.check_commit(&lib, &reused).await.unwrap();
+        // Packs no mark names are no reason to refuse.
+        writer
+            .check_commit(&lib, &Default::default())
+            .await
+            .unwrap();
+        wait_past(Duration::from_secs(3), marked_at);
+        let e = writer.check_commit(&lib, &reused).await.unwrap_err();
+        assert!(matches!(e, kluis::Error::Conflict(_)), "{e}");
+        assert!(e.to_string().contains("nothing was committed"), "{e}");
+        // A writer that saw the mark has nothing to fear from it.
+        marked.check_commit(&lib, &reused).await.unwrap();
+    });
+}
+
+#[test]
+fn prune_stops_on_an_unreadable_snapshot_or_index_segment_and_deletes_nothing() {
+    for what in ["snapshots/", "index/"] {
+        let repo = small_repo();
+        repo.backup_stdin("a", &random_bytes(50, 256 << 10));
+        repo.backup_stdin("b", &random_bytes(51, 256 << 10));
+        repo.ok(&["forget", "--name", "a", "--max-age", "0s"]);
+        prune(&repo, "0s", &[]);
+        let (_, victim) = repo
+            .objects()
+            .into_iter()
+            .find(|(n, _)| n.starts_with(what))
+            .unwrap();
+        let mut bytes = std::fs::read(&victim).unwrap();
+        let n = bytes.len() - 20;
+        bytes[n] ^= 1;
+        std::fs::write(&victim, bytes).unwrap();
+        let before = repo.objects();
+        let out = repo.run(&["prune", "--grace", "0s"]);
+        let err = assert_code(&out, 2, "prune over damage");
+        assert!(err.contains("prune stopped"), "{err}");
+        assert!(err.contains(what.trim_end_matches('/')), "{err}");
+        let after = repo.objects();
+        let gone: Vec<_> = before.iter().filter(|o| !after.contains(o)).collect();
+        assert!(gone.is_empty(), "{what}: prune deleted {gone:?}");
+    }
+}
+
+#[test]
+fn forget_with_prune_on_an_empty_and_a_one_snapshot_repository() {
+    let repo = small_repo();
+    let v = json(&repo.ok(&["forget", "--keep-last", "1", "--prune", "--json"]));
+    assert_eq!(v["forget"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(count(&v["prune"], "packs_marked"), 0, "{v}");
+    let a = random_bytes(60, 300 << 10);
+    let id = repo.backup_stdin("a", &a);
+    let v = json(&repo.ok(&[
+        "forget",
+        "--keep-last",
+        "1",
+        "--prune",
+        "--grace",
+        "0s",
+        "--json",
+    ]));
+    assert_eq!(v["forget"][0]["keep"], true, "{v}");
+    assert_eq!(count(&v["prune"], "packs_marked"), 0, "{v}");
+    assert!(repo.restore_stdout(&id) == a);
+}
+
+/// Name -> SHA-256 of every snapshot listed.
+fn listed(repo: &Repo) -> BTreeMap<String, String> {
+    let v = json(&repo.ok(&["snapshots", "--json"]));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["streams"][0]["sha256"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Kills that must land before prune completes.
+const KILLS: u32 = 50;
+
+#[test]
+fn sigkill_prune_at_random_points_loses_nothing_committed() {
+    let repo = small_repo();
+    let shared = dump_like(70, 512 << 10);
+    let input = |i: u64| {
+        let mut v = shared.clone();
+        v.extend_from_slice(&random_bytes(7000 + i, 256 << 10));
+        v
+    };
+    let mut expected: BTreeMap<String, String> = BTreeMap::new(); // id -> sha256
+    for i in 0..3 {
+        let data = input(i);
+        expected.insert(repo.backup_stdin("db", &data), sha256(&data));
+    }
+    // A prune's length, to spread the kills over it.
+    repo.ok(&["forget", "--keep-last", "2"]);
+    let started = Instant::now();
+    prune(&repo, "0s", &[]);
+    let full = started.elapsed();
+    let delays = random_bytes(4343, 400 * 4);
+    let (mut killed, mut completed, mut deleted) = (0u32, 0u32, 0u64);
+    let mut i = 3;
+    while killed < KILLS {
+        assert!(i < 400, "only {killed} kills landed in {i} runs");
+        let data = input(i);
+        expected.insert(repo.backup_stdin("db", &data), sha256(&data));
+        repo.ok(&["forget", "--keep-last", "2"]);
+        let frac = u32::from_le_bytes(delays[i as usize * 4..][..4].try_into().unwrap());
+        let delay = full.mul_f64(1.2 * f64::from(frac) / f64::from(u32::MAX));
+        let mut child = repo
+            .command(&[
+                "prune",
+                "--grace",
+                "0s",
+                "--repack-threshold",
+                "10",
+                "--json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            completed += 1;
+            deleted += count(&json(&out.stdout), "packs_deleted");
+        } else {
+            // Its lease stays behind; the next prune, on the same host, sees that its
+            // process is gone and takes over.
+            killed += 1;
+        }
+        let out = repo.run(&["check"]);
+        assert_success(&out, &["check after prune kill", &i.to_string()]);
+        let now = listed(&repo);
+        assert_eq!(now.len(), 2, "run {i}: {now:?}");
+        for (id, sha) in &now {
+            assert_eq!(Some(sha), expected.get(id), "run {i}: {id}");
+            assert_eq!(&sha256(&repo.restore_stdout(id)), sha, "run {i}: {id}");
+        }
+        i += 1;
+    }
+    eprintln!("{killed} prunes killed, {completed} completed, {deleted} packs deleted");
+    // The repository keeps working: a full prune and a backup, then everything verifies.
+    let out = repo.run(&["prune", "--grace", "0s"]);
+    assert_success(&out, &["prune after the kills"]);
+    let data = input(999);
+    let id = repo.backup_stdin("db", &data);
+    assert!(repo.restore_stdout(&id) == data);
+    repo.ok(&["check", "--read-data"]);
+    assert!(
+        completed == 0 || deleted > 0,
+        "completed prunes deleted nothing"
+    );
+}
