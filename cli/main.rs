@@ -10,6 +10,7 @@ mod forget;
 mod output;
 mod prune;
 mod restore;
+mod retention;
 mod status;
 
 use std::io::IsTerminal;
@@ -91,6 +92,9 @@ enum Command {
     Forget(forget::ForgetArgs),
     /// Delete data no snapshot needs, in two phases: mark now, delete after a grace period
     Prune(prune::PruneCommand),
+    /// Retention reports for auditors
+    #[command(subcommand)]
+    Retention(retention::RetentionCommand),
 }
 
 #[derive(Args)]
@@ -448,6 +452,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
         Command::Status(a) => status::run(a).await,
         Command::Forget(a) => forget::run(g, a, cancel).await,
         Command::Prune(a) => prune::run(g, a, cancel).await,
+        Command::Retention(c) => retention::run(c).await,
     }
 }
 

@@ -298,6 +298,51 @@ async fn run_job_inner(
     }
 }
 
+/// One maintenance run of a repository (forget by its retention, then prune), with its
+/// timeout; logs the result and records it in the metrics.
+async fn run_maintenance(
+    config: &Loaded,
+    task: &kluis::config::Maintenance,
+    cancel: Cancel,
+    metrics: &Metrics,
+) -> Outcome {
+    let started = Instant::now();
+    let name = &task.repository;
+    log(format!("repository {name}: maintenance starting"));
+    let run = jobs::maintain(config, name, cancel.clone());
+    tokio::pin!(run);
+    let result = match tokio::time::timeout(task.timeout, &mut run).await {
+        Ok(r) => r,
+        Err(_) => {
+            cancel.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(60), run).await;
+            Err(kluis::Error::Interrupted)
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    match result {
+        Ok((removed, report)) => {
+            log(format!(
+                "repository {name}: forgot {removed} snapshot(s); prune deleted {} pack(s) ({} bytes), marked {} pack(s) ({} bytes), in {seconds:.1} s",
+                report.packs_deleted,
+                report.bytes_reclaimed,
+                report.packs_marked,
+                report.bytes_marked
+            ));
+            for w in &report.warnings {
+                log(format!("repository {name}: prune warning: {w}"));
+            }
+            metrics.record_prune(name, Ok((removed, &report)), seconds);
+            Outcome::Ok
+        }
+        Err(e) => {
+            log(format!("repository {name}: maintenance failed: {e}"));
+            metrics.record_prune(name, Err(()), seconds);
+            Outcome::Failed
+        }
+    }
+}
+
 /// A job's place in the schedule.
 struct Slot {
     job: Job,
@@ -309,6 +354,14 @@ struct Slot {
 struct Run {
     job: String,
     cancel: Cancel,
+    /// A repository's maintenance (forget, then prune) rather than a backup job.
+    maintenance: bool,
+}
+
+/// A repository's maintenance in the schedule.
+struct MaintenanceSlot {
+    task: kluis::config::Maintenance,
+    next: Timestamp,
 }
 
 struct Daemon {
@@ -316,6 +369,8 @@ struct Daemon {
     /// The file the configuration came from (none: the embedded default), for reloads.
     config_path: Option<PathBuf>,
     slots: BTreeMap<String, Slot>,
+    /// Maintenance by repository name.
+    maintenance: BTreeMap<String, MaintenanceSlot>,
     /// Runs in progress, by their task's id.
     runs: BTreeMap<tokio::task::Id, Run>,
     tasks: JoinSet<Outcome>,
@@ -337,6 +392,7 @@ impl Daemon {
             config,
             config_path,
             slots: BTreeMap::new(),
+            maintenance: BTreeMap::new(),
             runs: BTreeMap::new(),
             tasks: JoinSet::new(),
             permits,
@@ -509,6 +565,69 @@ impl Daemon {
             self.slots.insert(name.clone(), Slot { job, next });
             self.set_next(&name, next);
         }
+        self.maintenance.clear();
+        for task in self.config.prunes.clone() {
+            self.metrics.declare_prune(&task.repository);
+            // Maintenance is not made up at start-up: it runs at its next time.
+            let next = task
+                .schedule
+                .next_after(now, &self.config.time_zone)
+                .unwrap_or(Timestamp::MAX);
+            log(format!(
+                "repository {}: maintenance (forget, then prune) {}, next run {}",
+                task.repository,
+                task.schedule,
+                next.to_zoned_datetime(self.config.time_zone.clone())
+                    .strftime("%F %T %Z")
+            ));
+            self.maintenance
+                .insert(task.repository.clone(), MaintenanceSlot { task, next });
+        }
+    }
+
+    /// Starts a repository's due maintenance, unless the previous one still runs.
+    fn start_maintenance(&mut self, repository: &str, now: Timestamp) {
+        let slot = self.maintenance.get_mut(repository).expect("planned");
+        slot.next = slot
+            .task
+            .schedule
+            .next_after(now, &self.config.time_zone)
+            .unwrap_or(Timestamp::MAX);
+        let task = slot.task.clone();
+        if self
+            .runs
+            .values()
+            .any(|r| r.maintenance && r.job == repository)
+        {
+            log(format!(
+                "repository {repository}: maintenance due again while the previous run is still going; skipped"
+            ));
+            return;
+        }
+        let cancel = Cancel::new();
+        let (config, permits, metrics) = (
+            self.config.clone(),
+            self.permits.clone(),
+            self.metrics.clone(),
+        );
+        let task_cancel = cancel.clone();
+        let handle = self.tasks.spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return Outcome::Failed;
+            };
+            if task_cancel.is_cancelled() {
+                return Outcome::Failed;
+            }
+            run_maintenance(&config, &task, task_cancel, &metrics).await
+        });
+        self.runs.insert(
+            handle.id(),
+            Run {
+                job: repository.to_string(),
+                cancel,
+                maintenance: true,
+            },
+        );
     }
 
     async fn run(mut self) -> u8 {
@@ -540,9 +659,18 @@ impl Daemon {
                 .filter(|(_, s)| s.next <= now)
                 .map(|(n, _)| n.clone())
                 .collect();
-            let started = !due.is_empty();
+            let maintenance_due: Vec<String> = self
+                .maintenance
+                .iter()
+                .filter(|(_, m)| m.next <= now)
+                .map(|(n, _)| n.clone())
+                .collect();
+            let started = !due.is_empty() || !maintenance_due.is_empty();
             for name in due {
                 self.start(&name, now);
+            }
+            for repository in maintenance_due {
+                self.start_maintenance(&repository, now);
             }
             if started {
                 self.status();
@@ -551,6 +679,7 @@ impl Daemon {
                 .slots
                 .values()
                 .map(|s| s.next)
+                .chain(self.maintenance.values().map(|m| m.next))
                 .min()
                 .map(|t| t.duration_since(Timestamp::now()))
                 .map(|d| Duration::try_from(d).unwrap_or(Duration::ZERO))
@@ -588,7 +717,7 @@ impl Daemon {
             Ok((id, outcome)) => (id, outcome == Outcome::Ok),
             Err(e) => (e.id(), false),
         };
-        if let Some(run) = self.runs.remove(&id) {
+        if let Some(run) = self.runs.remove(&id).filter(|r| !r.maintenance) {
             self.metrics
                 .job_running
                 .with_label_values(&[&run.job])
@@ -632,6 +761,7 @@ impl Daemon {
             Run {
                 job: name.to_string(),
                 cancel,
+                maintenance: false,
             },
         );
     }

@@ -399,7 +399,7 @@ impl Loaded {
                 tags: j.tags,
             });
         }
-        let mut prunes = Vec::new();
+        let mut prunes: Vec<Maintenance> = Vec::new();
         for (name, r) in &repositories {
             let Some(p) = &r.prune else { continue };
             let key = format!("repositories.{name}.prune");

@@ -90,3 +90,41 @@ pub fn last_of<'a>(job: &Job, snapshots: &'a [Snapshot]) -> Option<&'a Snapshot>
         .filter(|s| s.name == job.snapshot_name)
         .max_by_key(|s| s.time)
 }
+
+/// A repository's maintenance: forget by its retention policy (if it has one), then prune with
+/// its prune settings. Returns how many snapshots were forgotten and what prune did.
+pub async fn maintain(
+    config: &Loaded,
+    repository: &str,
+    cancel: Cancel,
+) -> Result<(usize, crate::prune::PruneReport)> {
+    let r = config
+        .repositories
+        .get(repository)
+        .ok_or_else(|| Error::invalid(format!("no repository {repository:?}")))?;
+    let repo = open_repository(config, repository).await?;
+    let mut removed = 0;
+    if let Some(policy) = &r.retention {
+        let (list, unreadable) = repo.snapshots().await?;
+        if let Some(bad) = unreadable.first() {
+            return Err(Error::invalid(format!(
+                "retention stopped: {bad}; nothing was forgotten (run `kluis check`)"
+            )));
+        }
+        let decisions =
+            crate::retention::decide(&list, policy, jiff::Timestamp::now(), &config.time_zone)?;
+        for d in decisions.iter().filter(|d| !d.keep) {
+            if cancel.is_cancelled() {
+                return Err(Error::Interrupted);
+            }
+            if let Some(s) = list.iter().find(|s| s.id.to_hex() == d.id) {
+                repo.forget(s).await?;
+                removed += 1;
+            }
+        }
+    }
+    let mut opts = r.prune.as_ref().map(|p| p.options()).unwrap_or_default();
+    opts.cancel = cancel;
+    let report = crate::prune::prune(&repo, &opts).await?;
+    Ok((removed, report))
+}

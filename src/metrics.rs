@@ -32,6 +32,14 @@ pub struct Metrics {
     pub repository_stored_bytes: IntGaugeVec,
     pub repository_last_write: GaugeVec,
     pub repository_up: IntGaugeVec,
+    pub prune_last_run: GaugeVec,
+    pub prune_last_success: GaugeVec,
+    pub prune_duration: GaugeVec,
+    pub prune_runs: IntCounterVec,
+    pub prune_reclaimed_bytes: IntCounterVec,
+    pub prune_packs_deleted: IntCounterVec,
+    pub prune_marked_bytes: IntGaugeVec,
+    pub forget_removed: IntCounterVec,
     pub config_reload_failures: IntCounter,
     pub config_last_reload_ok: IntGauge,
     pub config_last_reload: Gauge,
@@ -188,6 +196,54 @@ impl Metrics {
                 "1 if the repository could be opened and listed the last time it was tried, else 0.",
                 &["repository"]
             ),
+            prune_last_run: register!(
+                GaugeVec,
+                "kluis_prune_last_run_timestamp_seconds",
+                "When the repository's last maintenance run (forget, then prune) ended (Unix time).",
+                &["repository"]
+            ),
+            prune_last_success: register!(
+                GaugeVec,
+                "kluis_prune_last_success_timestamp_seconds",
+                "When the repository's last successful maintenance run ended (Unix time).",
+                &["repository"]
+            ),
+            prune_duration: register!(
+                GaugeVec,
+                "kluis_prune_last_duration_seconds",
+                "How long the last maintenance run took.",
+                &["repository"]
+            ),
+            prune_runs: register!(
+                IntCounterVec,
+                "kluis_prune_runs_total",
+                "Maintenance runs that ended, by result (success, failure).",
+                &["repository", "result"]
+            ),
+            prune_reclaimed_bytes: register!(
+                IntCounterVec,
+                "kluis_prune_reclaimed_bytes_total",
+                "Bytes of packs prune deleted.",
+                &["repository"]
+            ),
+            prune_packs_deleted: register!(
+                IntCounterVec,
+                "kluis_prune_packs_deleted_total",
+                "Packs prune deleted.",
+                &["repository"]
+            ),
+            prune_marked_bytes: register!(
+                IntGaugeVec,
+                "kluis_prune_marked_bytes",
+                "Bytes the last prune marked, deleted by the first prune after the grace period.",
+                &["repository"]
+            ),
+            forget_removed: register!(
+                IntCounterVec,
+                "kluis_forget_removed_snapshots_total",
+                "Snapshots removed by the repository's retention policy.",
+                &["repository"]
+            ),
             registry,
         }
     }
@@ -246,6 +302,54 @@ impl Metrics {
         self.job_duration.with_label_values(&[job]).set(seconds);
         self.job_runs.with_label_values(&[job, "failure"]).inc();
         self.job_failures.with_label_values(&[job, reason]).inc();
+    }
+
+    /// A repository's maintenance labels exist from the start.
+    pub fn declare_prune(&self, repository: &str) {
+        for result in ["success", "failure"] {
+            self.prune_runs.with_label_values(&[repository, result]);
+        }
+        self.prune_reclaimed_bytes.with_label_values(&[repository]);
+        self.prune_packs_deleted.with_label_values(&[repository]);
+        self.forget_removed.with_label_values(&[repository]);
+    }
+
+    /// Records a maintenance run: what forget removed and what prune did, or its failure.
+    pub fn record_prune(
+        &self,
+        repository: &str,
+        result: Result<(usize, &crate::prune::PruneReport), ()>,
+        seconds: f64,
+    ) {
+        let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+        let r = [repository];
+        self.prune_last_run.with_label_values(&r).set(now);
+        self.prune_duration.with_label_values(&r).set(seconds);
+        match result {
+            Ok((removed, report)) => {
+                self.prune_last_success.with_label_values(&r).set(now);
+                self.prune_runs
+                    .with_label_values(&[repository, "success"])
+                    .inc();
+                self.prune_reclaimed_bytes
+                    .with_label_values(&r)
+                    .inc_by(report.bytes_reclaimed);
+                self.prune_packs_deleted
+                    .with_label_values(&r)
+                    .inc_by(report.packs_deleted as u64);
+                self.prune_marked_bytes
+                    .with_label_values(&r)
+                    .set(report.bytes_marked as i64);
+                self.forget_removed
+                    .with_label_values(&r)
+                    .inc_by(removed as u64);
+            }
+            Err(()) => {
+                self.prune_runs
+                    .with_label_values(&[repository, "failure"])
+                    .inc();
+            }
+        }
     }
 
     /// A repository's snapshots, after a listing.

@@ -447,3 +447,68 @@ mod tests {
         assert_eq!(local.iter().filter(|d| d.keep).count(), 2);
     }
 }
+
+/// One row of `kluis retention report`: until when a snapshot can be recovered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Expiry {
+    pub id: String,
+    pub time: Timestamp,
+    pub host: String,
+    pub name: String,
+    /// What the policy decides today, and why.
+    pub keep: bool,
+    pub reasons: Vec<String>,
+    /// When `max_age` removes it at the latest (none without `max_age`).
+    pub expires: Option<Timestamp>,
+    /// The first maintenance run at or after `expires` forgets it; the first one after that
+    /// plus the grace period deletes its last data. `None`: no upper bound (no `max_age`, or
+    /// no maintenance schedule).
+    pub unrecoverable_by: Option<Timestamp>,
+}
+
+/// For each snapshot, the date by which it will be unrecoverable: its expiry under `max_age`
+/// (or now, if the policy already removes it), then the maintenance run that forgets it, then
+/// the grace period, then the run that sweeps its data.
+pub fn report(
+    snapshots: &[Snapshot],
+    policy: &Policy,
+    grace: Duration,
+    schedule: Option<&crate::schedule::Schedule>,
+    now: Timestamp,
+    tz: &TimeZone,
+) -> Result<Vec<Expiry>> {
+    let decisions = decide(snapshots, policy, now, tz)?;
+    let grace = jiff::SignedDuration::try_from(grace).unwrap_or(jiff::SignedDuration::MAX);
+    Ok(decisions
+        .into_iter()
+        .map(|d| {
+            let expires = if !d.keep {
+                Some(now)
+            } else {
+                policy.max_age.and_then(|m| {
+                    let m = jiff::SignedDuration::try_from(m).ok()?;
+                    d.time.checked_add(m).ok()
+                })
+            };
+            let unrecoverable_by = match (expires, schedule) {
+                (Some(e), Some(s)) => {
+                    let forgotten = s.next_after(e.max(now), tz);
+                    forgotten
+                        .and_then(|f| f.checked_add(grace).ok())
+                        .and_then(|g| s.next_after(g, tz))
+                }
+                _ => None,
+            };
+            Expiry {
+                id: d.id,
+                time: d.time,
+                host: d.host,
+                name: d.name,
+                keep: d.keep,
+                reasons: d.reasons,
+                expires,
+                unrecoverable_by,
+            }
+        })
+        .collect())
+}

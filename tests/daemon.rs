@@ -715,3 +715,108 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(141), "{err}");
 }
+
+#[test]
+fn scheduled_maintenance_forgets_by_retention_prunes_and_counts_it() {
+    let setup = Setup::new(
+        "",
+        "retention = { keep_last = 2 }\n\
+         prune = { schedule = \"every 2s\", grace = \"3s\" }\n\n\
+         [jobs.noise]\nrepository = \"local\"\n\
+         command = \"head -c 300000 /dev/urandom\"\n\
+         schedule = \"every 1s\"\ntimeout = \"2s\"\n",
+    );
+    let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait until a sweep has deleted packs (marked by one run, swept 3 s later).
+    let start = Instant::now();
+    let page = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let (_, page) = http_get(setup.port, "/metrics");
+        let deleted = metric(
+            &page,
+            "kluis_prune_packs_deleted_total{repository=\"local\"}",
+        );
+        if deleted.is_some_and(|d| d > 0.0) || start.elapsed() > Duration::from_secs(40) {
+            break page;
+        }
+    };
+    signal(&child, "-TERM");
+    let (code, log) = finish(child, Duration::from_secs(30));
+    assert!(code.is_some(), "{log}");
+    assert!(
+        metric(
+            &page,
+            "kluis_prune_packs_deleted_total{repository=\"local\"}"
+        )
+        .is_some_and(|d| d > 0.0),
+        "no pack deleted: {page}\n{log}"
+    );
+    assert!(
+        metric(
+            &page,
+            "kluis_prune_reclaimed_bytes_total{repository=\"local\"}"
+        )
+        .is_some_and(|d| d > 200_000.0),
+        "{page}"
+    );
+    assert!(
+        metric(
+            &page,
+            "kluis_forget_removed_snapshots_total{repository=\"local\"}"
+        )
+        .is_some_and(|d| d >= 1.0),
+        "{page}"
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "kluis_prune_runs_total{repository=\"local\",result=\"failure\"}"
+        ),
+        Some(0.0),
+        "{page}\n{log}"
+    );
+    assert!(
+        metric(
+            &page,
+            "kluis_prune_last_success_timestamp_seconds{repository=\"local\"}"
+        )
+        .is_some()
+    );
+    promtool_check_metrics(&page);
+    assert!(
+        log.contains("maintenance (forget, then prune) every 2s"),
+        "{log}"
+    );
+    // What is left checks clean and restores.
+    let out = setup.kluis(&["check", "--read-data"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list = setup.snapshots();
+    assert!(list.len() <= 3, "retention kept {} snapshots", list.len());
+    for s in list {
+        let out = setup.kluis(&["restore", s["id"].as_str().unwrap(), "--stdout"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(out.stdout.len(), 300_000);
+    }
+}
+
+#[test]
+fn a_prune_grace_shorter_than_a_writing_job_is_refused() {
+    let setup = Setup::new(
+        "",
+        "prune = { schedule = \"daily at 05:00\", grace = \"1h\" }\n\n\
+         [jobs.big]\nrepository = \"local\"\ncommand = \"true\"\n\
+         schedule = \"daily at 02:00\"\ntimeout = \"2h\"\n",
+    );
+    let out = Command::new(KLUIS)
+        .args(["config", "check"])
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("repositories.local.prune.grace (1h) must be longer")
+            && err.contains("jobs.big.timeout is 2h"),
+        "{err}"
+    );
+}

@@ -384,3 +384,95 @@ fn sigkill_prune_at_random_points_loses_nothing_committed() {
         "completed prunes deleted nothing"
     );
 }
+
+#[test]
+fn three_hosts_back_up_to_one_garage_repository_while_prune_runs_again_and_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    const ROUNDS: u64 = 12;
+    let garage = Garage::start();
+    let repo = garage.repo("many-hosts");
+    repo.ok(&[
+        "init",
+        "--pack-size",
+        "65536",
+        "--chunk-sizes",
+        "4096,16384,65536",
+    ]);
+    let repo = Arc::new(repo);
+    let committed: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let conflicts = Arc::new(Mutex::new(0u32));
+    let done = Arc::new(AtomicBool::new(false));
+
+    let writers: Vec<_> = (0..3u64)
+        .map(|h| {
+            let (repo, committed, conflicts) = (repo.clone(), committed.clone(), conflicts.clone());
+            std::thread::spawn(move || {
+                let base = dump_like(100 + h, 512 << 10);
+                for round in 0..ROUNDS {
+                    let mut data = base.clone();
+                    data.extend_from_slice(&random_bytes(1000 * h + round, 192 << 10));
+                    let host = format!("host-{h}");
+                    let args = [
+                        "backup", "--stdin", "--name", "db", "--host", &host, "--json",
+                    ];
+                    let out = repo.run_stdin(&args, &data);
+                    if out.status.success() {
+                        let id = snapshot_id(&out.stdout);
+                        committed.lock().unwrap().insert(id, sha256(&data));
+                    } else {
+                        // The only acceptable failure: it raced a sweep and committed nothing.
+                        let err = assert_code(&out, 1, "a writer racing prune");
+                        assert!(err.contains("nothing was committed"), "{err}");
+                        *conflicts.lock().unwrap() += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    let pruner = {
+        let (repo, done) = (repo.clone(), done.clone());
+        std::thread::spawn(move || {
+            let (mut runs, mut deleted) = (0u32, 0u64);
+            while !done.load(Ordering::Relaxed) {
+                let args = [
+                    "forget",
+                    "--keep-last",
+                    "2",
+                    "--prune",
+                    "--grace",
+                    "2s",
+                    "--json",
+                ];
+                let v = json(&repo.ok(&args));
+                deleted += count(&v["prune"], "packs_deleted");
+                runs += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            (runs, deleted)
+        })
+    };
+    for w in writers {
+        w.join().unwrap();
+    }
+    // Two more rounds after the writers stop, so the last marks are swept too.
+    std::thread::sleep(Duration::from_millis(2500));
+    done.store(true, Ordering::Relaxed);
+    let (runs, mut deleted) = pruner.join().unwrap();
+    let v = json(&repo.ok(&["prune", "--grace", "2s", "--json"]));
+    deleted += count(&v, "packs_deleted");
+    let conflicts = *conflicts.lock().unwrap();
+    eprintln!("{runs} prunes, {deleted} packs deleted, {conflicts} backups refused");
+    assert!(runs >= 3, "prune ran only {runs} times");
+    assert!(deleted > 0, "the prunes deleted nothing");
+
+    repo.ok(&["check", "--read-data"]);
+    let committed = committed.lock().unwrap();
+    let now = listed(&repo);
+    assert_eq!(now.len(), 6, "two snapshots per host: {now:?}");
+    for (id, sha) in &now {
+        assert_eq!(Some(sha), committed.get(id), "{id} was never committed");
+        assert_eq!(&sha256(&repo.restore_stdout(id)), sha, "{id}");
+    }
+}

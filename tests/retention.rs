@@ -199,3 +199,85 @@ fn forget_applies_a_repositorys_configured_policy() {
     let err = assert_code(&out, EXIT_USAGE, "empty retention");
     assert!(err.contains("repositories.r.retention"), "{err}");
 }
+
+#[test]
+fn the_retention_report_gives_each_snapshot_the_date_it_becomes_unrecoverable() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = dir.path().join("kluisd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nstate_dir = \"{}\"\ntime_zone = \"UTC\"\n\
+             [repositories.offsite]\nurl = \"{{state_dir}}/repo\"\n\
+             key_file = \"{{state_dir}}/repo.key\"\ninit = true\n\
+             retention = {{ keep_daily = 7, max_age = \"10d\" }}\n\
+             prune = {{ schedule = \"daily at 05:00\", grace = \"24h\" }}\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let kluis = |args: &[&str], input: &[u8]| {
+        let mut cmd = std::process::Command::new(KLUIS);
+        cmd.args(args)
+            .env("KLUIS_REPOSITORY", dir.path().join("state/repo"))
+            .env("KLUIS_KEY_FILE", dir.path().join("state/repo.key"));
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_success(&out, args);
+        out.stdout
+    };
+    let report = || -> serde_json::Value {
+        let args = ["retention", "report", "--config", config.to_str().unwrap()];
+        let mut args = args.to_vec();
+        args.extend(["--repository", "offsite", "--json"]);
+        serde_json::from_slice(&kluis(&args, b"")).unwrap()
+    };
+    // The repository is created by the first report; it is empty.
+    assert_eq!(report().as_array().unwrap().len(), 0);
+    let now = jiff::Timestamp::now();
+    let hours = |h: i64| (now - jiff::SignedDuration::from_hours(h)).to_string();
+    // 20 days old (past max-age), and 2 days old (kept by keep_daily, expires in 8 days).
+    for t in [hours(20 * 24), hours(2 * 24)] {
+        kluis(
+            &["backup", "--stdin", "--name", "db", "--time", &t],
+            b"rows",
+        );
+    }
+    let v = report();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    let ts = |r: &serde_json::Value, f: &str| -> jiff::Timestamp {
+        r[f].as_str().unwrap().parse().unwrap()
+    };
+    let (young, old) = (&rows[0], &rows[1]);
+    assert_eq!(old["keep"], false, "{v}");
+    assert_eq!(young["keep"], true, "{v}");
+    // Kept: expires at its time + 10 days; forgotten by the next 05:00 run after that, whose
+    // data goes at the first 05:00 run more than 24 h later.
+    let expires = ts(young, "expires");
+    assert_eq!(
+        expires,
+        ts(young, "time") + jiff::SignedDuration::from_hours(240)
+    );
+    let gone = ts(young, "unrecoverable_by");
+    let span = gone.duration_since(expires);
+    assert!(
+        span > jiff::SignedDuration::from_hours(24) && span <= jiff::SignedDuration::from_hours(72),
+        "{v}"
+    );
+    assert_eq!(
+        gone.to_zoned_datetime(jiff::tz::TimeZone::UTC).hour(),
+        5,
+        "{v}"
+    );
+    // Past max-age: removed at the next run, unrecoverable within three days from now.
+    let gone = ts(old, "unrecoverable_by");
+    assert!(
+        gone > now && gone.duration_since(now) <= jiff::SignedDuration::from_hours(72),
+        "{v}"
+    );
+}
