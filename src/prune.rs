@@ -526,6 +526,8 @@ impl<'a> Pruner<'a> {
             deleted = self.sweep(&due, &packs, &used, &listed, &mut live).await?;
             if !deleted.is_empty() {
                 let pending_packs = pending.iter().flat_map(|m| m.pack_ids()).collect();
+                // One index at a time: the old one goes before the new one is built.
+                drop(std::mem::take(&mut index));
                 index = home_index(&packs, &deleted, &pending_packs);
             }
         }
@@ -759,22 +761,17 @@ impl<'a> Pruner<'a> {
         for ((epoch, key_id), members) in groups {
             self.cancelled()?;
             let supersedes: Vec<ObjectId> = members.iter().map(|&n| live[n].id).collect();
-            let mut kept: Vec<IndexedPack> = Vec::new();
+            let mut kept: Vec<ObjectId> = Vec::new();
             let mut seen = IdSet::default();
             for &n in &members {
                 for id in &live[n].packs {
-                    if deleted.contains(id) || !seen.insert(*id) {
-                        continue;
+                    if !deleted.contains(id) && seen.insert(*id) {
+                        kept.push(*id);
                     }
-                    let p = &packs[id];
-                    kept.push(IndexedPack {
-                        id: *id,
-                        length: p.length,
-                        blobs: p.entries.clone(),
-                    });
                 }
             }
-            self.write_segments(epoch, key_id, kept, supersedes).await?;
+            self.write_segments(epoch, key_id, &kept, packs, supersedes)
+                .await?;
             retired.extend(members);
         }
         // The superseded segments are marked for a later sweep (a reader may be loading them).
@@ -819,32 +816,65 @@ impl<'a> Pruner<'a> {
         Ok(deleted)
     }
 
-    /// Writes `packs` as index segments of `(epoch, key_id)`; the last carries `supersedes`,
-    /// so the old segments drop out only once every new one is durable.
+    /// Writes the packs `ids` as index segments of `(epoch, key_id)`, one segment of at most
+    /// 65,536 entries in memory at a time; the last carries `supersedes`, so the old segments
+    /// drop out only once every new one is durable.
     async fn write_segments(
         &mut self,
         epoch: Epoch,
         key_id: ObjectId,
-        packs: Vec<IndexedPack>,
+        ids: &[ObjectId],
+        packs: &IdMap<ObjectId, PackRec>,
         supersedes: Vec<ObjectId>,
     ) -> Result<()> {
-        let mut segments = vec![IndexSegment::default()];
-        for p in packs {
-            let last = segments.last_mut().expect("one");
-            if !last.packs.is_empty() && last.blob_count() + p.blobs.len() > SEGMENT_BLOBS {
-                segments.push(IndexSegment::default());
+        let mut start = 0;
+        while start < ids.len() || (start == 0 && ids.is_empty()) {
+            let mut end = start;
+            let mut blobs = 0;
+            while end < ids.len() {
+                let n = packs[&ids[end]].entries.len();
+                if end > start && blobs + n > SEGMENT_BLOBS {
+                    break;
+                }
+                blobs += n;
+                end += 1;
             }
-            segments.last_mut().expect("one").packs.push(p);
+            let last = end >= ids.len();
+            let segment = IndexSegment {
+                supersedes: if last { supersedes.clone() } else { Vec::new() },
+                packs: ids[start..end]
+                    .iter()
+                    .map(|id| {
+                        let p = &packs[id];
+                        IndexedPack {
+                            id: *id,
+                            length: p.length,
+                            blobs: p.entries.clone(),
+                        }
+                    })
+                    .collect(),
+            };
+            self.save_segment(epoch, key_id, &segment).await?;
+            if last {
+                break;
+            }
+            start = end;
         }
-        segments.last_mut().expect("one").supersedes = supersedes;
-        self.report.segments_written += segments.len();
+        Ok(())
+    }
+
+    async fn save_segment(
+        &mut self,
+        epoch: Epoch,
+        key_id: ObjectId,
+        segment: &IndexSegment,
+    ) -> Result<()> {
+        self.report.segments_written += 1;
         if self.opts.dry_run {
             return Ok(());
         }
         let key = self.repo.epoch_key(epoch, key_id).await?;
-        for seg in &segments {
-            self.repo.save_index(&key, seg).await?;
-        }
+        self.repo.save_index(&key, segment).await?;
         Ok(())
     }
 
@@ -910,7 +940,11 @@ impl<'a> Pruner<'a> {
                 done.push(self.upload_pack(&key, w).await?);
             }
             if !done.is_empty() {
-                self.write_segments(epoch, key_id, done, Vec::new()).await?;
+                let segment = IndexSegment {
+                    supersedes: Vec::new(),
+                    packs: done,
+                };
+                self.save_segment(epoch, key_id, &segment).await?;
             }
             start = end;
         }
