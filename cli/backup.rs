@@ -188,10 +188,7 @@ pub const GLOBALS_NAME: &str = "postgres-globals";
 
 /// `--job NAME`: the job's repository, source and snapshot name, from its configuration.
 async fn run_job(g: &Global, a: &BackupArgs, name: &str, cancel: Cancel) -> anyhow::Result<i32> {
-    let config = match &a.config {
-        Some(p) => Loaded::from_file(p)?,
-        None => Loaded::embedded()?,
-    };
+    let config = Loaded::from_file_or_embedded(a.config.as_deref())?;
     let Some(job) = config.jobs.iter().find(|j| j.name == name) else {
         bail!(kluis::Error::InvalidInput(format!(
             "{} has no job {name:?} (it has: {})",

@@ -24,10 +24,7 @@ pub enum ConfigCommand {
 
 pub fn run(c: ConfigCommand) -> anyhow::Result<i32> {
     let ConfigCommand::Check { path, runs } = c;
-    let config = match &path {
-        Some(p) => Loaded::from_file(p)?,
-        None => Loaded::embedded()?,
-    };
+    let config = Loaded::from_file_or_embedded(path.as_deref())?;
     println!(
         "{}: valid; state in {}, time zone {}, at most {} job(s) at once, metrics on {}",
         config.origin,

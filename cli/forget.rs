@@ -72,10 +72,7 @@ pub struct ForgetArgs {
 pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i32> {
     let configured = match &a.repository {
         Some(name) => {
-            let config = match &a.config {
-                Some(p) => Loaded::from_file(p)?,
-                None => Loaded::embedded()?,
-            };
+            let config = Loaded::from_file_or_embedded(a.config.as_deref())?;
             let policy = config
                 .repositories
                 .get(name)

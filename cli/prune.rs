@@ -66,10 +66,7 @@ pub fn options(
 pub async fn run(g: &Global, a: PruneCommand, cancel: Cancel) -> anyhow::Result<i32> {
     let (repo, configured) = match &a.repository {
         Some(name) => {
-            let config = match &a.config {
-                Some(p) => kluis::config::Loaded::from_file(p)?,
-                None => kluis::config::Loaded::embedded()?,
-            };
+            let config = kluis::config::Loaded::from_file_or_embedded(a.config.as_deref())?;
             let repo = kluis::jobs::open_repository(&config, name).await?;
             let configured = config.repositories.get(name).and_then(|r| r.prune.clone());
             (repo, configured)

@@ -31,10 +31,7 @@ pub struct ReportArgs {
 
 pub async fn run(c: RetentionCommand) -> anyhow::Result<i32> {
     let RetentionCommand::Report(a) = c;
-    let config = match &a.config {
-        Some(p) => Loaded::from_file(p)?,
-        None => Loaded::embedded()?,
-    };
+    let config = Loaded::from_file_or_embedded(a.config.as_deref())?;
     let r = config.repositories.get(&a.repository).ok_or_else(|| {
         kluis::Error::InvalidInput(format!(
             "{} has no repository {:?}",

@@ -27,10 +27,7 @@ pub struct StatusArgs {
 }
 
 pub async fn run(a: StatusArgs) -> anyhow::Result<i32> {
-    let config = match &a.config {
-        Some(p) => Loaded::from_file(p)?,
-        None => Loaded::embedded()?,
-    };
+    let config = Loaded::from_file_or_embedded(a.config.as_deref())?;
     let status = match ask_daemon(&config.http.listen) {
         Some(s) => s,
         None => from_repositories(&config).await,

@@ -604,28 +604,37 @@ impl Daemon {
             ));
             return;
         }
+        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        self.spawn_run(repository, true, move |cancel| async move {
+            run_maintenance(&config, &task, cancel, &metrics).await
+        });
+    }
+
+    /// Starts a run once a permit is free; it is recorded in `runs` so shutdown can cancel it.
+    fn spawn_run<F>(&mut self, name: &str, maintenance: bool, work: impl FnOnce(Cancel) -> F)
+    where
+        F: std::future::Future<Output = Outcome> + Send + 'static,
+    {
         let cancel = Cancel::new();
-        let (config, permits, metrics) = (
-            self.config.clone(),
-            self.permits.clone(),
-            self.metrics.clone(),
-        );
+        let permits = self.permits.clone();
         let task_cancel = cancel.clone();
+        let run = work(cancel.clone());
         let handle = self.tasks.spawn(async move {
+            // Closed at shutdown: a run still waiting for its turn then never starts.
             let Ok(_permit) = permits.acquire_owned().await else {
                 return Outcome::Failed;
             };
             if task_cancel.is_cancelled() {
                 return Outcome::Failed;
             }
-            run_maintenance(&config, &task, task_cancel, &metrics).await
+            run.await
         });
         self.runs.insert(
             handle.id(),
             Run {
-                job: repository.to_string(),
+                job: name.to_string(),
                 cancel,
-                maintenance: true,
+                maintenance,
             },
         );
     }
@@ -741,29 +750,12 @@ impl Daemon {
             self.metrics.job_skipped.with_label_values(&[name]).inc();
             return;
         }
-        let cancel = Cancel::new();
-        let (config, permits) = (self.config.clone(), self.permits.clone());
+        let config = self.config.clone();
         let job = self.slots[name].job.clone();
         let (metrics, board) = (self.metrics.clone(), self.board.clone());
-        let task_cancel = cancel.clone();
-        let handle = self.tasks.spawn(async move {
-            // Closed at shutdown: a run still waiting for its turn then never starts.
-            let Ok(_permit) = permits.acquire_owned().await else {
-                return Outcome::Failed;
-            };
-            if task_cancel.is_cancelled() {
-                return Outcome::Failed;
-            }
-            run_job(&config, &job, task_cancel, &metrics, &board).await
+        self.spawn_run(name, false, move |cancel| async move {
+            run_job(&config, &job, cancel, &metrics, &board).await
         });
-        self.runs.insert(
-            handle.id(),
-            Run {
-                job: name.to_string(),
-                cancel,
-                maintenance: false,
-            },
-        );
     }
 
     async fn shut_down(mut self) -> u8 {

@@ -99,13 +99,7 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
     report.packs = index.packs().len();
     report.blobs = index.blob_count();
 
-    let listed: HashMap<String, u64> = repo
-        .store()
-        .list(name::DATA)
-        .await?
-        .into_iter()
-        .map(|o| (o.name, o.size))
-        .collect();
+    let listed: HashMap<String, u64> = repo.store().sizes(name::DATA).await?;
     let mut indexed_names = std::collections::HashSet::new();
     for p in index.packs() {
         let pack_name = name::pack(p.epoch, &p.id);

@@ -274,6 +274,14 @@ impl Loaded {
     }
 
     /// Checks the embedded default.
+    /// The file at `path`, or the embedded default when there is none.
+    pub fn from_file_or_embedded(path: Option<&Path>) -> Result<Loaded> {
+        match path {
+            Some(p) => Loaded::from_file(p),
+            None => Loaded::embedded(),
+        }
+    }
+
     pub fn embedded() -> Result<Loaded> {
         Loaded::parse(EMBEDDED, "(embedded default)")
     }

@@ -463,13 +463,7 @@ impl<'a> Pruner<'a> {
             .iter()
             .flat_map(|(_, _, _, _, s)| s.supersedes.iter().copied())
             .collect();
-        let listed: HashMap<String, u64> = repo
-            .store()
-            .list(name::DATA)
-            .await?
-            .into_iter()
-            .map(|o| (o.name, o.size))
-            .collect();
+        let listed: HashMap<String, u64> = repo.store().sizes(name::DATA).await?;
 
         let mut packs: IdMap<ObjectId, PackRec> = IdMap::default();
         let mut live = Vec::new();

@@ -195,6 +195,16 @@ impl Store {
             .map_err(|e| store_error("list", &format!("{prefix}/"), e))
     }
 
+    /// Name -> size of every object under `prefix/`.
+    pub async fn sizes(&self, prefix: &str) -> Result<std::collections::HashMap<String, u64>> {
+        Ok(self
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|o| (o.name, o.size))
+            .collect())
+    }
+
     pub async fn delete(&self, name: &str) -> Result<()> {
         match self.inner.delete(&Self::path(name)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
