@@ -41,6 +41,25 @@ pub fn run(c: ConfigCommand) -> anyhow::Result<i32> {
         );
     }
     let now = Timestamp::now();
+    let print_runs = |schedule: &kluis::schedule::Schedule| {
+        let mut at = now;
+        for _ in 0..runs {
+            match schedule.next_after(at, &config.time_zone) {
+                Some(next) => {
+                    println!(
+                        "  {}",
+                        next.to_zoned_datetime(config.time_zone.clone())
+                            .strftime("%a %F %T %Z")
+                    );
+                    at = next;
+                }
+                None => {
+                    println!("  (never)");
+                    break;
+                }
+            }
+        }
+    };
     for job in &config.jobs {
         let what = match &job.source {
             JobSource::Paths(p) => p
@@ -61,23 +80,36 @@ pub fn run(c: ConfigCommand) -> anyhow::Result<i32> {
             job.schedule,
             humantime::format_duration(job.timeout)
         );
-        let mut at = now;
-        for _ in 0..runs {
-            match job.schedule.next_after(at, &config.time_zone) {
-                Some(next) => {
-                    println!(
-                        "  {}",
-                        next.to_zoned_datetime(config.time_zone.clone())
-                            .strftime("%a %F %T %Z")
-                    );
-                    at = next;
-                }
-                None => {
-                    println!("  (never)");
-                    break;
-                }
-            }
-        }
+        print_runs(&job.schedule);
+    }
+    for m in &config.prunes {
+        println!(
+            "maintenance of {}: forget, then prune, {}, timeout {}",
+            m.repository,
+            m.schedule,
+            humantime::format_duration(m.timeout)
+        );
+        print_runs(&m.schedule);
+    }
+    for c in &config.copies {
+        println!(
+            "copy {}: {} -> {}, {} snapshot(s){}, {}, timeout {}",
+            c.name,
+            c.from,
+            c.to,
+            match c.select {
+                kluis::config::CopySelect::Latest => "the newest",
+                kluis::config::CopySelect::All => "all",
+            },
+            if c.names.is_empty() {
+                String::new()
+            } else {
+                format!(" named {}", c.names.join(", "))
+            },
+            c.schedule,
+            humantime::format_duration(c.timeout)
+        );
+        print_runs(&c.schedule);
     }
     Ok(exit::OK)
 }

@@ -5,6 +5,7 @@
 
 mod backup;
 mod config;
+mod copy;
 mod databases;
 mod forget;
 mod output;
@@ -95,6 +96,9 @@ enum Command {
     /// Retention reports for auditors
     #[command(subcommand)]
     Retention(retention::RetentionCommand),
+    /// Copy snapshots to another repository (e.g. in another region), re-encrypted under its
+    /// own keys, uploading only what it lacks
+    Copy(copy::CopyArgs),
 }
 
 #[derive(Args)]
@@ -453,6 +457,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
         Command::Forget(a) => forget::run(g, a, cancel).await,
         Command::Prune(a) => prune::run(g, a, cancel).await,
         Command::Retention(c) => retention::run(c).await,
+        Command::Copy(a) => copy::run(g, a, cancel).await,
     }
 }
 

@@ -1,4 +1,5 @@
-//! `kluisd`: runs the configured backup jobs on their schedules.
+//! `kluisd`: runs the configured backup jobs, each repository's maintenance (forget, then
+//! prune) and the copy rules on their schedules.
 //!
 //! ```text
 //! kluisd                         # the embedded default (config/kluis.toml)
@@ -343,6 +344,79 @@ async fn run_maintenance(
     }
 }
 
+/// One run of a copy rule, with its timeout; logs the result and records it in the metrics.
+async fn run_copy(
+    config: &Loaded,
+    rule: &kluis::config::CopyRule,
+    cancel: Cancel,
+    metrics: &Metrics,
+) -> Outcome {
+    let started = Instant::now();
+    let name = &rule.name;
+    log(format!(
+        "copy {name}: starting ({} -> {})",
+        rule.from, rule.to
+    ));
+    let run = jobs::copy(config, rule, cancel.clone(), Progress::new());
+    tokio::pin!(run);
+    let (result, timed_out) = match tokio::time::timeout(rule.timeout, &mut run).await {
+        Ok(r) => (r, false),
+        Err(_) => {
+            cancel.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(60), run).await;
+            (Err(kluis::Error::Interrupted), true)
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    match result {
+        Ok(report) => {
+            for c in &report.copied {
+                log(format!(
+                    "copy {name}: snapshot {} ({} of {}) copied to {} as {}: {} bytes read, {} uploaded",
+                    &c.source[..8],
+                    c.name,
+                    c.host,
+                    rule.to,
+                    &c.snapshot[..8],
+                    c.logical_bytes,
+                    c.stored_bytes
+                ));
+            }
+            for w in &report.warnings {
+                log(format!("copy {name}: warning: {w}"));
+            }
+            log(format!(
+                "copy {name}: {} snapshot(s) copied, {} already there, in {seconds:.1} s",
+                report.copied.len(),
+                report.already_copied.len()
+            ));
+            metrics.record_copy(name, Ok(&report), seconds);
+            if let Ok(list) = jobs::snapshots(config, &rule.to).await {
+                metrics.record_repository(&rule.to, &list);
+            }
+            Outcome::Ok
+        }
+        Err(e) => {
+            let reason = if timed_out {
+                log(format!(
+                    "copy {name}: cancelled after its timeout of {}; nothing partial was committed",
+                    humantime::format_duration(rule.timeout)
+                ));
+                "timeout"
+            } else {
+                log(format!("copy {name}: failed: {e}"));
+                metrics::failure_reason(&e)
+            };
+            metrics.record_copy(name, Err(reason), seconds);
+            if timed_out {
+                Outcome::TimedOut
+            } else {
+                Outcome::Failed
+            }
+        }
+    }
+}
+
 /// A job's place in the schedule.
 struct Slot {
     job: Job,
@@ -352,15 +426,29 @@ struct Slot {
 /// A run in progress: which job, and how to cancel it. Kept apart from the schedule, so a
 /// reload that drops or re-adds a job neither loses a run nor starts a second one beside it.
 struct Run {
+    /// The job's, repository's or copy rule's name.
     job: String,
     cancel: Cancel,
-    /// A repository's maintenance (forget, then prune) rather than a backup job.
-    maintenance: bool,
+    kind: RunKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunKind {
+    Backup,
+    /// A repository's maintenance (forget, then prune).
+    Maintenance,
+    Copy,
 }
 
 /// A repository's maintenance in the schedule.
 struct MaintenanceSlot {
     task: kluis::config::Maintenance,
+    next: Timestamp,
+}
+
+/// A copy rule in the schedule.
+struct CopySlot {
+    rule: kluis::config::CopyRule,
     next: Timestamp,
 }
 
@@ -371,6 +459,8 @@ struct Daemon {
     slots: BTreeMap<String, Slot>,
     /// Maintenance by repository name.
     maintenance: BTreeMap<String, MaintenanceSlot>,
+    /// Copy rules by name.
+    copies: BTreeMap<String, CopySlot>,
     /// Runs in progress, by their task's id.
     runs: BTreeMap<tokio::task::Id, Run>,
     tasks: JoinSet<Outcome>,
@@ -393,6 +483,7 @@ impl Daemon {
             config_path,
             slots: BTreeMap::new(),
             maintenance: BTreeMap::new(),
+            copies: BTreeMap::new(),
             runs: BTreeMap::new(),
             tasks: JoinSet::new(),
             permits,
@@ -495,6 +586,25 @@ impl Daemon {
         let mut listed: BTreeMap<String, Option<Vec<kluis::snapshot::Snapshot>>> = BTreeMap::new();
         for name in self.config.repositories.keys() {
             let location = kluis::source::postgres::redact(&self.config.repositories[name].url);
+            // Where each repository's data lands, so an operator sees the foreign copy really
+            // goes to another region.
+            match kluis::store::Store::open(&self.config.repositories[name].url, false) {
+                Ok(store) => {
+                    let p = store.placement();
+                    log(format!(
+                        "repository {name}: {} store {}{}",
+                        p.kind,
+                        p.endpoint,
+                        if p.region.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", region {}", p.region)
+                        }
+                    ));
+                    self.metrics.record_placement(name, p);
+                }
+                Err(e) => log(format!("repository {name}: {e}")),
+            }
             let list = match jobs::snapshots(&self.config, name).await {
                 Ok(list) => {
                     self.metrics.record_repository(name, &list);
@@ -583,6 +693,80 @@ impl Daemon {
             self.maintenance
                 .insert(task.repository.clone(), MaintenanceSlot { task, next });
         }
+        self.copies.clear();
+        for rule in self.config.copies.clone() {
+            self.metrics.declare_copy(&rule);
+            // The newest copy in the destination is the rule's last success, across restarts.
+            let newest = listed
+                .get(&rule.to)
+                .and_then(|l| l.as_deref())
+                .into_iter()
+                .flatten()
+                .filter(|s| {
+                    s.origin.is_some() && (rule.names.is_empty() || rule.names.contains(&s.name))
+                })
+                .map(|s| s.finished)
+                .max();
+            if let Some(t) = newest {
+                self.metrics
+                    .copy_last_success
+                    .with_label_values(&[&rule.name])
+                    .set(t.as_millisecond() as f64 / 1000.0);
+            }
+            // A copy due within the catch-up window runs now: a monthly copy missed while the
+            // daemon was down would otherwise wait a month. Running it again is harmless: it
+            // skips what the destination holds.
+            let missed = rule
+                .schedule
+                .next_after(
+                    now.checked_sub(window).unwrap_or(Timestamp::MIN),
+                    &self.config.time_zone,
+                )
+                .is_some_and(|due| due <= now);
+            let next = if missed {
+                now
+            } else {
+                rule.schedule
+                    .next_after(now, &self.config.time_zone)
+                    .unwrap_or(Timestamp::MAX)
+            };
+            log(format!(
+                "copy {}: {} -> {}, {}, next run {}",
+                rule.name,
+                rule.from,
+                rule.to,
+                rule.schedule,
+                next.to_zoned_datetime(self.config.time_zone.clone())
+                    .strftime("%F %T %Z")
+            ));
+            self.copies
+                .insert(rule.name.clone(), CopySlot { rule, next });
+        }
+    }
+
+    /// Starts a due copy rule, unless its previous run still goes.
+    fn start_copy(&mut self, name: &str, now: Timestamp) {
+        let slot = self.copies.get_mut(name).expect("planned");
+        slot.next = slot
+            .rule
+            .schedule
+            .next_after(now, &self.config.time_zone)
+            .unwrap_or(Timestamp::MAX);
+        let rule = slot.rule.clone();
+        if self
+            .runs
+            .values()
+            .any(|r| r.kind == RunKind::Copy && r.job == name)
+        {
+            log(format!(
+                "copy {name}: due again while the previous run is still going; skipped"
+            ));
+            return;
+        }
+        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        self.spawn_run(name, RunKind::Copy, move |cancel| async move {
+            run_copy(&config, &rule, cancel, &metrics).await
+        });
     }
 
     /// Starts a repository's due maintenance, unless the previous one still runs.
@@ -597,7 +781,7 @@ impl Daemon {
         if self
             .runs
             .values()
-            .any(|r| r.maintenance && r.job == repository)
+            .any(|r| r.kind == RunKind::Maintenance && r.job == repository)
         {
             log(format!(
                 "repository {repository}: maintenance due again while the previous run is still going; skipped"
@@ -605,13 +789,13 @@ impl Daemon {
             return;
         }
         let (config, metrics) = (self.config.clone(), self.metrics.clone());
-        self.spawn_run(repository, true, move |cancel| async move {
+        self.spawn_run(repository, RunKind::Maintenance, move |cancel| async move {
             run_maintenance(&config, &task, cancel, &metrics).await
         });
     }
 
     /// Starts a run once a permit is free; it is recorded in `runs` so shutdown can cancel it.
-    fn spawn_run<F>(&mut self, name: &str, maintenance: bool, work: impl FnOnce(Cancel) -> F)
+    fn spawn_run<F>(&mut self, name: &str, kind: RunKind, work: impl FnOnce(Cancel) -> F)
     where
         F: std::future::Future<Output = Outcome> + Send + 'static,
     {
@@ -634,7 +818,7 @@ impl Daemon {
             Run {
                 job: name.to_string(),
                 cancel,
-                maintenance,
+                kind,
             },
         );
     }
@@ -674,12 +858,21 @@ impl Daemon {
                 .filter(|(_, m)| m.next <= now)
                 .map(|(n, _)| n.clone())
                 .collect();
-            let started = !due.is_empty() || !maintenance_due.is_empty();
+            let copies_due: Vec<String> = self
+                .copies
+                .iter()
+                .filter(|(_, c)| c.next <= now)
+                .map(|(n, _)| n.clone())
+                .collect();
+            let started = !due.is_empty() || !maintenance_due.is_empty() || !copies_due.is_empty();
             for name in due {
                 self.start(&name, now);
             }
             for repository in maintenance_due {
                 self.start_maintenance(&repository, now);
+            }
+            for name in copies_due {
+                self.start_copy(&name, now);
             }
             if started {
                 self.status();
@@ -689,6 +882,7 @@ impl Daemon {
                 .values()
                 .map(|s| s.next)
                 .chain(self.maintenance.values().map(|m| m.next))
+                .chain(self.copies.values().map(|c| c.next))
                 .min()
                 .map(|t| t.duration_since(Timestamp::now()))
                 .map(|d| Duration::try_from(d).unwrap_or(Duration::ZERO))
@@ -726,7 +920,7 @@ impl Daemon {
             Ok((id, outcome)) => (id, outcome == Outcome::Ok),
             Err(e) => (e.id(), false),
         };
-        if let Some(run) = self.runs.remove(&id).filter(|r| !r.maintenance) {
+        if let Some(run) = self.runs.remove(&id).filter(|r| r.kind == RunKind::Backup) {
             self.metrics
                 .job_running
                 .with_label_values(&[&run.job])
@@ -743,7 +937,11 @@ impl Daemon {
             self.next_run(&slot.job, now)
         };
         self.set_next(name, next);
-        if self.runs.values().any(|r| r.job == name) {
+        if self
+            .runs
+            .values()
+            .any(|r| r.kind == RunKind::Backup && r.job == name)
+        {
             log(format!(
                 "job {name}: due again while its previous run is still going; this run is skipped"
             ));
@@ -753,7 +951,7 @@ impl Daemon {
         let config = self.config.clone();
         let job = self.slots[name].job.clone();
         let (metrics, board) = (self.metrics.clone(), self.board.clone());
-        self.spawn_run(name, false, move |cancel| async move {
+        self.spawn_run(name, RunKind::Backup, move |cancel| async move {
             run_job(&config, &job, cancel, &metrics, &board).await
         });
     }

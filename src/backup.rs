@@ -42,6 +42,10 @@ use crate::tree::{self, NameBytes, Node, NodeType, Tree};
 /// Index entries per segment before a backup writes one mid-way.
 const SEGMENT_BLOBS: usize = 65_536;
 
+/// Packs uploaded before their index segment is written mid-way: the checkpoint an interrupted
+/// backup or copy resumes from (its next run finds those blobs in the index and skips them).
+const SEGMENT_PACKS: usize = 16;
+
 /// What to back up.
 pub enum Source {
     /// A byte stream, e.g. standard input or a database dump.
@@ -51,6 +55,9 @@ pub enum Source {
     /// Named streams from a database or a command, each a file of the snapshot's root. Any
     /// stream's failure fails the backup.
     Streams(Box<dyn StreamSet>),
+    /// Another repository's snapshot, walked by [`crate::copy`]: its blobs keep their
+    /// boundaries and are stored again under this repository's keys.
+    Copy(Box<crate::copy::CopyFeed>),
 }
 
 /// How to back up.
@@ -67,6 +74,8 @@ pub struct BackupOptions {
     pub uploads: usize,
     pub cancel: Cancel,
     pub progress: Arc<Progress>,
+    /// For a copy: the snapshot it copies.
+    pub origin: Option<crate::snapshot::Origin>,
 }
 
 impl BackupOptions {
@@ -80,6 +89,7 @@ impl BackupOptions {
             uploads: 2,
             cancel: Cancel::new(),
             progress: Progress::new(),
+            origin: None,
         }
     }
 }
@@ -136,7 +146,7 @@ pub async fn backup(
             paths: p.iter().map(|p| p.display().to_string()).collect(),
         },
         // Replaced by what the source reports once it is done.
-        Source::Streams(_) => SnapshotSource::Stdin,
+        Source::Streams(_) | Source::Copy(_) => SnapshotSource::Stdin,
     };
     let ctx = Arc::new(Shared {
         key: key.clone(),
@@ -204,6 +214,7 @@ pub async fn backup(
         summary,
         streams,
         program: format!("kluis {}", env!("CARGO_PKG_VERSION")),
+        origin: opts.origin.clone(),
     };
     if opts.cancel.is_cancelled() {
         return Err(Error::Interrupted);
@@ -647,7 +658,97 @@ impl Reader<'_> {
                 nodes.sort_by(|a, b| a.name.cmp(&b.name));
                 Ok((self.submit_tree(&Tree { nodes })?, Vec::new(), None))
             }
+            Source::Copy(feed) => self.read_copy(*feed),
         }
+    }
+
+    /// Rebuilds a source repository's snapshot from the walk [`crate::copy`] feeds: every
+    /// tree again (blob ids differ under this repository's keys), every file's content
+    /// verified against the SHA-256 and size its node records.
+    fn read_copy(
+        &mut self,
+        feed: crate::copy::CopyFeed,
+    ) -> Result<(BlobId, Vec<StreamDigest>, Option<SnapshotSource>)> {
+        use crate::copy::CopyEvent;
+        let crate::copy::CopyFeed {
+            mut events,
+            snapshot,
+        } = feed;
+        let label = |node: &Node| {
+            format!(
+                "{} in snapshot {} of the source",
+                node.name.to_display(),
+                snapshot.id.short()
+            )
+        };
+        let unexpected = || Error::invalid("copy: the source walk sent events out of order");
+        self.summary.errors = snapshot.summary.errors.clone();
+        // Directories being rebuilt: each one's node (none for the root) and its children.
+        let mut open: Vec<(Option<Node>, Vec<Node>)> = vec![(None, Vec::new())];
+        loop {
+            // A closed feed means the walk stopped; `copy` reports why.
+            let event = events.blocking_recv().ok_or(Error::Interrupted)?;
+            match event {
+                CopyEvent::Dir(node) => open.push((Some(node), Vec::new())),
+                CopyEvent::EndDir => {
+                    let (Some(mut node), children) = open.pop().ok_or_else(unexpected)? else {
+                        return Err(unexpected());
+                    };
+                    node.subtree = Some(self.submit_tree(&Tree { nodes: children })?);
+                    self.summary.dirs += 1;
+                    open.last_mut().ok_or_else(unexpected)?.1.push(node);
+                }
+                CopyEvent::Symlink(node) => {
+                    self.summary.symlinks += 1;
+                    open.last_mut().ok_or_else(unexpected)?.1.push(node);
+                }
+                CopyEvent::File(node) => {
+                    let content = self
+                        .read_chunks(|| match events.blocking_recv() {
+                            Some(CopyEvent::Blob(b)) => Ok(Some(b)),
+                            Some(CopyEvent::EndFile) => Ok(None),
+                            Some(_) => Err(ReadError::Pipeline(unexpected())),
+                            None => Err(ReadError::Pipeline(Error::Interrupted)),
+                        })
+                        .map_err(|e| match e {
+                            ReadError::Source(e) => Error::io(label(&node), e),
+                            ReadError::Pipeline(e) => e,
+                        })?;
+                    if Some(content.size) != node.size || Some(content.sha256) != node.sha256 {
+                        return Err(Error::corrupt(
+                            label(&node),
+                            "its content does not match the size and SHA-256 the snapshot \
+                             records; nothing was copied",
+                        ));
+                    }
+                    self.summary.files += 1;
+                    Progress::add(&self.ctx.progress.files, 1);
+                    let n = file_node(
+                        node.name,
+                        node.mode,
+                        node.uid,
+                        node.gid,
+                        node.mtime_ns,
+                        content,
+                    );
+                    open.last_mut().ok_or_else(unexpected)?.1.push(n);
+                }
+                CopyEvent::Blob(_) | CopyEvent::EndFile => return Err(unexpected()),
+                CopyEvent::Done => break,
+            }
+        }
+        let (None, nodes) = open.pop().ok_or_else(unexpected)? else {
+            return Err(unexpected());
+        };
+        if !open.is_empty() {
+            return Err(unexpected());
+        }
+        let tree = self.submit_tree(&Tree { nodes })?;
+        Ok((
+            tree,
+            snapshot.streams.clone(),
+            Some(snapshot.source.clone()),
+        ))
     }
 
     /// Hashes a blob and queues it for storage unless the repository or this backup has it.
@@ -675,11 +776,19 @@ impl Reader<'_> {
 
     fn read_content(&self, reader: impl Read) -> Result<Content, ReadError> {
         let mut chunker = Chunker::with_pool(reader, &self.params, self.read_buffers.clone());
+        self.read_chunks(|| chunker.next_chunk().map_err(ReadError::Source))
+    }
+
+    /// Stores a file's content given as chunks, in order, until `next` returns `None`.
+    fn read_chunks(
+        &self,
+        mut next: impl FnMut() -> Result<Option<Bytes>, ReadError>,
+    ) -> Result<Content, ReadError> {
         let mut sha = Sha256::default();
         let mut size = 0u64;
         let mut ids = Vec::new();
         let mut lists = Vec::new();
-        while let Some(chunk) = chunker.next_chunk().map_err(ReadError::Source)? {
+        while let Some(chunk) = next()? {
             sha.update(&chunk);
             size += chunk.len() as u64;
             Progress::add(&self.ctx.progress.bytes, chunk.len() as u64);
@@ -971,7 +1080,9 @@ async fn upload_packs(
                 done.bytes += u64::from(indexed.length);
                 Progress::add(&progress.stored_bytes, u64::from(indexed.length));
                 done.pending.packs.push(indexed);
-                if done.pending.blob_count() >= SEGMENT_BLOBS {
+                if done.pending.blob_count() >= SEGMENT_BLOBS
+                    || done.pending.packs.len() >= SEGMENT_PACKS
+                {
                     let segment = std::mem::take(&mut done.pending);
                     let (_, size) = repo.save_index(key, &segment).await?;
                     done.bytes += size;

@@ -49,6 +49,8 @@ pub struct Config {
     pub repositories: BTreeMap<String, RepositoryConfig>,
     #[serde(default)]
     pub jobs: BTreeMap<String, JobConfig>,
+    #[serde(default)]
+    pub copies: BTreeMap<String, CopyConfig>,
 }
 
 /// `[daemon]`.
@@ -188,6 +190,50 @@ pub struct JobConfig {
     pub tags: Vec<String>,
 }
 
+/// `[copies.NAME]`: snapshots of one repository copied to another on a schedule, e.g. the
+/// newest of each job to a bucket in another country on the 1st of the month.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyConfig {
+    /// The repository copied from (a `[repositories.NAME]`).
+    pub from: Spanned<String>,
+    /// The repository copied to, with its own key.
+    pub to: Spanned<String>,
+    /// When it runs; see [`crate::schedule`].
+    pub schedule: Spanned<String>,
+    /// `latest`: the newest snapshot of each host and name; `all`: every snapshot not copied
+    /// yet.
+    #[serde(default)]
+    pub select: CopySelect,
+    /// Only snapshots with these names (default: all).
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// A run taking longer is stopped; nothing partial is committed.
+    #[serde(default = "default_timeout", with = "human")]
+    pub timeout: Duration,
+}
+
+/// Which snapshots a copy rule copies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopySelect {
+    #[default]
+    Latest,
+    All,
+}
+
+/// A copy rule, checked.
+#[derive(Debug, Clone)]
+pub struct CopyRule {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    pub schedule: Schedule,
+    pub select: CopySelect,
+    pub names: Vec<String>,
+    pub timeout: Duration,
+}
+
 fn one() -> usize {
     1
 }
@@ -264,6 +310,7 @@ pub struct Loaded {
     pub jobs: Vec<Job>,
     /// Scheduled maintenance (forget by retention, then prune), one per repository.
     pub prunes: Vec<Maintenance>,
+    pub copies: Vec<CopyRule>,
 }
 
 impl Loaded {
@@ -407,6 +454,49 @@ impl Loaded {
                 tags: j.tags,
             });
         }
+        let mut copies = Vec::new();
+        for (name, c) in config.copies {
+            let key = |k: &str| format!("copies.{name}.{k}");
+            for (k, r) in [("from", &c.from), ("to", &c.to)] {
+                if !repositories.contains_key(r.get_ref()) {
+                    return Err(at(
+                        r.span(),
+                        &key(k),
+                        format!(
+                            "no [repositories.{}] section (there are: {})",
+                            r.get_ref(),
+                            repositories.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+            }
+            if c.from.get_ref() == c.to.get_ref()
+                || repositories[c.from.get_ref()].url == repositories[c.to.get_ref()].url
+            {
+                return Err(at(
+                    c.to.span(),
+                    &key("to"),
+                    "copies to the repository it copies from".into(),
+                ));
+            }
+            let schedule = Schedule::parse(c.schedule.get_ref())
+                .map_err(|e| at(c.schedule.span(), &key("schedule"), e.to_string()))?;
+            if c.timeout.is_zero() {
+                return Err(Error::invalid(format!(
+                    "config {origin}: {}: must be more than 0s",
+                    key("timeout")
+                )));
+            }
+            copies.push(CopyRule {
+                name,
+                from: c.from.into_inner(),
+                to: c.to.into_inner(),
+                schedule,
+                select: c.select,
+                names: c.names,
+                timeout: c.timeout,
+            });
+        }
         let mut prunes: Vec<Maintenance> = Vec::new();
         for (name, r) in &repositories {
             let Some(p) = &r.prune else { continue };
@@ -418,17 +508,24 @@ impl Loaded {
             }
             // The grace period is what keeps a backup's reused data alive until it commits:
             // it must outlast every run writing to the repository.
-            if let Some(j) = jobs
+            let writers = jobs
                 .iter()
                 .filter(|j| &j.repository == name)
-                .max_by_key(|j| j.timeout)
-                .filter(|j| j.timeout >= p.grace)
+                .map(|j| (format!("jobs.{}", j.name), j.timeout))
+                .chain(
+                    copies
+                        .iter()
+                        .filter(|c| &c.to == name)
+                        .map(|c| (format!("copies.{}", c.name), c.timeout)),
+                );
+            if let Some((writer, timeout)) = writers
+                .max_by_key(|(_, t)| *t)
+                .filter(|(_, t)| *t >= p.grace)
             {
                 return Err(Error::invalid(format!(
-                    "config {origin}: {key}.grace ({}) must be longer than the timeout of every job writing to it; jobs.{}.timeout is {}",
+                    "config {origin}: {key}.grace ({}) must be longer than the timeout of every job and copy writing to it; {writer}.timeout is {}",
                     humantime::format_duration(p.grace),
-                    j.name,
-                    humantime::format_duration(j.timeout)
+                    humantime::format_duration(timeout)
                 )));
             }
             if let Some(s) = &p.schedule {
@@ -443,6 +540,7 @@ impl Loaded {
         }
         Ok(Loaded {
             prunes,
+            copies,
             origin: origin.to_string(),
             daemon: config.daemon,
             http: config.http,

@@ -128,3 +128,25 @@ pub async fn maintain(
     let report = crate::prune::prune(&repo, &opts).await?;
     Ok((removed, report))
 }
+
+/// Runs a copy rule now: its selection of `from`'s snapshots that `to` has no copy of yet.
+pub async fn copy(
+    config: &Loaded,
+    rule: &crate::config::CopyRule,
+    cancel: Cancel,
+    progress: std::sync::Arc<Progress>,
+) -> Result<crate::copy::CopyReport> {
+    let src = open_repository(config, &rule.from).await?;
+    let dst = open_repository(config, &rule.to).await?;
+    let opts = crate::copy::CopyOptions {
+        selection: match rule.select {
+            crate::config::CopySelect::Latest => crate::copy::Selection::Latest,
+            crate::config::CopySelect::All => crate::copy::Selection::All,
+        },
+        names: rule.names.clone(),
+        cancel,
+        progress,
+        ..Default::default()
+    };
+    crate::copy::copy(&src, &dst, &opts).await
+}

@@ -27,6 +27,7 @@ pub mod buffer;
 pub mod check;
 pub mod chunker;
 pub mod config;
+pub mod copy;
 pub mod crypto;
 pub mod error;
 pub mod id;

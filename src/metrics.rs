@@ -40,6 +40,16 @@ pub struct Metrics {
     pub prune_packs_deleted: IntCounterVec,
     pub prune_marked_bytes: IntGaugeVec,
     pub forget_removed: IntCounterVec,
+    pub copy_last_run: GaugeVec,
+    pub copy_last_success: GaugeVec,
+    pub copy_duration: GaugeVec,
+    pub copy_runs: IntCounterVec,
+    pub copy_failures: IntCounterVec,
+    pub copy_snapshots: IntCounterVec,
+    pub copy_uploaded_bytes: IntCounterVec,
+    pub copy_read_bytes: IntCounterVec,
+    pub copy_info: IntGaugeVec,
+    pub repository_info: IntGaugeVec,
     pub config_reload_failures: IntCounter,
     pub config_last_reload_ok: IntGauge,
     pub config_last_reload: Gauge,
@@ -244,6 +254,66 @@ impl Metrics {
                 "Snapshots removed by the repository's retention policy.",
                 &["repository"]
             ),
+            copy_last_run: register!(
+                GaugeVec,
+                "kluis_copy_last_run_timestamp_seconds",
+                "When the copy rule's last run ended, successful or not (Unix time).",
+                &["copy"]
+            ),
+            copy_last_success: register!(
+                GaugeVec,
+                "kluis_copy_last_success_timestamp_seconds",
+                "When the copy rule's last successful run ended (Unix time).",
+                &["copy"]
+            ),
+            copy_duration: register!(
+                GaugeVec,
+                "kluis_copy_last_duration_seconds",
+                "How long the copy rule's last run took.",
+                &["copy"]
+            ),
+            copy_runs: register!(
+                IntCounterVec,
+                "kluis_copy_runs_total",
+                "Copy runs that ended, by result (success, failure).",
+                &["copy", "result"]
+            ),
+            copy_failures: register!(
+                IntCounterVec,
+                "kluis_copy_failures_total",
+                "Failed copy runs by reason (storage, corrupt, timeout, interrupted, ...).",
+                &["copy", "reason"]
+            ),
+            copy_snapshots: register!(
+                IntCounterVec,
+                "kluis_copy_snapshots_total",
+                "Snapshots copied to the destination.",
+                &["copy"]
+            ),
+            copy_uploaded_bytes: register!(
+                IntCounterVec,
+                "kluis_copy_uploaded_bytes_total",
+                "Bytes uploaded to the destination (only what it lacked, compressed and encrypted).",
+                &["copy"]
+            ),
+            copy_read_bytes: register!(
+                IntCounterVec,
+                "kluis_copy_read_bytes_total",
+                "Plaintext bytes of the copied snapshots read from the source.",
+                &["copy"]
+            ),
+            copy_info: register!(
+                IntGaugeVec,
+                "kluis_copy_info",
+                "Always 1: which repository a copy rule copies from and to.",
+                &["copy", "from", "to"]
+            ),
+            repository_info: register!(
+                IntGaugeVec,
+                "kluis_repository_info",
+                "Always 1: where a repository's data lives (store kind file or s3, endpoint, region).",
+                &["repository", "store", "endpoint", "region"]
+            ),
             registry,
         }
     }
@@ -350,6 +420,59 @@ impl Metrics {
                     .inc();
             }
         }
+    }
+
+    /// A copy rule's labels exist from the start.
+    pub fn declare_copy(&self, rule: &crate::config::CopyRule) {
+        let c = rule.name.as_str();
+        for result in ["success", "failure"] {
+            self.copy_runs.with_label_values(&[c, result]);
+        }
+        self.copy_snapshots.with_label_values(&[c]);
+        self.copy_uploaded_bytes.with_label_values(&[c]);
+        self.copy_read_bytes.with_label_values(&[c]);
+        self.copy_info
+            .with_label_values(&[c, &rule.from, &rule.to])
+            .set(1);
+    }
+
+    /// Records a copy run: what it copied, or why it failed.
+    pub fn record_copy(
+        &self,
+        copy: &str,
+        result: Result<&crate::copy::CopyReport, &str>,
+        seconds: f64,
+    ) {
+        let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+        let c = [copy];
+        self.copy_last_run.with_label_values(&c).set(now);
+        self.copy_duration.with_label_values(&c).set(seconds);
+        match result {
+            Ok(report) => {
+                self.copy_last_success.with_label_values(&c).set(now);
+                self.copy_runs.with_label_values(&[copy, "success"]).inc();
+                self.copy_snapshots
+                    .with_label_values(&c)
+                    .inc_by(report.copied.len() as u64);
+                self.copy_uploaded_bytes
+                    .with_label_values(&c)
+                    .inc_by(report.stored_bytes());
+                self.copy_read_bytes
+                    .with_label_values(&c)
+                    .inc_by(report.copied.iter().map(|x| x.logical_bytes).sum());
+            }
+            Err(reason) => {
+                self.copy_runs.with_label_values(&[copy, "failure"]).inc();
+                self.copy_failures.with_label_values(&[copy, reason]).inc();
+            }
+        }
+    }
+
+    /// Where a repository's data lives.
+    pub fn record_placement(&self, repository: &str, p: &crate::store::Placement) {
+        self.repository_info
+            .with_label_values(&[repository, p.kind, &p.endpoint, &p.region])
+            .set(1);
     }
 
     /// A repository's snapshots, after a listing.

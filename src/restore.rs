@@ -109,7 +109,7 @@ impl<'a> Restorer<'a> {
         })
     }
 
-    async fn tree(&self, id: &BlobId) -> Result<Tree> {
+    pub(crate) async fn tree(&self, id: &BlobId) -> Result<Tree> {
         let bytes = self
             .repo
             .read_blob(&self.index, id)
@@ -121,7 +121,7 @@ impl<'a> Restorer<'a> {
         )
     }
 
-    fn context(&self, e: Error) -> Error {
+    pub(crate) fn context(&self, e: Error) -> Error {
         match e {
             Error::MissingBlob(id) => match self.index_errors.first() {
                 Some(Error::Corrupt { object, detail }) => Error::corrupt(
@@ -632,51 +632,67 @@ impl<'a> Restorer<'a> {
 
     /// Fetches and decodes the node's blobs in order, feeding the writer.
     async fn fetch_all(&self, node: &Node, tx: std::sync::mpsc::SyncSender<Vec<u8>>) -> Result<()> {
-        let mut lists: Vec<Option<BlobId>> = node.content_lists.iter().copied().map(Some).collect();
-        if lists.is_empty() {
-            lists.push(None);
-        }
-        let decoders = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .saturating_sub(1)
-            .max(1);
-        for list in lists {
-            let ids = match list {
-                None => node.content.clone(),
-                Some(id) => {
-                    let bytes = self.repo.read_blob(&self.index, &id).await?;
-                    tree::decode_list(&format!("content list {id}"), &bytes)?
-                }
-            };
-            let ranges = plan_ranges(&self.index, &ids).map_err(|e| self.context(e))?;
-            // Two stages: ranged reads in flight, then decoding on as many threads as cores.
-            let mut decoded = futures::stream::iter(ranges)
-                .map(|range| self.fetch_range(range))
-                .buffered(self.opts.fetches.max(1))
-                .map(|fetched| {
-                    let buffers = self.buffers.clone();
-                    let stored_buffers = self.stored_buffers.clone();
-                    async move {
-                        let fetched = fetched?;
-                        tokio::task::spawn_blocking(move || {
-                            fetched.decode(&buffers, &stored_buffers)
-                        })
-                        .await
-                        .map_err(|e| Error::invalid(format!("restore decoder crashed: {e}")))?
-                    }
-                })
-                .buffered(decoders + 1);
-            while let Some(plain) = decoded.try_next().await? {
+        for list in content_lists(node) {
+            let ids = self.content_ids(node, list).await?;
+            let mut decoded = self.decoded(&ids)?;
+            while let Some(d) = decoded.try_next().await? {
                 if self.opts.cancel.is_cancelled() {
                     return Err(Error::Interrupted);
                 }
-                if tx.send(plain).is_err() {
+                if tx.send(d.plain).is_err() {
                     // The writer failed; its error is the one to report.
                     return Ok(());
                 }
             }
         }
         Ok(())
+    }
+
+    /// The blob ids of one part of a file's content: its inline ids (`list` none), or those
+    /// of one of its content lists; see [`content_lists`].
+    pub(crate) async fn content_ids(
+        &self,
+        node: &Node,
+        list: Option<BlobId>,
+    ) -> Result<Vec<BlobId>> {
+        match list {
+            None => Ok(node.content.clone()),
+            Some(id) => {
+                let bytes = self
+                    .repo
+                    .read_blob(&self.index, &id)
+                    .await
+                    .map_err(|e| self.context(e))?;
+                tree::decode_list(&format!("content list {id}"), &bytes)
+            }
+        }
+    }
+
+    /// Fetches and decodes blobs in order: ranged reads in flight, then decoding on as many
+    /// threads as cores, yielding each range's plaintext.
+    pub(crate) fn decoded<'s>(
+        &'s self,
+        ids: &[BlobId],
+    ) -> Result<impl futures::Stream<Item = Result<Decoded>> + 's> {
+        let decoders = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .saturating_sub(1)
+            .max(1);
+        let ranges = plan_ranges(&self.index, ids).map_err(|e| self.context(e))?;
+        Ok(futures::stream::iter(ranges)
+            .map(|range| self.fetch_range(range))
+            .buffered(self.opts.fetches.max(1))
+            .map(|fetched| {
+                let buffers = self.buffers.clone();
+                let stored_buffers = self.stored_buffers.clone();
+                async move {
+                    let fetched = fetched?;
+                    tokio::task::spawn_blocking(move || fetched.decode(&buffers, &stored_buffers))
+                        .await
+                        .map_err(|e| Error::invalid(format!("restore decoder crashed: {e}")))?
+                }
+            })
+            .buffered(decoders + 1))
     }
 
     async fn fetch_range(&self, range: Range) -> Result<Fetched> {
@@ -705,6 +721,22 @@ impl<'a> Restorer<'a> {
             stored,
         })
     }
+}
+
+/// The parts of a file's content in order: its inline ids, or each of its content lists.
+pub(crate) fn content_lists(node: &Node) -> Vec<Option<BlobId>> {
+    if node.content_lists.is_empty() {
+        vec![None]
+    } else {
+        node.content_lists.iter().copied().map(Some).collect()
+    }
+}
+
+/// A ranged read, decoded: its blobs' plaintexts one after the other.
+pub(crate) struct Decoded {
+    pub plain: Vec<u8>,
+    /// Each blob's plaintext length, in order.
+    pub lengths: Vec<u32>,
 }
 
 /// A ranged read's stored bytes, not yet decoded.
@@ -756,7 +788,7 @@ thread_local! {
 
 impl Fetched {
     /// Decrypts (authenticating) and decompresses the range's blobs into one buffer.
-    fn decode(self, buffers: &BufferPool, stored_buffers: &BufferPool) -> Result<Vec<u8>> {
+    fn decode(self, buffers: &BufferPool, stored_buffers: &BufferPool) -> Result<Decoded> {
         let keys = pack::BlobKeys {
             epoch_key: self.key.key(),
             repo_id: &self.repo_id,
@@ -779,7 +811,10 @@ impl Fetched {
                 pack::open_blob_into(&self.pack_name, keys, e, blob, dec, &mut out[at..at + raw])?;
                 at += raw;
             }
-            Ok(out)
+            Ok(Decoded {
+                plain: out,
+                lengths: self.entries.iter().map(|e| e.raw_length).collect(),
+            })
         });
         stored_buffers.give(stored);
         decoded

@@ -119,6 +119,20 @@ pub struct Snapshot {
     pub streams: Vec<StreamDigest>,
     /// The program that wrote it, e.g. "kluis 0.1.0".
     pub program: String,
+    /// Set on a copy (`kluis copy`): the snapshot it was copied from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// Where a copied snapshot came from: it is the same snapshot (time, host, name, content,
+/// digests), stored again under another repository's keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    /// The source repository's id.
+    pub repository: ObjectId,
+    /// The snapshot's id in the source repository.
+    pub snapshot: ObjectId,
 }
 
 impl Snapshot {
@@ -222,6 +236,7 @@ impl Snapshot {
             summary: Summary::default(),
             streams: vec![],
             program: "kluis test".into(),
+            origin: None,
         }
     }
 }

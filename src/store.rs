@@ -35,6 +35,18 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     location: String,
     local_root: Option<PathBuf>,
+    placement: Placement,
+}
+
+/// Where a store's data lives, for operators: which service and region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// `file`, `s3` or `memory`.
+    pub kind: &'static str,
+    /// The S3 endpoint (none: AWS's default for the region); for `file`, the directory.
+    pub endpoint: String,
+    /// The S3 region; empty for `file` and `memory`.
+    pub region: String,
 }
 
 impl std::fmt::Debug for Store {
@@ -57,6 +69,11 @@ impl Store {
                 inner: Arc::new(InMemory::new()),
                 location: "memory://".into(),
                 local_root: None,
+                placement: Placement {
+                    kind: "memory",
+                    endpoint: String::new(),
+                    region: String::new(),
+                },
             });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
@@ -89,6 +106,11 @@ impl Store {
         Ok(Store {
             inner: Arc::new(fs),
             location: root.display().to_string(),
+            placement: Placement {
+                kind: "file",
+                endpoint: root.display().to_string(),
+                region: String::new(),
+            },
             local_root: Some(root),
         })
     }
@@ -96,6 +118,11 @@ impl Store {
     /// Where this store is, for messages: a path, or a bucket URL without credentials.
     pub fn location(&self) -> &str {
         &self.location
+    }
+
+    /// Which service and region hold the data.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// The directory of a local store.
@@ -310,6 +337,11 @@ fn open_s3(url: &str, rest: &str) -> Result<Store> {
         inner,
         location,
         local_root: None,
+        placement: Placement {
+            kind: "s3",
+            endpoint: endpoint.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com")),
+            region,
+        },
     })
 }
 

@@ -572,6 +572,7 @@ fn alert_rules_pass_their_unit_tests() {
     for args in [
         ["check", "rules", "kluis-alerts.yml"],
         ["test", "rules", "kluis-alerts.test.yml"],
+        ["test", "rules", "kluis-alerts-monthly.test.yml"],
     ] {
         let out = Command::new("promtool")
             .args(args)
@@ -819,4 +820,165 @@ fn a_prune_grace_shorter_than_a_writing_job_is_refused() {
             && err.contains("jobs.big.timeout is 2h"),
         "{err}"
     );
+}
+
+#[test]
+fn copy_rules_copy_to_a_foreign_bucket_on_schedule_and_count_it() {
+    let garage = Garage::start();
+    let foreign = format!(
+        "s3://{}/foreign?endpoint={}&region=garage",
+        garage.bucket, garage.endpoint
+    );
+    let setup = Setup::new(
+        "",
+        &format!(
+            "[repositories.foreign]\nurl = \"{foreign}\"\n\
+             key_file = \"{{state_dir}}/foreign.key\"\ninit = true\n\n\
+             [jobs.db]\nrepository = \"local\"\n\
+             command = \"head -c 200000 /dev/urandom\"\n\
+             schedule = \"every 1s\"\ntimeout = \"10s\"\n\n\
+             [copies.monthly]\nfrom = \"local\"\nto = \"foreign\"\n\
+             schedule = \"every 2s\"\nnames = [\"db\"]\ntimeout = \"30s\"\n"
+        ),
+    );
+    let child = setup
+        .kluisd(&[])
+        .env("AWS_ACCESS_KEY_ID", &garage.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &garage.secret_key)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let series = "kluis_copy_snapshots_total{copy=\"monthly\"}";
+    let start = Instant::now();
+    let page = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let (_, page) = http_get(setup.port, "/metrics");
+        if metric(&page, series).is_some_and(|n| n >= 2.0)
+            || start.elapsed() > Duration::from_secs(40)
+        {
+            break page;
+        }
+    };
+    signal(&child, "-TERM");
+    let (code, log) = finish(child, Duration::from_secs(30));
+    assert!(code.is_some(), "{log}");
+    assert!(
+        metric(&page, series).is_some_and(|n| n >= 2.0),
+        "{page}\n{log}"
+    );
+    assert!(
+        metric(&page, "kluis_copy_uploaded_bytes_total{copy=\"monthly\"}")
+            .is_some_and(|b| b >= 400_000.0),
+        "{page}"
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "kluis_copy_runs_total{copy=\"monthly\",result=\"failure\"}"
+        ),
+        Some(0.0),
+        "{page}\n{log}"
+    );
+    assert!(
+        metric(
+            &page,
+            "kluis_copy_last_success_timestamp_seconds{copy=\"monthly\"}"
+        )
+        .is_some()
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "kluis_copy_info{copy=\"monthly\",from=\"local\",to=\"foreign\"}"
+        ),
+        Some(1.0)
+    );
+    let info = format!(
+        "kluis_repository_info{{endpoint=\"{}\",region=\"garage\",repository=\"foreign\",store=\"s3\"}}",
+        garage.endpoint
+    );
+    assert_eq!(metric(&page, &info), Some(1.0), "{page}");
+    promtool_check_metrics(&page);
+    // The start-up log says where each repository's data lands.
+    assert!(
+        log.contains(&format!(
+            "repository foreign: s3 store {}, region garage",
+            garage.endpoint
+        )),
+        "{log}"
+    );
+    assert!(log.contains("copy monthly: local -> foreign"), "{log}");
+
+    // The copies are in the bucket, under the foreign key only, and restore to what the local
+    // repository holds.
+    let foreign_kluis = |args: &[&str]| {
+        Command::new(KLUIS)
+            .args(args)
+            .env("KLUIS_REPOSITORY", &foreign)
+            .env("KLUIS_KEY_FILE", setup.state().join("foreign.key"))
+            .env("AWS_ACCESS_KEY_ID", &garage.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &garage.secret_key)
+            .output()
+            .unwrap()
+    };
+    let out = foreign_kluis(&["snapshots", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let copies: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(copies.len() >= 2);
+    let local = setup.snapshots();
+    for c in &copies {
+        let origin = c["origin"]["snapshot"].as_str().unwrap();
+        let original = local
+            .iter()
+            .find(|s| s["id"] == origin)
+            .expect("the original is in the local repository");
+        assert_eq!(c["streams"], original["streams"]);
+        assert_eq!(c["time"], original["time"]);
+        let out = foreign_kluis(&["restore", c["id"].as_str().unwrap(), "--stdout"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(out.stdout.len(), 200_000);
+    }
+    let out = foreign_kluis(&["check", "--read-data"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_ne!(
+        fs::read(setup.state().join("foreign.key")).unwrap(),
+        fs::read(setup.state().join("repository.key")).unwrap()
+    );
+}
+
+#[test]
+fn copy_rules_are_checked() {
+    let check = |rules: &str| {
+        let setup = Setup::new("", rules);
+        let out = Command::new(KLUIS)
+            .args(["config", "check"])
+            .arg(&setup.config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{rules} was accepted");
+        text(&out.stderr)
+    };
+    let err =
+        check("[copies.x]\nfrom = \"local\"\nto = \"nowhere\"\nschedule = \"daily at 04:00\"\n");
+    assert!(
+        err.contains("copies.x.to: no [repositories.nowhere] section"),
+        "{err}"
+    );
+    let err =
+        check("[copies.x]\nfrom = \"local\"\nto = \"local\"\nschedule = \"daily at 04:00\"\n");
+    assert!(
+        err.contains("copies to the repository it copies from"),
+        "{err}"
+    );
+    let err = check(
+        "[copies.x]\nfrom = \"local\"\nto = \"local\"\nschedule = \"daily at 04:00\"\nselect = \"some\"\n",
+    );
+    assert!(err.contains("select") && err.contains("latest"), "{err}");
+    // A prune grace must outlast the copies writing to the repository, too.
+    let err = check(
+        "prune = { schedule = \"daily at 05:00\", grace = \"1h\" }\n\n\
+         [repositories.other]\nurl = \"{state_dir}/other\"\nkey_file = \"{state_dir}/k\"\ninit = true\n\n\
+         [copies.back]\nfrom = \"other\"\nto = \"local\"\nschedule = \"daily at 04:00\"\ntimeout = \"3h\"\n",
+    );
+    assert!(err.contains("copies.back.timeout is 3h"), "{err}");
 }
