@@ -673,6 +673,7 @@ impl Reader<'_> {
         let crate::copy::CopyFeed {
             mut events,
             snapshot,
+            budget,
         } = feed;
         let label = |node: &Node| {
             format!(
@@ -705,7 +706,10 @@ impl Reader<'_> {
                 CopyEvent::File(node) => {
                     let content = self
                         .read_chunks(|| match events.blocking_recv() {
-                            Some(CopyEvent::Blob(b)) => Ok(Some(b)),
+                            Some(CopyEvent::Blob(b)) => {
+                                budget.add_permits(crate::copy::kib(b.len()) as usize);
+                                Ok(Some(b))
+                            }
                             Some(CopyEvent::EndFile) => Ok(None),
                             Some(_) => Err(ReadError::Pipeline(unexpected())),
                             None => Err(ReadError::Pipeline(Error::Interrupted)),

@@ -45,10 +45,21 @@ pub(crate) enum CopyEvent {
     Done,
 }
 
+/// Plaintext bytes of blobs on their way from the walk to the pipeline, at most.
+const IN_FLIGHT_BYTES: usize = 16 << 20;
+
 /// The destination side of a copy: the walk's events and the snapshot being copied.
 pub struct CopyFeed {
     pub(crate) events: tokio::sync::mpsc::Receiver<CopyEvent>,
     pub(crate) snapshot: Snapshot,
+    /// Bounds the bytes of blobs in `events`: the walk takes [`kib`] permits per blob, the
+    /// pipeline gives them back as it takes the blob.
+    pub(crate) budget: Arc<tokio::sync::Semaphore>,
+}
+
+/// A blob's share of [`IN_FLIGHT_BYTES`], in KiB permits.
+pub(crate) fn kib(len: usize) -> u32 {
+    (len.div_ceil(1024).clamp(1, IN_FLIGHT_BYTES / 1024)) as u32
 }
 
 /// Which snapshots to copy.
@@ -249,10 +260,12 @@ pub async fn copy_snapshot(
         },
     )
     .await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let budget = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES / 1024));
     let feed = CopyFeed {
         events: rx,
         snapshot: snapshot.clone(),
+        budget: budget.clone(),
     };
     let mut bopts = BackupOptions::new(snapshot.name.clone());
     bopts.host = snapshot.host.clone();
@@ -267,7 +280,7 @@ pub async fn copy_snapshot(
         snapshot: snapshot.id,
     });
     let walk = async {
-        let walked = walk(&restorer, snapshot, &tx).await;
+        let walked = walk(&restorer, snapshot, &tx, &budget).await;
         drop(tx);
         if walked.is_err() {
             // The pipeline sees the feed close and stops; nothing is committed.
@@ -291,8 +304,9 @@ async fn walk(
     r: &Restorer<'_>,
     snapshot: &Snapshot,
     tx: &tokio::sync::mpsc::Sender<CopyEvent>,
+    budget: &tokio::sync::Semaphore,
 ) -> Result<()> {
-    let walked = match walk_tree(r, snapshot.tree, tx).await {
+    let walked = match walk_tree(r, snapshot.tree, tx, budget).await {
         Ok(()) => send(tx, CopyEvent::Done).await,
         e => e,
     };
@@ -322,6 +336,7 @@ fn walk_tree<'a>(
     r: &'a Restorer<'_>,
     id: crate::id::BlobId,
     tx: &'a tokio::sync::mpsc::Sender<CopyEvent>,
+    budget: &'a tokio::sync::Semaphore,
 ) -> futures::future::BoxFuture<'a, Result<(), Stop>> {
     Box::pin(async move {
         let tree = r.tree(&id).await?;
@@ -330,7 +345,7 @@ fn walk_tree<'a>(
                 NodeType::Dir => {
                     let subtree = node.subtree.expect("checked by Tree::decode");
                     send(tx, CopyEvent::Dir(node)).await?;
-                    walk_tree(r, subtree, tx).await?;
+                    walk_tree(r, subtree, tx, budget).await?;
                     send(tx, CopyEvent::EndDir).await?;
                 }
                 NodeType::Symlink => send(tx, CopyEvent::Symlink(node)).await?,
@@ -346,6 +361,11 @@ fn walk_tree<'a>(
                             let mut at = 0;
                             for len in d.lengths {
                                 let end = at + len as usize;
+                                budget
+                                    .acquire_many(kib(len as usize))
+                                    .await
+                                    .map_err(|_| Stop::Closed)?
+                                    .forget();
                                 send(tx, CopyEvent::Blob(plain.slice(at..end))).await?;
                                 at = end;
                             }
