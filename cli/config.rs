@@ -111,5 +111,23 @@ pub fn run(c: ConfigCommand) -> anyhow::Result<i32> {
         );
         print_runs(&c.schedule);
     }
+    for d in &config.drills {
+        println!(
+            "drill {}: job {} from {}{}{}, {}, timeout {}",
+            d.name,
+            d.job.name,
+            d.repository,
+            d.scratch
+                .as_deref()
+                .map(|s| format!(" into {}", kluis::source::postgres::redact(s)))
+                .unwrap_or_default(),
+            d.budget
+                .map(|b| format!(", budget {}", humantime::format_duration(b)))
+                .unwrap_or_default(),
+            d.schedule,
+            humantime::format_duration(d.timeout)
+        );
+        print_runs(&d.schedule);
+    }
     Ok(exit::OK)
 }

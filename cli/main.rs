@@ -7,6 +7,7 @@ mod backup;
 mod config;
 mod copy;
 mod databases;
+mod drill;
 mod forget;
 mod output;
 mod prune;
@@ -99,6 +100,9 @@ enum Command {
     /// Copy snapshots to another repository (e.g. in another region), re-encrypted under its
     /// own keys, uploading only what it lacks
     Copy(copy::CopyArgs),
+    /// Restore drills: restore a snapshot into a scratch target, check it, time it
+    #[command(subcommand)]
+    Drill(drill::DrillCommand),
 }
 
 #[derive(Args)]
@@ -458,6 +462,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
         Command::Prune(a) => prune::run(g, a, cancel).await,
         Command::Retention(c) => retention::run(c).await,
         Command::Copy(a) => copy::run(g, a, cancel).await,
+        Command::Drill(c) => drill::run(c, cancel).await,
     }
 }
 

@@ -4,7 +4,7 @@
 //! ```text
 //! kluisd                         # the embedded default (config/kluis.toml)
 //! kluisd --config /etc/kluis/kluisd.toml
-//! kluisd --config FILE --once    # every job once, now; exit 0 if all succeeded
+//! kluisd --config FILE --once    # every job once, now, then every drill; exit 0 if all succeeded
 //! ```
 //!
 //! Scheduling: each job's next run comes from its schedule in the configured time zone, plus a
@@ -71,7 +71,7 @@ fn parse_args() -> Result<Args, String> {
                     "kluisd: runs kluis backup jobs on their schedules\n\n\
                      usage: kluisd [--config FILE] [--once]\n\n\
                      --config FILE  the configuration (default: the embedded config/kluis.toml)\n\
-                     --once         run every job once, now, and exit (0 if all succeeded)"
+                     --once         every job once, now, then every drill; exit 0 if all succeeded"
                 );
                 std::process::exit(0);
             }
@@ -157,7 +157,7 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-/// `--once`: every job now, as many at once as allowed.
+/// `--once`: every job now, as many at once as allowed; then every drill.
 async fn run_once(config: Arc<Loaded>, metrics: Arc<Metrics>) -> u8 {
     let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent_jobs));
     let mut set = JoinSet::new();
@@ -174,6 +174,14 @@ async fn run_once(config: Arc<Loaded>, metrics: Arc<Metrics>) -> u8 {
             failed += 1;
         }
     }
+    for line in kluis::drill::clean_leftovers(&config).await {
+        log(line);
+    }
+    for drill in &config.drills {
+        if run_drill(&config, drill, Cancel::new(), &metrics).await != Outcome::Ok {
+            failed += 1;
+        }
+    }
     u8::from(failed > 0)
 }
 
@@ -182,6 +190,97 @@ enum Outcome {
     Ok,
     Failed,
     TimedOut,
+    /// Nothing to do yet (a drill before its job's first snapshot): try again soon.
+    NotYet,
+}
+
+/// One run of a restore drill, with its timeout; logs each check and records the result.
+async fn run_drill(
+    config: &Loaded,
+    drill: &kluis::config::Drill,
+    cancel: Cancel,
+    metrics: &Metrics,
+) -> Outcome {
+    let name = &drill.name;
+    let (job, repository) = (drill.job.name.as_str(), drill.repository.as_str());
+    log(format!(
+        "drill {name}: starting (job {job}, repository {repository})"
+    ));
+    let opts = kluis::drill::DrillOptions {
+        snapshot: None,
+        cancel: cancel.clone(),
+    };
+    let run = kluis::drill::run(config, drill, &opts);
+    tokio::pin!(run);
+    let (result, timed_out) = match tokio::time::timeout(drill.timeout, &mut run).await {
+        Ok(r) => (r, false),
+        Err(_) => {
+            cancel.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(60), run).await;
+            (Err(kluis::Error::Interrupted), true)
+        }
+    };
+    match result {
+        Ok(reports) => {
+            for r in &reports {
+                for c in &r.checks {
+                    log(format!(
+                        "drill {name}: snapshot {}: {} {}: {}",
+                        r.snapshot.short(),
+                        if c.ok { "ok" } else { "FAILED" },
+                        c.name,
+                        c.detail
+                    ));
+                }
+                for w in &r.warnings {
+                    log(format!("drill {name}: warning: {w}"));
+                }
+                log(format!(
+                    "drill {name}: snapshot {} ({}) {} in {:.1} s of restore into {}{}",
+                    r.snapshot.short(),
+                    r.pick,
+                    if r.passed {
+                        "passed".to_string()
+                    } else {
+                        format!("FAILED ({})", r.reason.as_deref().unwrap_or("other"))
+                    },
+                    r.restore_seconds,
+                    r.target,
+                    if r.cleaned_up {
+                        ", removed"
+                    } else {
+                        ", which could NOT be removed"
+                    }
+                ));
+            }
+            metrics.record_drill(job, repository, Ok(&reports));
+            if reports.iter().all(|r| r.passed) {
+                Outcome::Ok
+            } else {
+                Outcome::Failed
+            }
+        }
+        Err(kluis::Error::SnapshotNotFound(what)) => {
+            log(format!(
+                "drill {name}: no snapshot {what} yet; trying again in a minute"
+            ));
+            Outcome::NotYet
+        }
+        Err(e) => {
+            let reason = if timed_out {
+                log(format!(
+                    "drill {name}: cancelled after its timeout of {}",
+                    humantime::format_duration(drill.timeout)
+                ));
+                "timeout"
+            } else {
+                log(format!("drill {name}: could not run: {e}"));
+                metrics::failure_reason(&e)
+            };
+            metrics.record_drill(job, repository, Err(reason));
+            Outcome::Failed
+        }
+    }
 }
 
 /// One run of a job, with its timeout; logs the result and records it in the metrics.
@@ -438,6 +537,7 @@ enum RunKind {
     /// A repository's maintenance (forget, then prune).
     Maintenance,
     Copy,
+    Drill,
 }
 
 /// A repository's maintenance in the schedule.
@@ -452,6 +552,12 @@ struct CopySlot {
     next: Timestamp,
 }
 
+/// A restore drill in the schedule.
+struct DrillSlot {
+    drill: kluis::config::Drill,
+    next: Timestamp,
+}
+
 struct Daemon {
     config: Arc<Loaded>,
     /// The file the configuration came from (none: the embedded default), for reloads.
@@ -461,6 +567,8 @@ struct Daemon {
     maintenance: BTreeMap<String, MaintenanceSlot>,
     /// Copy rules by name.
     copies: BTreeMap<String, CopySlot>,
+    /// Restore drills by name.
+    drills: BTreeMap<String, DrillSlot>,
     /// Runs in progress, by their task's id.
     runs: BTreeMap<tokio::task::Id, Run>,
     tasks: JoinSet<Outcome>,
@@ -484,6 +592,7 @@ impl Daemon {
             slots: BTreeMap::new(),
             maintenance: BTreeMap::new(),
             copies: BTreeMap::new(),
+            drills: BTreeMap::new(),
             runs: BTreeMap::new(),
             tasks: JoinSet::new(),
             permits,
@@ -742,6 +851,75 @@ impl Daemon {
             self.copies
                 .insert(rule.name.clone(), CopySlot { rule, next });
         }
+        self.drills.clear();
+        for drill in self.config.drills.clone() {
+            // The drill history lives in the repository: the last success survives restarts.
+            let history = match jobs::open_repository(&self.config, &drill.repository).await {
+                Ok(repo) => kluis::drill::history(&repo)
+                    .await
+                    .map(|(h, _)| h)
+                    .unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            self.metrics
+                .declare_drill(&drill.job.name, &drill.repository, &history);
+            let last = history
+                .iter()
+                .filter(|r| r.drill == drill.name)
+                .map(|r| r.finished)
+                .max();
+            // Never drilled: now (after the jobs started with it, so a new setup sees a
+            // restore proven within minutes); a run missed within the catch-up window: now.
+            let next = match last {
+                None => now,
+                Some(t) => match drill.schedule.next_after(
+                    t.max(now.checked_sub(window).unwrap_or(Timestamp::MIN)),
+                    &self.config.time_zone,
+                ) {
+                    Some(due) if due <= now => now,
+                    _ => drill
+                        .schedule
+                        .next_after(now, &self.config.time_zone)
+                        .unwrap_or(Timestamp::MAX),
+                },
+            };
+            log(format!(
+                "drill {}: job {} from repository {}, {}, next run {}",
+                drill.name,
+                drill.job.name,
+                drill.repository,
+                drill.schedule,
+                next.to_zoned_datetime(self.config.time_zone.clone())
+                    .strftime("%F %T %Z")
+            ));
+            self.drills
+                .insert(drill.name.clone(), DrillSlot { drill, next });
+        }
+    }
+
+    /// Starts a due drill, unless its previous run still goes.
+    fn start_drill(&mut self, name: &str, now: Timestamp) {
+        let slot = self.drills.get_mut(name).expect("planned");
+        slot.next = slot
+            .drill
+            .schedule
+            .next_after(now, &self.config.time_zone)
+            .unwrap_or(Timestamp::MAX);
+        let drill = slot.drill.clone();
+        if self
+            .runs
+            .values()
+            .any(|r| r.kind == RunKind::Drill && r.job == name)
+        {
+            log(format!(
+                "drill {name}: due again while the previous run is still going; skipped"
+            ));
+            return;
+        }
+        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        self.spawn_run(name, RunKind::Drill, move |cancel| async move {
+            run_drill(&config, &drill, cancel, &metrics).await
+        });
     }
 
     /// Starts a due copy rule, unless its previous run still goes.
@@ -833,6 +1011,9 @@ impl Daemon {
             log("cannot install signal handlers");
             return 1;
         };
+        for line in kluis::drill::clean_leftovers(&self.config).await {
+            log(line);
+        }
         self.plan().await;
         // The configuration file is watched: a change is a reload, as SIGHUP is.
         let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
@@ -864,7 +1045,16 @@ impl Daemon {
                 .filter(|(_, c)| c.next <= now)
                 .map(|(n, _)| n.clone())
                 .collect();
-            let started = !due.is_empty() || !maintenance_due.is_empty() || !copies_due.is_empty();
+            let drills_due: Vec<String> = self
+                .drills
+                .iter()
+                .filter(|(_, d)| d.next <= now)
+                .map(|(n, _)| n.clone())
+                .collect();
+            let started = !due.is_empty()
+                || !maintenance_due.is_empty()
+                || !copies_due.is_empty()
+                || !drills_due.is_empty();
             for name in due {
                 self.start(&name, now);
             }
@@ -873,6 +1063,9 @@ impl Daemon {
             }
             for name in copies_due {
                 self.start_copy(&name, now);
+            }
+            for name in drills_due {
+                self.start_drill(&name, now);
             }
             if started {
                 self.status();
@@ -883,6 +1076,7 @@ impl Daemon {
                 .map(|s| s.next)
                 .chain(self.maintenance.values().map(|m| m.next))
                 .chain(self.copies.values().map(|c| c.next))
+                .chain(self.drills.values().map(|d| d.next))
                 .min()
                 .map(|t| t.duration_since(Timestamp::now()))
                 .map(|d| Duration::try_from(d).unwrap_or(Duration::ZERO))
@@ -916,11 +1110,22 @@ impl Daemon {
         &mut self,
         done: Result<(tokio::task::Id, Outcome), tokio::task::JoinError>,
     ) -> bool {
-        let (id, ok) = match done {
-            Ok((id, outcome)) => (id, outcome == Outcome::Ok),
-            Err(e) => (e.id(), false),
+        let (id, outcome) = match done {
+            Ok((id, outcome)) => (id, outcome),
+            Err(e) => (e.id(), Outcome::Failed),
         };
-        if let Some(run) = self.runs.remove(&id).filter(|r| r.kind == RunKind::Backup) {
+        let ok = matches!(outcome, Outcome::Ok | Outcome::NotYet);
+        let run = self.runs.remove(&id);
+        if let Some(run) = run.as_ref().filter(|r| r.kind == RunKind::Drill) {
+            if outcome == Outcome::NotYet {
+                if let Some(slot) = self.drills.get_mut(&run.job) {
+                    slot.next = slot
+                        .next
+                        .min(Timestamp::now() + jiff::SignedDuration::from_secs(60));
+                }
+            }
+        }
+        if let Some(run) = run.filter(|r| r.kind == RunKind::Backup) {
             self.metrics
                 .job_running
                 .with_label_values(&[&run.job])

@@ -51,6 +51,8 @@ pub struct Config {
     pub jobs: BTreeMap<String, JobConfig>,
     #[serde(default)]
     pub copies: BTreeMap<String, CopyConfig>,
+    #[serde(default)]
+    pub drills: BTreeMap<String, DrillConfig>,
 }
 
 /// `[daemon]`.
@@ -213,6 +215,73 @@ pub struct CopyConfig {
     pub timeout: Duration,
 }
 
+/// `[drills.NAME]`: a restore drill. On its schedule, the job's newest snapshot (and, with
+/// `older`, a random older one) is restored into a scratch target, checked, timed and removed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillConfig {
+    /// The job whose snapshots are tested (default: the section's name).
+    pub job: Option<Spanned<String>>,
+    /// The repository restored from (default: the job's); a copy's destination proves the
+    /// copy.
+    pub repository: Option<Spanned<String>>,
+    /// When it runs; see [`crate::schedule`].
+    pub schedule: Spanned<String>,
+    /// For PostgreSQL and MySQL jobs: a server where kluis may create and drop databases named
+    /// `kluis_drill_<job>_<time>`, as a URL without a database (`postgres://kluis@scratch/`).
+    pub scratch: Option<String>,
+    /// The scratch server's password (also the systemd credential `kluis-scratch-password`).
+    pub scratch_password_file: Option<PathBuf>,
+    /// Also test a random older snapshot of the job.
+    #[serde(default)]
+    pub older: bool,
+    /// The recovery-time budget: a restore taking longer fails the drill (`"30m"`).
+    pub budget: Option<String>,
+    /// A drill running longer is stopped and fails.
+    #[serde(default = "default_timeout", with = "human")]
+    pub timeout: Duration,
+    /// SQL that must return true on the restored database; `{snapshot_time}` stands for the
+    /// snapshot's time as an SQL timestamp literal.
+    #[serde(default)]
+    pub assert: Vec<AssertionConfig>,
+}
+
+/// `[[drills.NAME.assert]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssertionConfig {
+    pub name: String,
+    pub sql: String,
+}
+
+/// What a drill restores into, by the job's source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrillKind {
+    Postgres,
+    Mysql,
+    Sqlite,
+    /// A file tree, restored into a temporary directory.
+    Directory,
+    /// A command's output or standard input, restored into a temporary file.
+    Stream,
+}
+
+/// A restore drill, checked.
+#[derive(Debug, Clone)]
+pub struct Drill {
+    pub name: String,
+    pub job: Job,
+    pub repository: String,
+    pub schedule: Schedule,
+    pub kind: DrillKind,
+    pub scratch: Option<String>,
+    pub scratch_password_file: Option<PathBuf>,
+    pub older: bool,
+    pub budget: Option<Duration>,
+    pub timeout: Duration,
+    pub assertions: Vec<AssertionConfig>,
+}
+
 /// Which snapshots a copy rule copies.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -311,6 +380,7 @@ pub struct Loaded {
     /// Scheduled maintenance (forget by retention, then prune), one per repository.
     pub prunes: Vec<Maintenance>,
     pub copies: Vec<CopyRule>,
+    pub drills: Vec<Drill>,
 }
 
 impl Loaded {
@@ -497,6 +567,112 @@ impl Loaded {
                 timeout: c.timeout,
             });
         }
+        let mut drills = Vec::new();
+        for (name, d) in config.drills {
+            let key = |k: &str| format!("drills.{name}.{k}");
+            let schedule = Schedule::parse(d.schedule.get_ref())
+                .map_err(|e| at(d.schedule.span(), &key("schedule"), e.to_string()))?;
+            let job_name = d
+                .job
+                .as_ref()
+                .map_or(name.as_str(), |j| j.get_ref().as_str());
+            let job = jobs
+                .iter()
+                .find(|j| j.name == job_name)
+                .cloned()
+                .ok_or_else(|| {
+                    let why = format!(
+                        "no [jobs.{job_name}] section (there are: {})",
+                        jobs.iter()
+                            .map(|j| j.name.clone())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    match &d.job {
+                        Some(j) => at(j.span(), &key("job"), why),
+                        None => at(d.schedule.span(), &format!("drills.{name}"), why),
+                    }
+                })?;
+            let repository = match &d.repository {
+                Some(r) if !repositories.contains_key(r.get_ref()) => {
+                    return Err(at(
+                        r.span(),
+                        &key("repository"),
+                        format!("no [repositories.{}] section", r.get_ref()),
+                    ));
+                }
+                Some(r) => r.get_ref().clone(),
+                None => job.repository.clone(),
+            };
+            let kind = match &job.source {
+                JobSource::Paths(_) => DrillKind::Directory,
+                JobSource::Command(_) => DrillKind::Stream,
+                JobSource::Database(url) => match crate::source::database::engine_of(url) {
+                    Some(crate::source::database::Engine::Postgres) => DrillKind::Postgres,
+                    Some(crate::source::database::Engine::Mysql) => DrillKind::Mysql,
+                    _ => DrillKind::Sqlite,
+                },
+            };
+            let here = |why: String| at(d.schedule.span(), &format!("drills.{name}"), why);
+            match (kind, &d.scratch) {
+                (DrillKind::Postgres | DrillKind::Mysql, None) => {
+                    return Err(here(format!(
+                        "job {} backs up a database server: give scratch = \"{}://USER@HOST/\", \
+                         a server where kluis may create and drop drill databases",
+                        job.name,
+                        if kind == DrillKind::Postgres {
+                            "postgres"
+                        } else {
+                            "mysql"
+                        }
+                    )));
+                }
+                (DrillKind::Postgres | DrillKind::Mysql, Some(url)) => {
+                    let engine = crate::source::database::engine_of(url);
+                    let want = if kind == DrillKind::Postgres {
+                        crate::source::database::Engine::Postgres
+                    } else {
+                        crate::source::database::Engine::Mysql
+                    };
+                    if engine != Some(want) {
+                        return Err(here(format!(
+                            "scratch {url:?} is not a server of the job's engine ({want:?})"
+                        )));
+                    }
+                }
+                (_, Some(_)) => {
+                    return Err(here(format!(
+                        "job {} restores without a server: scratch is for PostgreSQL and MySQL jobs",
+                        job.name
+                    )));
+                }
+                (_, None) => {}
+            }
+            if !d.assert.is_empty() && matches!(kind, DrillKind::Directory | DrillKind::Stream) {
+                return Err(here("assertions are SQL: they need a database job".into()));
+            }
+            let budget = d
+                .budget
+                .as_deref()
+                .map(|b| {
+                    humantime::parse_duration(b)
+                        .map_err(|e| here(format!("budget {b:?} is not a duration ({e})")))
+                })
+                .transpose()?;
+            drills.push(Drill {
+                name,
+                job,
+                repository,
+                schedule,
+                kind,
+                scratch: d.scratch.as_deref().map(expand),
+                scratch_password_file: d.scratch_password_file.as_ref().map(expand_path),
+                older: d.older,
+                budget,
+                timeout: d.timeout,
+                assertions: d.assert,
+            });
+        }
         let mut prunes: Vec<Maintenance> = Vec::new();
         for (name, r) in &repositories {
             let Some(p) = &r.prune else { continue };
@@ -541,6 +717,7 @@ impl Loaded {
         Ok(Loaded {
             prunes,
             copies,
+            drills,
             origin: origin.to_string(),
             daemon: config.daemon,
             http: config.http,

@@ -26,6 +26,8 @@ pub mod exit {
     pub const SOURCE_FAILED: i32 = 4;
     /// The restore target (a database server, its tools) failed or refused the data.
     pub const TARGET_FAILED: i32 = 5;
+    /// A restore drill ran and failed one of its checks (its report says which).
+    pub const DRILL_FAILED: i32 = 6;
     /// No repository at the given location.
     pub const NO_REPOSITORY: i32 = 10;
     /// No key slot opens with the given password or key file.

@@ -29,6 +29,7 @@ pub mod chunker;
 pub mod config;
 pub mod copy;
 pub mod crypto;
+pub mod drill;
 pub mod error;
 pub mod id;
 pub mod index;

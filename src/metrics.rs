@@ -50,6 +50,12 @@ pub struct Metrics {
     pub copy_read_bytes: IntCounterVec,
     pub copy_info: IntGaugeVec,
     pub repository_info: IntGaugeVec,
+    pub drill_last_run: GaugeVec,
+    pub drill_last_success: GaugeVec,
+    pub drill_duration: GaugeVec,
+    pub drill_last_result: IntGaugeVec,
+    pub drill_runs: IntCounterVec,
+    pub drill_failures: IntCounterVec,
     pub config_reload_failures: IntCounter,
     pub config_last_reload_ok: IntGauge,
     pub config_last_reload: Gauge,
@@ -314,6 +320,42 @@ impl Metrics {
                 "Always 1: where a repository's data lives (store kind file or s3, endpoint, region).",
                 &["repository", "store", "endpoint", "region"]
             ),
+            drill_last_run: register!(
+                GaugeVec,
+                "kluis_drill_last_run_timestamp_seconds",
+                "When the job's last restore drill from the repository ended, passed or not (Unix time).",
+                &["job", "repository"]
+            ),
+            drill_last_success: register!(
+                GaugeVec,
+                "kluis_drill_last_success_timestamp_seconds",
+                "When the job's last passing restore drill from the repository ended (Unix time); read from the repository's drill reports at start-up.",
+                &["job", "repository"]
+            ),
+            drill_duration: register!(
+                GaugeVec,
+                "kluis_drill_last_duration_seconds",
+                "The measured recovery time of the last drill: how long restoring the newest snapshot took.",
+                &["job", "repository"]
+            ),
+            drill_last_result: register!(
+                IntGaugeVec,
+                "kluis_drill_last_result",
+                "1 if the last drill passed every check, 0 if it failed.",
+                &["job", "repository"]
+            ),
+            drill_runs: register!(
+                IntCounterVec,
+                "kluis_drill_runs_total",
+                "Snapshots drilled, by result (success, failure).",
+                &["job", "repository", "result"]
+            ),
+            drill_failures: register!(
+                IntCounterVec,
+                "kluis_drill_failures_total",
+                "Failed drills by reason (corrupt, restore, rows, assertion, budget, scratch, storage, timeout, other).",
+                &["job", "repository", "reason"]
+            ),
             registry,
         }
     }
@@ -464,6 +506,89 @@ impl Metrics {
             Err(reason) => {
                 self.copy_runs.with_label_values(&[copy, "failure"]).inc();
                 self.copy_failures.with_label_values(&[copy, reason]).inc();
+            }
+        }
+    }
+
+    /// A drill's labels exist from the start; its history (from the repository) sets the
+    /// last run, success and result.
+    pub fn declare_drill(
+        &self,
+        job: &str,
+        repository: &str,
+        history: &[crate::drill::DrillReport],
+    ) {
+        for result in ["success", "failure"] {
+            self.drill_runs
+                .with_label_values(&[job, repository, result]);
+        }
+        let l = [job, repository];
+        let secs = |t: jiff::Timestamp| t.as_millisecond() as f64 / 1000.0;
+        let mine = history
+            .iter()
+            .filter(|r| r.job == job && r.repository == repository);
+        if let Some(last) = mine.clone().max_by_key(|r| r.finished) {
+            self.drill_last_run
+                .with_label_values(&l)
+                .set(secs(last.finished));
+            self.drill_last_result
+                .with_label_values(&l)
+                .set(i64::from(last.passed));
+            self.drill_duration
+                .with_label_values(&l)
+                .set(last.restore_seconds);
+        }
+        if let Some(ok) = mine.filter(|r| r.passed).max_by_key(|r| r.finished) {
+            self.drill_last_success
+                .with_label_values(&l)
+                .set(secs(ok.finished));
+        }
+    }
+
+    /// Records a drill run: its reports, or why none could be made.
+    pub fn record_drill(
+        &self,
+        job: &str,
+        repository: &str,
+        result: Result<&[crate::drill::DrillReport], &str>,
+    ) {
+        let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+        let l = [job, repository];
+        self.drill_last_run.with_label_values(&l).set(now);
+        match result {
+            Ok(reports) => {
+                for r in reports {
+                    let result = if r.passed { "success" } else { "failure" };
+                    self.drill_runs
+                        .with_label_values(&[job, repository, result])
+                        .inc();
+                    if let Some(reason) = &r.reason {
+                        self.drill_failures
+                            .with_label_values(&[job, repository, reason])
+                            .inc();
+                    }
+                }
+                if let Some(first) = reports.first() {
+                    self.drill_duration
+                        .with_label_values(&l)
+                        .set(first.restore_seconds);
+                }
+                let passed = reports.iter().all(|r| r.passed);
+                self.drill_last_result
+                    .with_label_values(&l)
+                    .set(i64::from(passed));
+                if passed {
+                    self.drill_last_success.with_label_values(&l).set(now);
+                }
+            }
+            Err(reason) => {
+                self.drill_runs
+                    .with_label_values(&[job, repository, "failure"])
+                    .inc();
+                self.drill_failures
+                    .with_label_values(&[job, repository, reason])
+                    .inc();
+                self.drill_last_result.with_label_values(&l).set(0);
             }
         }
     }

@@ -31,6 +31,8 @@ pub enum Kind {
     Snapshot = 6,
     /// Prune's bookkeeping: marks, sweep records and leases (`prune/...`).
     Prune = 7,
+    /// A restore drill's report (`drills/<id>`).
+    Drill = 8,
 }
 
 impl Kind {
@@ -43,6 +45,7 @@ impl Kind {
             5 => Kind::Index,
             6 => Kind::Snapshot,
             7 => Kind::Prune,
+            8 => Kind::Drill,
             _ => return None,
         })
     }
@@ -56,6 +59,7 @@ impl Kind {
             Kind::Index => b"index",
             Kind::Snapshot => b"snapshot",
             Kind::Prune => b"prune",
+            Kind::Drill => b"drill",
         }
     }
 }
@@ -223,6 +227,8 @@ pub mod name {
     pub const PRUNE_MARKS: &str = "prune/marks";
     pub const PRUNE_SWEPT: &str = "prune/swept";
     pub const PRUNE_LEASES: &str = "prune/leases";
+    /// Restore drill reports: `drills/<id>`.
+    pub const DRILLS: &str = "drills";
 
     /// `prune/marks/<id>` and friends: repository-wide objects named by a random id.
     pub fn prune_object(prefix: &str, id: &ObjectId) -> String {

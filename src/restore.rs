@@ -219,8 +219,9 @@ impl<'a> Restorer<'a> {
         for (prefix, parallel) in [("1-", 1), ("2-", jobs.max(1)), ("3-", 1), ("4-", 1)] {
             let nodes = phase(prefix);
             let this = &self;
-            let loaded: Vec<u64> = futures::stream::iter(nodes.iter())
-                .map(|node| this.load_into(node, target))
+            // Owned nodes: a closure over `&Node` makes the future too general to be `Send`.
+            let loaded: Vec<u64> = futures::stream::iter(nodes)
+                .map(|node| async move { this.load_into(&node, target).await })
                 .buffer_unordered(parallel)
                 .try_collect()
                 .await?;

@@ -982,3 +982,111 @@ fn copy_rules_are_checked() {
     );
     assert!(err.contains("copies.back.timeout is 3h"), "{err}");
 }
+
+#[test]
+fn drills_run_at_start_up_and_on_schedule_with_metrics() {
+    let setup = Setup::new("max_concurrent_jobs = 2\n", "");
+    let db = setup.dir.path().join("app.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1), (2);")
+            .unwrap();
+    }
+    let data = setup.dir.path().join("data");
+    sample_tree(&data, 9);
+    let text = fs::read_to_string(&setup.config).unwrap()
+        + &format!(
+            "[jobs.files]\nrepository = \"local\"\npaths = [\"{}\"]\nschedule = \"daily at 02:00\"\n\n\
+             [jobs.app]\nrepository = \"local\"\ndatabase = \"sqlite://{}\"\nschedule = \"daily at 02:00\"\n\n\
+             [drills.files]\nschedule = \"every 3s\"\nbudget = \"1m\"\n\n\
+             [drills.app]\nschedule = \"daily at 06:00\"\n\
+             [[drills.app.assert]]\nname = \"three rows\"\nsql = \"SELECT count(*) = 3 FROM t\"\n",
+            data.display(),
+            db.display()
+        );
+    fs::write(&setup.config, text).unwrap();
+    let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
+    let ok = "kluis_drill_runs_total{job=\"files\",repository=\"local\",result=\"success\"}";
+    let start = Instant::now();
+    let page = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let (_, page) = http_get(setup.port, "/metrics");
+        let app_done = metric(
+            &page,
+            "kluis_drill_last_result{job=\"app\",repository=\"local\"}",
+        )
+        .is_some();
+        if (metric(&page, ok).is_some_and(|n| n >= 2.0) && app_done)
+            || start.elapsed() > Duration::from_secs(60)
+        {
+            break page;
+        }
+    };
+    signal(&child, "-TERM");
+    let (code, log) = finish(child, Duration::from_secs(30));
+    assert!(code.is_some(), "{log}");
+    // The directory drill passed at start-up and again on its schedule.
+    assert!(metric(&page, ok).is_some_and(|n| n >= 2.0), "{page}\n{log}");
+    assert_eq!(
+        metric(
+            &page,
+            "kluis_drill_last_result{job=\"files\",repository=\"local\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(
+        metric(
+            &page,
+            "kluis_drill_last_duration_seconds{job=\"files\",repository=\"local\"}"
+        )
+        .is_some_and(|s| s > 0.0 && s < 60.0),
+        "{page}"
+    );
+    assert!(
+        metric(
+            &page,
+            "kluis_drill_last_success_timestamp_seconds{job=\"files\",repository=\"local\"}"
+        )
+        .is_some()
+    );
+    // The SQLite drill ran once, at start-up, and failed its assertion.
+    assert_eq!(
+        metric(
+            &page,
+            "kluis_drill_last_result{job=\"app\",repository=\"local\"}"
+        ),
+        Some(0.0),
+        "{page}\n{log}"
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "kluis_drill_failures_total{job=\"app\",reason=\"assertion\",repository=\"local\"}"
+        ),
+        Some(1.0),
+        "{page}"
+    );
+    promtool_check_metrics(&page);
+    assert!(log.contains("drill app: snapshot"), "{log}");
+    assert!(log.contains("FAILED assert: three rows: returned"), "{log}");
+
+    // A restart reads the drill history back from the repository.
+    let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, page) = http_get(setup.port, "/metrics");
+    signal(&child, "-TERM");
+    let (_, log) = finish(child, Duration::from_secs(30));
+    assert!(
+        metric(
+            &page,
+            "kluis_drill_last_success_timestamp_seconds{job=\"files\",repository=\"local\"}"
+        )
+        .is_some(),
+        "{page}\n{log}"
+    );
+    // Nothing left in the scratch directory.
+    let scratch: Vec<_> = fs::read_dir(setup.state().join("drills"))
+        .unwrap()
+        .collect();
+    assert!(scratch.is_empty(), "{scratch:?}");
+}

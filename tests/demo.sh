@@ -2,7 +2,8 @@
 # The main job end to end, with nothing left running: back up data that exists on any machine
 # (/etc and /usr/share/doc, plus a stream) into a local-directory repository, back it up again
 # to show deduplication, restore it, compare every byte, verify the repository; then run
-# kluisd once on its embedded default (config/kluis.toml) with a state directory of its own.
+# kluisd once on its embedded default (config/kluis.toml) with a state directory of its own:
+# a backup of /etc and a restore drill of it.
 #
 #   tests/demo.sh            # uses a fresh temporary directory, removed afterwards
 #   KLUIS_DEMO_DIR=/x tests/demo.sh   # keeps everything under /x
@@ -74,5 +75,7 @@ step "kluisd --once on its embedded default, state in $work/state"
 STATE_DIRECTORY="$work/state" "$kluisd" --once
 KLUIS_REPOSITORY="$work/state/repository" KLUIS_KEY_FILE="$work/state/repository.key" \
     "$kluis" snapshots
+step "the restore drill it ran: /etc restored into a scratch directory, checked, removed"
+STATE_DIRECTORY="$work/state" "$kluis" drill history
 
 step "done: repository at $KLUIS_REPOSITORY ($(du -sh "$KLUIS_REPOSITORY" | cut -f1))"

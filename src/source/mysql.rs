@@ -156,6 +156,30 @@ impl MyConn {
     }
 }
 
+impl MyConn {
+    /// Runs one statement in this connection's database and returns its rows, tab-separated,
+    /// without column names.
+    pub fn query_in(&self, sql: &str) -> Result<Vec<String>> {
+        let out = self
+            .client()?
+            .arg(format!("--database={}", self.database))
+            .args(["--skip-column-names", "-e", sql])
+            .output()
+            .map_err(|e| Error::SourceFailed(format!("cannot start the mariadb client: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::TargetFailed(format!(
+                "mariadb client on {}: {}",
+                self.display,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect())
+    }
+}
+
 /// Writes a `[client]` option file, mode 0600 in a directory of mode 0700. Values are quoted
 /// with the option-file escapes, so any password works.
 fn write_options(
@@ -213,11 +237,11 @@ struct Info {
     collation: String,
 }
 
-fn sql_literal(s: &str) -> String {
+pub(crate) fn sql_literal(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-fn ident(s: &str) -> String {
+pub(crate) fn ident(s: &str) -> String {
     format!("`{}`", s.replace('`', "``"))
 }
 

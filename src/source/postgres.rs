@@ -578,12 +578,12 @@ pub fn list_databases(server: &PgConn) -> Result<Vec<String>> {
 }
 
 /// `'text'` as an SQL string literal (standard_conforming_strings on).
-fn literal(s: &str) -> String {
+pub(crate) fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
 /// `"name"` as an SQL identifier.
-fn ident(s: &str) -> String {
+pub(crate) fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 

@@ -1,0 +1,445 @@
+//! Restore drills against real servers: passing drills for PostgreSQL, MariaDB, SQLite, a
+//! directory and a stream; drills that must fail (tampered data, a false assertion, an
+//! unreachable scratch server, a budget exceeded), each with its reason and its scratch
+//! database dropped; leftovers of a crashed drill dropped before the next one.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use common::databases::password_file;
+use common::mariadb::Mariadb;
+use common::*;
+
+/// A configuration file with one local repository and the given jobs and drills.
+struct Site {
+    repo: Repo,
+    config: PathBuf,
+}
+
+impl Site {
+    fn new(sections: &str) -> Site {
+        let repo = Repo::init_file(&[]);
+        let config = repo.path().join("kluisd.toml");
+        fs::write(
+            &config,
+            format!(
+                "[daemon]\nstate_dir = \"{}\"\ntime_zone = \"UTC\"\n\n\
+                 [repositories.main]\nurl = \"{}\"\nkey_file = \"{}\"\n\n{sections}",
+                repo.path().join("state").display(),
+                repo.url,
+                repo.key_file.display()
+            ),
+        )
+        .unwrap();
+        Site { repo, config }
+    }
+
+    fn kluis(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--config", self.config.to_str().unwrap()]);
+        Command::new(KLUIS).args(&all).output().unwrap()
+    }
+
+    fn backup(&self, job: &str) {
+        let out = self.kluis(&["backup", "--job", job]);
+        assert_success(&out, &["backup --job", job]);
+    }
+
+    /// `kluis drill run NAME --json`: the exit code and the reports.
+    fn drill(&self, name: &str) -> (i32, Vec<serde_json::Value>) {
+        let out = self.kluis(&["drill", "run", name, "--json"]);
+        let code = out.status.code().unwrap();
+        let err = text(&out.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+        let reports: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("drill output does not parse ({e}): {err}"));
+        (code, reports.as_array().unwrap().clone())
+    }
+
+    fn history(&self) -> Vec<serde_json::Value> {
+        let out = self.kluis(&["drill", "history", "--json"]);
+        assert_success(&out, &["drill history"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+fn check<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name} in {report}"))
+}
+
+fn assert_passed(report: &serde_json::Value, checks: &[&str]) {
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!(report["cleaned_up"], true, "{report:#}");
+    for c in checks {
+        assert_eq!(check(report, c)["ok"], true, "{c}: {report:#}");
+    }
+}
+
+fn assert_failed(code: i32, reports: &[serde_json::Value], reason: &str, check_name: &str) {
+    assert_eq!(code, 6, "a failed drill exits 6: {reports:#?}");
+    let r = &reports[0];
+    assert_eq!(r["passed"], false, "{r:#}");
+    assert_eq!(r["reason"], reason, "{r:#}");
+    assert_eq!(check(r, check_name)["ok"], false, "{r:#}");
+    assert!(
+        !check(r, check_name)["detail"].as_str().unwrap().is_empty(),
+        "{r:#}"
+    );
+}
+
+fn pg_drill_databases(pg: &Postgres) -> String {
+    pg.sql(
+        "postgres",
+        "SELECT datname FROM pg_database WHERE datname LIKE 'kluis\\_drill%'",
+    )
+}
+
+const SHOP: &str = "
+CREATE TABLE customers(id serial PRIMARY KEY, name text NOT NULL, created timestamptz NOT NULL DEFAULT now());
+INSERT INTO customers(name) SELECT 'customer ' || n FROM generate_series(1, 500) n;
+CREATE SCHEMA billing;
+CREATE TABLE billing.orders(id bigserial PRIMARY KEY, customer int REFERENCES customers(id),
+  total numeric(12,2), at timestamptz NOT NULL DEFAULT now());
+INSERT INTO billing.orders(customer, total) SELECT 1 + n % 500, n * 1.25 FROM generate_series(1, 3000) n;
+CREATE INDEX orders_at ON billing.orders(at);
+";
+
+fn pg_site(pg: &Postgres, drill_extra: &str) -> Site {
+    let site = Site::new("");
+    let pw = password_file(&site.repo, Postgres::PASSWORD);
+    let scratch = format!("postgres://postgres@127.0.0.1:{}/", pg.port);
+    let text = fs::read_to_string(&site.config).unwrap()
+        + &format!(
+            "[jobs.shop]\nrepository = \"main\"\ndatabase = \"{}\"\ndb_password_file = \"{}\"\n\
+             schedule = \"daily at 02:00\"\n\n\
+             [drills.shop]\nschedule = \"daily at 06:00\"\nscratch = \"{scratch}\"\n\
+             scratch_password_file = \"{}\"\n{drill_extra}\n",
+            pg.url("shop"),
+            pw.display(),
+            pw.display()
+        );
+    fs::write(&site.config, text).unwrap();
+    site
+}
+
+#[test]
+fn postgres_drill_passes_checks_and_drops_its_database() {
+    let pg = Postgres::start();
+    pg.sql("postgres", "CREATE DATABASE shop");
+    pg.sql("shop", SHOP);
+    let site = pg_site(
+        &pg,
+        "older = true\nbudget = \"10m\"\n\
+         [[drills.shop.assert]]\nname = \"orders up to the snapshot\"\n\
+         sql = \"SELECT max(at) <= {snapshot_time} AND max(at) > {snapshot_time} - interval '26 hours' FROM billing.orders\"\n\
+         [[drills.shop.assert]]\nname = \"every order has a customer\"\n\
+         sql = \"SELECT count(*) = 0 FROM billing.orders o LEFT JOIN customers c ON c.id = o.customer WHERE c.id IS NULL\"\n",
+    );
+    site.backup("shop");
+    pg.sql("shop", "INSERT INTO customers(name) VALUES ('late')");
+    site.backup("shop");
+    // A drill database a crashed drill left behind, and one that is not a drill's.
+    pg.sql(
+        "postgres",
+        "CREATE DATABASE kluis_drill_shop_20200101000000",
+    );
+    pg.sql("postgres", "CREATE DATABASE kluis_drill_shopping");
+
+    let (code, reports) = site.drill("shop");
+    assert_eq!(code, 0, "{reports:#?}");
+    assert_eq!(reports.len(), 2, "the newest and a random older one");
+    assert_eq!(reports[0]["pick"], "newest");
+    assert_eq!(reports[1]["pick"], "older");
+    for r in &reports {
+        assert_passed(
+            r,
+            &[
+                "hash",
+                "engine",
+                "rows",
+                "assert: orders up to the snapshot",
+                "assert: every order has a customer",
+                "budget",
+            ],
+        );
+        assert!(r["target"].as_str().unwrap().contains("kluis_drill_shop_"));
+    }
+    assert!(
+        check(&reports[0], "rows")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("3501 rows"),
+        "{:#}",
+        reports[0]
+    );
+    assert!(
+        reports[0]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("kluis_drill_shop_20200101000000")
+    );
+    // Only databases with the job's prefix were touched.
+    assert_eq!(pg_drill_databases(&pg).trim(), "kluis_drill_shopping");
+    // The reports are in the repository, encrypted.
+    let history = site.history();
+    assert_eq!(history.len(), 2);
+    assert!(history.iter().all(|r| r["passed"] == true));
+    for (name, path) in site.repo.objects() {
+        if name.starts_with("drills/") {
+            let bytes = fs::read(path).unwrap();
+            assert!(!bytes.windows(8).any(|w| w == b"billing."), "{name}");
+        }
+    }
+}
+
+#[test]
+fn failing_postgres_drills_say_why_and_drop_their_database() {
+    let pg = Postgres::start();
+    pg.sql("postgres", "CREATE DATABASE shop");
+    pg.sql("shop", SHOP);
+    let cases = [
+        (
+            "false assertion",
+            "[[drills.shop.assert]]\nname = \"impossible\"\nsql = \"SELECT count(*) > 1000000 FROM customers\"\n",
+            "assertion",
+            "assert: impossible",
+        ),
+        (
+            "broken assertion",
+            "[[drills.shop.assert]]\nname = \"typo\"\nsql = \"SELEC 1\"\n",
+            "assertion",
+            "assert: typo",
+        ),
+        ("budget exceeded", "budget = \"1ms\"\n", "budget", "budget"),
+    ];
+    for (what, extra, reason, check_name) in cases {
+        let site = pg_site(&pg, extra);
+        site.backup("shop");
+        let (code, reports) = site.drill("shop");
+        assert_failed(code, &reports, reason, check_name);
+        assert_eq!(reports[0]["cleaned_up"], true, "{what}");
+        // The other checks still ran and passed.
+        assert_eq!(check(&reports[0], "rows")["ok"], true, "{what}");
+        assert_eq!(
+            pg_drill_databases(&pg).trim(),
+            "",
+            "{what}: database left behind"
+        );
+        let history = site.history();
+        assert_eq!(history[0]["passed"], false, "{what}");
+    }
+
+    // Tampered data: the restore stops at the damaged blob, names it, and the half-restored
+    // database is dropped.
+    let site = pg_site(&pg, "");
+    site.backup("shop");
+    let (_, pack) = site
+        .repo
+        .objects()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("data/"))
+        .max_by_key(|(_, p)| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = fs::read(&pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&pack, bytes).unwrap();
+    let (code, reports) = site.drill("shop");
+    assert_failed(code, &reports, "corrupt", "hash");
+    assert!(
+        check(&reports[0], "hash")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("corrupt"),
+        "{:#}",
+        reports[0]
+    );
+    assert_eq!(pg_drill_databases(&pg).trim(), "");
+
+    // An unreachable scratch server.
+    let site = Site::new("");
+    let pw = password_file(&site.repo, Postgres::PASSWORD);
+    let text = fs::read_to_string(&site.config).unwrap()
+        + &format!(
+            "[jobs.shop]\nrepository = \"main\"\ndatabase = \"{}\"\ndb_password_file = \"{}\"\n\
+             schedule = \"daily at 02:00\"\n\n\
+             [drills.shop]\nschedule = \"daily at 06:00\"\n\
+             scratch = \"postgres://postgres@127.0.0.1:{}/?connect_timeout=3\"\n\
+             scratch_password_file = \"{}\"\n",
+            pg.url("shop"),
+            pw.display(),
+            free_port(),
+            pw.display()
+        );
+    fs::write(&site.config, text).unwrap();
+    site.backup("shop");
+    let (code, reports) = site.drill("shop");
+    assert_failed(code, &reports, "scratch", "scratch");
+}
+
+#[test]
+fn mariadb_drill_passes_with_check_table_and_row_counts() {
+    let db = Mariadb::start();
+    db.sql(
+        "",
+        "CREATE DATABASE shop;
+         USE shop;
+         CREATE TABLE customers(id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(100) NOT NULL);
+         INSERT INTO customers(name) SELECT CONCAT('c', seq) FROM seq_1_to_700;
+         CREATE TABLE orders(id INT AUTO_INCREMENT PRIMARY KEY, customer INT, at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP,
+           FOREIGN KEY (customer) REFERENCES customers(id));
+         INSERT INTO orders(customer) SELECT 1 + seq % 700 FROM seq_1_to_2500;",
+    );
+    let site = Site::new("");
+    let pw = password_file(&site.repo, Mariadb::PASSWORD);
+    let text = fs::read_to_string(&site.config).unwrap()
+        + &format!(
+            "[jobs.shop]\nrepository = \"main\"\ndatabase = \"{}\"\ndb_password_file = \"{}\"\n\
+             schedule = \"daily at 02:00\"\n\n\
+             [drills.shop]\nschedule = \"daily at 06:00\"\n\
+             scratch = \"mysql://{}@127.0.0.1:{}/\"\nscratch_password_file = \"{}\"\nbudget = \"10m\"\n\
+             [[drills.shop.assert]]\nname = \"recent orders\"\n\
+             sql = \"SELECT MAX(at) > {{snapshot_time}} - INTERVAL 26 HOUR FROM orders\"\n",
+            db.url("shop"),
+            pw.display(),
+            Mariadb::USER,
+            db.port,
+            pw.display()
+        );
+    fs::write(&site.config, text).unwrap();
+    site.backup("shop");
+    let (code, reports) = site.drill("shop");
+    assert_eq!(code, 0, "{reports:#?}");
+    assert_passed(
+        &reports[0],
+        &["hash", "engine", "rows", "assert: recent orders", "budget"],
+    );
+    assert!(
+        check(&reports[0], "engine")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("CHECK TABLE: all 2 table(s) OK")
+    );
+    assert!(
+        check(&reports[0], "rows")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("3200 rows")
+    );
+    let left = db.sql("", "SHOW DATABASES LIKE 'kluis\\_drill%'");
+    assert_eq!(left.trim(), "", "drill database left behind");
+}
+
+#[test]
+fn sqlite_directory_and_stream_drills_pass_and_clean_up() {
+    let site = Site::new("");
+    let dir = site.repo.path();
+    let db = dir.join("app.db");
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch(
+        "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
+         WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 1234)
+           INSERT INTO t(v) SELECT 'row ' || n FROM g;
+         CREATE TABLE empty(x);",
+    )
+    .unwrap();
+    drop(c);
+    let tree = dir.join("tree");
+    sample_tree(&tree, 3);
+    let text = fs::read_to_string(&site.config).unwrap()
+        + &format!(
+            "[jobs.app]\nrepository = \"main\"\ndatabase = \"sqlite://{}\"\nschedule = \"daily at 02:00\"\n\n\
+             [jobs.files]\nrepository = \"main\"\npaths = [\"{}\"]\nschedule = \"daily at 02:00\"\n\n\
+             [jobs.cmd]\nrepository = \"main\"\ncommand = \"seq 1 50000\"\nschedule = \"daily at 02:00\"\n\n\
+             [drills.app]\nschedule = \"daily at 06:00\"\n\
+             [[drills.app.assert]]\nname = \"rows\"\nsql = \"SELECT count(*) = 1234 FROM t\"\n\
+             [[drills.app.assert]]\nname = \"false\"\nsql = \"SELECT 0\"\n\n\
+             [drills.files]\nschedule = \"daily at 06:00\"\n\n\
+             [drills.cmd]\nschedule = \"daily at 06:00\"\n",
+            db.display(),
+            tree.display()
+        );
+    fs::write(&site.config, text).unwrap();
+    for job in ["app", "files", "cmd"] {
+        site.backup(job);
+    }
+    // A SQLite assertion that is false fails the drill; the others pass.
+    let (code, reports) = site.drill("app");
+    assert_failed(code, &reports, "assertion", "assert: false");
+    for c in ["hash", "engine", "rows", "assert: rows"] {
+        assert_eq!(check(&reports[0], c)["ok"], true, "{c}: {:#}", reports[0]);
+    }
+    let (code, reports) = site.drill("files");
+    assert_eq!(code, 0, "{reports:#?}");
+    assert_passed(&reports[0], &["hash", "files"]);
+    let (code, reports) = site.drill("cmd");
+    assert_eq!(code, 0, "{reports:#?}");
+    assert_passed(&reports[0], &["hash"]);
+    // Nothing is left in the scratch directory.
+    let scratch = dir.join("state/drills");
+    let left: Vec<_> = fs::read_dir(&scratch).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // A directory drill of a damaged snapshot fails as corrupt and leaves nothing behind.
+    let (_, pack) = site
+        .repo
+        .objects()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("data/"))
+        .max_by_key(|(_, p)| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = fs::read(&pack).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 1;
+    fs::write(&pack, bytes).unwrap();
+    let (code, reports) = site.drill("files");
+    assert_failed(code, &reports, "corrupt", "hash");
+    assert!(fs::read_dir(&scratch).unwrap().next().is_none());
+    assert_eq!(site.history().len(), 4);
+}
+
+#[test]
+fn drill_configuration_is_checked() {
+    let bad = |sections: &str| {
+        let site = Site::new(sections);
+        let out = Command::new(KLUIS)
+            .args(["config", "check", site.config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{sections} was accepted");
+        text(&out.stderr)
+    };
+    let job = "[jobs.db]\nrepository = \"main\"\ndatabase = \"postgres://u@h/db\"\nschedule = \"daily at 02:00\"\n";
+    let err = bad(&format!(
+        "{job}[drills.db]\nschedule = \"daily at 06:00\"\n"
+    ));
+    assert!(err.contains("give scratch"), "{err}");
+    let err = bad(&format!(
+        "{job}[drills.db]\nschedule = \"daily at 06:00\"\nscratch = \"mysql://u@h/\"\n"
+    ));
+    assert!(err.contains("not a server of the job's engine"), "{err}");
+    let err = bad("[drills.nojob]\nschedule = \"daily at 06:00\"\n");
+    assert!(err.contains("no [jobs.nojob] section"), "{err}");
+    let files =
+        "[jobs.f]\nrepository = \"main\"\npaths = [\"/etc\"]\nschedule = \"daily at 02:00\"\n";
+    let err = bad(&format!(
+        "{files}[drills.f]\nschedule = \"daily at 06:00\"\n[[drills.f.assert]]\nname = \"x\"\nsql = \"SELECT 1\"\n"
+    ));
+    assert!(err.contains("assertions are SQL"), "{err}");
+    let err = bad(&format!(
+        "{files}[drills.f]\nschedule = \"daily at 06:00\"\nbudget = \"soon\"\n"
+    ));
+    assert!(err.contains("budget \"soon\" is not a duration"), "{err}");
+}
