@@ -897,79 +897,79 @@ impl Daemon {
         }
     }
 
+    /// The first time `schedule` fires after `after` (never: the end of time).
+    fn next_time(&self, schedule: &kluis::schedule::Schedule, after: Timestamp) -> Timestamp {
+        schedule
+            .next_after(after, &self.config.time_zone)
+            .unwrap_or(Timestamp::MAX)
+    }
+
     /// Starts a due drill, unless its previous run still goes.
     fn start_drill(&mut self, name: &str, now: Timestamp) {
+        let next = self.next_time(&self.drills[name].drill.schedule, now);
         let slot = self.drills.get_mut(name).expect("planned");
-        slot.next = slot
-            .drill
-            .schedule
-            .next_after(now, &self.config.time_zone)
-            .unwrap_or(Timestamp::MAX);
+        slot.next = next;
         let drill = slot.drill.clone();
-        if self
-            .runs
-            .values()
-            .any(|r| r.kind == RunKind::Drill && r.job == name)
-        {
-            log(format!(
-                "drill {name}: due again while the previous run is still going; skipped"
-            ));
-            return;
-        }
         let (config, metrics) = (self.config.clone(), self.metrics.clone());
-        self.spawn_run(name, RunKind::Drill, move |cancel| async move {
-            run_drill(&config, &drill, cancel, &metrics).await
-        });
+        self.spawn_unless_running(
+            name,
+            RunKind::Drill,
+            &format!("drill {name}"),
+            move |cancel| async move { run_drill(&config, &drill, cancel, &metrics).await },
+        );
     }
 
     /// Starts a due copy rule, unless its previous run still goes.
     fn start_copy(&mut self, name: &str, now: Timestamp) {
+        let next = self.next_time(&self.copies[name].rule.schedule, now);
         let slot = self.copies.get_mut(name).expect("planned");
-        slot.next = slot
-            .rule
-            .schedule
-            .next_after(now, &self.config.time_zone)
-            .unwrap_or(Timestamp::MAX);
+        slot.next = next;
         let rule = slot.rule.clone();
-        if self
-            .runs
-            .values()
-            .any(|r| r.kind == RunKind::Copy && r.job == name)
-        {
-            log(format!(
-                "copy {name}: due again while the previous run is still going; skipped"
-            ));
-            return;
-        }
         let (config, metrics) = (self.config.clone(), self.metrics.clone());
-        self.spawn_run(name, RunKind::Copy, move |cancel| async move {
-            run_copy(&config, &rule, cancel, &metrics).await
-        });
+        self.spawn_unless_running(
+            name,
+            RunKind::Copy,
+            &format!("copy {name}"),
+            move |cancel| async move { run_copy(&config, &rule, cancel, &metrics).await },
+        );
     }
 
     /// Starts a repository's due maintenance, unless the previous one still runs.
     fn start_maintenance(&mut self, repository: &str, now: Timestamp) {
+        let next = self.next_time(&self.maintenance[repository].task.schedule, now);
         let slot = self.maintenance.get_mut(repository).expect("planned");
-        slot.next = slot
-            .task
-            .schedule
-            .next_after(now, &self.config.time_zone)
-            .unwrap_or(Timestamp::MAX);
+        slot.next = next;
         let task = slot.task.clone();
-        if self
-            .runs
-            .values()
-            .any(|r| r.kind == RunKind::Maintenance && r.job == repository)
-        {
-            log(format!(
-                "repository {repository}: maintenance due again while the previous run is still going; skipped"
-            ));
-            return;
-        }
         let (config, metrics) = (self.config.clone(), self.metrics.clone());
-        self.spawn_run(repository, RunKind::Maintenance, move |cancel| async move {
-            run_maintenance(&config, &task, cancel, &metrics).await
-        });
+        let what = format!("repository {repository}: maintenance");
+        self.spawn_unless_running(
+            repository,
+            RunKind::Maintenance,
+            &what,
+            move |cancel| async move { run_maintenance(&config, &task, cancel, &metrics).await },
+        );
+    }
+
+    /// Starts a run, unless a run of the same kind and name still goes (then logs that this
+    /// one is skipped and returns false).
+    fn spawn_unless_running<F>(
+        &mut self,
+        name: &str,
+        kind: RunKind,
+        what: &str,
+        work: impl FnOnce(Cancel) -> F,
+    ) -> bool
+    where
+        F: std::future::Future<Output = Outcome> + Send + 'static,
+    {
+        if self.runs.values().any(|r| r.kind == kind && r.job == name) {
+            log(format!(
+                "{what}: due again while the previous run is still going; this run is skipped"
+            ));
+            return false;
+        }
+        self.spawn_run(name, kind, work);
+        true
     }
 
     /// Starts a run once a permit is free; it is recorded in `runs` so shutdown can cancel it.
@@ -1142,23 +1142,16 @@ impl Daemon {
             self.next_run(&slot.job, now)
         };
         self.set_next(name, next);
-        if self
-            .runs
-            .values()
-            .any(|r| r.kind == RunKind::Backup && r.job == name)
-        {
-            log(format!(
-                "job {name}: due again while its previous run is still going; this run is skipped"
-            ));
-            self.metrics.job_skipped.with_label_values(&[name]).inc();
-            return;
-        }
         let config = self.config.clone();
         let job = self.slots[name].job.clone();
         let (metrics, board) = (self.metrics.clone(), self.board.clone());
-        self.spawn_run(name, RunKind::Backup, move |cancel| async move {
-            run_job(&config, &job, cancel, &metrics, &board).await
+        let started = self.spawn_unless_running(name, RunKind::Backup, &format!("job {name}"), {
+            let metrics = metrics.clone();
+            move |cancel| async move { run_job(&config, &job, cancel, &metrics, &board).await }
         });
+        if !started {
+            self.metrics.job_skipped.with_label_values(&[name]).inc();
+        }
     }
 
     async fn shut_down(mut self) -> u8 {

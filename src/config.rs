@@ -471,6 +471,21 @@ impl Loaded {
                 },
             );
         }
+        // A reference to a repository must name a `[repositories.NAME]` section.
+        let known_repository = |r: &Spanned<String>, key: &str| -> Result<()> {
+            if repositories.contains_key(r.get_ref()) {
+                return Ok(());
+            }
+            Err(at(
+                r.span(),
+                key,
+                format!(
+                    "no [repositories.{}] section (there are: {})",
+                    r.get_ref(),
+                    repositories.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ))
+        };
         let mut jobs = Vec::new();
         for (name, j) in config.jobs {
             if name.is_empty() || name.contains(['/', '\0']) {
@@ -479,17 +494,7 @@ impl Loaded {
                 )));
             }
             let key = |k: &str| format!("jobs.{name}.{k}");
-            if !repositories.contains_key(j.repository.get_ref()) {
-                return Err(at(
-                    j.repository.span(),
-                    &key("repository"),
-                    format!(
-                        "no [repositories.{}] section (there are: {})",
-                        j.repository.get_ref(),
-                        repositories.keys().cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                ));
-            }
+            known_repository(&j.repository, &key("repository"))?;
             let source = match (&j.paths, &j.database, &j.command) {
                 (Some(p), None, None) if !p.is_empty() => {
                     JobSource::Paths(p.iter().map(expand_path).collect())
@@ -527,19 +532,8 @@ impl Loaded {
         let mut copies = Vec::new();
         for (name, c) in config.copies {
             let key = |k: &str| format!("copies.{name}.{k}");
-            for (k, r) in [("from", &c.from), ("to", &c.to)] {
-                if !repositories.contains_key(r.get_ref()) {
-                    return Err(at(
-                        r.span(),
-                        &key(k),
-                        format!(
-                            "no [repositories.{}] section (there are: {})",
-                            r.get_ref(),
-                            repositories.keys().cloned().collect::<Vec<_>>().join(", ")
-                        ),
-                    ));
-                }
-            }
+            known_repository(&c.from, &key("from"))?;
+            known_repository(&c.to, &key("to"))?;
             if c.from.get_ref() == c.to.get_ref()
                 || repositories[c.from.get_ref()].url == repositories[c.to.get_ref()].url
             {
@@ -594,14 +588,10 @@ impl Loaded {
                     }
                 })?;
             let repository = match &d.repository {
-                Some(r) if !repositories.contains_key(r.get_ref()) => {
-                    return Err(at(
-                        r.span(),
-                        &key("repository"),
-                        format!("no [repositories.{}] section", r.get_ref()),
-                    ));
+                Some(r) => {
+                    known_repository(r, &key("repository"))?;
+                    r.get_ref().clone()
                 }
-                Some(r) => r.get_ref().clone(),
                 None => job.repository.clone(),
             };
             let kind = match &job.source {

@@ -99,6 +99,20 @@ fn assert_failed(code: i32, reports: &[serde_json::Value], reason: &str, check_n
     );
 }
 
+/// Flips a bit in the middle of the repository's largest data pack.
+fn damage_largest_pack(repo: &Repo) {
+    let (_, pack) = repo
+        .objects()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("data/"))
+        .max_by_key(|(_, p)| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = fs::read(&pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&pack, bytes).unwrap();
+}
+
 fn pg_drill_databases(pg: &Postgres) -> String {
     pg.sql(
         "postgres",
@@ -245,17 +259,7 @@ fn failing_postgres_drills_say_why_and_drop_their_database() {
     // database is dropped.
     let site = pg_site(&pg, "");
     site.backup("shop");
-    let (_, pack) = site
-        .repo
-        .objects()
-        .into_iter()
-        .filter(|(n, _)| n.starts_with("data/"))
-        .max_by_key(|(_, p)| fs::metadata(p).unwrap().len())
-        .unwrap();
-    let mut bytes = fs::read(&pack).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    fs::write(&pack, bytes).unwrap();
+    damage_largest_pack(&site.repo);
     let (code, reports) = site.drill("shop");
     assert_failed(code, &reports, "corrupt", "hash");
     assert!(
@@ -393,17 +397,7 @@ fn sqlite_directory_and_stream_drills_pass_and_clean_up() {
     assert!(left.is_empty(), "{left:?}");
 
     // A directory drill of a damaged snapshot fails as corrupt and leaves nothing behind.
-    let (_, pack) = site
-        .repo
-        .objects()
-        .into_iter()
-        .filter(|(n, _)| n.starts_with("data/"))
-        .max_by_key(|(_, p)| fs::metadata(p).unwrap().len())
-        .unwrap();
-    let mut bytes = fs::read(&pack).unwrap();
-    let at = bytes.len() / 3;
-    bytes[at] ^= 1;
-    fs::write(&pack, bytes).unwrap();
+    damage_largest_pack(&site.repo);
     let (code, reports) = site.drill("files");
     assert_failed(code, &reports, "corrupt", "hash");
     assert!(fs::read_dir(&scratch).unwrap().next().is_none());

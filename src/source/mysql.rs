@@ -137,37 +137,32 @@ impl MyConn {
     /// Runs one query (on no database: the database may not exist) and returns its rows,
     /// tab-separated, without column names.
     pub fn query(&self, sql: &str) -> Result<Vec<String>> {
-        let out = self
-            .client()?
-            .args(["--skip-column-names", "-e", sql])
-            .output()
-            .map_err(|e| Error::SourceFailed(format!("cannot start the mariadb client: {e}")))?;
-        if !out.status.success() {
-            return Err(Error::SourceFailed(format!(
-                "mariadb client on {}: {}",
-                self.display,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(String::from)
-            .collect())
+        self.run(None, sql, Error::SourceFailed)
     }
-}
 
-impl MyConn {
-    /// Runs one statement in this connection's database and returns its rows, tab-separated,
-    /// without column names.
+    /// Runs one statement in this connection's database (a restore target) and returns its
+    /// rows, tab-separated, without column names.
     pub fn query_in(&self, sql: &str) -> Result<Vec<String>> {
-        let out = self
-            .client()?
-            .arg(format!("--database={}", self.database))
+        self.run(Some(&self.database), sql, Error::TargetFailed)
+    }
+
+    /// Runs `sql`; a client that fails is reported with `fail`.
+    fn run(
+        &self,
+        database: Option<&str>,
+        sql: &str,
+        fail: fn(String) -> Error,
+    ) -> Result<Vec<String>> {
+        let mut c = self.client()?;
+        if let Some(db) = database {
+            c.arg(format!("--database={db}"));
+        }
+        let out = c
             .args(["--skip-column-names", "-e", sql])
             .output()
-            .map_err(|e| Error::SourceFailed(format!("cannot start the mariadb client: {e}")))?;
+            .map_err(|e| fail(format!("cannot start the mariadb client: {e}")))?;
         if !out.status.success() {
-            return Err(Error::TargetFailed(format!(
+            return Err(fail(format!(
                 "mariadb client on {}: {}",
                 self.display,
                 String::from_utf8_lossy(&out.stderr).trim()
