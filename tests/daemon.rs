@@ -1005,6 +1005,10 @@ fn drills_run_at_start_up_and_on_schedule_with_metrics() {
             db.display()
         );
     fs::write(&setup.config, text).unwrap();
+    // What a drill killed with the daemon left behind, and a file that is not a drill's.
+    let scratch = setup.state().join("drills");
+    fs::create_dir_all(scratch.join("kluis_drill_files_20200101000000/tree")).unwrap();
+    fs::write(scratch.join("kluis_drill_filesystem_notes"), b"not mine").unwrap();
     let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
     let ok = "kluis_drill_runs_total{job=\"files\",repository=\"local\",result=\"success\"}";
     let start = Instant::now();
@@ -1069,6 +1073,11 @@ fn drills_run_at_start_up_and_on_schedule_with_metrics() {
     promtool_check_metrics(&page);
     assert!(log.contains("drill app: snapshot"), "{log}");
     assert!(log.contains("FAILED assert: three rows: returned"), "{log}");
+    // What the killed drill left behind was dropped at start-up.
+    assert!(
+        log.contains("dropped 1 left behind by an earlier drill: kluis_drill_files_20200101000000"),
+        "{log}"
+    );
 
     // A restart reads the drill history back from the repository.
     let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
@@ -1084,9 +1093,10 @@ fn drills_run_at_start_up_and_on_schedule_with_metrics() {
         .is_some(),
         "{page}\n{log}"
     );
-    // Nothing left in the scratch directory.
-    let scratch: Vec<_> = fs::read_dir(setup.state().join("drills"))
+    // Nothing of the drills is left.
+    let left: Vec<String> = fs::read_dir(&scratch)
         .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(scratch.is_empty(), "{scratch:?}");
+    assert_eq!(left, vec!["kluis_drill_filesystem_notes".to_string()]);
 }
