@@ -405,6 +405,78 @@ fn sqlite_directory_and_stream_drills_pass_and_clean_up() {
 }
 
 #[test]
+fn a_drill_proves_the_copy_in_the_second_repository() {
+    let site = Site::new("");
+    let foreign = Repo::init_file(&[]);
+    let dir = site.repo.path();
+    let db = dir.join("app.db");
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch(
+        "CREATE TABLE t(id INTEGER PRIMARY KEY, at TEXT NOT NULL DEFAULT (datetime('now')));
+         WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 777)
+           INSERT INTO t(id) SELECT n FROM g;",
+    )
+    .unwrap();
+    drop(c);
+    let config = fs::read_to_string(&site.config).unwrap()
+        + &format!(
+            "[repositories.foreign]\nurl = \"{}\"\nkey_file = \"{}\"\n\n\
+             [jobs.app]\nrepository = \"main\"\ndatabase = \"sqlite://{}\"\nschedule = \"daily at 02:00\"\n\n\
+             [drills.app-foreign]\njob = \"app\"\nrepository = \"foreign\"\nschedule = \"monthly on 2 at 06:00\"\n\
+             [[drills.app-foreign.assert]]\nname = \"rows up to the snapshot\"\n\
+             sql = \"SELECT max(at) <= {{snapshot_time}} FROM t\"\n",
+            foreign.url,
+            foreign.key_file.display(),
+            db.display()
+        );
+    fs::write(&site.config, config).unwrap();
+    site.backup("app");
+    // No copy yet: the drill has nothing to restore, and says so.
+    let out = site.kluis(&["drill", "run", "app-foreign"]);
+    let err = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("no snapshot matches"), "{err}");
+    let out = site.kluis(&["copy", "--from", "main", "--to", "foreign", "--latest"]);
+    assert_success(&out, &["copy --config"]);
+    let (code, reports) = site.drill("app-foreign");
+    assert_eq!(code, 0, "{reports:#?}");
+    assert_passed(
+        &reports[0],
+        &["hash", "engine", "rows", "assert: rows up to the snapshot"],
+    );
+    assert_eq!(reports[0]["repository"], "foreign");
+    // Its report is in the foreign repository, under the foreign key.
+    let out = Command::new(KLUIS)
+        .args([
+            "drill",
+            "history",
+            "--repository",
+            "foreign",
+            "--json",
+            "--config",
+        ])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    assert_success(&out, &["drill history --repository foreign"]);
+    let history: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(history.as_array().unwrap().len(), 1);
+    assert!(
+        foreign
+            .objects()
+            .iter()
+            .any(|(n, _)| n.starts_with("drills/"))
+    );
+    assert!(
+        !site
+            .repo
+            .objects()
+            .iter()
+            .any(|(n, _)| n.starts_with("drills/"))
+    );
+}
+
+#[test]
 fn drill_configuration_is_checked() {
     let bad = |sections: &str| {
         let site = Site::new(sections);
