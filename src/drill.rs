@@ -144,8 +144,15 @@ pub async fn run(config: &Loaded, drill: &Drill, opts: &DrillOptions) -> Result<
         if opts.cancel.is_cancelled() {
             return Err(Error::Interrupted);
         }
-        let report = drill_one(&repo, drill, &scratch, snapshot, pick, n, &opts.cancel).await;
-        save(&repo, &report).await?;
+        let mut report = drill_one(&repo, drill, &scratch, snapshot, pick, n, &opts.cancel).await;
+        // A repository the drill may only read (credentials for the foreign copy that cannot
+        // write) still gets its drill: the report is then only in the log and the metrics.
+        if let Err(e) = save(&repo, &report).await {
+            report.warnings.push(format!(
+                "the report could not be stored in repository {}: {e}",
+                drill.repository
+            ));
+        }
         reports.push(report);
     }
     Ok(reports)
