@@ -439,21 +439,21 @@ impl<'a> Pruner<'a> {
         self.report.marks_pending = pending.len();
 
         let (snapshots, unreadable) = repo.snapshots().await?;
-        if let Some(bad) = unreadable.first() {
-            return Err(Error::invalid(format!(
-                "prune stopped: {bad}; prune must know what every snapshot needs (run `kluis check`)"
-            )));
+        if let Some(bad) = unreadable.into_iter().next() {
+            let what = bad.object.clone();
+            return Err(stopped(
+                bad.error,
+                &what,
+                "prune must know what every snapshot needs",
+            ));
         }
         self.report.snapshots = snapshots.len();
 
         // Every index segment; an unreadable one stops prune, as it may list needed packs.
         let mut loaded = Vec::new();
         for (object, result) in repo.index_segments(name::INDEX).await? {
-            let (epoch, key_id, seg) = result.map_err(|e| {
-                Error::invalid(format!(
-                    "prune stopped: {e}; prune must read every index segment (run `kluis check`)"
-                ))
-            })?;
+            let (epoch, key_id, seg) =
+                result.map_err(|e| stopped(e, &object, "prune must read every index segment"))?;
             let id = name::parse_epoch_object(name::INDEX, &object)
                 .map(|(_, id)| id)
                 .ok_or_else(|| Error::corrupt(&object, "not an index segment name"))?;
@@ -649,10 +649,14 @@ impl<'a> Pruner<'a> {
             if index.contains(id) {
                 Ok(())
             } else {
-                Err(Error::invalid(format!(
-                    "prune stopped: blob {id}, needed by snapshot {}, is in no index segment (run `kluis check`)",
-                    snapshot.short()
-                )))
+                Err(Error::corrupt(
+                    format!("blob {id}"),
+                    format!(
+                        "needed by snapshot {}, it is in no index segment; prune stopped and \
+                         changed nothing (run `kluis check`)",
+                        snapshot.short()
+                    ),
+                ))
             }
         };
         while let Some((tree_id, snapshot)) = trees.pop() {
@@ -973,6 +977,21 @@ impl<'a> Pruner<'a> {
             length: length as u32,
             blobs: pack.entries,
         })
+    }
+}
+
+/// Prune cannot go on past `e` on `object` (`why`): damage keeps its corrupt-data meaning
+/// (exit code 13) and says that prune stopped; other errors (storage) pass unchanged.
+fn stopped(e: Error, object: &str, why: &str) -> Error {
+    let note = format!("prune stopped and changed nothing: {why} (run `kluis check`)");
+    match e {
+        Error::Corrupt { object, detail } => Error::Corrupt {
+            object,
+            detail: format!("{detail}; {note}"),
+        },
+        Error::MissingObject { object } => Error::corrupt(object, format!("missing; {note}")),
+        Error::Store { .. } | Error::Io { .. } | Error::Interrupted => e,
+        other => Error::corrupt(object, format!("{other}; {note}")),
     }
 }
 

@@ -259,7 +259,7 @@ fn prune_stops_on_an_unreadable_snapshot_or_index_segment_and_deletes_nothing() 
         std::fs::write(&victim, bytes).unwrap();
         let before = repo.objects();
         let out = repo.run(&["prune", "--grace", "0s"]);
-        let err = assert_code(&out, 2, "prune over damage");
+        let err = assert_code(&out, 13, "prune over damage");
         assert!(err.contains("prune stopped"), "{err}");
         assert!(err.contains(what.trim_end_matches('/')), "{err}");
         let after = repo.objects();
