@@ -4,7 +4,7 @@
 //! ```text
 //! kluisd                         # the embedded default (config/kluis.toml)
 //! kluisd --config /etc/kluis/kluisd.toml
-//! kluisd --config FILE --once    # every job once, now, then every drill; exit 0 if all succeeded
+//! kluisd --config FILE --once    # every job once, now, then copies, drills, maintenance; exit 0 if all succeeded
 //! ```
 //!
 //! Scheduling: each job's next run comes from its schedule in the configured time zone, plus a
@@ -71,7 +71,7 @@ fn parse_args() -> Result<Args, String> {
                     "kluisd: runs kluis backup jobs on their schedules\n\n\
                      usage: kluisd [--config FILE] [--once]\n\n\
                      --config FILE  the configuration (default: the embedded config/kluis.toml)\n\
-                     --once         every job once, now, then every drill; exit 0 if all succeeded"
+                     --once         every job once, now, then copies, drills, maintenance;\n               exit 0 if all succeeded"
                 );
                 std::process::exit(0);
             }
@@ -157,7 +157,8 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-/// `--once`: every job now, as many at once as allowed; then every drill.
+/// `--once`: every job now, as many at once as allowed; then every copy rule, every drill,
+/// and every repository's scheduled maintenance, one after the other.
 async fn run_once(config: Arc<Loaded>, metrics: Arc<Metrics>) -> u8 {
     let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent_jobs));
     let mut set = JoinSet::new();
@@ -174,11 +175,22 @@ async fn run_once(config: Arc<Loaded>, metrics: Arc<Metrics>) -> u8 {
             failed += 1;
         }
     }
+    // Then the copies (of what the jobs just made), the drills, and the maintenance.
+    for rule in &config.copies {
+        if run_copy(&config, rule, Cancel::new(), &metrics).await != Outcome::Ok {
+            failed += 1;
+        }
+    }
     for line in kluis::drill::clean_leftovers(&config).await {
         log(line);
     }
     for drill in &config.drills {
         if run_drill(&config, drill, Cancel::new(), &metrics).await != Outcome::Ok {
+            failed += 1;
+        }
+    }
+    for task in &config.prunes {
+        if run_maintenance(&config, task, Cancel::new(), &metrics).await != Outcome::Ok {
             failed += 1;
         }
     }

@@ -1100,3 +1100,26 @@ fn drills_run_at_start_up_and_on_schedule_with_metrics() {
         .collect();
     assert_eq!(left, vec!["kluis_drill_filesystem_notes".to_string()]);
 }
+
+#[test]
+fn once_runs_jobs_then_copies_drills_and_maintenance() {
+    let setup = Setup::new(
+        "",
+        "prune = { schedule = \"daily at 05:00\", grace = \"1d\" }\n\n\
+         [repositories.second]\nurl = \"{state_dir}/second\"\nkey_file = \"{state_dir}/second.key\"\ninit = true\n\n\
+         [jobs.cmd]\nrepository = \"local\"\ncommand = \"seq 1 20000\"\nschedule = \"daily at 02:00\"\ntimeout = \"1h\"\n\n\
+         [copies.offsite]\nfrom = \"local\"\nto = \"second\"\nschedule = \"daily at 04:00\"\n\n\
+         [drills.cmd]\nrepository = \"second\"\nschedule = \"daily at 06:00\"\n",
+    );
+    let out = setup.kluisd(&["--once"]).output().unwrap();
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in the log:\n{log}"))
+    };
+    // In order: the job, the copy of its snapshot, the drill of the copy, the prune.
+    assert!(at("job cmd: snapshot") < at("copy offsite: 1 snapshot(s) copied"));
+    assert!(at("copy offsite: 1 snapshot(s) copied") < at("drill cmd: snapshot"));
+    assert!(at("(newest) passed") < at("repository local: forgot 0 snapshot(s)"));
+}
