@@ -79,7 +79,7 @@ async fn repositories(g: &Global, a: &CopyArgs) -> anyhow::Result<(Repository, R
         let from = a.from.as_deref().ok_or_else(|| {
             kluis::Error::InvalidInput("with --config, --from names the source repository".into())
         })?;
-        let src = kluis::jobs::open_repository(&config, from).await?;
+        let src = kluis::jobs::open_existing(&config, from).await?;
         let dst = kluis::jobs::open_repository(&config, &a.to).await?;
         return Ok((src, dst));
     }

@@ -143,7 +143,7 @@ async fn history(a: HistoryArgs) -> anyhow::Result<i32> {
     let mut all = Vec::new();
     let mut damaged = 0;
     for name in &repositories {
-        let repo = kluis::jobs::open_repository(&config, name).await?;
+        let repo = kluis::jobs::open_existing(&config, name).await?;
         let (reports, errors) = drill::history(&repo).await?;
         for e in &errors {
             eprintln!("warning: repository {name}: {e}");

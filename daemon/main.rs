@@ -272,10 +272,16 @@ async fn run_drill(
                 Outcome::Failed
             }
         }
-        Err(kluis::Error::SnapshotNotFound(what)) => {
-            log(format!(
-                "drill {name}: no snapshot {what} yet; trying again in a minute"
-            ));
+        Err(e @ (kluis::Error::SnapshotNotFound(_) | kluis::Error::RepositoryNotFound { .. })) => {
+            // Nothing to drill yet: not a failed drill. A job's first backup is due soon, so
+            // a drill of the job's own repository tries again in a minute; one of a copy
+            // waits for its next scheduled time.
+            let again = if repository == drill.job.repository {
+                "trying again in a minute"
+            } else {
+                "trying again at its next scheduled time"
+            };
+            log(format!("drill {name}: nothing to drill yet ({e}); {again}"));
             Outcome::NotYet
         }
         Err(e) => {
@@ -866,7 +872,7 @@ impl Daemon {
         self.drills.clear();
         for drill in self.config.drills.clone() {
             // The drill history lives in the repository: the last success survives restarts.
-            let history = match jobs::open_repository(&self.config, &drill.repository).await {
+            let history = match jobs::open_existing(&self.config, &drill.repository).await {
                 Ok(repo) => kluis::drill::history(&repo)
                     .await
                     .map(|(h, _)| h)
@@ -1130,7 +1136,11 @@ impl Daemon {
         let run = self.runs.remove(&id);
         if let Some(run) = run.as_ref().filter(|r| r.kind == RunKind::Drill) {
             if outcome == Outcome::NotYet {
-                if let Some(slot) = self.drills.get_mut(&run.job) {
+                if let Some(slot) = self
+                    .drills
+                    .get_mut(&run.job)
+                    .filter(|s| s.drill.repository == s.drill.job.repository)
+                {
                     slot.next = slot
                         .next
                         .min(Timestamp::now() + jiff::SignedDuration::from_secs(60));

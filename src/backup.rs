@@ -670,11 +670,8 @@ impl Reader<'_> {
         feed: crate::copy::CopyFeed,
     ) -> Result<(BlobId, Vec<StreamDigest>, Option<SnapshotSource>)> {
         use crate::copy::CopyEvent;
-        let crate::copy::CopyFeed {
-            mut events,
-            snapshot,
-            budget,
-        } = feed;
+        let mut feed = feed;
+        let snapshot = feed.snapshot.clone();
         let label = |node: &Node| {
             format!(
                 "{} in snapshot {} of the source",
@@ -688,7 +685,7 @@ impl Reader<'_> {
         let mut open: Vec<(Option<Node>, Vec<Node>)> = vec![(None, Vec::new())];
         loop {
             // A closed feed means the walk stopped; `copy` reports why.
-            let event = events.blocking_recv().ok_or(Error::Interrupted)?;
+            let event = feed.events.blocking_recv().ok_or(Error::Interrupted)?;
             match event {
                 CopyEvent::Dir(node) => open.push((Some(node), Vec::new())),
                 CopyEvent::EndDir => {
@@ -705,9 +702,9 @@ impl Reader<'_> {
                 }
                 CopyEvent::File(node) => {
                     let content = self
-                        .read_chunks(|| match events.blocking_recv() {
+                        .read_chunks(|| match feed.events.blocking_recv() {
                             Some(CopyEvent::Blob(b)) => {
-                                budget.add_permits(crate::copy::kib(b.len()) as usize);
+                                feed.budget.add_permits(crate::copy::kib(b.len()) as usize);
                                 Ok(Some(b))
                             }
                             Some(CopyEvent::EndFile) => Ok(None),

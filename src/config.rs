@@ -228,7 +228,7 @@ pub struct DrillConfig {
     /// When it runs; see [`crate::schedule`].
     pub schedule: Spanned<String>,
     /// For PostgreSQL and MySQL jobs: a server where kluis may create and drop databases named
-    /// `kluis_drill_<job>_<time>`, as a URL without a database (`postgres://kluis@scratch/`).
+    /// `kluis_drill_<drill>_<time>`, as a URL without a database (`postgres://kluis@scratch/`).
     pub scratch: Option<String>,
     /// The scratch server's password (also the systemd credential `kluis-scratch-password`).
     pub scratch_password_file: Option<PathBuf>,
@@ -649,6 +649,20 @@ impl Loaded {
                         .map_err(|e| here(format!("budget {b:?} is not a duration ({e})")))
                 })
                 .transpose()?;
+            if d.timeout.is_zero() {
+                return Err(here("timeout must be more than 0s".into()));
+            }
+            let prefix = crate::drill::target_prefix(&name);
+            if let Some(other) = drills
+                .iter()
+                .find(|o: &&Drill| crate::drill::target_prefix(&o.name) == prefix)
+            {
+                return Err(here(format!(
+                    "its scratch targets would be named like those of drills.{} ({prefix}...); \
+                     rename one",
+                    other.name
+                )));
+            }
             drills.push(Drill {
                 name,
                 job,

@@ -57,6 +57,14 @@ pub struct CopyFeed {
     pub(crate) budget: Arc<tokio::sync::Semaphore>,
 }
 
+impl Drop for CopyFeed {
+    /// However the pipeline ends (done, failed, never started), a walk waiting for budget
+    /// must not wait forever: closing the semaphore fails its wait, and it stops.
+    fn drop(&mut self) {
+        self.budget.close();
+    }
+}
+
 /// A blob's share of [`IN_FLIGHT_BYTES`], in KiB permits.
 pub(crate) fn kib(len: usize) -> u32 {
     (len.div_ceil(1024).clamp(1, IN_FLIGHT_BYTES / 1024)) as u32

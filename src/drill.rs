@@ -3,7 +3,7 @@
 //!
 //! A drill takes the job's newest snapshot (and, when configured, a random older one, so old
 //! snapshots and copies are proven too), restores it into a target named
-//! `kluis_drill_<job>_<time>` (a database on the configured scratch server, or a file or
+//! `kluis_drill_<drill>_<time>` (a database on the configured scratch server, or a file or
 //! directory under `<state_dir>/drills/`), and checks, in order:
 //!
 //! 1. `hash`: every restored stream and file matches the SHA-256 its snapshot records (the
@@ -15,9 +15,10 @@
 //! 4. each configured assertion: SQL that must return true;
 //! 5. `budget`: the restore finished within the recovery-time budget.
 //!
-//! The target is dropped afterwards whatever happened; targets left behind by a crash (same
-//! job prefix) are dropped before the next drill of that job. A drill never touches a database
-//! or file not named with its prefix.
+//! The target is dropped afterwards whatever happened. Targets a crash left behind are
+//! dropped when kluisd starts, and before the drill's next run once older than its timeout
+//! (a run elsewhere may still use a younger one). A drill never touches a database or file not
+//! named exactly as its own targets are (`is_leftover`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -90,9 +91,10 @@ pub struct DrillOptions {
     pub cancel: Cancel,
 }
 
-/// The prefix of every scratch target of a job.
-pub fn target_prefix(job: &str) -> String {
-    let mut clean: String = job
+/// The prefix of every scratch target of a drill (a drill is named after its job unless it
+/// says otherwise): `kluis_drill_<name>_`, the name reduced to `[a-z0-9_]`, at most 30 long.
+pub fn target_prefix(drill: &str) -> String {
+    let mut clean: String = drill
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -111,7 +113,7 @@ pub fn target_prefix(job: &str) -> String {
 /// `passed: false`; an error means no drill could be run (no snapshot, the repository
 /// unreachable).
 pub async fn run(config: &Loaded, drill: &Drill, opts: &DrillOptions) -> Result<Vec<DrillReport>> {
-    let repo = crate::jobs::open_repository(config, &drill.repository).await?;
+    let repo = crate::jobs::open_existing(config, &drill.repository).await?;
     let (list, _) = repo.snapshots().await?;
     let mine: Vec<Snapshot> = list
         .into_iter()
@@ -247,10 +249,12 @@ impl Scratch {
         }
     }
 
-    /// Reaches the scratch place and drops what earlier drills of `prefix` left behind.
-    /// Returns the names dropped.
-    fn clean(&self, prefix: &str) -> Result<Vec<String>> {
+    /// Reaches the scratch place and drops what earlier drills of `prefix` left behind:
+    /// targets named exactly as this drill names them, created before `before` (none: any
+    /// time). Returns the names dropped.
+    fn clean(&self, prefix: &str, before: Option<Timestamp>) -> Result<Vec<String>> {
         let like = prefix.replace('_', "\\_") + "%";
+        let ours = |name: &str| is_leftover(name, prefix, before);
         let mut dropped = Vec::new();
         match self {
             Scratch::Postgres(server) => {
@@ -259,7 +263,7 @@ impl Scratch {
                      WHERE datname LIKE {}",
                     postgres::literal(&like)
                 ))?;
-                for db in rows.lines().filter(|l| l.starts_with(prefix)) {
+                for db in rows.lines().filter(|l| ours(l)) {
                     server.query_one(&format!(
                         "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                         postgres::ident(db)
@@ -273,7 +277,7 @@ impl Scratch {
                     "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE {}",
                     mysql::sql_literal(&like)
                 ))?;
-                for db in rows.iter().filter(|l| l.starts_with(prefix)) {
+                for db in rows.iter().filter(|l| ours(l)) {
                     conn.query(&format!("DROP DATABASE IF EXISTS {}", mysql::ident(db)))?;
                     dropped.push(db.clone());
                 }
@@ -283,7 +287,7 @@ impl Scratch {
                 for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
                     let entry = entry.map_err(|e| Error::io(dir, e))?;
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    if !name.starts_with(prefix) {
+                    if !ours(&name) {
                         continue;
                     }
                     let path = entry.path();
@@ -301,13 +305,36 @@ impl Scratch {
     }
 }
 
-/// Drops what earlier drills of every configured drill left behind (kluisd start-up).
+/// Whether `name` is a target this drill made (`<prefix><YYYYmmddHHMMSS>[_n]`), made before
+/// `before` if given.
+fn is_leftover(name: &str, prefix: &str, before: Option<Timestamp>) -> bool {
+    let Some(rest) = name.strip_prefix(prefix) else {
+        return false;
+    };
+    let (stamp, n) = rest.split_at(rest.len().min(14));
+    let well_formed = stamp.len() == 14
+        && stamp.bytes().all(|b| b.is_ascii_digit())
+        && (n.is_empty()
+            || n.strip_prefix('_')
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())));
+    if !well_formed {
+        return false;
+    }
+    let Some(before) = before else { return true };
+    jiff::civil::DateTime::strptime("%Y%m%d%H%M%S", stamp)
+        .ok()
+        .and_then(|t| t.to_zoned_datetime(jiff::tz::TimeZone::UTC).ok())
+        .is_some_and(|t| t.timestamp() < before)
+}
+
+/// Drops what earlier drills of every configured drill left behind (kluisd start-up: none of
+/// its drills runs yet).
 pub async fn clean_leftovers(config: &Loaded) -> Vec<String> {
     let mut log = Vec::new();
     for drill in &config.drills {
-        let prefix = target_prefix(&drill.job.name);
+        let prefix = target_prefix(&drill.name);
         let cleaned = match Scratch::new(config, drill) {
-            Ok(s) => tokio::task::spawn_blocking(move || s.clean(&prefix))
+            Ok(s) => tokio::task::spawn_blocking(move || s.clean(&prefix, None))
                 .await
                 .unwrap_or_else(|e| Err(Error::invalid(format!("drill clean-up crashed: {e}")))),
             Err(e) => Err(e),
@@ -384,7 +411,7 @@ async fn drill_one(
     cancel: &Cancel,
 ) -> DrillReport {
     let started = Timestamp::now();
-    let prefix = target_prefix(&drill.job.name);
+    let prefix = target_prefix(&drill.name);
     let mut target = format!(
         "{prefix}{}",
         started
@@ -409,10 +436,14 @@ async fn drill_one(
     let mut shown_target = target.clone();
     let mut restore_seconds = 0.0;
     let mut cleaned_up = true;
-    // Reach the scratch place, dropping leftovers of earlier drills of this job.
+    // Reach the scratch place, dropping leftovers of earlier runs of this drill: those older
+    // than any run of it can be (another process, a CLI `kluis drill run` say, may be running
+    // it right now).
     let reached = {
         let (s, p) = (scratch_clone(scratch), prefix.clone());
-        blocking(move || s.clean(&p)).await
+        let limit = drill.timeout + Duration::from_secs(300);
+        let before = started.checked_sub(jiff::SignedDuration::try_from(limit).unwrap_or_default());
+        blocking(move || s.clean(&p, before.ok())).await
     };
     match reached {
         Err(e) => checks.fail(
@@ -671,7 +702,7 @@ async fn verify(
                         .iter()
                         .map(|t| {
                             format!(
-                                "(SELECT count(*) FROM {}.{})",
+                                "(SELECT count(*) FROM ONLY {}.{})",
                                 postgres::ident(&t.schema),
                                 postgres::ident(&t.name)
                             )
@@ -826,7 +857,8 @@ async fn verify(
 /// (`concat_ws` means the same to PostgreSQL and MySQL).
 fn count_rows(exprs: &[String], query: impl Fn(&str) -> Result<String>) -> Result<Vec<u64>> {
     let mut out = Vec::new();
-    for part in exprs.chunks(100) {
+    // PostgreSQL takes at most 100 arguments to a function.
+    for part in exprs.chunks(90) {
         let got = query(&format!("SELECT concat_ws(',', {})", part.join(", ")))?;
         for n in got.trim().split(',') {
             out.push(
@@ -897,6 +929,25 @@ mod tests {
 
     #[test]
     fn targets_are_named_by_job_and_cannot_escape_their_prefix() {
+        let p = target_prefix("shop");
+        let t: Timestamp = "2026-11-25T12:00:00Z".parse().unwrap();
+        assert!(is_leftover("kluis_drill_shop_20261125110000", &p, None));
+        assert!(is_leftover(
+            "kluis_drill_shop_20261125110000_1",
+            &p,
+            Some(t)
+        ));
+        assert!(!is_leftover("kluis_drill_shop_20261125130000", &p, Some(t)));
+        for other in [
+            "kluis_drill_shop_eu_20261125110000",
+            "kluis_drill_shopping",
+            "kluis_drill_shop_2026112511000",
+            "kluis_drill_shop_20261125110000_",
+            "kluis_drill_shop_20261125110000x",
+            "shop_20261125110000",
+        ] {
+            assert!(!is_leftover(other, &p, None), "{other}");
+        }
         assert_eq!(target_prefix("billing"), "kluis_drill_billing_");
         assert_eq!(target_prefix("Shop-EU 1"), "kluis_drill_shop_eu_1_");
         assert_eq!(

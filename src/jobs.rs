@@ -14,13 +14,30 @@ use crate::source::database;
 use crate::store::Store;
 
 /// Opens the repository `name`; one configured with `init = true` is created when missing,
-/// its key file too.
+/// its key file too. Only writers (jobs, a copy's destination) create: a reader racing a
+/// writer's first start must not initialise the same location beside it.
 pub async fn open_repository(config: &Loaded, name: &str) -> Result<Repository> {
+    open_with(config, name, true).await
+}
+
+/// Opens the repository `name`, never creating it (drills, a copy's source, maintenance).
+pub async fn open_existing(config: &Loaded, name: &str) -> Result<Repository> {
+    open_with(config, name, false).await
+}
+
+async fn open_with(config: &Loaded, name: &str, create: bool) -> Result<Repository> {
     let r = config
         .repositories
         .get(name)
         .ok_or_else(|| Error::invalid(format!("no repository {name:?} in {}", config.origin)))?;
-    if r.init {
+    let init = r.init && create;
+    if r.init && !create && r.key_file.as_ref().is_some_and(|k| !k.exists()) {
+        // Its first writer has not created it (nor its key file) yet.
+        return Err(Error::RepositoryNotFound {
+            location: r.url.clone(),
+        });
+    }
+    if init {
         if let Some(key) = &r.key_file {
             if !key.exists() {
                 if let Some(dir) = key.parent() {
@@ -31,9 +48,9 @@ pub async fn open_repository(config: &Loaded, name: &str) -> Result<Repository> 
         }
     }
     let secret = config.secret(name)?;
-    let store = Store::open(&r.url, r.init)?;
+    let store = Store::open(&r.url, init)?;
     match Repository::open(store.clone(), &secret).await {
-        Err(Error::RepositoryNotFound { .. }) if r.init => {
+        Err(Error::RepositoryNotFound { .. }) if init => {
             Repository::init(store, &secret, InitOptions::default()).await
         }
         other => other,
@@ -102,7 +119,7 @@ pub async fn maintain(
         .repositories
         .get(repository)
         .ok_or_else(|| Error::invalid(format!("no repository {repository:?}")))?;
-    let repo = open_repository(config, repository).await?;
+    let repo = open_existing(config, repository).await?;
     let mut removed = 0;
     if let Some(policy) = &r.retention {
         let (list, unreadable) = repo.snapshots().await?;
@@ -136,7 +153,7 @@ pub async fn copy(
     cancel: Cancel,
     progress: std::sync::Arc<Progress>,
 ) -> Result<crate::copy::CopyReport> {
-    let src = open_repository(config, &rule.from).await?;
+    let src = open_existing(config, &rule.from).await?;
     let dst = open_repository(config, &rule.to).await?;
     let opts = crate::copy::CopyOptions {
         selection: match rule.select {

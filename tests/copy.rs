@@ -401,3 +401,45 @@ fn sigkill_copy_at_random_points_loses_nothing_committed() {
     assert_eq!(listed(&dst).len(), listed(&src).len(), "{rest}");
     assert_success(&dst.run(&["check", "--read-data"]), &["check --read-data"]);
 }
+
+#[test]
+fn an_interrupted_copy_stops_promptly_and_commits_nothing() {
+    let src = small_packs(Repo::file());
+    let dst = small_packs(Repo::file());
+    src.backup_stdin("big", &random_bytes(10, 64 << 20));
+    let mut child = copy_cmd(&src, &dst, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt it mid-way, while the source walk waits for the pipeline.
+    let started = Instant::now();
+    while !dst.objects().iter().any(|(n, _)| n.starts_with("index/")) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the copy ended too soon"
+        );
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let stopping = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if stopping.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the copy did not stop within 20 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert!(listed(&dst).is_empty());
+    dst.ok(&["check"]);
+}

@@ -508,4 +508,13 @@ fn drill_configuration_is_checked() {
         "{files}[drills.f]\nschedule = \"daily at 06:00\"\nbudget = \"soon\"\n"
     ));
     assert!(err.contains("budget \"soon\" is not a duration"), "{err}");
+    // Two drills whose scratch targets would share names.
+    let err = bad(&format!(
+        "{files}[drills.f]\nschedule = \"daily at 06:00\"\n\
+         [drills.F]\njob = \"f\"\nschedule = \"daily at 07:00\"\n"
+    ));
+    assert!(
+        err.contains("would be named like those of drills."),
+        "{err}"
+    );
 }
