@@ -13,7 +13,7 @@ use kluis::config::Loaded;
 use kluis::error::exit;
 use kluis::jobs;
 use kluis::source::postgres::redact;
-use kluis::status::{JobStatus, RepositoryStatus, Status};
+use kluis::status::{DrillStatus, JobStatus, RepositoryStatus, Status};
 
 use crate::output;
 
@@ -78,6 +78,39 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<i32> {
             &rows
         )
     );
+    if !status.drills.is_empty() {
+        let rows: Vec<Vec<String>> = status
+            .drills
+            .iter()
+            .map(|d| {
+                vec![
+                    d.name.clone(),
+                    d.repository.clone(),
+                    when(d.last_run),
+                    d.last_result.clone().unwrap_or_else(|| "-".into()),
+                    d.last_restore_ms
+                        .map_or_else(|| "-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
+                    when(d.last_success),
+                    when(d.next_run),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            output::table(
+                &[
+                    "DRILL",
+                    "REPOSITORY",
+                    "LAST RUN",
+                    "RESULT",
+                    "RESTORE",
+                    "LAST PASSED",
+                    "NEXT RUN"
+                ],
+                &rows
+            )
+        );
+    }
     for r in &status.repositories {
         match (r.snapshots, &r.error) {
             (Some(n), _) => println!("repository {}: {} snapshot(s) at {}", r.name, n, r.location),
@@ -141,6 +174,19 @@ async fn from_repositories(config: &Loaded) -> Status {
             last_success: last.map(|s| s.time),
             last_snapshot: last.map(|s| s.id.to_hex()),
         });
+    }
+    for drill in &config.drills {
+        let history = match jobs::open_existing(config, &drill.repository).await {
+            Ok(repo) => kluis::drill::history(&repo)
+                .await
+                .map(|(h, _)| h)
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let next = drill.schedule.next_after(now, &config.time_zone);
+        status
+            .drills
+            .push(DrillStatus::from_history(drill, &history, next));
     }
     status
 }

@@ -185,7 +185,9 @@ async fn run_once(config: Arc<Loaded>, metrics: Arc<Metrics>) -> u8 {
         log(line);
     }
     for drill in &config.drills {
-        if run_drill(&config, drill, Cancel::new(), &metrics).await != Outcome::Ok {
+        if run_drill(&config, drill, Cancel::new(), &metrics, &Board::default()).await
+            != Outcome::Ok
+        {
             failed += 1;
         }
     }
@@ -212,6 +214,7 @@ async fn run_drill(
     drill: &kluis::config::Drill,
     cancel: Cancel,
     metrics: &Metrics,
+    board: &Board,
 ) -> Outcome {
     let name = &drill.name;
     let (job, repository) = (drill.job.name.as_str(), drill.repository.as_str());
@@ -266,6 +269,11 @@ async fn run_drill(
                 ));
             }
             metrics.record_drill(job, repository, Ok(&reports));
+            board.drill(name, |d| {
+                for r in &reports {
+                    d.record(r);
+                }
+            });
             if reports.iter().all(|r| r.passed) {
                 Outcome::Ok
             } else {
@@ -296,6 +304,10 @@ async fn run_drill(
                 metrics::failure_reason(&e)
             };
             metrics.record_drill(job, repository, Err(reason));
+            board.drill(name, |d| {
+                d.last_run = Some(Timestamp::now());
+                d.last_result = Some(format!("could not run ({reason}): {e}"));
+            });
             Outcome::Failed
         }
     }
@@ -668,6 +680,8 @@ impl Daemon {
                 }
                 let names: Vec<String> = new.jobs.iter().map(|j| j.name.clone()).collect();
                 self.board.retain_jobs(&names);
+                let drills: Vec<String> = new.drills.iter().map(|d| d.name.clone()).collect();
+                self.board.retain_drills(&drills);
                 self.config = Arc::new(new);
                 self.slots.clear();
                 self.plan().await;
@@ -881,6 +895,7 @@ impl Daemon {
             };
             self.metrics
                 .declare_drill(&drill.job.name, &drill.repository, &history);
+            let status = kluis::status::DrillStatus::from_history(&drill, &history, None);
             let last = history
                 .iter()
                 .filter(|r| r.drill == drill.name)
@@ -910,6 +925,10 @@ impl Daemon {
                 next.to_zoned_datetime(self.config.time_zone.clone())
                     .strftime("%F %T %Z")
             ));
+            self.board.drill(&drill.name, |d| {
+                *d = status;
+                d.next_run = Some(next);
+            });
             self.drills
                 .insert(drill.name.clone(), DrillSlot { drill, next });
         }
@@ -928,12 +947,17 @@ impl Daemon {
         let slot = self.drills.get_mut(name).expect("planned");
         slot.next = next;
         let drill = slot.drill.clone();
-        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        self.board.drill(name, |d| d.next_run = Some(next));
+        let (config, metrics, board) = (
+            self.config.clone(),
+            self.metrics.clone(),
+            self.board.clone(),
+        );
         self.spawn_unless_running(
             name,
             RunKind::Drill,
             &format!("drill {name}"),
-            move |cancel| async move { run_drill(&config, &drill, cancel, &metrics).await },
+            move |cancel| async move { run_drill(&config, &drill, cancel, &metrics, &board).await },
         );
     }
 

@@ -35,6 +35,62 @@ pub struct RepositoryStatus {
     pub error: Option<String>,
 }
 
+/// One restore drill's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillStatus {
+    pub name: String,
+    pub job: String,
+    pub repository: String,
+    pub schedule: String,
+    pub next_run: Option<Timestamp>,
+    /// When the last drill ended, and how (`passed`, `FAILED (reason)`, or why it could not
+    /// run).
+    pub last_run: Option<Timestamp>,
+    pub last_result: Option<String>,
+    pub last_success: Option<Timestamp>,
+    /// The measured recovery time of the last drill, in milliseconds.
+    pub last_restore_ms: Option<u64>,
+}
+
+impl DrillStatus {
+    /// A drill's state from its reports (the repository's drill history).
+    pub fn from_history(
+        drill: &crate::config::Drill,
+        history: &[crate::drill::DrillReport],
+        next_run: Option<Timestamp>,
+    ) -> DrillStatus {
+        let mut status = DrillStatus {
+            name: drill.name.clone(),
+            job: drill.job.name.clone(),
+            repository: drill.repository.clone(),
+            schedule: drill.schedule.to_string(),
+            next_run,
+            ..DrillStatus::default()
+        };
+        let mine: Vec<&crate::drill::DrillReport> =
+            history.iter().filter(|r| r.drill == drill.name).collect();
+        if let Some(last) = mine.iter().max_by_key(|r| r.finished) {
+            status.record(last);
+        }
+        status.last_success = mine.iter().filter(|r| r.passed).map(|r| r.finished).max();
+        status
+    }
+
+    /// Takes in a report of this drill.
+    pub fn record(&mut self, r: &crate::drill::DrillReport) {
+        self.last_run = Some(r.finished);
+        self.last_result = Some(if r.passed {
+            "passed".into()
+        } else {
+            format!("FAILED ({})", r.reason.as_deref().unwrap_or("other"))
+        });
+        self.last_restore_ms = Some((r.restore_seconds * 1000.0) as u64);
+        if r.passed {
+            self.last_success = Some(r.finished);
+        }
+    }
+}
+
 /// The whole picture.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
@@ -42,6 +98,8 @@ pub struct Status {
     pub source: String,
     pub jobs: Vec<JobStatus>,
     pub repositories: Vec<RepositoryStatus>,
+    #[serde(default)]
+    pub drills: Vec<DrillStatus>,
 }
 
 /// The daemon's copy, updated as jobs run.
@@ -49,6 +107,7 @@ pub struct Status {
 pub struct Board {
     jobs: Mutex<BTreeMap<String, JobStatus>>,
     repositories: Mutex<BTreeMap<String, RepositoryStatus>>,
+    drills: Mutex<BTreeMap<String, DrillStatus>>,
 }
 
 impl Board {
@@ -61,6 +120,26 @@ impl Board {
             ..JobStatus::default()
         });
         change(entry);
+    }
+
+    /// Changes one drill's entry (created on first use).
+    pub fn drill(&self, name: &str, change: impl FnOnce(&mut DrillStatus)) {
+        let mut drills = self.drills.lock().expect("not poisoned");
+        let entry = drills
+            .entry(name.to_string())
+            .or_insert_with(|| DrillStatus {
+                name: name.to_string(),
+                ..DrillStatus::default()
+            });
+        change(entry);
+    }
+
+    /// Forgets drills that are no longer configured (after a reload).
+    pub fn retain_drills(&self, names: &[String]) {
+        self.drills
+            .lock()
+            .expect("not poisoned")
+            .retain(|n, _| names.contains(n));
     }
 
     pub fn repository(&self, status: RepositoryStatus) {
@@ -90,6 +169,13 @@ impl Board {
                 .collect(),
             repositories: self
                 .repositories
+                .lock()
+                .expect("not poisoned")
+                .values()
+                .cloned()
+                .collect(),
+            drills: self
+                .drills
                 .lock()
                 .expect("not poisoned")
                 .values()

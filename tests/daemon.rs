@@ -994,7 +994,7 @@ fn drills_run_at_start_up_and_on_schedule_with_metrics() {
     }
     let data = setup.dir.path().join("data");
     sample_tree(&data, 9);
-    let text = fs::read_to_string(&setup.config).unwrap()
+    let config = fs::read_to_string(&setup.config).unwrap()
         + &format!(
             "[jobs.files]\nrepository = \"local\"\npaths = [\"{}\"]\nschedule = \"daily at 02:00\"\n\n\
              [jobs.app]\nrepository = \"local\"\ndatabase = \"sqlite://{}\"\nschedule = \"daily at 02:00\"\n\n\
@@ -1004,7 +1004,7 @@ fn drills_run_at_start_up_and_on_schedule_with_metrics() {
             data.display(),
             db.display()
         );
-    fs::write(&setup.config, text).unwrap();
+    fs::write(&setup.config, config).unwrap();
     // What a drill killed with the daemon left behind, and a file that is not a drill's.
     let scratch = setup.state().join("drills");
     fs::create_dir_all(scratch.join("kluis_drill_files_20200101000000/tree")).unwrap();
@@ -1026,9 +1026,44 @@ fn drills_run_at_start_up_and_on_schedule_with_metrics() {
             break page;
         }
     };
+    // `/status` (what `kluis status` shows) has each drill's last result.
+    let (_, body) = http_get(setup.port, "/status");
     signal(&child, "-TERM");
     let (code, log) = finish(child, Duration::from_secs(30));
     assert!(code.is_some(), "{log}");
+    let live: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let drill = |status: &serde_json::Value, name: &str| {
+        status["drills"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no drill {name} in {status}"))
+    };
+    assert_eq!(drill(&live, "files")["last_result"], "passed", "{live}");
+    assert!(drill(&live, "files")["next_run"].is_string());
+    assert_eq!(
+        drill(&live, "app")["last_result"],
+        "FAILED (assertion)",
+        "{live}"
+    );
+    // Without the daemon, `kluis status` works it out from the drill reports.
+    let out = Command::new(KLUIS)
+        .args(["status", "--json", "--config"])
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let offline: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(offline["source"], "repositories");
+    assert_eq!(
+        drill(&offline, "files")["last_result"],
+        "passed",
+        "{offline}"
+    );
+    assert_eq!(drill(&offline, "app")["last_result"], "FAILED (assertion)");
+    assert!(drill(&offline, "app")["last_success"].is_null());
     // The directory drill passed at start-up and again on its schedule.
     assert!(metric(&page, ok).is_some_and(|n| n >= 2.0), "{page}\n{log}");
     assert_eq!(
