@@ -727,25 +727,6 @@ impl Daemon {
         let mut listed: BTreeMap<String, Option<Vec<kluis::snapshot::Snapshot>>> = BTreeMap::new();
         for name in self.config.repositories.keys() {
             let location = kluis::source::postgres::redact(&self.config.repositories[name].url);
-            // Where each repository's data lands, so an operator sees the foreign copy really
-            // goes to another region.
-            match kluis::store::Store::open(&self.config.repositories[name].url, false) {
-                Ok(store) => {
-                    let p = store.placement();
-                    log(format!(
-                        "repository {name}: {} store {}{}",
-                        p.kind,
-                        p.endpoint,
-                        if p.region.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", region {}", p.region)
-                        }
-                    ));
-                    self.metrics.record_placement(name, p);
-                }
-                Err(e) => log(format!("repository {name}: {e}")),
-            }
             let list = match jobs::snapshots(&self.config, name).await {
                 Ok(list) => {
                     self.metrics.record_repository(name, &list);
@@ -770,6 +751,29 @@ impl Daemon {
                 }
             };
             listed.insert(name.clone(), list);
+            // (After the listing, which creates a repository configured with `init`.) Where each
+            // repository's data lands, so an operator sees the foreign copy
+            // really goes to another region.
+            match kluis::store::Store::open(&self.config.repositories[name].url, false) {
+                Ok(store) => {
+                    let p = store.placement();
+                    log(format!(
+                        "repository {name}: {} store {}{}",
+                        p.kind,
+                        p.endpoint,
+                        if p.region.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", region {}", p.region)
+                        }
+                    ));
+                    self.metrics.record_placement(name, p);
+                }
+                Err(kluis::Error::RepositoryNotFound { location }) => log(format!(
+                    "repository {name}: file store {location}, not created yet"
+                )),
+                Err(e) => log(format!("repository {name}: {e}")),
+            }
         }
         let window = jiff::SignedDuration::try_from(self.config.daemon.catch_up)
             .unwrap_or(jiff::SignedDuration::ZERO);
