@@ -14,15 +14,8 @@ cd "$here/.."
 cargo build --release --quiet --bin kluis
 kluis="$PWD/target/release/kluis"
 
-pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
-work="$(mktemp -d /tmp/kluis-bench-drill.XXXXXX)"
-chown postgres "$work"
-port=$((20000 + RANDOM % 20000))
-as_pg() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-as_pg "$pgbin/initdb" -D "$work/data" -A trust -U postgres >/dev/null
-as_pg "$pgbin/pg_ctl" -D "$work/data" -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c fsync=off" -l "$work/log" -w start >/dev/null
-trap 'as_pg "$pgbin/pg_ctl" -D "$work/data" -m immediate stop >/dev/null; rm -rf "$work"' EXIT
-psql() { "$pgbin/psql" -q -h 127.0.0.1 -p "$port" -U postgres -v ON_ERROR_STOP=1 "$@"; }
+source "$here/pg.sh"
+work="$pgdir"   # removed with the server on exit
 
 echo "scale $scale database"
 psql -c 'CREATE DATABASE saas' >/dev/null

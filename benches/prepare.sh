@@ -8,15 +8,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 workloads="${WORKLOADS:-$here/../../shared/workloads}"
 OUT="${OUT:-/tmp/kluis-bench/inputs}"
 mkdir -p "$OUT"
-pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
-pg="$(mktemp -d /tmp/kluis-bench-pg.XXXXXX)"
-chown postgres "$pg"
-port=$((20000 + RANDOM % 20000))
-as_pg() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-as_pg "$pgbin/initdb" -D "$pg/data" -A trust -U postgres >/dev/null
-as_pg "$pgbin/pg_ctl" -D "$pg/data" -o "-p $port -k $pg -c listen_addresses=127.0.0.1 -c fsync=off" -l "$pg/log" -w start >/dev/null
-trap 'as_pg "$pgbin/pg_ctl" -D "$pg/data" -m immediate stop >/dev/null; rm -rf "$pg"' EXIT
-psql() { "$pgbin/psql" -q -h 127.0.0.1 -p "$port" -U postgres -v ON_ERROR_STOP=1 "$@"; }
+source "$here/pg.sh"
 dump() { "$pgbin/pg_dump" -h 127.0.0.1 -p "$port" -U postgres -Z0 "$1"; }
 
 if [[ ! -s "$OUT/dump6.sql" ]]; then

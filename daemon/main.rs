@@ -1073,30 +1073,10 @@ impl Daemon {
             tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
         loop {
             let now = Timestamp::now();
-            let due: Vec<String> = self
-                .slots
-                .iter()
-                .filter(|(_, s)| s.next <= now)
-                .map(|(n, _)| n.clone())
-                .collect();
-            let maintenance_due: Vec<String> = self
-                .maintenance
-                .iter()
-                .filter(|(_, m)| m.next <= now)
-                .map(|(n, _)| n.clone())
-                .collect();
-            let copies_due: Vec<String> = self
-                .copies
-                .iter()
-                .filter(|(_, c)| c.next <= now)
-                .map(|(n, _)| n.clone())
-                .collect();
-            let drills_due: Vec<String> = self
-                .drills
-                .iter()
-                .filter(|(_, d)| d.next <= now)
-                .map(|(n, _)| n.clone())
-                .collect();
+            let due = due_by(&self.slots, now, |s| s.next);
+            let maintenance_due = due_by(&self.maintenance, now, |m| m.next);
+            let copies_due = due_by(&self.copies, now, |c| c.next);
+            let drills_due = due_by(&self.drills, now, |d| d.next);
             let started = !due.is_empty()
                 || !maintenance_due.is_empty()
                 || !copies_due.is_empty()
@@ -1265,6 +1245,19 @@ impl Daemon {
             0
         }
     }
+}
+
+/// The names in `slots` whose next run (`next`) is due at `now`.
+fn due_by<T>(
+    slots: &BTreeMap<String, T>,
+    now: Timestamp,
+    next: impl Fn(&T) -> Timestamp,
+) -> Vec<String> {
+    slots
+        .iter()
+        .filter(|(_, s)| next(s) <= now)
+        .map(|(n, _)| n.clone())
+        .collect()
 }
 
 /// Watches the directory of the configuration file (editors replace files by renaming) and
