@@ -26,7 +26,8 @@ impl BufferPool {
         }
     }
 
-    /// An empty buffer, recycled when one is idle.
+    /// A buffer, recycled when one is idle; empty unless it was handed back with
+    /// [`BufferPool::give_initialized`].
     pub fn take(&self) -> Vec<u8> {
         let recycled = self.idle.lock().expect("not poisoned").pop();
         recycled.unwrap_or_else(|| Vec::with_capacity(self.capacity))
@@ -35,6 +36,22 @@ impl BufferPool {
     /// Hands a buffer back for reuse.
     pub fn give(&self, mut buf: Vec<u8>) {
         buf.clear();
+        self.give_initialized(buf);
+    }
+
+    /// A buffer of at least `len` initialized bytes (their contents are left over from its
+    /// last use), for readers that fill a slice: only growth is zeroed, not every reuse.
+    /// Buffers taken this way go back with [`BufferPool::give_initialized`].
+    pub fn take_initialized(&self, len: usize) -> Vec<u8> {
+        let mut buf = self.take();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        buf
+    }
+
+    /// Hands back a buffer from [`BufferPool::take_initialized`], keeping its length.
+    pub fn give_initialized(&self, buf: Vec<u8>) {
         let mut idle = self.idle.lock().expect("not poisoned");
         if idle.len() < self.keep {
             idle.push(buf);

@@ -88,20 +88,25 @@ pub struct Chunker<R> {
 }
 
 /// Hands a read buffer back to its pool when the last chunk referring to it is dropped.
+///
+/// The buffer keeps its length (its bytes stay initialized) so the next read into it does not
+/// zero it first: zeroing every read buffer cost 4 % of a backup's CPU time.
 struct Pooled {
     buf: Vec<u8>,
+    /// How much of `buf` holds data.
+    filled: usize,
     pool: Arc<BufferPool>,
 }
 
 impl AsRef<[u8]> for Pooled {
     fn as_ref(&self) -> &[u8] {
-        &self.buf
+        &self.buf[..self.filled]
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        self.pool.give(std::mem::take(&mut self.buf));
+        self.pool.give_initialized(std::mem::take(&mut self.buf));
     }
 }
 
@@ -139,12 +144,10 @@ impl<R: Read> Chunker<R> {
     /// after it; sets `eof` at the end of the source.
     fn read_more(&mut self) -> io::Result<()> {
         let tail = &self.current[self.pos..];
-        let mut buf = self.pool.take();
         let end = tail.len() + READ_BLOCK;
-        buf.reserve(end);
-        buf.extend_from_slice(tail);
-        let mut filled = buf.len();
-        buf.resize(end, 0);
+        let mut buf = self.pool.take_initialized(end);
+        buf[..tail.len()].copy_from_slice(tail);
+        let mut filled = tail.len();
         // Fill all the room (pipes deliver 64 KiB at a time): each read-more means a rescan.
         while filled < end {
             match self.reader.read(&mut buf[filled..]) {
@@ -155,14 +158,14 @@ impl<R: Read> Chunker<R> {
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.pool.give(buf);
+                    self.pool.give_initialized(buf);
                     return Err(e);
                 }
             }
         }
-        buf.truncate(filled);
         self.current = Bytes::from_owner(Pooled {
             buf,
+            filled,
             pool: self.pool.clone(),
         });
         self.pos = 0;
@@ -273,6 +276,29 @@ mod tests {
             trickled.push(chunk);
         }
         assert_eq!(trickled, chunks(&data, &p));
+    }
+
+    /// Recycled read buffers keep the bytes of their last use: none of them may show up in a
+    /// later stream's chunks, whatever its length (shorter streams end inside stale data).
+    #[test]
+    fn recycled_buffers_never_leak_old_bytes() {
+        let p = small(9);
+        let pool = buffer_pool(&p);
+        let first = vec![0xAAu8; READ_BLOCK + 12_345];
+        let mut c = Chunker::with_pool(&first[..], &p, pool.clone());
+        while let Some(chunk) = c.next_chunk().unwrap() {
+            assert!(chunk.iter().all(|&b| b == 0xAA));
+        }
+        drop(c);
+        for len in [0, 1, 5000, 70_001, READ_BLOCK - 3] {
+            let data = pseudo_random(len, len as u64 + 1);
+            let mut c = Chunker::with_pool(Trickle(&data), &p, pool.clone());
+            let mut got = Vec::new();
+            while let Some(chunk) = c.next_chunk().unwrap() {
+                got.extend_from_slice(&chunk);
+            }
+            assert_eq!(got, data, "stream of {len} bytes");
+        }
     }
 
     /// Boundaries are exactly FastCDC's over the whole stream at once, however the reads fall,

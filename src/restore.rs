@@ -796,8 +796,10 @@ impl Fetched {
         };
         let mut stored = self.stored;
         let total: usize = self.entries.iter().map(|e| e.raw_length as usize).sum();
-        let mut out = buffers.take();
-        out.resize(total, 0);
+        // Recycled buffers keep their initialized bytes: only growth is zeroed (zeroing every
+        // range cost 4 % of a restore's CPU time).
+        let mut out = buffers.take_initialized(total);
+        out.truncate(total);
         let decoded = DECOMPRESSOR.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
@@ -817,7 +819,7 @@ impl Fetched {
                 lengths: self.entries.iter().map(|e| e.raw_length).collect(),
             })
         });
-        stored_buffers.give(stored);
+        stored_buffers.give_initialized(stored);
         decoded
     }
 }
@@ -883,7 +885,7 @@ fn write_blobs(
             let mut sha = Sha256::default();
             for b in hash_rx {
                 sha.update(&b);
-                pool.give(b);
+                pool.give_initialized(b);
             }
             sha.finish()
         })

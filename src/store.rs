@@ -178,8 +178,8 @@ impl Store {
         range: Range<u64>,
         mut buf: Vec<u8>,
     ) -> Result<Vec<u8>> {
-        buf.clear();
         let Some(root) = &self.local_root else {
+            buf.clear();
             buf.extend_from_slice(&self.get_range(name, range).await?);
             return Ok(buf);
         };
@@ -193,7 +193,12 @@ impl Store {
                 },
                 _ => Error::io(&path, e),
             })?;
-            buf.resize((range.end - range.start) as usize, 0);
+            // `buf`'s bytes are overwritten: zero only what it lacks (see BufferPool).
+            let want = (range.end - range.start) as usize;
+            if buf.len() < want {
+                buf.resize(want, 0);
+            }
+            buf.truncate(want);
             file.read_exact_at(&mut buf, range.start)
                 .map_err(|e| match e.kind() {
                     std::io::ErrorKind::UnexpectedEof => Error::corrupt(
