@@ -68,6 +68,7 @@ pub fn run(c: ConfigCommand) -> anyhow::Result<i32> {
                 .collect::<Vec<_>>()
                 .join(" "),
             JobSource::Database(url) => redact(url),
+            JobSource::PostgresGlobals(url) => format!("roles and tablespaces of {}", redact(url)),
             JobSource::Command(c) => {
                 format!("command {:?}", c.split_whitespace().next().unwrap_or(""))
             }

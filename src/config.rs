@@ -175,6 +175,9 @@ pub struct JobConfig {
     pub database: Option<String>,
     /// A shell command whose standard output is backed up.
     pub command: Option<String>,
+    /// A PostgreSQL server (`postgres://user@host/`): its roles and tablespaces
+    /// (`pg_dumpall --globals-only`, needs a superuser), which per-database jobs do not carry.
+    pub postgres_globals: Option<String>,
     /// The database password, for `database` (also the systemd credential
     /// `kluis-db-password`).
     pub db_password_file: Option<PathBuf>,
@@ -364,6 +367,8 @@ pub enum JobSource {
     Paths(Vec<PathBuf>),
     Database(String),
     Command(String),
+    /// A PostgreSQL server's roles and tablespaces.
+    PostgresGlobals(String),
 }
 
 /// A configuration file, loaded and checked.
@@ -495,17 +500,30 @@ impl Loaded {
             }
             let key = |k: &str| format!("jobs.{name}.{k}");
             known_repository(&j.repository, &key("repository"))?;
-            let source = match (&j.paths, &j.database, &j.command) {
-                (Some(p), None, None) if !p.is_empty() => {
+            let source = match (&j.paths, &j.database, &j.command, &j.postgres_globals) {
+                (Some(p), None, None, None) if !p.is_empty() => {
                     JobSource::Paths(p.iter().map(expand_path).collect())
                 }
-                (None, Some(d), None) => JobSource::Database(expand(d)),
-                (None, None, Some(c)) => JobSource::Command(c.clone()),
+                (None, Some(d), None, None) => JobSource::Database(expand(d)),
+                (None, None, Some(c), None) => JobSource::Command(c.clone()),
+                (None, None, None, Some(u)) => {
+                    let url = expand(u);
+                    if crate::source::database::engine_of(&url)
+                        != Some(crate::source::database::Engine::Postgres)
+                    {
+                        return Err(Error::invalid(format!(
+                            "config {origin}: {}: {} is not a postgres:// URL",
+                            key("postgres_globals"),
+                            crate::source::url::redact(&url)
+                        )));
+                    }
+                    JobSource::PostgresGlobals(url)
+                }
                 _ => {
                     return Err(at(
                         j.schedule.span(),
                         &format!("jobs.{name}"),
-                        "give exactly one of paths, database, command".into(),
+                        "give exactly one of paths, database, command, postgres_globals".into(),
                     ));
                 }
             };
@@ -595,6 +613,16 @@ impl Loaded {
                 None => job.repository.clone(),
             };
             let kind = match &job.source {
+                JobSource::PostgresGlobals(_) => {
+                    return Err(at(
+                        d.schedule.span(),
+                        &format!("drills.{name}"),
+                        format!(
+                            "job {} backs up a server's roles, which a drill cannot restore                              without changing the scratch server's roles: drill the                              database jobs (whose drills need those roles on the scratch server)",
+                            job.name
+                        ),
+                    ));
+                }
                 JobSource::Paths(_) => DrillKind::Directory,
                 JobSource::Command(_) => DrillKind::Stream,
                 JobSource::Database(url) => match crate::source::database::engine_of(url) {

@@ -11,6 +11,7 @@ use crate::repository::{InitOptions, Repository};
 use crate::snapshot::Snapshot;
 use crate::source::command::CommandSource;
 use crate::source::database;
+use crate::source::postgres::{self, PgConn, globals::GlobalsSource};
 use crate::store::Store;
 
 /// Opens the repository `name`; one configured with `init = true` is created when missing,
@@ -73,6 +74,12 @@ pub fn source(config: &Loaded, job: &Job) -> Result<Source> {
             };
             let password = database::password(job.db_password_file.as_deref())?;
             Source::Streams(database::open(url, password, &places)?.1)
+        }
+        JobSource::PostgresGlobals(url) => {
+            let password = database::password(job.db_password_file.as_deref())?;
+            let server =
+                PgConn::parse_server(url, password)?.with_bin_dir(postgres::tools_dir(None));
+            Source::Streams(Box::new(GlobalsSource::new(server)))
         }
     })
 }

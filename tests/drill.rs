@@ -518,3 +518,65 @@ fn drill_configuration_is_checked() {
         "{err}"
     );
 }
+
+/// A `postgres_globals` job backs up a server's roles (what per-database jobs do not carry),
+/// as a `postgres-globals` snapshot that `restore --roles` finds; it cannot be drilled, and
+/// its URL must be PostgreSQL's.
+#[test]
+fn postgres_globals_job_backs_up_the_roles() {
+    let pg = Postgres::start();
+    pg.sql(
+        "postgres",
+        "CREATE ROLE kluis_globals_probe LOGIN PASSWORD 'probe-pw'",
+    );
+    let site = Site::new("");
+    let pw = password_file(&site.repo, Postgres::PASSWORD);
+    let job = format!(
+        "[jobs.roles]\nrepository = \"main\"\npostgres_globals = \"postgres://postgres@127.0.0.1:{}/\"\n\
+         db_password_file = \"{}\"\nschedule = \"daily at 01:00\"\n",
+        pg.port,
+        pw.display()
+    );
+    let text_before = fs::read_to_string(&site.config).unwrap();
+    fs::write(&site.config, format!("{text_before}{job}")).unwrap();
+    site.backup("roles");
+    let list: serde_json::Value =
+        serde_json::from_slice(&site.repo.ok(&["snapshots", "--json"])).unwrap();
+    let snaps = list.as_array().unwrap();
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0]["name"], "roles");
+    assert_eq!(snaps[0]["source"]["kind"], "postgres-globals");
+    let sql = text(
+        &site
+            .repo
+            .ok(&["restore", "latest", "--name", "roles", "--stdout"]),
+    );
+    assert!(sql.contains("CREATE ROLE kluis_globals_probe"), "{sql}");
+
+    let bad = |sections: &str| {
+        let site = Site::new(sections);
+        let out = Command::new(KLUIS)
+            .args(["config", "check", site.config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{sections} was accepted");
+        text(&out.stderr)
+    };
+    let err = bad(&format!(
+        "{job}[drills.roles]\nschedule = \"daily at 06:00\"\nscratch = \"postgres://u@h/\"\n"
+    ));
+    assert!(err.contains("backs up a server's roles"), "{err}");
+    let err = bad(
+        "[jobs.roles]\nrepository = \"main\"\npostgres_globals = \"mysql://root@h/\"\n\
+         schedule = \"daily at 01:00\"\n",
+    );
+    assert!(
+        err.contains("jobs.roles.postgres_globals") && err.contains("not a postgres:// URL"),
+        "{err}"
+    );
+    let err = bad(
+        "[jobs.roles]\nrepository = \"main\"\npostgres_globals = \"postgres://u@h/\"\n\
+         database = \"postgres://u@h/db\"\nschedule = \"daily at 01:00\"\n",
+    );
+    assert!(err.contains("exactly one of"), "{err}");
+}
