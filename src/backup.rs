@@ -850,7 +850,10 @@ impl Reader<'_> {
 
     /// Reads a source's streams, up to [`StreamSet::parallel_streams`] at once, each on its own
     /// thread (the tools behind them then run side by side too); returns their nodes and
-    /// digests in stream order. The first failure cancels the streams still being read.
+    /// digests in stream order. A finished stream's slot goes to the next stream at once,
+    /// whichever stream it was: waiting for streams in order left a slot idle while a large
+    /// table was still being read (a third of a PostgreSQL backup at scale 6). The first
+    /// failure cancels the streams still being read.
     fn read_streams(
         &self,
         set: &mut dyn StreamSet,
@@ -858,13 +861,13 @@ impl Reader<'_> {
     ) -> Result<(Vec<Node>, Vec<StreamDigest>)> {
         let parallel = set.parallel_streams().max(1);
         std::thread::scope(|scope| {
-            let mut nodes: Vec<Node> = Vec::new();
-            let mut digests = Vec::new();
-            let mut inflight = std::collections::VecDeque::new();
-            let mut last: Option<Vec<u8>> = None;
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let mut names: Vec<String> = Vec::new();
+            let mut contents: Vec<Option<Content>> = Vec::new();
+            let mut running = 0usize;
             let mut more = true;
             let result = (|| loop {
-                while more && inflight.len() < parallel {
+                while more && running < parallel {
                     let Some(stream) = set.next_stream()? else {
                         more = false;
                         break;
@@ -873,35 +876,61 @@ impl Reader<'_> {
                     if bytes.is_empty()
                         || bytes.contains(&b'/')
                         || bytes.contains(&0)
-                        || last.as_deref().is_some_and(|l| l >= bytes)
+                        || names.last().is_some_and(|l| l.as_bytes() >= bytes)
                     {
                         return Err(Error::invalid(format!(
                             "stream name {:?} is empty, holds '/', or is out of order",
                             stream.name
                         )));
                     }
-                    last = Some(bytes.to_vec());
+                    let i = names.len();
+                    names.push(stream.name);
+                    contents.push(None);
                     let reader = stream.reader;
-                    let handle = std::thread::Builder::new()
+                    let done = done_tx.clone();
+                    std::thread::Builder::new()
                         .name("kluis-stream".into())
-                        .spawn_scoped(scope, move || self.read_content(reader))
+                        .spawn_scoped(scope, move || {
+                            let read =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    self.read_content(reader)
+                                }));
+                            // The receiver is gone only when the backup has already failed.
+                            let _ = done.send((i, read));
+                        })
                         .map_err(|e| Error::io("stream reader thread", e))?;
-                    inflight.push_back((stream.name, handle));
+                    running += 1;
                 }
-                let Some((name, handle)) = inflight.pop_front() else {
+                if running == 0 {
                     return Ok(());
-                };
-                let content = handle
-                    .join()
+                }
+                let (i, read) = done_rx
+                    .recv()
+                    .map_err(|_| Error::invalid("the stream readers stopped"))?;
+                running -= 1;
+                let content = read
                     .unwrap_or_else(|_| {
                         Err(ReadError::Pipeline(Error::invalid(
                             "a stream reader crashed",
                         )))
                     })
                     .map_err(|e| match e {
-                        ReadError::Source(e) => source::read_error(&name, e),
+                        ReadError::Source(e) => source::read_error(&names[i], e),
                         ReadError::Pipeline(e) => e,
                     })?;
+                contents[i] = Some(content);
+                Progress::add(&self.ctx.progress.files, 1);
+            })();
+            if result.is_err() {
+                // The other readers stop at their next chunk; their tools are killed as their
+                // outputs are dropped.
+                self.ctx.cancel.cancel();
+            }
+            result?;
+            let mut nodes = Vec::with_capacity(names.len());
+            let mut digests = Vec::with_capacity(names.len());
+            for (name, content) in names.into_iter().zip(contents) {
+                let content = content.expect("every stream was read");
                 digests.push(StreamDigest {
                     path: name.clone(),
                     size: content.size,
@@ -915,14 +944,8 @@ impl Reader<'_> {
                     now,
                     content,
                 ));
-                Progress::add(&self.ctx.progress.files, 1);
-            })();
-            if result.is_err() {
-                // The other readers stop at their next chunk; their tools are killed as their
-                // outputs are dropped.
-                self.ctx.cancel.cancel();
             }
-            result.map(|()| (nodes, digests))
+            Ok((nodes, digests))
         })
     }
 
@@ -1115,4 +1138,127 @@ async fn upload_packs(
         }
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KdfParams, Secret};
+    use crate::repository::InitOptions;
+    use crate::snapshot::Source as SourceRecord;
+    use crate::source::NamedStream;
+    use crate::store::Store;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Three streams read two at a time; the first one's data only arrives once the third
+    /// stream has been opened (or after 10 s).
+    struct Staggered {
+        next: usize,
+        third_opened: Option<mpsc::Sender<()>>,
+        wait: Option<mpsc::Receiver<()>>,
+        in_time: Arc<AtomicBool>,
+    }
+
+    /// Yields `data` once `gate` fires; records whether it fired in time.
+    struct Gated {
+        gate: Option<mpsc::Receiver<()>>,
+        data: std::io::Cursor<Vec<u8>>,
+        in_time: Arc<AtomicBool>,
+    }
+
+    impl Read for Gated {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if let Some(gate) = self.gate.take() {
+                let fired = gate.recv_timeout(Duration::from_secs(10)).is_ok();
+                self.in_time
+                    .store(fired, std::sync::atomic::Ordering::SeqCst);
+            }
+            self.data.read(buf)
+        }
+    }
+
+    fn data(i: usize) -> Vec<u8> {
+        format!("stream {i}\n")
+            .repeat(10_000 * (i + 1))
+            .into_bytes()
+    }
+
+    impl StreamSet for Staggered {
+        fn next_stream(&mut self) -> Result<Option<NamedStream>> {
+            let i = self.next;
+            self.next += 1;
+            let reader: Box<dyn Read + Send> = match i {
+                0 => Box::new(Gated {
+                    gate: self.wait.take(),
+                    data: std::io::Cursor::new(data(0)),
+                    in_time: self.in_time.clone(),
+                }),
+                1 => Box::new(std::io::Cursor::new(data(1))),
+                2 => {
+                    let _ = self.third_opened.take().expect("opened once").send(());
+                    Box::new(std::io::Cursor::new(data(2)))
+                }
+                _ => return Ok(None),
+            };
+            Ok(Some(NamedStream {
+                name: format!("{i}.txt"),
+                reader,
+            }))
+        }
+
+        fn finish(&mut self) -> Result<SourceRecord> {
+            Ok(SourceRecord::Command {
+                command: "staggered".into(),
+            })
+        }
+
+        fn parallel_streams(&self) -> usize {
+            2
+        }
+    }
+
+    /// A stream that finishes early hands its slot to the next stream while an earlier,
+    /// slower one is still being read; the snapshot still lists the streams in order.
+    #[tokio::test]
+    async fn a_finished_stream_frees_its_slot_at_once() {
+        let opts = InitOptions {
+            kdf: KdfParams {
+                memory_kib: 64,
+                iterations: 1,
+                parallelism: 1,
+            },
+            ..InitOptions::default()
+        };
+        let store = Store::open("memory://", true).unwrap();
+        let repo = Repository::init(store, &Secret::passphrase("pw"), opts)
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let in_time = Arc::new(AtomicBool::new(false));
+        let set = Staggered {
+            next: 0,
+            third_opened: Some(tx),
+            wait: Some(rx),
+            in_time: in_time.clone(),
+        };
+        let report = backup(
+            &repo,
+            Source::Streams(Box::new(set)),
+            BackupOptions::new("staggered"),
+        )
+        .await
+        .unwrap();
+        assert!(
+            in_time.load(std::sync::atomic::Ordering::SeqCst),
+            "stream 2 was not opened while stream 0 was still being read"
+        );
+        let streams = &report.snapshot.streams;
+        let names: Vec<&str> = streams.iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(names, ["0.txt", "1.txt", "2.txt"]);
+        for (i, s) in streams.iter().enumerate() {
+            assert_eq!(s.size, data(i).len() as u64);
+            assert_eq!(s.sha256, Sha256::digest(&data(i)));
+        }
+    }
 }
