@@ -850,7 +850,8 @@ impl Reader<'_> {
 
     /// Reads a source's streams, up to [`StreamSet::parallel_streams`] at once, each on its own
     /// thread (the tools behind them then run side by side too); returns their nodes and
-    /// digests in stream order. A finished stream's slot goes to the next stream at once,
+    /// digests sorted by name (the restore order), whatever order the source gave them in
+    /// (largest first keeps the slots busy to the end). A finished stream's slot goes to the next stream at once,
     /// whichever stream it was: waiting for streams in order left a slot idle while a large
     /// table was still being read (a third of a PostgreSQL backup at scale 6). The first
     /// failure cancels the streams still being read.
@@ -863,6 +864,7 @@ impl Reader<'_> {
         std::thread::scope(|scope| {
             let (done_tx, done_rx) = std::sync::mpsc::channel();
             let mut names: Vec<String> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             let mut contents: Vec<Option<Content>> = Vec::new();
             let mut running = 0usize;
             let mut more = true;
@@ -876,10 +878,10 @@ impl Reader<'_> {
                     if bytes.is_empty()
                         || bytes.contains(&b'/')
                         || bytes.contains(&0)
-                        || names.last().is_some_and(|l| l.as_bytes() >= bytes)
+                        || !seen.insert(stream.name.clone())
                     {
                         return Err(Error::invalid(format!(
-                            "stream name {:?} is empty, holds '/', or is out of order",
+                            "stream name {:?} is empty, holds '/', or repeats",
                             stream.name
                         )));
                     }
@@ -927,9 +929,12 @@ impl Reader<'_> {
                 self.ctx.cancel.cancel();
             }
             result?;
-            let mut nodes = Vec::with_capacity(names.len());
-            let mut digests = Vec::with_capacity(names.len());
-            for (name, content) in names.into_iter().zip(contents) {
+            let mut read: Vec<(String, Option<Content>)> =
+                names.into_iter().zip(contents).collect();
+            read.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut nodes = Vec::with_capacity(read.len());
+            let mut digests = Vec::with_capacity(read.len());
+            for (name, content) in read {
                 let content = content.expect("every stream was read");
                 digests.push(StreamDigest {
                     path: name.clone(),
@@ -1201,8 +1206,9 @@ mod tests {
                 }
                 _ => return Ok(None),
             };
+            // Not in name order: the snapshot sorts them.
             Ok(Some(NamedStream {
-                name: format!("{i}.txt"),
+                name: ["a.txt", "c.txt", "b.txt"][i].into(),
                 reader,
             }))
         }
@@ -1219,7 +1225,7 @@ mod tests {
     }
 
     /// A stream that finishes early hands its slot to the next stream while an earlier,
-    /// slower one is still being read; the snapshot still lists the streams in order.
+    /// slower one is still being read; the snapshot lists the streams by name.
     #[tokio::test]
     async fn a_finished_stream_frees_its_slot_at_once() {
         let opts = InitOptions {
@@ -1255,8 +1261,8 @@ mod tests {
         );
         let streams = &report.snapshot.streams;
         let names: Vec<&str> = streams.iter().map(|s| s.path.as_str()).collect();
-        assert_eq!(names, ["0.txt", "1.txt", "2.txt"]);
-        for (i, s) in streams.iter().enumerate() {
+        assert_eq!(names, ["a.txt", "b.txt", "c.txt"]);
+        for (s, i) in streams.iter().zip([0, 2, 1]) {
             assert_eq!(s.size, data(i).len() as u64);
             assert_eq!(s.sha256, Sha256::digest(&data(i)));
         }

@@ -32,14 +32,16 @@ pub const DUMP_CHUNK_SIZES: (u32, u32, u32) = (4 << 10, 16 << 10, 64 << 10);
 
 /// One stream of a source.
 pub struct NamedStream {
-    /// The file name it gets in the snapshot (no '/'); names sort in restore order.
+    /// The file name it gets in the snapshot (no '/', unique); names sort in restore order.
     pub name: String,
     pub reader: Box<dyn Read + Send>,
 }
 
 /// A source of streams, read one after the other by the backup.
 pub trait StreamSet: Send {
-    /// The next stream, or `None` after the last.
+    /// The next stream, or `None` after the last. Streams may come in any order (a source
+    /// that reads several at once does best giving the largest first); the snapshot lists
+    /// them sorted by name, and names must not repeat.
     fn next_stream(&mut self) -> Result<Option<NamedStream>>;
 
     /// Called once every stream has been read to its end: what the snapshot records about
@@ -51,7 +53,7 @@ pub trait StreamSet: Send {
     fn attach_cancel(&mut self, _cancel: Cancel) {}
 
     /// How many streams the backup may read at once (each on its own thread, so the tools
-    /// behind them run side by side). Streams still end up in the snapshot in order.
+    /// behind them run side by side). Streams still end up in the snapshot in name order.
     fn parallel_streams(&self) -> usize {
         1
     }

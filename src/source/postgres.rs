@@ -240,6 +240,9 @@ struct Table {
     columns: Option<String>,
     /// The primary key's columns, quoted, in key order.
     key: Option<String>,
+    /// The table's size on disk (with TOAST), to read the largest tables first.
+    #[serde(default)]
+    bytes: i64,
 }
 
 #[derive(Deserialize)]
@@ -374,13 +377,37 @@ const TABLES_SQL: &str = r#"SELECT coalesce(jsonb_agg(jsonb_build_object(
             FROM pg_index i
             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-            WHERE i.indrelid = c.oid AND i.indisprimary)
+            WHERE i.indrelid = c.oid AND i.indisprimary),
+    'bytes', pg_table_size(c.oid)
   ) ORDER BY n.nspname, c.relname), '[]'::jsonb)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND c.relpersistence <> 't'
   AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d
                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e');"#;
+
+/// One stream of a [`PostgresSource`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    PreData,
+    /// The data of `tables[i]`.
+    Table(usize),
+    OtherData,
+    PostData,
+}
+
+/// The order streams are read in: the schema first (pg_dump writes it quickly), then the
+/// tables largest first, so that two streams at once keep both slots busy to the end (in
+/// name order, a large table named last would be read alone), then the other data and the
+/// post-data schema. The snapshot lists the streams by name whatever the order.
+fn plan(tables: &[Table]) -> Vec<Step> {
+    let mut order: Vec<usize> = (0..tables.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(tables[i].bytes));
+    let mut plan = vec![Step::PreData];
+    plan.extend(order.into_iter().map(Step::Table));
+    plan.extend([Step::OtherData, Step::PostData]);
+    plan
+}
 
 /// A PostgreSQL database as a [`StreamSet`].
 pub struct PostgresSource {
@@ -389,8 +416,9 @@ pub struct PostgresSource {
     info: Option<Info>,
     tables: Vec<Table>,
     rows: Vec<Arc<AtomicU64>>,
-    /// The next stream: 0 pre-data, 1..=tables data, then other data, then post-data.
-    step: usize,
+    /// The streams not started yet, the next last: see [`PostgresSource::open`].
+    plan: Vec<Step>,
+    opened: bool,
     warnings: Vec<super::Warnings>,
     cancel: Cancel,
 }
@@ -403,7 +431,8 @@ impl PostgresSource {
             info: None,
             tables: Vec::new(),
             rows: Vec::new(),
-            step: 0,
+            plan: Vec::new(),
+            opened: false,
             warnings: Vec::new(),
             cancel: Cancel::new(),
         }
@@ -415,6 +444,9 @@ impl PostgresSource {
         let info: Info = ex.json(INFO_SQL)?;
         let tables: Vec<Table> = ex.json(TABLES_SQL)?;
         self.rows = tables.iter().map(|_| Arc::default()).collect();
+        self.plan = plan(&tables);
+        self.plan.reverse();
+        self.opened = true;
         self.tables = tables;
         self.info = Some(info);
         self.exporter = Some(ex);
@@ -509,48 +541,42 @@ fn data_stream_name(i: usize, t: &Table) -> String {
 
 impl StreamSet for PostgresSource {
     fn next_stream(&mut self) -> Result<Option<NamedStream>> {
-        if self.exporter.is_none() && self.step == 0 {
+        if !self.opened {
             self.open()?;
         }
-        let step = self.step;
-        self.step += 1;
-        let n = self.tables.len();
-        let (name, reader) = if step == 0 {
-            (
+        let Some(step) = self.plan.pop() else {
+            return Ok(None);
+        };
+        let (name, reader) = match step {
+            Step::PreData => (
                 "1-pre-data.sql".to_string(),
                 self.pg_dump("pre-data", &["--section=pre-data".into()])?,
-            )
-        } else if step <= n {
-            (
-                data_stream_name(step - 1, &self.tables[step - 1]),
-                self.table_stream(step - 1)?,
-            )
-        } else if step == n + 1 {
-            let mut args = vec!["--section=data".to_string(), "--blobs".to_string()];
-            for t in &self.tables {
-                args.push(format!("--exclude-table-data={}", t.pattern));
+            ),
+            Step::Table(i) => (data_stream_name(i, &self.tables[i]), self.table_stream(i)?),
+            Step::OtherData => {
+                let mut args = vec!["--section=data".to_string(), "--blobs".to_string()];
+                for t in &self.tables {
+                    args.push(format!("--exclude-table-data={}", t.pattern));
+                }
+                (
+                    "3-data-other.sql".to_string(),
+                    self.pg_dump("sequences and large objects", &args)?,
+                )
             }
-            (
-                "3-data-other.sql".to_string(),
-                self.pg_dump("sequences and large objects", &args)?,
-            )
-        } else if step == n + 2 {
-            (
+            Step::PostData => (
                 "4-post-data.sql".to_string(),
                 self.pg_dump("post-data", &["--section=post-data".into()])?,
-            )
-        } else {
-            return Ok(None);
+            ),
         };
         Ok(Some(NamedStream { name, reader }))
     }
 
-    /// Two tables at once: ordering by primary key costs the server more than pg_dump's
-    /// plain scan, and two backends side by side (in the same exported snapshot) pay for it.
     fn attach_cancel(&mut self, cancel: Cancel) {
         self.cancel = cancel;
     }
 
+    /// Two tables at once: ordering by primary key costs the server more than pg_dump's
+    /// plain scan, and two backends side by side (in the same exported snapshot) pay for it.
     fn parallel_streams(&self) -> usize {
         2
     }
@@ -728,16 +754,43 @@ mod tests {
         assert_eq!(socket.database, "db");
     }
 
-    #[test]
-    fn stream_names_sort_in_restore_order() {
-        let t = |s: &str, n: &str| Table {
+    fn table(s: &str, n: &str, bytes: i64) -> Table {
+        Table {
             schema: s.into(),
             name: n.into(),
             qualified: String::new(),
             pattern: String::new(),
             columns: None,
             key: None,
-        };
+            bytes,
+        }
+    }
+
+    #[test]
+    fn largest_tables_are_read_first() {
+        let tables = [
+            table("public", "a", 10),
+            table("public", "b", 3000),
+            table("public", "c", 0),
+            table("public", "d", 200),
+        ];
+        assert_eq!(
+            plan(&tables),
+            [
+                Step::PreData,
+                Step::Table(1),
+                Step::Table(3),
+                Step::Table(0),
+                Step::Table(2),
+                Step::OtherData,
+                Step::PostData
+            ]
+        );
+    }
+
+    #[test]
+    fn stream_names_sort_in_restore_order() {
+        let t = |s: &str, n: &str| table(s, n, 0);
         let mut names = [
             "4-post-data.sql".to_string(),
             data_stream_name(9, &t("public", "a/b")),
