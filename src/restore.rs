@@ -899,7 +899,9 @@ fn write_blobs(
     let err = |e: std::io::Error| Error::io(label, e);
     let written = (|| {
         for b in rx {
-            out.write_all(&b).map_err(err)?;
+            for piece in b.chunks(crate::store::WRITE_PIECE) {
+                out.write_all(piece).map_err(err)?;
+            }
             size += b.len() as u64;
             Progress::add(&progress.bytes, b.len() as u64);
             if hash_tx.send(b).is_err() {

@@ -22,6 +22,14 @@ use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, Retry
 
 use crate::error::{Error, Result};
 
+/// The largest single `write` into a local file (a pack, a restored file): 512 KiB.
+///
+/// Why: on this project's machines (virtual machines whose freed memory goes back to the host),
+/// a write of 2 MiB or more into a new file sometimes spent ten times as long in the kernel as
+/// the same bytes written 1 MiB or less at a time: 0.9 s of system time against 0.1 s for a
+/// 368 MB file. Smaller writes cost nothing measurable elsewhere.
+pub const WRITE_PIECE: usize = 512 << 10;
+
 /// An object as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -135,8 +143,16 @@ impl Store {
     }
 
     pub async fn put(&self, name: &str, bytes: Bytes) -> Result<()> {
+        let payload = if self.local_root.is_some() {
+            (0..bytes.len())
+                .step_by(WRITE_PIECE)
+                .map(|at| bytes.slice(at..bytes.len().min(at + WRITE_PIECE)))
+                .collect()
+        } else {
+            PutPayload::from(bytes)
+        };
         self.inner
-            .put(&Self::path(name), PutPayload::from(bytes))
+            .put(&Self::path(name), payload)
             .await
             .map(|_| ())
             .map_err(|e| store_error("write", name, e))
