@@ -374,6 +374,18 @@ struct Job {
     data: Bytes,
 }
 
+/// New blobs on their way to the workers, sent together: one channel message and at most one
+/// wakeup per batch instead of per blob. Database streams are cut into 16 KiB chunks, and
+/// waking a worker for each cost about 6 % of a backup's CPU time.
+#[derive(Default)]
+struct Batch {
+    jobs: Vec<Job>,
+    bytes: usize,
+}
+
+/// A batch is sent once it holds this many bytes (a large chunk goes alone).
+const BATCH_BYTES: usize = 256 << 10;
+
 struct PipelineOutput {
     tree: BlobId,
     summary: Summary,
@@ -394,7 +406,7 @@ fn run_pipeline(
     name: String,
     threads: usize,
 ) -> Result<PipelineOutput> {
-    let (job_tx, job_rx) = sync_channel::<Job>(2 * threads);
+    let (job_tx, job_rx) = sync_channel::<Vec<Job>>(2 * threads);
     let job_rx = Arc::new(Mutex::new(job_rx));
     let workers: Vec<_> = (0..threads)
         .map(|i| {
@@ -483,7 +495,7 @@ const LARGE_CHUNK: usize = 256 << 10;
 /// compression library bug corrupted data, restic #4523): its sealed bytes are decrypted and
 /// decompressed again and must equal, byte for byte, the plaintext its id was hashed from. That
 /// is the same proof as hashing it again, at a fraction of the cost, while the data is in cache.
-fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Job>>) -> Result<()> {
+fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Vec<Job>>>) -> Result<()> {
     let zstd_err = |e| Error::io("zstd", e);
     let mut compressor = zstd::bulk::Compressor::new(ctx.level).map_err(zstd_err)?;
     // At level 1, a hash table of 2^12 entries instead of 2^13 compresses large chunks 8 %
@@ -500,75 +512,77 @@ fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Job>>) -> Result<()> {
     let (mut out, mut sealed, mut scratch, mut check) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     loop {
-        let job = jobs.lock().expect("not poisoned").recv();
-        let Ok(job) = job else { return Ok(()) };
-        if ctx.cancel.is_cancelled() {
-            return Err(Error::Interrupted);
-        }
-        out.clear();
-        out.reserve(zstd::zstd_safe::compress_bound(job.data.len()));
-        let compressor = if job.data.len() >= LARGE_CHUNK {
-            &mut large
-        } else {
-            &mut compressor
-        };
-        let compressed = compressor
-            .compress_to_buffer(&job.data[..], &mut out)
-            .map_err(zstd_err)?;
-        let (compression, payload) = if compressed < job.data.len() {
-            (Compression::Zstd, &out[..compressed])
-        } else {
-            (Compression::None, &job.data[..])
-        };
-        let raw = job.data.len() as u32;
-        let keys = ctx.blob_keys();
-        pack::seal_blob(
-            keys.epoch_key,
-            keys.repo_id,
-            job.id,
-            job.kind,
-            compression,
-            raw,
-            payload,
-            &mut sealed,
-        );
-        let entry = pack::BlobEntry {
-            id: job.id,
-            kind: job.kind,
-            compression,
-            offset: 0,
-            length: sealed.len() as u32,
-            raw_length: raw,
-        };
-        scratch.clear();
-        scratch.extend_from_slice(&sealed);
-        // Grown, never shrunk: zeroing it for every blob cost more than the comparison.
-        if check.len() < job.data.len() {
-            check.resize(job.data.len(), 0);
-        }
-        let check = &mut check[..job.data.len()];
-        let object = format!("blob {}", job.id);
-        pack::open_blob_into(
-            &object,
-            keys,
-            &entry,
-            &mut scratch,
-            &mut decompressor,
-            check,
-        )
-        .map_err(|e| {
-            Error::corrupt(
+        let batch = jobs.lock().expect("not poisoned").recv();
+        let Ok(batch) = batch else { return Ok(()) };
+        for job in batch {
+            if ctx.cancel.is_cancelled() {
+                return Err(Error::Interrupted);
+            }
+            out.clear();
+            out.reserve(zstd::zstd_safe::compress_bound(job.data.len()));
+            let compressor = if job.data.len() >= LARGE_CHUNK {
+                &mut large
+            } else {
+                &mut compressor
+            };
+            let compressed = compressor
+                .compress_to_buffer(&job.data[..], &mut out)
+                .map_err(zstd_err)?;
+            let (compression, payload) = if compressed < job.data.len() {
+                (Compression::Zstd, &out[..compressed])
+            } else {
+                (Compression::None, &job.data[..])
+            };
+            let raw = job.data.len() as u32;
+            let keys = ctx.blob_keys();
+            pack::seal_blob(
+                keys.epoch_key,
+                keys.repo_id,
+                job.id,
+                job.kind,
+                compression,
+                raw,
+                payload,
+                &mut sealed,
+            );
+            let entry = pack::BlobEntry {
+                id: job.id,
+                kind: job.kind,
+                compression,
+                offset: 0,
+                length: sealed.len() as u32,
+                raw_length: raw,
+            };
+            scratch.clear();
+            scratch.extend_from_slice(&sealed);
+            // Grown, never shrunk: zeroing it for every blob cost more than the comparison.
+            if check.len() < job.data.len() {
+                check.resize(job.data.len(), 0);
+            }
+            let check = &mut check[..job.data.len()];
+            let object = format!("blob {}", job.id);
+            pack::open_blob_into(
                 &object,
-                format!("failed verification before upload, nothing was written: {e}"),
+                keys,
+                &entry,
+                &mut scratch,
+                &mut decompressor,
+                check,
             )
-        })?;
-        if check[..] != job.data[..] {
-            return Err(Error::corrupt(
-                &object,
-                "sealed blob does not decrypt and decompress to its input; nothing was written",
-            ));
+            .map_err(|e| {
+                Error::corrupt(
+                    &object,
+                    format!("failed verification before upload, nothing was written: {e}"),
+                )
+            })?;
+            if check[..] != job.data[..] {
+                return Err(Error::corrupt(
+                    &object,
+                    "sealed blob does not decrypt and decompress to its input; nothing was written",
+                ));
+            }
+            ctx.add(job.id, job.kind, compression, job.data.len(), &sealed)?;
         }
-        ctx.add(job.id, job.kind, compression, job.data.len(), &sealed)?;
     }
 }
 
@@ -582,7 +596,7 @@ struct Reader<'a> {
     seen: Mutex<IdSet<BlobId>>,
     /// Counts kept by `submit` and `read_content`, which may run on several threads.
     counts: ReadCounts,
-    jobs: SyncSender<Job>,
+    jobs: SyncSender<Vec<Job>>,
     params: ChunkerParams,
     /// The chunkers' read buffers, shared by every file of the backup.
     read_buffers: Arc<BufferPool>,
@@ -774,8 +788,9 @@ impl Reader<'_> {
         ))
     }
 
-    /// Hashes a blob and queues it for storage unless the repository or this backup has it.
-    fn submit(&self, kind: BlobKind, data: Bytes) -> Result<BlobId> {
+    /// Hashes a blob and adds it to `batch` for storage unless the repository or this backup
+    /// has it; sends the batch once it is full.
+    fn submit(&self, kind: BlobKind, data: Bytes, batch: &mut Batch) -> Result<BlobId> {
         if self.ctx.cancel.is_cancelled() {
             return Err(Error::Interrupted);
         }
@@ -786,15 +801,31 @@ impl Reader<'_> {
             Progress::add(&self.counts.new_blobs, 1);
             Progress::add(&self.counts.new_bytes, data.len() as u64);
             Progress::add(&self.ctx.progress.new_bytes, data.len() as u64);
-            self.jobs
-                .send(Job { id, kind, data })
-                .map_err(|_| Error::Interrupted)?;
+            batch.bytes += data.len();
+            batch.jobs.push(Job { id, kind, data });
+            if batch.bytes >= BATCH_BYTES {
+                self.send(batch)?;
+            }
         }
         Ok(id)
     }
 
+    /// Hands the batch's blobs to the workers.
+    fn send(&self, batch: &mut Batch) -> Result<()> {
+        batch.bytes = 0;
+        if batch.jobs.is_empty() {
+            return Ok(());
+        }
+        self.jobs
+            .send(std::mem::take(&mut batch.jobs))
+            .map_err(|_| Error::Interrupted)
+    }
+
     fn submit_tree(&self, tree: &Tree) -> Result<BlobId> {
-        self.submit(BlobKind::Tree, Bytes::from(tree.encode()))
+        let mut batch = Batch::default();
+        let id = self.submit(BlobKind::Tree, Bytes::from(tree.encode()), &mut batch)?;
+        self.send(&mut batch)?;
+        Ok(id)
     }
 
     fn read_content(&self, reader: impl Read) -> Result<Content, ReadError> {
@@ -811,6 +842,7 @@ impl Reader<'_> {
         let mut size = 0u64;
         let mut ids = Vec::new();
         let mut lists = Vec::new();
+        let mut batch = Batch::default();
         while let Some(chunk) = next()? {
             sha.update(&chunk);
             size += chunk.len() as u64;
@@ -818,13 +850,13 @@ impl Reader<'_> {
             Progress::add(&self.counts.logical_bytes, chunk.len() as u64);
             Progress::add(&self.counts.blobs, 1);
             ids.push(
-                self.submit(BlobKind::Data, chunk)
+                self.submit(BlobKind::Data, chunk, &mut batch)
                     .map_err(ReadError::Pipeline)?,
             );
             if ids.len() == tree::LIST_LEN {
                 let list = Bytes::from(tree::encode_list(&ids));
                 lists.push(
-                    self.submit(BlobKind::Tree, list)
+                    self.submit(BlobKind::Tree, list, &mut batch)
                         .map_err(ReadError::Pipeline)?,
                 );
                 ids.clear();
@@ -834,12 +866,13 @@ impl Reader<'_> {
             if !ids.is_empty() {
                 let list = Bytes::from(tree::encode_list(&ids));
                 lists.push(
-                    self.submit(BlobKind::Tree, list)
+                    self.submit(BlobKind::Tree, list, &mut batch)
                         .map_err(ReadError::Pipeline)?,
                 );
             }
             ids = Vec::new();
         }
+        self.send(&mut batch).map_err(ReadError::Pipeline)?;
         Ok(Content {
             size,
             sha256: sha.finish(),
