@@ -486,31 +486,13 @@ fn run_pipeline(
     }
 }
 
-/// Chunks from this size on are compressed with the `large` parameters in [`worker`].
+/// Chunks from this size on are compressed with [`Compressors::large`].
 const LARGE_CHUNK: usize = 256 << 10;
 
-/// A compression worker: compresses, seals and verifies blobs, and adds them to packs.
-///
-/// Every blob is verified before it goes into a pack (the guard restic added after a
-/// compression library bug corrupted data, restic #4523): its sealed bytes are decrypted and
-/// decompressed again and must equal, byte for byte, the plaintext its id was hashed from. That
-/// is the same proof as hashing it again, at a fraction of the cost, while the data is in cache.
+/// A compression worker: takes batches of new blobs and stores each (see
+/// [`Compressors::store`]) until the reader is done.
 fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Vec<Job>>>) -> Result<()> {
-    let zstd_err = |e| Error::io("zstd", e);
-    let mut compressor = zstd::bulk::Compressor::new(ctx.level).map_err(zstd_err)?;
-    // At level 1, a hash table of 2^12 entries instead of 2^13 compresses large chunks 8 %
-    // faster for 1.6 % more bytes (the 368 MB dump of docs/BENCHMARKS.md in 1 MiB blocks).
-    // Small chunks (database sources cut 16 KiB ones) keep zstd's own choice: for them the
-    // explicit parameter was slower.
-    let mut large = zstd::bulk::Compressor::new(ctx.level).map_err(zstd_err)?;
-    if ctx.level == 1 {
-        large
-            .set_parameter(zstd::zstd_safe::CParameter::HashLog(12))
-            .map_err(zstd_err)?;
-    }
-    let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::io("zstd", e))?;
-    let (mut out, mut sealed, mut scratch, mut check) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut compressors = Compressors::new(ctx.level)?;
     loop {
         let batch = jobs.lock().expect("not poisoned").recv();
         let Ok(batch) = batch else { return Ok(()) };
@@ -518,71 +500,124 @@ fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Vec<Job>>>) -> Result<()> {
             if ctx.cancel.is_cancelled() {
                 return Err(Error::Interrupted);
             }
-            out.clear();
-            out.reserve(zstd::zstd_safe::compress_bound(job.data.len()));
-            let compressor = if job.data.len() >= LARGE_CHUNK {
-                &mut large
-            } else {
-                &mut compressor
-            };
-            let compressed = compressor
-                .compress_to_buffer(&job.data[..], &mut out)
-                .map_err(zstd_err)?;
-            let (compression, payload) = if compressed < job.data.len() {
-                (Compression::Zstd, &out[..compressed])
-            } else {
-                (Compression::None, &job.data[..])
-            };
-            let raw = job.data.len() as u32;
-            let keys = ctx.blob_keys();
-            pack::seal_blob(
-                keys.epoch_key,
-                keys.repo_id,
-                job.id,
-                job.kind,
-                compression,
-                raw,
-                payload,
-                &mut sealed,
-            );
-            let entry = pack::BlobEntry {
-                id: job.id,
-                kind: job.kind,
-                compression,
-                offset: 0,
-                length: sealed.len() as u32,
-                raw_length: raw,
-            };
-            scratch.clear();
-            scratch.extend_from_slice(&sealed);
-            // Grown, never shrunk: zeroing it for every blob cost more than the comparison.
-            if check.len() < job.data.len() {
-                check.resize(job.data.len(), 0);
-            }
-            let check = &mut check[..job.data.len()];
-            let object = format!("blob {}", job.id);
-            pack::open_blob_into(
-                &object,
-                keys,
-                &entry,
-                &mut scratch,
-                &mut decompressor,
-                check,
-            )
-            .map_err(|e| {
-                Error::corrupt(
-                    &object,
-                    format!("failed verification before upload, nothing was written: {e}"),
-                )
-            })?;
-            if check[..] != job.data[..] {
-                return Err(Error::corrupt(
-                    &object,
-                    "sealed blob does not decrypt and decompress to its input; nothing was written",
-                ));
-            }
-            ctx.add(job.id, job.kind, compression, job.data.len(), &sealed)?;
+            compressors.store(ctx, job)?;
         }
+    }
+}
+
+/// A worker's zstd contexts and buffers, reused from blob to blob.
+struct Compressors {
+    small: zstd::bulk::Compressor<'static>,
+    large: zstd::bulk::Compressor<'static>,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    out: Vec<u8>,
+    sealed: Vec<u8>,
+    scratch: Vec<u8>,
+    check: Vec<u8>,
+}
+
+fn zstd_error(e: std::io::Error) -> Error {
+    Error::io("zstd", e)
+}
+
+impl Compressors {
+    fn new(level: i32) -> Result<Compressors> {
+        let small = zstd::bulk::Compressor::new(level).map_err(zstd_error)?;
+        // At level 1, a hash table of 2^12 entries instead of 2^13 compresses large chunks 8 %
+        // faster for 1.6 % more bytes (the 368 MB dump of docs/BENCHMARKS.md in 1 MiB blocks).
+        // Small chunks (database sources cut 16 KiB ones) keep zstd's own choice: for them the
+        // explicit parameter was slower.
+        let mut large = zstd::bulk::Compressor::new(level).map_err(zstd_error)?;
+        if level == 1 {
+            large
+                .set_parameter(zstd::zstd_safe::CParameter::HashLog(12))
+                .map_err(zstd_error)?;
+        }
+        Ok(Compressors {
+            small,
+            large,
+            decompressor: zstd::bulk::Decompressor::new().map_err(zstd_error)?,
+            out: Vec::new(),
+            sealed: Vec::new(),
+            scratch: Vec::new(),
+            check: Vec::new(),
+        })
+    }
+
+    /// Compresses and seals one blob, verifies it, and adds it to its pack.
+    ///
+    /// Every blob is verified before it goes into a pack (the guard restic added after a
+    /// compression library bug corrupted data, restic #4523): its sealed bytes are decrypted
+    /// and decompressed again and must equal, byte for byte, the plaintext its id was hashed
+    /// from. That is the same proof as hashing it again, at a fraction of the cost, while the
+    /// data is in cache.
+    fn store(&mut self, ctx: &Shared, job: Job) -> Result<()> {
+        let data = &job.data[..];
+        self.out.clear();
+        self.out
+            .reserve(zstd::zstd_safe::compress_bound(data.len()));
+        let compressor = if data.len() >= LARGE_CHUNK {
+            &mut self.large
+        } else {
+            &mut self.small
+        };
+        let compressed = compressor
+            .compress_to_buffer(data, &mut self.out)
+            .map_err(zstd_error)?;
+        let (compression, payload) = if compressed < data.len() {
+            (Compression::Zstd, &self.out[..compressed])
+        } else {
+            (Compression::None, data)
+        };
+        let raw = data.len() as u32;
+        let keys = ctx.blob_keys();
+        pack::seal_blob(
+            keys.epoch_key,
+            keys.repo_id,
+            job.id,
+            job.kind,
+            compression,
+            raw,
+            payload,
+            &mut self.sealed,
+        );
+        let entry = pack::BlobEntry {
+            id: job.id,
+            kind: job.kind,
+            compression,
+            offset: 0,
+            length: self.sealed.len() as u32,
+            raw_length: raw,
+        };
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&self.sealed);
+        // Grown, never shrunk: zeroing it for every blob cost more than the comparison.
+        if self.check.len() < data.len() {
+            self.check.resize(data.len(), 0);
+        }
+        let check = &mut self.check[..data.len()];
+        let object = format!("blob {}", job.id);
+        pack::open_blob_into(
+            &object,
+            keys,
+            &entry,
+            &mut self.scratch,
+            &mut self.decompressor,
+            check,
+        )
+        .map_err(|e| {
+            Error::corrupt(
+                &object,
+                format!("failed verification before upload, nothing was written: {e}"),
+            )
+        })?;
+        if check[..] != *data {
+            return Err(Error::corrupt(
+                &object,
+                "sealed blob does not decrypt and decompress to its input; nothing was written",
+            ));
+        }
+        ctx.add(job.id, job.kind, compression, data.len(), &self.sealed)
     }
 }
 
