@@ -263,7 +263,7 @@ fn main() -> ExitCode {
                 } else {
                     error::exit_code_of(e.as_ref())
                 };
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", error_chain(&e));
                 code
             }
         }
@@ -466,6 +466,20 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
     }
 }
 
+/// An error and its causes, each once: many errors (object_store's among them) already print
+/// their causes, and `{:#}` would repeat them.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 /// Standard output as a plain file: no line buffering for binary streams.
 fn stdout_file() -> anyhow::Result<std::fs::File> {
     use std::os::fd::AsFd;
@@ -529,5 +543,38 @@ async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
             println!("removed key slot {}", id.short());
             Ok(exit::OK)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chains_print_each_cause_once() {
+        #[derive(Debug)]
+        struct Disk;
+        impl std::fmt::Display for Disk {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("disk on fire")
+            }
+        }
+        impl std::error::Error for Disk {}
+        #[derive(Debug)]
+        struct Write(Disk);
+        impl std::fmt::Display for Write {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "write failed: {}", self.0)
+            }
+        }
+        impl std::error::Error for Write {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Write(Disk)).context("backup of db");
+        assert_eq!(error_chain(&e), "backup of db: write failed: disk on fire");
+        let plain = anyhow::Error::new(Disk).context("restore");
+        assert_eq!(error_chain(&plain), "restore: disk on fire");
     }
 }
