@@ -112,6 +112,13 @@ pub fn print(r: &PruneReport, json: bool) -> anyhow::Result<()> {
         r.packs_repacked,
         output::human_bytes(r.bytes_repacked)
     );
+    if r.staging_deleted > 0 {
+        println!(
+            "{would}delete {} half-written file(s) of killed writers ({})",
+            r.staging_deleted,
+            output::human_bytes(r.staging_bytes)
+        );
+    }
     match r.next_sweep {
         Some(t) => println!(
             "marked data is deleted by the first prune after {}",

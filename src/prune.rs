@@ -295,6 +295,10 @@ pub struct PruneReport {
     pub packs_repacked: usize,
     /// Bytes written into new packs by repacking.
     pub bytes_repacked: u64,
+    /// Staging files of writers killed mid-write (local stores), older than the grace period,
+    /// deleted (or, with `dry_run`, found).
+    pub staging_deleted: usize,
+    pub staging_bytes: u64,
     /// When the objects marked by this run may be deleted.
     pub next_sweep: Option<Timestamp>,
     /// Marks still inside their grace period (not swept by this run).
@@ -614,6 +618,19 @@ impl<'a> Pruner<'a> {
             }
         } else if let Some(first) = pending.iter().map(|m| m.due()).min() {
             self.report.next_sweep = Some(first);
+        }
+
+        // Half-written objects of killed writers: no name refers to them, and once they are
+        // older than the grace period no live writer is still writing them.
+        let before = std::time::SystemTime::now()
+            .checked_sub(self.opts.grace)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        for (object, size) in repo.store().stale_staging(before)? {
+            if !self.opts.dry_run {
+                repo.store().remove_staging(&object)?;
+            }
+            self.report.staging_deleted += 1;
+            self.report.staging_bytes += size;
         }
 
         // Swept marks past their record-keeping time: the mark goes first, then its record.

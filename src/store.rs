@@ -253,6 +253,54 @@ impl Store {
             .collect())
     }
 
+    /// Staging files that writers killed mid-write left in a local store (object_store writes
+    /// `NAME#N`, then renames it to `NAME`), last modified before `before`; none elsewhere (an
+    /// S3 upload is all or nothing). Listing never sees them. A directory that cannot be read
+    /// is an error, never an empty answer.
+    pub fn stale_staging(&self, before: std::time::SystemTime) -> Result<Vec<(String, u64)>> {
+        let Some(root) = &self.local_root else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::new();
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+                let entry = entry.map_err(|e| Error::io(&dir, e))?;
+                let path = entry.path();
+                let meta = entry.metadata().map_err(|e| Error::io(&path, e))?;
+                if meta.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let is_staging = entry.file_name().to_str().is_some_and(|n| {
+                    n.rsplit_once('#').is_some_and(|(_, suffix)| {
+                        !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
+                    })
+                });
+                let old = meta.modified().is_ok_and(|t| t < before);
+                if meta.is_file() && is_staging && old {
+                    let name = path.strip_prefix(root).unwrap_or(&path);
+                    found.push((name.display().to_string(), meta.len()));
+                }
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// Deletes a staging file [`Store::stale_staging`] found.
+    pub fn remove_staging(&self, name: &str) -> Result<()> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let path = root.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
     pub async fn delete(&self, name: &str) -> Result<()> {
         match self.inner.delete(&Self::path(name)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

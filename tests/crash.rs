@@ -129,6 +129,41 @@ fn sigkill_at_random_points_loses_nothing_committed() {
         killed >= KILLS,
         "only {killed} of {runs} kills landed before completion"
     );
+    // What the killed backups left (packs no index lists, half-written staging files) is
+    // garbage that prune collects: marked by one run, deleted by the next after the grace.
+    let leftovers = |repo: &Repo| -> Vec<String> {
+        repo.objects()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.contains('#'))
+            .collect()
+    };
+    let staging = leftovers(&repo).len();
+    let prune = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["prune", "--grace", "0s", "--json"];
+        all.extend_from_slice(args);
+        serde_json::from_slice(&repo.ok(&all)).unwrap()
+    };
+    let mark = prune(&[]);
+    let sweep = prune(&[]);
+    eprintln!("{staging} staging files left by the kills; prune: {mark} then {sweep}");
+    let marked = mark["packs_marked"].as_u64().unwrap();
+    assert!(
+        marked + mark["staging_deleted"].as_u64().unwrap() > 0,
+        "{KILLS} killed backups left nothing to collect: {mark}"
+    );
+    assert_eq!(sweep["packs_deleted"].as_u64().unwrap(), marked, "{sweep}");
+    assert!(leftovers(&repo).is_empty(), "{:?}", leftovers(&repo));
+    let again = prune(&["--dry-run"]);
+    assert_eq!(again["packs_marked"].as_u64().unwrap(), 0, "{again}");
+    for (id, (sname, sha)) in listed(&repo) {
+        assert_eq!(
+            &sha256(&repo.restore_stdout(&id)),
+            &sha,
+            "{sname} after prune"
+        );
+    }
+
     // The next backup succeeds and the whole repository reads back clean.
     let last = input(&shared, MAX_RUNS + 1);
     let id = repo.backup_stdin("after", &last);

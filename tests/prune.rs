@@ -269,6 +269,92 @@ fn prune_stops_on_an_unreadable_snapshot_or_index_segment_and_deletes_nothing() 
 }
 
 #[test]
+fn a_listing_error_stops_prune_and_deletes_nothing() {
+    // restic #4612: a listing error read as "no files" let prune delete data. A symbolic link
+    // to itself makes the store's listing of that directory fail.
+    for dir in ["snapshots", "index", "data"] {
+        let repo = small_repo();
+        repo.backup_stdin("a", &random_bytes(80, 256 << 10));
+        let b = random_bytes(81, 256 << 10);
+        let b_id = repo.backup_stdin("b", &b);
+        repo.ok(&["forget", "--name", "a", "--max-age", "0s"]);
+        let marked = prune(&repo, "0s", &[]);
+        assert!(count(&marked, "packs_marked") > 0, "{marked}");
+        let epoch_dir = std::fs::read_dir(repo.root().join(dir))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let link = epoch_dir.join("loop");
+        std::os::unix::fs::symlink("loop", &link).unwrap();
+        let before = repo.objects();
+        let out = repo.run(&["prune", "--grace", "0s"]);
+        assert!(
+            !out.status.success(),
+            "{dir}: prune succeeded over a listing error"
+        );
+        let err = text(&out.stderr);
+        assert!(err.contains(&format!("list of {dir}/")), "{dir}: {err}");
+        assert_eq!(
+            repo.objects(),
+            before,
+            "{dir}: prune changed the repository"
+        );
+        std::fs::remove_file(&link).unwrap();
+        let swept = prune(&repo, "0s", &[]);
+        assert!(count(&swept, "packs_deleted") > 0, "{dir}: {swept}");
+        assert!(repo.restore_stdout(&b_id) == b);
+    }
+}
+
+#[test]
+fn objects_are_never_rewritten_in_place() {
+    // Invariant 3: every object keeps the bytes it was created with until it is deleted;
+    // backups, forget, repack and sweeps only add and delete objects.
+    let repo = Repo::init_file(&[
+        "--pack-size",
+        "1048576",
+        "--chunk-sizes",
+        "4096,16384,65536",
+    ]);
+    let contents = |repo: &Repo| -> BTreeMap<String, String> {
+        repo.objects()
+            .into_iter()
+            .map(|(n, p)| (n, sha256(&std::fs::read(p).unwrap())))
+            .collect()
+    };
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut record = |repo: &Repo, step: &str| {
+        for (name, sha) in contents(repo) {
+            if let Some(old) = seen.insert(name.clone(), sha.clone()) {
+                assert_eq!(old, sha, "{name} was rewritten by {step}");
+            }
+        }
+    };
+    let dir = repo.path().join("src");
+    std::fs::create_dir(&dir).unwrap();
+    for i in 0..4u64 {
+        std::fs::write(dir.join(format!("f{i}")), random_bytes(90 + i, 200 << 10)).unwrap();
+    }
+    repo.backup_paths(&["--name", "tree"], &[&dir]);
+    record(&repo, "the first backup");
+    std::fs::remove_file(dir.join("f0")).unwrap();
+    std::fs::write(dir.join("f4"), random_bytes(95, 200 << 10)).unwrap();
+    repo.backup_paths(&["--name", "tree"], &[&dir]);
+    record(&repo, "the second backup");
+    repo.ok(&["forget", "--name", "tree", "--keep-last", "1"]);
+    record(&repo, "forget");
+    let first = prune(&repo, "0s", &["--repack-threshold", "10"]);
+    record(&repo, "a prune that marks and repacks");
+    let second = prune(&repo, "0s", &["--repack-threshold", "10"]);
+    record(&repo, "a prune that sweeps");
+    assert!(count(&first, "packs_repacked") > 0, "{first}");
+    assert!(count(&second, "packs_deleted") > 0, "{second}");
+    repo.ok(&["check", "--read-data"]);
+}
+
+#[test]
 fn forget_with_prune_on_an_empty_and_a_one_snapshot_repository() {
     let repo = small_repo();
     let v = json(&repo.ok(&["forget", "--keep-last", "1", "--prune", "--json"]));
