@@ -48,8 +48,9 @@ pub struct BackupArgs {
     /// Compression threads (default: one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Concurrent pack uploads
-    #[arg(long, default_value_t = 2)]
+    /// Concurrent pack uploads (default: 1 to a local directory, 2 to S3); each holds a
+    /// pack in memory
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
     uploads: usize,
     /// Print the snapshot as JSON
     #[arg(long)]

@@ -70,7 +70,8 @@ pub struct BackupOptions {
     pub tags: Vec<String>,
     /// Compression workers (default: one per core).
     pub threads: usize,
-    /// Packs uploading or ready to upload at once.
+    /// Packs uploading or ready to upload at once (0: the store's default, see
+    /// [`crate::store::Store::default_uploads`]). Each is a pack-sized buffer.
     pub uploads: usize,
     pub cancel: Cancel,
     pub progress: Arc<Progress>,
@@ -86,7 +87,7 @@ impl BackupOptions {
             time: None,
             tags: Vec::new(),
             threads: 0,
-            uploads: 2,
+            uploads: 0,
             cancel: Cancel::new(),
             progress: Progress::new(),
             origin: None,
@@ -131,7 +132,10 @@ pub async fn backup(
     } else {
         opts.threads
     };
-    let uploads = opts.uploads.max(1);
+    let uploads = match opts.uploads {
+        0 => repo.store().default_uploads(),
+        n => n,
+    };
     let (pack_tx, pack_rx) = tokio::sync::mpsc::channel(uploads);
     let pack_size = repo.config().pack_size as usize;
     // One buffer per sealed pack plus the open data pack; a pack overshoots its target by at
@@ -153,6 +157,7 @@ pub async fn backup(
         repo_id: repo.id(),
         epoch,
         pack_size,
+        max_chunk: repo.config().chunker.max_size as usize,
         buffers: buffers.clone(),
         level: repo.config().compression_level,
         cancel: opts.cancel.clone(),
@@ -235,6 +240,8 @@ struct Shared {
     repo_id: ObjectId,
     epoch: Epoch,
     pack_size: usize,
+    /// The repository's largest chunk: what the workers' buffers are reserved for.
+    max_chunk: usize,
     /// Data pack buffers, recycled once uploaded.
     buffers: Arc<BufferPool>,
     level: i32,
@@ -299,7 +306,7 @@ impl Shared {
     }
 
     /// Appends a sealed, verified blob to the open pack of its kind; seals and ships the pack
-    /// when it is full.
+    /// when it is full (`scratch` is the caller's buffer for the pack's check).
     fn add(
         &self,
         id: BlobId,
@@ -307,6 +314,7 @@ impl Shared {
         compression: Compression,
         raw: usize,
         sealed: &[u8],
+        scratch: &mut Vec<u8>,
     ) -> Result<()> {
         let slot = match kind {
             BlobKind::Data => &self.data_pack,
@@ -326,7 +334,7 @@ impl Shared {
             }
         };
         match full {
-            Some((writer, token)) => self.ship(writer, token),
+            Some((writer, token)) => self.ship(writer, token, scratch),
             None => Ok(()),
         }
     }
@@ -338,10 +346,10 @@ impl Shared {
         }
     }
 
-    fn ship(&self, writer: PackWriter, token: Token) -> Result<()> {
+    fn ship(&self, writer: PackWriter, token: Token, scratch: &mut Vec<u8>) -> Result<()> {
         let pack = writer.finish(self.epoch);
         let key = pack::pack_key(self.key.key(), &self.repo_id, &pack.name);
-        pack::verify_sealed(&pack, &key, self.blob_keys()).map_err(|e| {
+        pack::verify_sealed(&pack, &key, self.blob_keys(), scratch).map_err(|e| {
             Error::corrupt(
                 &pack.name,
                 format!("pack failed verification before upload, nothing was written: {e}"),
@@ -357,11 +365,12 @@ impl Shared {
 
     /// Seals and ships the partly filled packs once every blob is in.
     fn flush(&self) -> Result<()> {
+        let mut scratch = Vec::new();
         for slot in [&self.data_pack, &self.tree_pack] {
             let open = slot.lock().expect("not poisoned").take();
             if let Some(writer) = open.filter(|w| !w.is_empty()) {
                 let token = self.tokens.acquire();
-                self.ship(writer, token)?;
+                self.ship(writer, token, &mut scratch)?;
             }
         }
         Ok(())
@@ -492,7 +501,7 @@ const LARGE_CHUNK: usize = 256 << 10;
 /// A compression worker: takes batches of new blobs and stores each (see
 /// [`Compressors::store`]) until the reader is done.
 fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Vec<Job>>>) -> Result<()> {
-    let mut compressors = Compressors::new(ctx.level)?;
+    let mut compressors = Compressors::new(ctx.level, ctx.max_chunk)?;
     loop {
         let batch = jobs.lock().expect("not poisoned").recv();
         let Ok(batch) = batch else { return Ok(()) };
@@ -505,14 +514,17 @@ fn worker(ctx: &Shared, jobs: &Mutex<Receiver<Vec<Job>>>) -> Result<()> {
     }
 }
 
-/// A worker's zstd contexts and buffers, reused from blob to blob.
+/// A worker's zstd contexts and buffers, reused from blob to blob. The buffers are reserved
+/// for the largest chunk up front (address space only: pages are touched as data fills them)
+/// so they never move: growing them blob by blob left freed copies in glibc's arenas. There are
+/// as few as the work allows: `out` holds the compressed payload, then the copy of the sealed
+/// blob that verification decrypts in place.
 struct Compressors {
     small: zstd::bulk::Compressor<'static>,
     large: zstd::bulk::Compressor<'static>,
     decompressor: zstd::bulk::Decompressor<'static>,
     out: Vec<u8>,
     sealed: Vec<u8>,
-    scratch: Vec<u8>,
     check: Vec<u8>,
 }
 
@@ -521,7 +533,7 @@ fn zstd_error(e: std::io::Error) -> Error {
 }
 
 impl Compressors {
-    fn new(level: i32) -> Result<Compressors> {
+    fn new(level: i32, max_chunk: usize) -> Result<Compressors> {
         let small = zstd::bulk::Compressor::new(level).map_err(zstd_error)?;
         // At level 1, a hash table of 2^12 entries instead of 2^13 compresses large chunks 8 %
         // faster for 1.6 % more bytes (the 368 MB dump of docs/BENCHMARKS.md in 1 MiB blocks).
@@ -537,10 +549,13 @@ impl Compressors {
             small,
             large,
             decompressor: zstd::bulk::Decompressor::new().map_err(zstd_error)?,
-            out: Vec::new(),
-            sealed: Vec::new(),
-            scratch: Vec::new(),
-            check: Vec::new(),
+            out: Vec::with_capacity(
+                zstd::zstd_safe::compress_bound(max_chunk) + pack::BLOB_OVERHEAD,
+            ),
+            sealed: Vec::with_capacity(
+                zstd::zstd_safe::compress_bound(max_chunk) + pack::BLOB_OVERHEAD,
+            ),
+            check: Vec::with_capacity(max_chunk),
         })
     }
 
@@ -589,35 +604,47 @@ impl Compressors {
             length: self.sealed.len() as u32,
             raw_length: raw,
         };
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&self.sealed);
-        // Grown, never shrunk: zeroing it for every blob cost more than the comparison.
-        if self.check.len() < data.len() {
-            self.check.resize(data.len(), 0);
-        }
-        let check = &mut self.check[..data.len()];
+        self.out.clear();
+        self.out.extend_from_slice(&self.sealed);
         let object = format!("blob {}", job.id);
-        pack::open_blob_into(
-            &object,
-            keys,
-            &entry,
-            &mut self.scratch,
-            &mut self.decompressor,
-            check,
-        )
-        .map_err(|e| {
+        let failed = |why: String| {
             Error::corrupt(
                 &object,
-                format!("failed verification before upload, nothing was written: {e}"),
+                format!("failed verification before upload, nothing was written: {why}"),
             )
-        })?;
-        if check[..] != *data {
+        };
+        let plain = pack::open_sealed(&object, keys, &entry, &mut self.out)
+            .map_err(|_| failed("it does not decrypt (authentication failed)".into()))?;
+        let same = match compression {
+            // Compared where it was decrypted: no copy of an incompressible chunk.
+            Compression::None => *plain == *data,
+            Compression::Zstd => {
+                // Grown, never shrunk: zeroing it for every blob cost more than the comparison.
+                if self.check.len() < data.len() {
+                    self.check.resize(data.len(), 0);
+                }
+                let check = &mut self.check[..data.len()];
+                let n = self
+                    .decompressor
+                    .decompress_to_buffer(&*plain, check)
+                    .map_err(|e| failed(format!("decompression failed: {e}")))?;
+                n == data.len() && *check == *data
+            }
+        };
+        if !same {
             return Err(Error::corrupt(
                 &object,
                 "sealed blob does not decrypt and decompress to its input; nothing was written",
             ));
         }
-        ctx.add(job.id, job.kind, compression, data.len(), &self.sealed)
+        ctx.add(
+            job.id,
+            job.kind,
+            compression,
+            data.len(),
+            &self.sealed,
+            &mut self.out,
+        )
     }
 }
 

@@ -60,11 +60,17 @@ impl ChunkerParams {
     }
 }
 
-/// How much the chunker reads from its source at a time. A chunk whose end is not in the
-/// buffered data is scanned again after the next read, so larger reads mean fewer rescans;
-/// each buffer stays alive while any chunk cut from it is queued, so smaller reads mean less
-/// memory.
+/// The size of a read buffer: what is left of the previous buffer (the start of a chunk not
+/// cut yet) plus what is read after it. A chunk whose end is not in the buffered data is
+/// scanned again after the next read, so larger buffers mean fewer rescans; each buffer stays
+/// alive while any chunk cut from it is queued, so smaller buffers mean less memory.
 const READ_BLOCK: usize = 4 << 20;
+
+/// At least this much is read after what is left, when that is most of a buffer already: a
+/// buffer grows past [`READ_BLOCK`] only for a chunk that is longer than that, by this much.
+/// (Reading a whole `READ_BLOCK` after any leftover let the pooled buffers grow towards
+/// `max + READ_BLOCK` each.)
+const MIN_READ: usize = 1 << 20;
 
 /// Splits a reader into content-defined chunks.
 pub struct Chunker<R> {
@@ -112,7 +118,10 @@ impl Drop for Pooled {
 
 /// A pool for [`Chunker::with_pool`]: room for the buffers a backup pipeline keeps alive.
 pub fn buffer_pool(params: &ChunkerParams) -> Arc<BufferPool> {
-    Arc::new(BufferPool::new(4, params.max_size as usize + READ_BLOCK))
+    Arc::new(BufferPool::new(
+        4,
+        READ_BLOCK.max(params.max_size as usize + MIN_READ),
+    ))
 }
 
 impl<R: Read> Chunker<R> {
@@ -140,11 +149,11 @@ impl<R: Read> Chunker<R> {
         }
     }
 
-    /// Moves the data not yet chunked into a fresh buffer and reads up to `READ_BLOCK` more
-    /// after it; sets `eof` at the end of the source.
+    /// Moves the data not yet chunked into a fresh buffer and fills it up to `READ_BLOCK`
+    /// (or `MIN_READ` past the leftover); sets `eof` at the end of the source.
     fn read_more(&mut self) -> io::Result<()> {
         let tail = &self.current[self.pos..];
-        let end = tail.len() + READ_BLOCK;
+        let end = READ_BLOCK.max(tail.len() + MIN_READ);
         let mut buf = self.pool.take_initialized(end);
         buf[..tail.len()].copy_from_slice(tail);
         let mut filled = tail.len();

@@ -89,7 +89,7 @@ pub struct CopyOptions {
     pub names: Vec<String>,
     /// Compression workers for the destination (default: one per core).
     pub threads: usize,
-    /// Packs uploading at once.
+    /// Packs uploading at once (0: the destination store's default).
     pub uploads: usize,
     /// Ranged reads from the source in flight.
     pub fetches: usize,
@@ -105,7 +105,7 @@ impl Default for CopyOptions {
             selection: Selection::Latest,
             names: Vec::new(),
             threads: 0,
-            uploads: 2,
+            uploads: 0,
             fetches: 4,
             dry_run: false,
             cancel: Cancel::new(),

@@ -335,7 +335,7 @@ pub struct BlobKeys<'a> {
 }
 
 /// Decrypts (authenticating) a stored blob in place; returns the payload.
-fn open_sealed<'s>(
+pub(crate) fn open_sealed<'s>(
     pack_name: &str,
     keys: BlobKeys,
     entry: &BlobEntry,
@@ -391,7 +391,12 @@ pub fn open_blob_into(
 /// was hashed from, before the blob goes into a pack): the table of contents reads back and
 /// matches what was written, and every blob still authenticates where it now lies, which
 /// catches any damage to the pack buffer in between.
-pub fn verify_sealed(pack: &FinishedPack, pack_key: &Key, keys: BlobKeys) -> Result<()> {
+pub fn verify_sealed(
+    pack: &FinishedPack,
+    pack_key: &Key,
+    keys: BlobKeys,
+    scratch: &mut Vec<u8>,
+) -> Result<()> {
     let entries = read_toc(&pack.name, &pack.bytes, pack_key, keys.repo_id)?;
     if entries != pack.entries {
         return Err(Error::corrupt(
@@ -399,18 +404,12 @@ pub fn verify_sealed(pack: &FinishedPack, pack_key: &Key, keys: BlobKeys) -> Res
             "table of contents differs from what was written",
         ));
     }
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    for e in &entries {
+        scratch.clear();
+        scratch.extend_from_slice(&pack.bytes[e.offset as usize..(e.offset + e.length) as usize]);
+        open_sealed(&pack.name, keys, e, scratch)?;
     }
-    SCRATCH.with_borrow_mut(|scratch| {
-        for e in &entries {
-            scratch.clear();
-            scratch
-                .extend_from_slice(&pack.bytes[e.offset as usize..(e.offset + e.length) as usize]);
-            open_sealed(&pack.name, keys, e, scratch)?;
-        }
-        Ok(())
-    })
+    Ok(())
 }
 
 #[cfg(test)]
@@ -479,7 +478,7 @@ mod tests {
     fn round_trip_and_verify() {
         let blobs: [&[u8]; 3] = [b"first blob first blob first blob", b"second", b""];
         let b = build(&blobs);
-        verify_sealed(&b.pack, &b.pack_key, b.keys()).unwrap();
+        verify_sealed(&b.pack, &b.pack_key, b.keys(), &mut Vec::new()).unwrap();
         let toc = read_toc(&b.pack.name, &b.pack.bytes, &b.pack_key, &b.repo).unwrap();
         let mut dec = zstd::bulk::Decompressor::new().unwrap();
         for (e, want) in toc.iter().zip(blobs) {
@@ -503,7 +502,7 @@ mod tests {
                 id: b.pack.id,
                 epoch: b.pack.epoch,
             };
-            let err = verify_sealed(&tampered, &b.pack_key, b.keys()).unwrap_err();
+            let err = verify_sealed(&tampered, &b.pack_key, b.keys(), &mut Vec::new()).unwrap_err();
             assert!(err.to_string().contains(&b.pack.name), "byte {i}: {err}");
         }
     }

@@ -981,6 +981,7 @@ impl<'a> Pruner<'a> {
                 epoch_key: key.key(),
                 repo_id: &repo.id(),
             },
+            &mut Vec::new(),
         )?;
         let length = pack.bytes.len();
         self.report.bytes_repacked += length as u64;

@@ -123,6 +123,14 @@ impl Store {
         })
     }
 
+    /// Packs a backup uploads at once unless told otherwise. A local write takes a few
+    /// milliseconds, so one upload beside the pack being filled keeps up with compression, and
+    /// each upload more holds another pack (16 MiB) in memory; over a network a second upload
+    /// hides each request's latency.
+    pub fn default_uploads(&self) -> usize {
+        if self.local_root.is_some() { 1 } else { 2 }
+    }
+
     /// Where this store is, for messages: a path, or a bucket URL without credentials.
     pub fn location(&self) -> &str {
         &self.location
