@@ -162,7 +162,10 @@ impl ProgressLine {
                     let _ = write!(line, ", {} new", human_bytes(new));
                 }
                 let files = Progress::get(&progress.files);
-                if files > 0 {
+                let total_files = Progress::get(&progress.total_files);
+                if total_files > 0 {
+                    let _ = write!(line, ", {files}/{total_files} {unit}");
+                } else if files > 0 {
                     let _ = write!(line, ", {files} {unit}");
                 }
                 let errors = Progress::get(&progress.errors);

@@ -153,10 +153,17 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
         }
     }
     let restorer = Restorer::new(&repo, snap, opts).await?;
-    let unit = if a.target.is_some() {
-        "files"
-    } else {
-        "streams"
+    // What the progress line and the last line count.
+    let tables = match &snap.source {
+        SnapshotSource::Postgres(db) | SnapshotSource::Mysql(db) | SnapshotSource::Sqlite(db) => {
+            Some(db.tables.len() as u64)
+        }
+        _ => None,
+    };
+    let unit = match (&a.target, tables) {
+        (Some(_), _) => "files",
+        (None, Some(_)) => "tables",
+        (None, None) => "streams",
     };
     let line = show_progress(g).then(|| ProgressLine::start("restore", unit, progress));
     let result = if let Some(url) = &a.to {
@@ -209,7 +216,10 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
             "restored snapshot {} ({}): {} {unit}, {}, verified, in {} ({}/s)",
             snap.id.short(),
             snap.name,
-            report.files,
+            match (unit, tables) {
+                ("tables", Some(n)) => n,
+                _ => report.files,
+            },
             human_bytes(report.bytes),
             human_duration(elapsed),
             human_bytes((report.bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64),

@@ -17,7 +17,10 @@ pub struct Progress {
     pub new_bytes: AtomicU64,
     /// Bytes written to or read from the repository.
     pub stored_bytes: AtomicU64,
+    /// Files (backup, directory restore) or tables (database restore) done.
     pub files: AtomicU64,
+    /// How many `files` there are in all, when known; 0 when not.
+    pub total_files: AtomicU64,
     pub errors: AtomicU64,
 }
 

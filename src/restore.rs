@@ -227,6 +227,10 @@ impl<'a> Restorer<'a> {
                 n.name.to_display()
             )));
         }
+        self.opts.progress.total_files.store(
+            phase("2-").len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         for (prefix, parallel) in [("1-", 1), ("2-", jobs.max(1)), ("3-", 1), ("4-", 1)] {
             let nodes = phase(prefix);
             let this = &self;
@@ -252,7 +256,10 @@ impl<'a> Restorer<'a> {
         let (bytes, _) = self
             .pipe_into(node, postgres::loader(target)?, "psql", what, None)
             .await?;
-        Progress::add(&self.opts.progress.files, 1);
+        // The progress line counts tables; the schema streams are not tables.
+        if node.name.0.starts_with(b"2-") {
+            Progress::add(&self.opts.progress.files, 1);
+        }
         Ok(bytes)
     }
 

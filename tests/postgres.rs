@@ -101,6 +101,13 @@ fn postgres_round_trip_is_faithful() {
     // Into a new database, created by the restore.
     let out = run_with_pw(&repo, &pw, &["restore", "latest", "--to", &pg.url("copy")]);
     assert_success(&out, &["restore", "--to"]);
+    // The last line counts the tables and gives the time it took.
+    let last = text(&out.stderr);
+    let want = format!("{} tables, ", tables.len());
+    assert!(
+        last.contains(&want) && last.contains("verified, in "),
+        "{last}"
+    );
     assert_eq!(
         pg.schema("copy"),
         want_schema,
@@ -454,6 +461,28 @@ fn restore_at_picks_the_snapshot_of_that_moment() {
     assert_eq!(at("2026-11-02T02:29:59Z"), "monday\n");
     // An age: an hour ago is after all three.
     assert_eq!(at("1h"), "wednesday\n");
+
+    // Ages count back from now: snapshots three days, one day and one hour old.
+    let repo = Repo::init_file(&[]);
+    let now = jiff::Timestamp::now();
+    for (hours, content) in [(72, "three days\n"), (24, "yesterday\n"), (1, "an hour\n")] {
+        let time = (now - jiff::SignedDuration::from_hours(hours)).to_string();
+        let out = repo.run_stdin(
+            &["backup", "--stdin", "--name", "db", "--time", &time],
+            content.as_bytes(),
+        );
+        assert_success(&out, &["backup", &time]);
+    }
+    let at = |age: &str| {
+        let out = repo.run(&["restore", "--at", age, "--name", "db", "--stdout"]);
+        assert_success(&out, &["restore --at", age]);
+        text(&out.stdout)
+    };
+    assert_eq!(at("36h"), "three days\n");
+    assert_eq!(at("12h"), "yesterday\n");
+    assert_eq!(at("30m"), "an hour\n");
+    let out = repo.run(&["restore", "--at", "4days", "--name", "db", "--stdout"]);
+    assert_code(&out, 1, "nothing four days old");
     let out = repo.run(&["restore", "--at", "2026-10-01T00:00:00Z", "--stdout"]);
     let err = assert_code(&out, 1, "nothing that old");
     assert!(err.contains("at or before"), "{err}");
