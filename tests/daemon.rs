@@ -908,6 +908,13 @@ fn copy_rules_copy_to_a_foreign_bucket_on_schedule_and_count_it() {
         "{log}"
     );
     assert!(log.contains("copy monthly: local -> foreign"), "{log}");
+    // Invariant 8: the bucket's secret reaches neither the log nor the metrics.
+    for (what, text) in [("log", &log), ("metrics", &page)] {
+        assert!(
+            !text.contains(&garage.secret_key),
+            "the S3 secret is in the {what}"
+        );
+    }
 
     // The copies are in the bucket, under the foreign key only, and restore to what the local
     // repository holds.

@@ -64,6 +64,88 @@ fn setup() -> (Postgres, Repo, PathBuf) {
     (pg, repo, pw)
 }
 
+/// A directory of stand-ins for the PostgreSQL client tools that record their arguments in
+/// `args.log` and whether they were given a password in their environment, then run the real
+/// tool.
+fn recording_tools(dir: &std::path::Path, real: &std::path::Path) -> PathBuf {
+    let bin = dir.join("recording-bin");
+    fs::create_dir_all(&bin).unwrap();
+    let log = dir.join("args.log");
+    for tool in ["psql", "pg_dump", "pg_dumpall"] {
+        let script = format!(
+            "#!/bin/sh\nprintf '%s\\n' \"{tool} $*\" >> '{log}'\n\
+             [ -n \"$PGPASSWORD\" ] && echo \"{tool} has a password\" >> '{log}'\n\
+             exec '{real}/{tool}' \"$@\"\n",
+            log = log.display(),
+            real = real.display(),
+        );
+        let path = bin.join(tool);
+        fs::write(&path, script).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+#[test]
+fn database_passwords_never_reach_a_tools_arguments_or_the_output() {
+    // Invariant 8: the password goes to the tools through their environment only.
+    let (pg, repo, pw) = setup();
+    pg.sql("postgres", "CREATE DATABASE shop");
+    pg.sql(
+        "shop",
+        "CREATE TABLE t(id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'x');",
+    );
+    let bin = recording_tools(repo.path(), &pg.bin);
+    let with_tools = |args: &[&str]| {
+        let mut all = vec!["--pg-bin-dir", bin.to_str().unwrap()];
+        all.extend_from_slice(args);
+        run_with_pw(&repo, &pw, &all)
+    };
+    let server = pg.url("shop").replace("/shop", "/");
+    let mut outputs = vec![
+        with_tools(&["backup", &pg.url("shop")]),
+        with_tools(&["backup", "--globals", &server]),
+        with_tools(&[
+            "restore",
+            "latest",
+            "--name",
+            "shop",
+            "--to",
+            &pg.url("copy"),
+        ]),
+        with_tools(&["backup", &pg.url("nosuchdb")]),
+    ];
+    let failed = outputs.pop().unwrap();
+    assert_code(
+        &failed,
+        EXIT_SOURCE_FAILED,
+        "a database that does not exist",
+    );
+    for out in &outputs {
+        assert_success(out, &["with recording tools"]);
+    }
+    let log = fs::read_to_string(repo.path().join("args.log")).unwrap();
+    for tool in ["psql", "pg_dump", "pg_dumpall"] {
+        assert!(
+            log.contains(&format!("{tool} has a password")),
+            "{tool} did not run with a password: {log}"
+        );
+    }
+    assert!(
+        !log.contains(Postgres::PASSWORD),
+        "a tool was given the password: {log}"
+    );
+    for out in outputs.iter().chain([&failed]) {
+        for stream in [&out.stdout, &out.stderr] {
+            assert!(
+                !text(stream).contains(Postgres::PASSWORD),
+                "{}",
+                text(stream)
+            );
+        }
+    }
+}
+
 #[test]
 fn postgres_round_trip_is_faithful() {
     let (pg, repo, pw) = setup();
