@@ -71,6 +71,13 @@ fn flipping_any_byte_of_any_object_is_detected_and_named() {
                 all.contains(name.as_str()),
                 "check --read-data does not name {what}:\n{all}"
             );
+            // Damage inside a pack's blobs also names the snapshot that needs them.
+            if kind(name) == "data" && pos == len / 2 {
+                let named = [&stream_id, &tree_id]
+                    .iter()
+                    .any(|id| all.contains(&format!("affects snapshot {}", &id[..8])));
+                assert!(named, "check --read-data names no snapshot, {what}:\n{all}");
+            }
 
             // Without --read-data, check still reads every object except pack contents.
             if kind(name) != "data" {
