@@ -7,6 +7,7 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 use common::databases::*;
 use common::mariadb::Mariadb;
@@ -257,6 +258,31 @@ fn mysql_failures_never_become_snapshots() {
     let out = run_with_pw(&repo, &pw, &["backup", &db.url("nosuchdb")]);
     let err = assert_code(&out, EXIT_SOURCE_FAILED, "missing database");
     assert!(err.contains("nosuchdb"), "{err}");
+
+    // No room for the option file that carries the credentials (a full temporary directory).
+    let tiny = TinyDisk::mount();
+    let filler = tiny.0.path().join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(Stdio::null())
+        .status();
+    let out = repo
+        .command(&[
+            "--db-password-file",
+            pw.to_str().unwrap(),
+            "backup",
+            &db.url("app"),
+        ])
+        .env("TMPDIR", tiny.0.path())
+        .output()
+        .unwrap();
+    let err = assert_code(&out, EXIT_SOURCE_FAILED, "no room for the option file");
+    assert!(
+        err.contains("option file") && err.contains("space"),
+        "{err}"
+    );
+    drop(tiny);
 
     // A password in the URL is refused before anything runs.
     let with_pw = format!("mysql://kluis:hunter2@127.0.0.1:{}/app", db.port);

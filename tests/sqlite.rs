@@ -223,28 +223,6 @@ fn sqlite_copy_is_consistent_under_concurrent_writes() {
 }
 
 /// A 1 MiB tmpfs, unmounted on drop (the tests run as root, as CI does).
-struct TinyDisk(tempfile::TempDir);
-
-impl TinyDisk {
-    fn mount() -> TinyDisk {
-        let dir = tempfile::TempDir::new().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "cannot mount a tmpfs (the tests need root)");
-        TinyDisk(dir)
-    }
-}
-
-impl Drop for TinyDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 #[test]
 fn sqlite_failures_never_become_snapshots() {
     let repo = Repo::init_file(&[]);

@@ -86,8 +86,13 @@ impl MyConn {
                  read from an option file",
             ));
         }
-        let options = write_options(&lines, password.as_deref().map(String::as_str))
-            .map_err(|e| Error::io("temporary MySQL option file", e))?;
+        let options =
+            write_options(&lines, password.as_deref().map(String::as_str)).map_err(|e| {
+                Error::SourceFailed(format!(
+                    "cannot write the temporary MySQL option file (in {}): {e}",
+                    std::env::temp_dir().display()
+                ))
+            })?;
         Ok(MyConn {
             options: Arc::new(options),
             bin_dir: None,

@@ -730,3 +730,26 @@ impl Drop for Postgres {
             .output();
     }
 }
+
+/// A 1 MiB tmpfs mounted for a test (needs root): a disk that fills up.
+pub struct TinyDisk(pub tempfile::TempDir);
+
+impl TinyDisk {
+    pub fn mount() -> TinyDisk {
+        let dir = tempfile::TempDir::new().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot mount a tmpfs (the tests need root)");
+        TinyDisk(dir)
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
