@@ -82,7 +82,7 @@ struct Planned {
 
 /// What the arguments ask for: usually one snapshot; one per database (and one of the roles)
 /// for a PostgreSQL server with --database, --all-databases or --globals.
-fn plan(g: &Global, a: &BackupArgs) -> anyhow::Result<Vec<Planned>> {
+fn plan(g: &Global, a: &BackupArgs, cancel: &Cancel) -> anyhow::Result<Vec<Planned>> {
     let one = |name: Option<String>, source: Source| {
         let name = a.name.clone().or(name);
         Ok::<_, anyhow::Error>(vec![Planned {
@@ -102,7 +102,9 @@ fn plan(g: &Global, a: &BackupArgs) -> anyhow::Result<Vec<Planned>> {
                 "--stdin needs --name NAME".into()
             ));
         }
-        return one(None, Source::Stream(Box::new(std::io::stdin())));
+        // Read so that an interruption stops the backup even while standard input is silent.
+        let stdin = kluis::source::FdInput::new(std::io::stdin(), cancel.clone());
+        return one(None, Source::Stream(Box::new(stdin)));
     }
     if let Some(cmd) = &a.command {
         let Some(name) = &a.name else {
@@ -243,7 +245,7 @@ pub async fn run(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result<i3
     if let Some(name) = &a.job {
         return run_job(g, &a, name, cancel).await;
     }
-    let planned = plan(g, &a)?;
+    let planned = plan(g, &a, &cancel)?;
     let repo = open(g).await?;
     let several = planned.len() > 1;
     let mut code = exit::OK;

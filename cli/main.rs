@@ -253,7 +253,10 @@ fn main() -> ExitCode {
     let signalled = Cancel::new();
     let code = runtime.block_on(async {
         let watcher = tokio::spawn(watch_signals(cancel.clone(), signalled.clone()));
-        let result = run(cli, cancel.clone()).await;
+        let result = tokio::select! {
+            r = run(cli, cancel.clone()) => r,
+            () = stop_waiting(&signalled) => Err(anyhow::Error::new(kluis::Error::Interrupted)),
+        };
         watcher.abort();
         match result {
             Ok(code) => code,
@@ -274,6 +277,19 @@ fn main() -> ExitCode {
 }
 
 /// SIGINT or SIGTERM cancel the operation cleanly; a second one exits at once.
+/// How long an interrupted command may take to stop by itself before kluis exits anyway.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Returns [`STOP_GRACE`] after a signal: a command blocked where cancellation cannot reach
+/// (a write to a pipe nobody reads) must not keep an interrupted kluis running. Nothing partial
+/// is committed either way: the snapshot manifest is written last.
+async fn stop_waiting(signalled: &Cancel) {
+    while !signalled.is_cancelled() {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(STOP_GRACE).await;
+}
+
 async fn watch_signals(cancel: Cancel, signalled: Cancel) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (

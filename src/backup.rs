@@ -703,6 +703,7 @@ impl Reader<'_> {
         match source {
             Source::Stream(r) => {
                 let c = self.read_content(r).map_err(|e| match e {
+                    ReadError::Source(e) if source::is_cancelled(&e) => Error::Interrupted,
                     ReadError::Source(e) => Error::io("standard input", e),
                     ReadError::Pipeline(e) => e,
                 })?;

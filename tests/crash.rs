@@ -172,3 +172,36 @@ fn sigkill_at_random_points_loses_nothing_committed() {
     assert_success(&out, &["check --read-data at the end"]);
     assert!(Duration::ZERO < full);
 }
+
+#[test]
+fn an_interrupted_backup_exits_130_and_commits_nothing() {
+    let repo = Repo::init_file(&[]);
+    let first = dump_like(77, 8 << 20);
+    let mut child = repo
+        .command(&["backup", "--stdin", "--name", "big"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // 8 MiB, then an input that stays open and silent, like a stalled dump.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&first).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "SIGINT took {:?} to stop the backup",
+        started.elapsed()
+    );
+    assert!(listed(&repo).is_empty(), "an interrupted backup committed");
+    repo.ok(&["check"]);
+}

@@ -235,6 +235,41 @@ fn secret_files_readable_by_others_are_refused() {
 }
 
 #[test]
+fn the_secret_can_come_from_a_systemd_credential() {
+    let repo = Repo::init_file(&[]);
+    let data = dump_like(6, 50_000);
+    let id = repo.backup_stdin("db", &data);
+    // As systemd's LoadCredential= leaves it: a directory holding the key file.
+    let creds = repo.path().join("credentials");
+    fs::create_dir(&creds).unwrap();
+    fs::copy(&repo.key_file, creds.join("kluis-key-file")).unwrap();
+    fs::set_permissions(
+        creds.join("kluis-key-file"),
+        fs::Permissions::from_mode(0o400),
+    )
+    .unwrap();
+    let out = repo
+        .command(&["restore", &id, "--stdout", "--quiet"])
+        .env_remove("KLUIS_KEY_FILE")
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .output()
+        .unwrap();
+    assert_success(&out, &["restore with a systemd credential"]);
+    assert!(out.stdout == data);
+    // Without it, and without any other secret, kluis says what it needs.
+    let out = repo
+        .command(&["snapshots"])
+        .env_remove("KLUIS_KEY_FILE")
+        .output()
+        .unwrap();
+    let err = assert_code(&out, 2, "no secret at all");
+    assert!(
+        err.contains("KLUIS_KEY_FILE") || err.contains("key"),
+        "{err}"
+    );
+}
+
+#[test]
 fn key_slots_can_be_added_used_and_removed() {
     let repo = Repo::init_file(&[]);
     let data = dump_like(5, 100_000);

@@ -104,9 +104,14 @@ impl std::fmt::Display for Cancelled {
 
 impl std::error::Error for Cancelled {}
 
+/// Whether a read gave up because the backup was cancelled.
+pub fn is_cancelled(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Cancelled>())
+}
+
 /// Turns a stream's read error into the backup's error.
 pub fn read_error(stream: &str, e: io::Error) -> Error {
-    if e.get_ref().is_some_and(|inner| inner.is::<Cancelled>()) {
+    if is_cancelled(&e) {
         return Error::Interrupted;
     }
     match e
@@ -120,6 +125,46 @@ pub fn read_error(stream: &str, e: io::Error) -> Error {
 
 fn source_error(msg: String) -> io::Error {
     io::Error::other(SourceError(msg))
+}
+
+/// A readable file descriptor (standard input, a pipe) read so that a cancelled backup stops
+/// even while nothing arrives: the read waits for data in short polls and gives up once
+/// `cancel` is set. A blocking read of a silent pipe would hold the backup, and the command
+/// that waits for it, until the writer closed it.
+pub struct FdInput<R> {
+    inner: R,
+    cancel: Cancel,
+}
+
+impl<R: Read + std::os::fd::AsFd> FdInput<R> {
+    pub fn new(inner: R, cancel: Cancel) -> FdInput<R> {
+        FdInput { inner, cancel }
+    }
+}
+
+impl<R: Read + std::os::fd::AsFd> Read for FdInput<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let tick = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
+        };
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(io::Error::other(Cancelled));
+            }
+            let ready = {
+                let fd = self.inner.as_fd();
+                let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+                poll(&mut fds, Some(&tick))
+            };
+            match ready {
+                Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+                // Regular files are always ready; errors show on the read itself.
+                _ => return self.inner.read(buf),
+            }
+        }
+    }
 }
 
 /// Which lines on a child's standard error mean it failed.
