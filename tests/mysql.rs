@@ -267,13 +267,7 @@ fn mysql_failures_never_become_snapshots() {
         .arg(format!("of={}", filler.display()))
         .stderr(Stdio::null())
         .status();
-    let out = repo
-        .command(&[
-            "--db-password-file",
-            pw.to_str().unwrap(),
-            "backup",
-            &db.url("app"),
-        ])
+    let out = command_with_pw(&repo, &pw, &["backup", &db.url("app")])
         .env("TMPDIR", tiny.0.path())
         .output()
         .unwrap();
@@ -315,13 +309,7 @@ fn mysql_failures_never_become_snapshots() {
         fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
         fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
         let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap());
-        let out = repo
-            .command(&[
-                "--db-password-file",
-                pw.to_str().unwrap(),
-                "backup",
-                &db.url("app"),
-            ])
+        let out = command_with_pw(&repo, &pw, &["backup", &db.url("app")])
             .env("PATH", path)
             .output()
             .unwrap();

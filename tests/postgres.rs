@@ -519,53 +519,47 @@ fn postgres_server_backup_restores_roles_onto_a_new_server() {
     assert_eq!(other.sql("two", "SELECT v FROM u").trim(), "two");
 }
 
+/// A snapshot of `content` named `db`, taken at `time`.
+fn backup_at(repo: &Repo, time: &str, content: &str) {
+    let out = repo.run_stdin(
+        &["backup", "--stdin", "--name", "db", "--time", time],
+        content.as_bytes(),
+    );
+    assert_success(&out, &["backup", time]);
+}
+
+/// What `restore --at WHEN` of `db` gives.
+fn restore_at(repo: &Repo, when: &str) -> String {
+    let out = repo.run(&["restore", "--at", when, "--name", "db", "--stdout"]);
+    assert_success(&out, &["restore --at", when]);
+    text(&out.stdout)
+}
+
 #[test]
 fn restore_at_picks_the_snapshot_of_that_moment() {
     let repo = Repo::init_file(&[]);
-    for (time, content) in [
-        ("2026-11-01T02:30:00Z", "monday\n"),
-        ("2026-11-02T02:30:00Z", "tuesday\n"),
-        ("2026-11-03T02:30:00Z", "wednesday\n"),
-    ] {
-        let out = repo.run_stdin(
-            &["backup", "--stdin", "--name", "db", "--time", time],
-            content.as_bytes(),
-        );
-        assert_success(&out, &["backup", time]);
-    }
-    let at = |when: &str| {
-        let out = repo.run(&["restore", "--at", when, "--name", "db", "--stdout"]);
-        assert_success(&out, &["restore --at", when]);
-        text(&out.stdout)
-    };
-    assert_eq!(at("2026-11-02T12:00:00Z"), "tuesday\n");
-    assert_eq!(at("2026-11-02T02:30:00Z"), "tuesday\n");
-    assert_eq!(at("2026-11-02T02:29:59Z"), "monday\n");
+    backup_at(&repo, "2026-11-01T02:30:00Z", "monday\n");
+    backup_at(&repo, "2026-11-02T02:30:00Z", "tuesday\n");
+    backup_at(&repo, "2026-11-03T02:30:00Z", "wednesday\n");
+    assert_eq!(restore_at(&repo, "2026-11-02T12:00:00Z"), "tuesday\n");
+    assert_eq!(restore_at(&repo, "2026-11-02T02:30:00Z"), "tuesday\n");
+    assert_eq!(restore_at(&repo, "2026-11-02T02:29:59Z"), "monday\n");
     // An age: an hour ago is after all three.
-    assert_eq!(at("1h"), "wednesday\n");
+    assert_eq!(restore_at(&repo, "1h"), "wednesday\n");
+    let out = repo.run(&["restore", "--at", "2026-10-01T00:00:00Z", "--stdout"]);
+    let err = assert_code(&out, 1, "nothing that old");
+    assert!(err.contains("at or before"), "{err}");
 
     // Ages count back from now: snapshots three days, one day and one hour old.
     let repo = Repo::init_file(&[]);
     let now = jiff::Timestamp::now();
     for (hours, content) in [(72, "three days\n"), (24, "yesterday\n"), (1, "an hour\n")] {
         let time = (now - jiff::SignedDuration::from_hours(hours)).to_string();
-        let out = repo.run_stdin(
-            &["backup", "--stdin", "--name", "db", "--time", &time],
-            content.as_bytes(),
-        );
-        assert_success(&out, &["backup", &time]);
+        backup_at(&repo, &time, content);
     }
-    let at = |age: &str| {
-        let out = repo.run(&["restore", "--at", age, "--name", "db", "--stdout"]);
-        assert_success(&out, &["restore --at", age]);
-        text(&out.stdout)
-    };
-    assert_eq!(at("36h"), "three days\n");
-    assert_eq!(at("12h"), "yesterday\n");
-    assert_eq!(at("30m"), "an hour\n");
+    assert_eq!(restore_at(&repo, "36h"), "three days\n");
+    assert_eq!(restore_at(&repo, "12h"), "yesterday\n");
+    assert_eq!(restore_at(&repo, "30m"), "an hour\n");
     let out = repo.run(&["restore", "--at", "4days", "--name", "db", "--stdout"]);
     assert_code(&out, 1, "nothing four days old");
-    let out = repo.run(&["restore", "--at", "2026-10-01T00:00:00Z", "--stdout"]);
-    let err = assert_code(&out, 1, "nothing that old");
-    assert!(err.contains("at or before"), "{err}");
 }

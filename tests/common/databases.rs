@@ -19,11 +19,16 @@ pub fn password_file(repo: &Repo, content: &str) -> PathBuf {
     p
 }
 
-/// `kluis --db-password-file PW ARGS...`.
+/// `kluis --db-password-file PW ARGS...`, to run.
 pub fn run_with_pw(repo: &Repo, pw: &Path, args: &[&str]) -> Output {
+    command_with_pw(repo, pw, args).output().unwrap()
+}
+
+/// `kluis --db-password-file PW ARGS...`, to adjust before running.
+pub fn command_with_pw(repo: &Repo, pw: &Path, args: &[&str]) -> Command {
     let mut all = vec!["--db-password-file", pw.to_str().unwrap()];
     all.extend_from_slice(args);
-    repo.run(&all)
+    repo.command(&all)
 }
 
 pub fn snapshot_count(repo: &Repo) -> usize {
