@@ -275,7 +275,12 @@ impl Store {
             for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
                 let entry = entry.map_err(|e| Error::io(&dir, e))?;
                 let path = entry.path();
-                let meta = entry.metadata().map_err(|e| Error::io(&path, e))?;
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    // Renamed into place or deleted since the directory was read.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io(&path, e)),
+                };
                 if meta.is_dir() {
                     dirs.push(path);
                     continue;
@@ -444,6 +449,39 @@ mod tests {
         assert!(s.exists("a/b/c").await.unwrap());
         s.delete("a/b/c").await.unwrap();
         assert!(!s.exists("a/b/c").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn only_old_staging_files_are_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path().to_str().unwrap(), false).unwrap();
+        s.put("data/2026-11/ab/abcd", Bytes::from_static(b"object"))
+            .await
+            .unwrap();
+        let at = |name: &str| dir.path().join(name);
+        for name in [
+            "data/2026-11/ab/old#1",
+            "data/2026-11/ab/young#2",
+            "index/x#",
+        ] {
+            std::fs::create_dir_all(at(name).parent().unwrap()).unwrap();
+            std::fs::write(at(name), b"half").unwrap();
+        }
+        let hour_ago = filetime::FileTime::from_system_time(
+            std::time::SystemTime::now() - std::time::Duration::from_secs(3600),
+        );
+        filetime::set_file_mtime(at("data/2026-11/ab/old#1"), hour_ago).unwrap();
+        let before = std::time::SystemTime::now() - std::time::Duration::from_secs(600);
+        // Only the staging file older than the cutoff: not the young one, not an object, not a
+        // name that merely has a '#'.
+        let stale = s.stale_staging(before).unwrap();
+        assert_eq!(stale, vec![("data/2026-11/ab/old#1".to_string(), 4)]);
+        s.remove_staging(&stale[0].0).unwrap();
+        assert!(!at("data/2026-11/ab/old#1").exists());
+        assert!(at("data/2026-11/ab/young#2").exists());
+        assert!(at("data/2026-11/ab/abcd").exists());
+        let memory = Store::open("memory://", false).unwrap();
+        assert!(memory.stale_staging(before).unwrap().is_empty());
     }
 
     #[tokio::test]
