@@ -612,17 +612,22 @@ impl<'a> Restorer<'a> {
             node.name.to_display(),
             self.snapshot.id.short()
         );
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_RANGES);
+        // A tokio channel and a oneshot for the result: the writer may block in `write` (a
+        // pipe nobody reads), and that must never block a runtime thread with it.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(QUEUED_RANGES);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let writer_label = label.clone();
         let progress = self.opts.progress.clone();
         let buffers = self.buffers.clone();
-        let writer = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("kluis-restore-writer".into())
-            .spawn(move || write_blobs(rx, out, &writer_label, &progress, &buffers))
-            .expect("spawn writer thread");
+            .spawn(move || {
+                let _ = done_tx.send(write_blobs(rx, out, &writer_label, &progress, &buffers));
+            })
+            .map_err(|e| Error::io("restore writer thread", e))?;
         let fetched = self.fetch_all(node, tx).await;
-        let written = writer
-            .join()
+        let written = done_rx
+            .await
             .unwrap_or_else(|_| Err(Error::invalid("the restore writer crashed")));
         let (size, digest, out) = match (fetched, written) {
             (Err(e), _) => return Err(self.context(e)),
@@ -650,7 +655,7 @@ impl<'a> Restorer<'a> {
     }
 
     /// Fetches and decodes the node's blobs in order, feeding the writer.
-    async fn fetch_all(&self, node: &Node, tx: std::sync::mpsc::SyncSender<Vec<u8>>) -> Result<()> {
+    async fn fetch_all(&self, node: &Node, tx: tokio::sync::mpsc::Sender<Vec<u8>>) -> Result<()> {
         for list in content_lists(node) {
             let ids = self.content_ids(node, list).await?;
             let mut decoded = self.decoded(&ids)?;
@@ -658,7 +663,11 @@ impl<'a> Restorer<'a> {
                 if self.opts.cancel.is_cancelled() {
                     return Err(Error::Interrupted);
                 }
-                if tx.send(d.plain).is_err() {
+                let sent = tokio::select! {
+                    r = tx.send(d.plain) => r.is_ok(),
+                    () = self.opts.cancel.cancelled() => return Err(Error::Interrupted),
+                };
+                if !sent {
                     // The writer failed; its error is the one to report.
                     return Ok(());
                 }
@@ -894,7 +903,7 @@ impl Write for SyncOnFlush {
 /// Writes decoded ranges in order while a second thread hashes them (SHA-256 is sequential and
 /// as costly as the write, so the two run side by side); returns the size and the digest.
 fn write_blobs(
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
     mut out: Box<dyn Write + Send>,
     label: &str,
     progress: &Progress,
@@ -916,7 +925,7 @@ fn write_blobs(
     let mut size = 0u64;
     let err = |e: std::io::Error| Error::io(label, e);
     let written = (|| {
-        for b in rx {
+        while let Some(b) = rx.blocking_recv() {
             for piece in b.chunks(crate::store::WRITE_PIECE) {
                 out.write_all(piece).map_err(err)?;
             }

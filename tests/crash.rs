@@ -196,12 +196,48 @@ fn an_interrupted_backup_exits_130_and_commits_nothing() {
     assert!(sent.success());
     let out = child.wait_with_output().unwrap();
     drop(stdin);
-    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    // It stopped by itself, not by the exit kluis forces 10 s after a signal.
+    assert!(!err.contains("did not stop"), "{err}");
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(9),
         "SIGINT took {:?} to stop the backup",
         started.elapsed()
     );
     assert!(listed(&repo).is_empty(), "an interrupted backup committed");
     repo.ok(&["check"]);
+}
+
+#[test]
+fn an_interrupted_command_blocked_on_its_output_exits_within_seconds() {
+    // A restore to standard output that nobody reads: its writer is stuck in `write`, where
+    // cancellation cannot reach it. kluis exits anyway, 10 s after the signal.
+    let repo = Repo::init_file(&[]);
+    let data = random_bytes(78, 16 << 20);
+    let id = repo.backup_stdin("db", &data);
+    let mut child = repo
+        .command(&["restore", &id, "--stdout", "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap(); // held open, never read
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    drop(stdout);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("did not stop within 10 s"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "exited {:?} after the signal",
+        started.elapsed()
+    );
 }
