@@ -12,6 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use futures::{StreamExt, TryStreamExt};
 
@@ -254,7 +255,7 @@ impl<'a> Restorer<'a> {
             target.display
         );
         let (bytes, _) = self
-            .pipe_into(node, postgres::loader(target)?, "psql", what, None)
+            .pipe_into(node, postgres::loader(target)?, "psql", what, None, false)
             .await?;
         // The progress line counts tables; the schema streams are not tables.
         if node.name.0.starts_with(b"2-") {
@@ -279,6 +280,7 @@ impl<'a> Restorer<'a> {
                 "psql",
                 what,
                 Some(globals::tolerated),
+                false,
             )
             .await?;
         self.report.files += 1;
@@ -297,6 +299,7 @@ impl<'a> Restorer<'a> {
         tool: &'static str,
         what: String,
         tolerated: Option<fn(&str) -> bool>,
+        count_mysql_tables: bool,
     ) -> Result<(u64, Vec<String>)> {
         let mut child = command
             .spawn()
@@ -314,7 +317,15 @@ impl<'a> Restorer<'a> {
             child: child.clone(),
             complete: complete.clone(),
         };
-        let written = self.write_content(node, Box::new(guarded)).await;
+        let input: Box<dyn Write + Send> = if count_mysql_tables {
+            Box::new(mysql::TableSections::new(
+                guarded,
+                self.opts.progress.clone(),
+            ))
+        } else {
+            Box::new(guarded)
+        };
+        let written = self.write_content(node, input).await;
         // On success the client sees the end of its input; on failure it was killed first.
         let written = written.map(|(n, out)| {
             complete.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -374,10 +385,15 @@ impl<'a> Restorer<'a> {
             .await
             .map_err(|e| Error::invalid(format!("restore crashed: {e}")))??;
         }
+        let tables = record.tables.len() as u64;
+        let progress = &self.opts.progress;
+        progress.total_files.store(tables, Ordering::Relaxed);
         let what = format!("restoring {} into {}", mysql::STREAM, target.display);
         let (bytes, _) = self
-            .pipe_into(&node, mysql::loader(target)?, "mariadb", what, None)
+            .pipe_into(&node, mysql::loader(target)?, "mariadb", what, None, true)
             .await?;
+        // The last table is done with the dump.
+        progress.files.store(tables, Ordering::Relaxed);
         self.report.files += 1;
         self.report.bytes += bytes;
         Ok(self.report)

@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 mod rows;
 
 use rows::RowCounter;
+pub use rows::TableSections;
 
 use super::url::DbUrl;
 use super::{ChildOutput, NamedStream, StderrPolicy, StreamSet, find_program};

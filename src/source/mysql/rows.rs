@@ -10,6 +10,11 @@
 //! place: it leaves the INSERT and reads lines again rather than count wrong for the rest of
 //! the dump.
 
+use std::io::Write;
+use std::sync::Arc;
+
+use crate::progress::Progress;
+
 /// One table's name, rows, and the key the dump ordered them by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableRows {
@@ -200,6 +205,67 @@ fn backquoted(b: &[u8]) -> Option<(String, &[u8])> {
     None
 }
 
+/// Counts the tables of a dump as it is written through to a database client, for a restore's
+/// progress: a table is done when the next one's `-- Table structure for table` section starts
+/// (the last one when the whole dump is through; the caller settles that).
+pub struct TableSections<W> {
+    inner: W,
+    progress: Arc<Progress>,
+    /// The end of what was written before, for a marker cut between two writes.
+    tail: Vec<u8>,
+    seen: u64,
+}
+
+const TABLE_MARK: &[u8] = b"\n-- Table structure for table `";
+
+impl<W: Write> TableSections<W> {
+    pub fn new(inner: W, progress: Arc<Progress>) -> Self {
+        TableSections {
+            inner,
+            progress,
+            // A dump that begins with the marker has it at the start of a line too.
+            tail: b"\n".to_vec(),
+            seen: 0,
+        }
+    }
+
+    fn count(&mut self, buf: &[u8]) {
+        let mut marks = 0;
+        // Markers that straddle the previous write and this one.
+        let head = &buf[..buf.len().min(TABLE_MARK.len() - 1)];
+        let mut seam = std::mem::take(&mut self.tail);
+        let seam_start = seam.len();
+        seam.extend_from_slice(head);
+        marks += memchr::memmem::find_iter(&seam, TABLE_MARK)
+            .filter(|&at| at < seam_start)
+            .count();
+        marks += memchr::memmem::find_iter(buf, TABLE_MARK).count();
+        let keep = (TABLE_MARK.len() - 1).min(seam.len());
+        self.tail = seam.split_off(seam.len() - keep);
+        if buf.len() >= TABLE_MARK.len() - 1 {
+            self.tail = buf[buf.len() - (TABLE_MARK.len() - 1)..].to_vec();
+        }
+        for _ in 0..marks {
+            if self.seen > 0 {
+                Progress::add(&self.progress.files, 1);
+            }
+            self.seen += 1;
+        }
+    }
+}
+
+impl<W: Write> Write for TableSections<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,5 +350,29 @@ mod tests {
             count(dump, 2),
             vec![t("a", 1, None), t("b", 1, None), t("c", 2, None)]
         );
+    }
+
+    #[test]
+    fn table_sections_count_each_table_once_however_the_dump_is_cut() {
+        let dump = "-- MariaDB dump\n--\n-- Table structure for table `a`\n--\n\nCREATE TABLE `a` (x int);\n\
+            INSERT INTO `a` VALUES (1,'-- Table structure for table `no`');\n\
+            --\n-- Table structure for table `b`\n--\n\n--\n-- Temporary table structure for view `v`\n--\n\
+            --\n-- Table structure for table `c`\n--\n-- Dump completed\n";
+        for piece in 1..dump.len() {
+            let progress = Progress::new();
+            let mut out = TableSections::new(Vec::new(), progress.clone());
+            for p in dump.as_bytes().chunks(piece) {
+                out.write_all(p).unwrap();
+            }
+            // a and b are done when the next table starts; c when the dump is through.
+            assert_eq!(Progress::get(&progress.files), 2, "pieces of {piece}");
+            assert_eq!(out.inner, dump.as_bytes());
+        }
+        // The first line of a dump counts too.
+        let progress = Progress::new();
+        let mut out = TableSections::new(Vec::new(), progress.clone());
+        out.write_all(b"-- Table structure for table `a`\n\n-- Table structure for table `b`\n")
+            .unwrap();
+        assert_eq!(Progress::get(&progress.files), 1);
     }
 }
