@@ -217,6 +217,21 @@ fn postgres_round_trip_is_faithful() {
         "data differs via --stdout"
     );
 
+    // As files: the snapshot's streams, which concatenated in name order are that same dump.
+    let dir = repo.path().join("as-files");
+    repo.ok(&["restore", "latest", "--target", dir.to_str().unwrap()]);
+    let mut names: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert!(names.len() > 3, "{names:?}");
+    let joined: Vec<u8> = names
+        .iter()
+        .flat_map(|n| fs::read(dir.join(n)).unwrap())
+        .collect();
+    assert!(joined == out.stdout, "--target files differ from --stdout");
+
     // A non-empty target is refused unless --force, which replaces it.
     let out = run_with_pw(&repo, &pw, &["restore", "latest", "--to", &pg.url("copy")]);
     let err = assert_code(&out, EXIT_USAGE, "restore into a non-empty database");

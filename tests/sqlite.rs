@@ -143,6 +143,16 @@ fn sqlite_round_trip_is_faithful() {
     fs::write(&piped, &out.stdout).unwrap();
     assert_eq!(fingerprint(&piped), want, "data differs via --stdout");
 
+    // The database file in a directory.
+    let dir = repo.path().join("as-file");
+    repo.ok(&["restore", "latest", "--target", dir.to_str().unwrap()]);
+    let files: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(fingerprint(&files[0]), want, "data differs via --target");
+
     // An existing database is not replaced without --force.
     let out = repo.run(&["restore", "latest", "--to", &sqlite_url(&target)]);
     let err = assert_code(&out, EXIT_USAGE, "restore over an existing database");
