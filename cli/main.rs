@@ -331,8 +331,12 @@ fn kill_children() {
             killed.push(child);
         }
     }
-    for child in killed {
-        let _ = waitpid(Some(child), WaitOptions::empty());
+    // Reaped, but not waited for long: a child stuck in uninterruptible I/O (a hung network
+    // mount) must not keep kluis from exiting.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while !killed.is_empty() && std::time::Instant::now() < deadline {
+        killed.retain(|&child| matches!(waitpid(Some(child), WaitOptions::NOHANG), Ok(None)));
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

@@ -394,14 +394,16 @@ struct Batch<'a> {
     jobs: Vec<Job>,
     bytes: usize,
     to: &'a SyncSender<Vec<Job>>,
+    cancel: &'a Cancel,
 }
 
 impl<'a> Batch<'a> {
-    fn new(to: &'a SyncSender<Vec<Job>>) -> Batch<'a> {
+    fn new(to: &'a SyncSender<Vec<Job>>, cancel: &'a Cancel) -> Batch<'a> {
         Batch {
             jobs: Vec::new(),
             bytes: 0,
             to,
+            cancel,
         }
     }
 
@@ -429,8 +431,12 @@ impl<'a> Batch<'a> {
 
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
-        // Without workers (the backup failed) there is nothing left to store them for.
-        let _ = self.send();
+        // A cancelled backup stores nothing more: the workers are stopping, and a send to a
+        // full channel they no longer read would wait for ever. Without workers (the backup
+        // failed) the send fails, and there is nothing left to store the blobs for.
+        if !self.cancel.is_cancelled() {
+            let _ = self.send();
+        }
     }
 }
 
@@ -469,6 +475,9 @@ fn run_pipeline(
                 .expect("spawn worker thread")
         })
         .collect();
+    // The workers hold the only receivers: once they have all stopped (cancelled, or failed),
+    // a send fails instead of waiting for ever on a full channel.
+    drop(job_rx);
     let mut reader = Reader {
         ctx: &ctx,
         reused: (0..index.packs().len())
@@ -912,7 +921,7 @@ impl Reader<'_> {
     }
 
     fn submit_tree(&self, tree: &Tree) -> Result<BlobId> {
-        let mut batch = Batch::new(&self.jobs);
+        let mut batch = Batch::new(&self.jobs, &self.ctx.cancel);
         let id = self.submit(BlobKind::Tree, Bytes::from(tree.encode()), &mut batch)?;
         batch.send()?;
         Ok(id)
@@ -932,7 +941,7 @@ impl Reader<'_> {
         let mut size = 0u64;
         let mut ids = Vec::new();
         let mut lists = Vec::new();
-        let mut batch = Batch::new(&self.jobs);
+        let mut batch = Batch::new(&self.jobs, &self.ctx.cancel);
         while let Some(chunk) = next()? {
             sha.update(&chunk);
             size += chunk.len() as u64;
@@ -1351,18 +1360,42 @@ mod tests {
     fn a_batch_going_out_of_scope_unsent_still_reaches_the_workers() {
         // As when a file's read fails half-way: its first chunks are in `seen` already.
         let (tx, rx) = sync_channel(4);
+        let cancel = Cancel::new();
         {
-            let mut batch = Batch::new(&tx);
-            let job = Job {
-                id: BlobId([7; 32]),
-                kind: BlobKind::Data,
-                data: Bytes::from_static(b"read before the error"),
-            };
-            batch.push(job).unwrap();
+            let mut batch = Batch::new(&tx, &cancel);
+            batch.push(test_job()).unwrap();
         }
         let sent = rx.try_recv().expect("the batch was sent as it was dropped");
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].id, BlobId([7; 32]));
+    }
+
+    fn test_job() -> Job {
+        Job {
+            id: BlobId([7; 32]),
+            kind: BlobKind::Data,
+            data: Bytes::from_static(b"read before the error"),
+        }
+    }
+
+    #[test]
+    fn a_cancelled_batch_is_dropped_without_waiting_on_a_full_channel() {
+        // The workers have stopped reading; the channel is full.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (tx, _rx) = sync_channel(1);
+            tx.send(vec![test_job()]).unwrap();
+            let cancel = Cancel::new();
+            cancel.cancel();
+            {
+                let mut batch = Batch::new(&tx, &cancel);
+                batch.push(test_job()).unwrap();
+            }
+            done_tx.send(()).unwrap();
+        });
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("dropping the batch blocked");
     }
 
     /// A stream that finishes early hands its slot to the next stream while an earlier,

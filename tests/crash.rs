@@ -241,3 +241,61 @@ fn an_interrupted_command_blocked_on_its_output_exits_within_seconds() {
         started.elapsed()
     );
 }
+
+#[test]
+fn an_interrupted_backup_of_a_fast_input_stops_by_itself() {
+    // Input arrives faster than it is compressed, in small chunks (a command's output is cut
+    // like a database's): the queue to the one compression worker is full when the signal
+    // lands, the reader holds a part-filled batch, and the worker stops taking from the queue.
+    let repo = Repo::init_file(&[]);
+    let file = repo.path().join("big.sql");
+    // Rows of random numbers: slow to compress, unlike repetitive text.
+    let mut rows = String::with_capacity(200 << 20);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut i = 0u64;
+    while rows.len() < 192 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        rows.push_str(&format!(
+            "{i}\t{x}\tcustomer-{}\t{}\n",
+            x % 1_000_000_007,
+            x >> 11
+        ));
+        i += 1;
+    }
+    std::fs::write(&file, rows).unwrap();
+    let cat = format!("cat {}", file.display());
+    let child = repo
+        .command(&[
+            "backup",
+            "--command",
+            &cat,
+            "--name",
+            "fast",
+            "--threads",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let started = Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(!err.contains("did not stop"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "SIGINT took {:?} to stop the backup",
+        started.elapsed()
+    );
+    assert!(listed(&repo).is_empty(), "an interrupted backup committed");
+    repo.ok(&["check"]);
+}
