@@ -255,7 +255,7 @@ impl<'a> Restorer<'a> {
             target.display
         );
         let (bytes, _) = self
-            .pipe_into(node, postgres::loader(target)?, "psql", what, None, false)
+            .pipe_into(node, postgres::loader(target)?, "psql", what, None, |w| w)
             .await?;
         // The progress line counts tables; the schema streams are not tables.
         if node.name.0.starts_with(b"2-") {
@@ -265,14 +265,27 @@ impl<'a> Restorer<'a> {
     }
 
     /// Restores a snapshot of a server's globals (roles, tablespaces) into the server `target`
-    /// names. Roles that exist already are reported in the warnings; other errors fail.
+    /// names. Roles that exist already are left as they are and reported in the warnings, as
+    /// are tablespaces that exist; other errors fail.
     pub async fn to_postgres_globals(mut self, target: &PgConn) -> Result<RestoreReport> {
         if !matches!(self.snapshot.source, SnapshotSource::PostgresGlobals(_)) {
             return Err(self.wrong_engine("PostgreSQL globals"));
         }
         let root = self.tree(&self.snapshot.tree).await?;
         let node = self.single_stream(&root, globals::STREAM)?;
+        let existing = {
+            let target = target.clone();
+            tokio::task::spawn_blocking(move || globals::existing_roles(&target))
+                .await
+                .map_err(|e| Error::invalid(format!("restore crashed: {e}")))?
+                .map_err(|e| match e {
+                    Error::SourceFailed(m) => Error::TargetFailed(m),
+                    e => e,
+                })?
+        };
+        let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
         let what = format!("restoring roles into {}", target.display);
+        let filter_kept = kept.clone();
         let (bytes, warnings) = self
             .pipe_into(
                 &node,
@@ -280,18 +293,27 @@ impl<'a> Restorer<'a> {
                 "psql",
                 what,
                 Some(globals::tolerated),
-                false,
+                move |w| Box::new(globals::KeepExistingRoles::new(w, existing, filter_kept)),
             )
             .await?;
         self.report.files += 1;
         self.report.bytes += bytes;
+        let kept = std::mem::take(&mut *kept.lock().unwrap_or_else(|p| p.into_inner()));
+        for role in kept {
+            self.report.warnings.push(format!(
+                "role {role} exists on {}: left as it is (the snapshot's attributes, password \
+                 and settings for it were not applied)",
+                target.display
+            ));
+        }
         self.report.warnings.extend(warnings);
         Ok(self.report)
     }
 
     /// Streams a node into a database client's standard input; fails with the client's own
     /// words if it exits non-zero or reports an error. Error lines that `tolerated` accepts
-    /// come back as warnings instead.
+    /// come back as warnings instead. `wrap` puts a writer between the content and the client
+    /// (a filter, a progress counter).
     async fn pipe_into(
         &self,
         node: &Node,
@@ -299,7 +321,7 @@ impl<'a> Restorer<'a> {
         tool: &'static str,
         what: String,
         tolerated: Option<fn(&str) -> bool>,
-        count_mysql_tables: bool,
+        wrap: impl FnOnce(Box<dyn Write + Send>) -> Box<dyn Write + Send>,
     ) -> Result<(u64, Vec<String>)> {
         let mut child = command
             .spawn()
@@ -317,14 +339,7 @@ impl<'a> Restorer<'a> {
             child: child.clone(),
             complete: complete.clone(),
         };
-        let input: Box<dyn Write + Send> = if count_mysql_tables {
-            Box::new(mysql::TableSections::new(
-                guarded,
-                self.opts.progress.clone(),
-            ))
-        } else {
-            Box::new(guarded)
-        };
+        let input = wrap(Box::new(guarded));
         let written = self.write_content(node, input).await;
         // On success the client sees the end of its input; on failure it was killed first.
         let written = written.map(|(n, out)| {
@@ -390,7 +405,9 @@ impl<'a> Restorer<'a> {
         progress.total_files.store(tables, Ordering::Relaxed);
         let what = format!("restoring {} into {}", mysql::STREAM, target.display);
         let (bytes, _) = self
-            .pipe_into(&node, mysql::loader(target)?, "mariadb", what, None, true)
+            .pipe_into(&node, mysql::loader(target)?, "mariadb", what, None, |w| {
+                Box::new(mysql::TableSections::new(w, progress.clone()))
+            })
             .await?;
         // The last table is done with the dump.
         progress.files.store(tables, Ordering::Relaxed);

@@ -260,6 +260,24 @@ fn postgres_round_trip_is_faithful() {
         "data differs after --force"
     );
 
+    // "Not empty" means anything a user made: a database with only a type, a schema or a
+    // large object is refused too; a new, empty one is taken as it is.
+    for (db, made) in [
+        ("only_type", "CREATE TYPE mood AS ENUM ('ok')"),
+        ("only_schema", "CREATE SCHEMA later"),
+        ("only_lo", "SELECT lo_from_bytea(0, 'x')"),
+    ] {
+        pg.sql("postgres", &format!("CREATE DATABASE {db}"));
+        pg.sql(db, made);
+        let out = run_with_pw(&repo, &pw, &["restore", "latest", "--to", &pg.url(db)]);
+        let err = assert_code(&out, EXIT_USAGE, made);
+        assert!(err.contains("not empty"), "{made}: {err}");
+    }
+    pg.sql("postgres", "CREATE DATABASE fresh");
+    let out = run_with_pw(&repo, &pw, &["restore", "latest", "--to", &pg.url("fresh")]);
+    assert_success(&out, &["restore into an empty database"]);
+    assert_eq!(pg.fingerprint("fresh"), want_data, "data differs in fresh");
+
     // Nothing readable in the repository.
     assert_no_plaintext(&repo, b"empty string");
     repo.ok(&["check", "--read-data"]);
@@ -502,10 +520,21 @@ fn postgres_server_backup_restores_roles_onto_a_new_server() {
     let url = format!("postgres://app_owner@127.0.0.1:{}/one", other.port);
     let out = run_with_pw(&repo, &owner_pw, &["backup", "--name", "owner-check", &url]);
     assert_success(&out, &["backup as the restored role"]);
-    // Restoring the roles again keeps the existing ones, with a warning.
+    // Restoring the roles again leaves the existing ones as they are (their password and
+    // attributes changed on this server since), with a warning naming each.
+    other.sql(
+        "postgres",
+        "ALTER ROLE app_owner CREATEDB PASSWORD 'changed-pw'; ALTER ROLE postgres PASSWORD 'new-su-pw'",
+    );
+    let roles_now = "SELECT string_agg(rolname || rolcreatedb || rolpassword, ',' ORDER BY rolname) \
+                     FROM pg_authid WHERE rolname IN ('app_owner', 'postgres')";
+    let before = other.sql("postgres", roles_now);
+    assert!(before.contains("app_ownert"), "{before}");
+    // The superuser's new password must still work after the roles are restored.
+    let su_pw = password_file(&repo, "new-su-pw");
     let out = run_with_pw(
         &repo,
-        &pw,
+        &su_pw,
         &[
             "restore",
             "latest",
@@ -516,11 +545,16 @@ fn postgres_server_backup_restores_roles_onto_a_new_server() {
         ],
     );
     let err = assert_code(&out, 0, "restore the roles again");
-    assert!(err.contains("already exists"), "{err}");
+    assert!(
+        err.contains("role app_owner exists") && err.contains("role postgres exists"),
+        "{err}"
+    );
+    assert!(err.contains("left as it is"), "{err}");
+    assert_eq!(other.sql("postgres", roles_now), before);
     // The other databases are there too.
     let out = run_with_pw(
         &repo,
-        &pw,
+        &su_pw,
         &[
             "restore",
             "latest",

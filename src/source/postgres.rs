@@ -639,9 +639,22 @@ pub(crate) fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// What makes a database "not empty" for a restore: anything a user created in it. Schemas
+/// (but `public`), relations, functions, types that are not a relation's row type or an array,
+/// extensions (but `plpgsql`, which every database has) and large objects.
+const NON_EMPTY: &str = "WITH user_ns AS (SELECT oid, nspname FROM pg_namespace \
+       WHERE nspname <> 'information_schema' AND nspname NOT LIKE 'pg\\_%') \
+     SELECT (SELECT count(*) FROM user_ns WHERE nspname <> 'public') \
+     + (SELECT count(*) FROM pg_class c JOIN user_ns n ON n.oid = c.relnamespace) \
+     + (SELECT count(*) FROM pg_proc p JOIN user_ns n ON n.oid = p.pronamespace) \
+     + (SELECT count(*) FROM pg_type t JOIN user_ns n ON n.oid = t.typnamespace \
+          WHERE t.typrelid = 0 AND t.typcategory <> 'A') \
+     + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql') \
+     + (SELECT count(*) FROM pg_largeobject_metadata)";
+
 /// Makes the restore target ready: creates the database (from template0, in the snapshot's
-/// encoding), or accepts an existing empty one; a database that holds tables or functions is
-/// refused unless `force`, which drops and recreates it.
+/// encoding), or accepts an existing empty one (see [`NON_EMPTY`]); any other is refused unless
+/// `force`, which drops and recreates it.
 pub fn prepare_target(target: &PgConn, encoding: &str, force: bool) -> Result<()> {
     let fail = |e: Error| match e {
         Error::SourceFailed(m) => Error::TargetFailed(m),
@@ -658,12 +671,7 @@ pub fn prepare_target(target: &PgConn, encoding: &str, force: bool) -> Result<()
         == "1";
     if exists {
         let objects: u64 = target
-            .query_one(
-                "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                   WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%') \
-                 + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-                   WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%')",
-            )
+            .query_one(NON_EMPTY)
             .map_err(fail)?
             .parse()
             .unwrap_or(u64::MAX);
@@ -672,8 +680,9 @@ pub fn prepare_target(target: &PgConn, encoding: &str, force: bool) -> Result<()
         }
         if !force {
             return Err(Error::invalid(format!(
-                "database {db:?} on {} is not empty ({objects} tables, sequences, indexes or \
-                 functions); restore into a new database, or pass --force to drop and recreate it",
+                "database {db:?} on {} is not empty ({objects} schemas, relations, functions, \
+                 types, extensions or large objects); restore into a new database, or pass \
+                 --force to drop and recreate it",
                 target.display
             )));
         }

@@ -2,11 +2,16 @@
 //! settings, and tablespaces, from `pg_dumpall --globals-only`. Database snapshots do not carry
 //! them; a restore onto a new server needs them first (`kluis restore --roles`).
 //!
-//! Reading password hashes needs a superuser. Restoring is tolerant the way PostgreSQL's own
-//! documentation asks for: a role that already exists is reported, not fatal; any other error
-//! fails the restore.
+//! Reading password hashes needs a superuser. A restore creates the roles the target lacks and
+//! leaves the ones it has as they are: pg_dumpall follows each `CREATE ROLE` with an `ALTER ROLE`
+//! that resets the role's attributes and password, which on a live server would lock out the
+//! very role the restore connects as. Those statements are dropped for existing roles (each is
+//! reported); any error other than an existing tablespace fails the restore.
 
+use std::collections::HashSet;
+use std::io::Write;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 
 use super::PgConn;
 use crate::error::{Error, Result};
@@ -65,7 +70,7 @@ impl StreamSet for GlobalsSource {
 }
 
 /// A `psql` that applies a globals dump to the server's maintenance database, going on past
-/// errors (a role that exists already); the caller sorts the errors.
+/// errors (a tablespace that exists already); the caller sorts the errors.
 pub fn loader(target: &PgConn) -> Result<std::process::Command> {
     let mut c = target.command("psql")?;
     c.args(["-X", "-q", "-f", "-"])
@@ -79,4 +84,193 @@ pub fn loader(target: &PgConn) -> Result<std::process::Command> {
 /// exists already.
 pub fn tolerated(line: &str) -> bool {
     line.contains("already exists")
+}
+
+/// The roles of the server `target` names, each as `quote_ident` writes it, which is how
+/// pg_dumpall writes role names (both quote exactly the names that need it).
+pub fn existing_roles(target: &PgConn) -> Result<HashSet<String>> {
+    // Hex, so that no role name (a newline in quotes is allowed) can split the list.
+    let text = target.query_one(
+        "SELECT coalesce(string_agg(encode(convert_to(quote_ident(rolname), 'UTF8'), 'hex'), \
+         ','), '') FROM pg_roles",
+    )?;
+    text.split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            let bytes = (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(h.get(i..i + 2).unwrap_or("?"), 16))
+                .collect::<std::result::Result<Vec<u8>, _>>()
+                .map_err(|_| Error::TargetFailed(format!("odd role list from psql: {h:?}")))?;
+            String::from_utf8(bytes)
+                .map_err(|_| Error::TargetFailed(format!("role name not UTF-8: {h:?}")))
+        })
+        .collect()
+}
+
+/// Passes a globals dump through to `inner`, leaving out the statements that would create or
+/// change a role in `existing`: its `CREATE ROLE`, `ALTER ROLE` (attributes, password, settings)
+/// and `COMMENT ON ROLE` lines. The roles left as they were are added to `kept`, once each.
+pub struct KeepExistingRoles<W> {
+    inner: W,
+    existing: HashSet<String>,
+    kept: Arc<Mutex<Vec<String>>>,
+    line: Vec<u8>,
+    /// Whether the next line starts a statement (the previous one ended with `;`).
+    at_statement: bool,
+}
+
+impl<W: Write> KeepExistingRoles<W> {
+    pub fn new(inner: W, existing: HashSet<String>, kept: Arc<Mutex<Vec<String>>>) -> Self {
+        KeepExistingRoles {
+            inner,
+            existing,
+            kept,
+            line: Vec::new(),
+            at_statement: true,
+        }
+    }
+
+    /// The role a one-line statement would create or change, if it is an existing one.
+    fn existing_role<'a>(&self, line: &'a str) -> Option<&'a str> {
+        let rest = ["CREATE ROLE ", "ALTER ROLE ", "COMMENT ON ROLE "]
+            .iter()
+            .find_map(|p| line.strip_prefix(p))?;
+        if !line.trim_end().ends_with(';') {
+            return None;
+        }
+        let name = role_token(rest)?;
+        self.existing.contains(name).then_some(name)
+    }
+
+    fn emit_line(&mut self) -> std::io::Result<()> {
+        let line = std::mem::take(&mut self.line);
+        let text = String::from_utf8_lossy(&line);
+        let starts = self.at_statement;
+        let trimmed = text.trim_end();
+        if !(trimmed.is_empty() || trimmed.starts_with("--")) {
+            self.at_statement = trimmed.ends_with(';');
+        }
+        if starts {
+            if let Some(role) = self.existing_role(&text) {
+                let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+                if !kept.iter().any(|k| k == role) {
+                    kept.push(role.to_string());
+                }
+                return Ok(());
+            }
+        }
+        self.inner.write_all(&line)
+    }
+}
+
+/// The role name at the start of `rest`: a quoted identifier (`""` inside stands for `"`),
+/// or a bare one up to a space or `;`.
+fn role_token(rest: &str) -> Option<&str> {
+    if rest.starts_with('"') {
+        let bytes = rest.as_bytes();
+        let mut i = 1;
+        while i < bytes.len() {
+            if bytes[i] == b'"' {
+                if bytes.get(i + 1) == Some(&b'"') {
+                    i += 2;
+                    continue;
+                }
+                return Some(&rest[..=i]);
+            }
+            i += 1;
+        }
+        None
+    } else {
+        let end = rest.find([' ', ';']).unwrap_or(rest.len());
+        (end > 0).then(|| &rest[..end])
+    }
+}
+
+impl<W: Write> Write for KeepExistingRoles<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut rest = buf;
+        while let Some(at) = memchr::memchr(b'\n', rest) {
+            self.line.extend_from_slice(&rest[..=at]);
+            self.emit_line()?;
+            rest = &rest[at + 1..];
+        }
+        self.line.extend_from_slice(rest);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.line.is_empty() {
+            self.emit_line()?;
+        }
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DUMP: &str = "--\n-- Roles\n--\n\nCREATE ROLE app;\n\
+        ALTER ROLE app WITH NOSUPERUSER LOGIN PASSWORD 'SCRAM-SHA-256$4096:x';\n\
+        CREATE ROLE \"Odd \"\"name\";\nALTER ROLE \"Odd \"\"name\" WITH LOGIN;\n\
+        CREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER PASSWORD 'old';\n\
+        COMMENT ON ROLE postgres IS 'multi\nALTER ROLE app WITH SUPERUSER;\nline';\n\
+        ALTER ROLE app SET search_path TO app;\nGRANT app TO postgres GRANTED BY postgres;\n";
+
+    fn filtered(existing: &[&str], pieces: usize) -> (String, Vec<String>) {
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let mut w = KeepExistingRoles::new(
+            Vec::new(),
+            existing.iter().map(|s| s.to_string()).collect(),
+            kept.clone(),
+        );
+        // Written in pieces that cut lines anywhere.
+        let size = DUMP.len().div_ceil(pieces);
+        for piece in DUMP.as_bytes().chunks(size) {
+            w.write_all(piece).unwrap();
+        }
+        w.flush().unwrap();
+        let out = String::from_utf8(w.inner).unwrap();
+        let kept = kept.lock().unwrap().clone();
+        (out, kept)
+    }
+
+    #[test]
+    fn existing_roles_are_left_as_they_are() {
+        for pieces in [1, 7, DUMP.len()] {
+            let (out, kept) = filtered(&["postgres", "\"Odd \"\"name\""], pieces);
+            assert_eq!(kept, ["\"Odd \"\"name\"", "postgres"]);
+            assert!(!out.contains("CREATE ROLE postgres"), "{out}");
+            assert!(!out.contains("PASSWORD 'old'"), "{out}");
+            assert!(!out.contains("\"Odd \"\"name\" WITH LOGIN"), "{out}");
+            // A role the server lacks comes whole, settings too; memberships always come.
+            assert!(
+                out.contains("CREATE ROLE app;\nALTER ROLE app WITH NOSUPERUSER"),
+                "{out}"
+            );
+            assert!(out.contains("ALTER ROLE app SET search_path"), "{out}");
+            assert!(out.contains("GRANT app TO postgres"), "{out}");
+            // A statement spread over lines is passed whole, even a line inside it that looks
+            // like a statement of its own.
+            assert!(
+                out.contains(
+                    "COMMENT ON ROLE postgres IS 'multi\nALTER ROLE app WITH SUPERUSER;\nline';"
+                ),
+                "{out}"
+            );
+        }
+        let (out, kept) = filtered(&[], 3);
+        assert_eq!(out, DUMP);
+        assert!(kept.is_empty());
+    }
+
+    #[test]
+    fn role_names_are_read_as_pg_dumpall_writes_them() {
+        assert_eq!(role_token("app;"), Some("app"));
+        assert_eq!(role_token("app WITH LOGIN;"), Some("app"));
+        assert_eq!(role_token("\"a \"\" b\" WITH;"), Some("\"a \"\" b\""));
+        assert_eq!(role_token("\"unterminated"), None);
+        assert_eq!(role_token(";"), None);
+    }
 }
