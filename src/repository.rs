@@ -82,8 +82,8 @@ pub struct InitOptions {
     pub host: String,
 }
 
-/// zstd level 1: on SQL dumps it stores no more than level 3 and runs ~1.7x faster
-/// (docs/BENCHMARKS.md).
+/// zstd level 1: on SQL dumps in blob-sized pieces it stores 0.2-2.8 % more than level 3 and
+/// runs 1.24-1.66x faster (docs/BENCHMARKS.md, `benches/micro.sh`).
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
 pub const DEFAULT_PACK_SIZE: u32 = 16 << 20;
 
