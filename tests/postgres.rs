@@ -144,6 +144,25 @@ fn database_passwords_never_reach_a_tools_arguments_or_the_output() {
             );
         }
     }
+
+    // Under systemd, the password is the credential `kluis-db-password` (LoadCredential=).
+    let creds = repo.path().join("credentials");
+    fs::create_dir(&creds).unwrap();
+    fs::copy(&pw, creds.join("kluis-db-password")).unwrap();
+    let by_credential = |dir: &std::path::Path| {
+        repo.command(&["backup", "--name", "by-credential", &pg.url("shop")])
+            .env("CREDENTIALS_DIRECTORY", dir)
+            .output()
+            .unwrap()
+    };
+    assert_success(&by_credential(&creds), &["backup with kluis-db-password"]);
+    // A wrong one is the server's refusal, quoted; no snapshot.
+    fs::write(creds.join("kluis-db-password"), "wrong\n").unwrap();
+    let out = by_credential(&creds);
+    let err = assert_code(&out, EXIT_SOURCE_FAILED, "a wrong credential");
+    assert!(err.contains("password authentication failed"), "{err}");
+    let listed = text(&repo.ok(&["snapshots", "--json"]));
+    assert_eq!(listed.matches("by-credential").count(), 1, "{listed}");
 }
 
 #[test]
@@ -472,6 +491,34 @@ fn postgres_server_backup_restores_roles_onto_a_new_server() {
         .collect();
     assert_eq!(names, ["postgres-globals", "one", "postgres", "two"]);
     assert_eq!(saved[0]["source"]["kind"], "postgres-globals");
+    // A list of databases: each its own snapshot, in the order given.
+    let out = run_with_pw(
+        &repo,
+        &pw,
+        &[
+            "backup",
+            "--json",
+            "--database",
+            "two",
+            "--database",
+            "one",
+            &server,
+        ],
+    );
+    assert_success(&out, &["backup --database two --database one"]);
+    let saved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: Vec<(&str, &str)> = saved
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap(),
+                s["source"]["database"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect();
+    assert_eq!(listed, [("two", "two"), ("one", "one")]);
 
     // A new server has no role app_owner: the restore stops and names it.
     let other = Postgres::start();

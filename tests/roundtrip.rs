@@ -267,6 +267,36 @@ fn the_secret_can_come_from_a_systemd_credential() {
         err.contains("KLUIS_KEY_FILE") || err.contains("key"),
         "{err}"
     );
+    // A passphrase slot opened by the credential `kluis-password`.
+    let pw = repo.path().join("pw");
+    fs::write(&pw, "a passphrase from systemd\n").unwrap();
+    fs::set_permissions(&pw, fs::Permissions::from_mode(0o600)).unwrap();
+    repo.ok(&["key", "add", "--new-password-file", pw.to_str().unwrap()]);
+    let creds = repo.path().join("password-credential");
+    fs::create_dir(&creds).unwrap();
+    let by_password = |content: &str| {
+        fs::write(creds.join("kluis-password"), content).unwrap();
+        fs::set_permissions(
+            creds.join("kluis-password"),
+            fs::Permissions::from_mode(0o400),
+        )
+        .unwrap();
+        repo.command(&["restore", &id, "--stdout", "--quiet"])
+            .env_remove("KLUIS_KEY_FILE")
+            .env("CREDENTIALS_DIRECTORY", &creds)
+            .output()
+            .unwrap()
+    };
+    let out = by_password("a passphrase from systemd\n");
+    assert_success(&out, &["restore with kluis-password"]);
+    assert!(out.stdout == data);
+    fs::set_permissions(
+        creds.join("kluis-password"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let out = by_password("not it\n");
+    assert_code(&out, 12, "a wrong password credential");
 }
 
 #[test]
