@@ -415,6 +415,58 @@ fn postgres_failures_never_become_snapshots() {
         assert!(err.contains(want), "{label}: {err}");
     }
 
+    // The connection is lost in the middle of the dump: a session holds a lock the backup
+    // waits for, and every backend of the database is terminated while it waits.
+    let mut holder = pg
+        .psql()
+        .args([
+            "-d",
+            "app",
+            "-c",
+            "BEGIN; LOCK TABLE secrets IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60);",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait_for = |sql: &str, what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while pg.sql("postgres", sql).trim() == "0" {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    wait_for(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+         WHERE d.datname = 'app' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+        "the lock was never taken",
+    );
+    let backup = command_with_pw(&repo, &pw, &["backup", &pg.url("app")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND wait_event_type = 'Lock'",
+        "the backup never waited for the lock",
+    );
+    pg.sql(
+        "postgres",
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = 'app' AND pid <> pg_backend_pid()",
+    );
+    let out = backup.wait_with_output().unwrap();
+    let _ = holder.wait();
+    let err = assert_code(&out, EXIT_SOURCE_FAILED, "connection lost");
+    // Whichever session noticed first: the one that was waiting, or one that then could not
+    // import the snapshot of the session that was terminated.
+    assert!(
+        err.contains("terminating connection")
+            || err.contains("server closed the connection")
+            || err.contains("snapshot ended: its connection was lost"),
+        "{err}"
+    );
+
     // The server goes down.
     pg.stop();
     let out = run_with_pw(&repo, &pw, &["backup", &pg.url("app")]);

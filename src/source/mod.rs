@@ -245,6 +245,17 @@ pub(crate) fn collect_stderr(stderr: ChildStderr) -> JoinHandle<Vec<u8>> {
 }
 
 /// The outcome of a child, checked: `Err` with the tool's own words if it failed.
+/// What a tool's message means for kluis, where the message alone does not say it.
+fn hint(stderr: &str) -> &'static str {
+    if stderr.contains("invalid snapshot identifier") {
+        // A stream imports the snapshot that kluis's own session exported: that session is gone.
+        " (the session holding the backup's consistent snapshot ended: its connection was lost \
+         or the server terminated it)"
+    } else {
+        ""
+    }
+}
+
 pub(crate) fn check_exit(
     what: &str,
     status: std::process::ExitStatus,
@@ -279,7 +290,7 @@ pub(crate) fn check_exit(
         if pick.is_empty() {
             String::new()
         } else {
-            format!(": {}", pick.join(" | "))
+            format!(": {}{}", pick.join(" | "), hint(&text))
         }
     };
     if let Some(sig) = status.signal() {
@@ -616,6 +627,26 @@ pub fn find_program(name: &str, dir: Option<&std::path::Path>) -> Result<std::pa
 mod tests {
     use super::*;
     use std::process::{Command, Stdio};
+
+    #[test]
+    fn a_lost_snapshot_session_is_explained() {
+        use std::os::unix::process::ExitStatusExt;
+        let failed = std::process::ExitStatus::from_raw(1 << 8);
+        let msg = check_exit(
+            "psql (COPY of table t)",
+            failed,
+            b"ERROR:  invalid snapshot identifier: \"00000005-00000025-1\"\n",
+            StderrPolicy::DatabaseTool,
+        )
+        .unwrap_err();
+        assert!(
+            msg.contains("exit code 1: ERROR:  invalid snapshot identifier"),
+            "{msg}"
+        );
+        assert!(msg.contains("its connection was lost"), "{msg}");
+        let other = check_exit("t", failed, b"ERROR: x\n", StderrPolicy::DatabaseTool);
+        assert_eq!(other.unwrap_err(), "t failed with exit code 1: ERROR: x");
+    }
 
     #[test]
     fn newlines_are_counted_across_block_edges() {
