@@ -188,9 +188,28 @@ impl Mariadb {
         let mut out = String::new();
         for t in tables.lines() {
             let q = format!("`{}`", t.replace('`', "``"));
+            // Every value as the hex of its text (NULL apart from ''), a row as their list, the
+            // table as the MD5 of its rows' MD5s in order: the same rows, byte for byte, and no
+            // others. CHECKSUM TABLE besides, as MariaDB computes it.
+            let values = self.sql(
+                "",
+                &format!(
+                    "SELECT GROUP_CONCAT(CONCAT('IF(`', REPLACE(COLUMN_NAME, '`', '``'), \
+                     '` IS NULL, ''N'', CONCAT(''V'', HEX(CAST(`', REPLACE(COLUMN_NAME, '`', '``'), \
+                     '` AS BINARY))))') ORDER BY ORDINAL_POSITION SEPARATOR ', ') \
+                     FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = '{db}' \
+                     AND TABLE_NAME = '{t}'"
+                ),
+            );
             let rows = self.sql(
                 db,
-                &format!("SELECT '{t}', COUNT(*) FROM {q}; CHECKSUM TABLE {q} EXTENDED;"),
+                &format!(
+                    "SET SESSION group_concat_max_len = 4294967295; \
+                     SELECT '{t}', COUNT(*), MD5(GROUP_CONCAT(h ORDER BY h SEPARATOR '')) \
+                     FROM (SELECT MD5(CONCAT_WS(',', {})) AS h FROM {q}) r; \
+                     CHECKSUM TABLE {q} EXTENDED;",
+                    values.trim()
+                ),
             );
             // CHECKSUM TABLE names the table with its database: compare without it.
             out.push_str(&rows.replace(&format!("{db}.{t}\t"), &format!("{t}\t")));
