@@ -492,14 +492,15 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
             "{}: mode",
             rel.display()
         );
+        // Files' and directories' (set after their entries are restored).
+        assert_eq!(ma.mtime(), mb.mtime(), "{}: mtime", rel.display());
+        assert_eq!(
+            ma.mtime_nsec(),
+            mb.mtime_nsec(),
+            "{}: mtime ns",
+            rel.display()
+        );
         if ma.is_file() {
-            assert_eq!(ma.mtime(), mb.mtime(), "{}: mtime", rel.display());
-            assert_eq!(
-                ma.mtime_nsec(),
-                mb.mtime_nsec(),
-                "{}: mtime ns",
-                rel.display()
-            );
             assert!(
                 fs::read(&pa).unwrap() == fs::read(&pb).unwrap(),
                 "{}: content",
