@@ -148,7 +148,8 @@ pub fn random_array<const N: usize>() -> [u8; N] {
     out
 }
 
-/// The keyed hash that names chunks: BLAKE3 keyed with a per-epoch secret.
+/// The keyed hash that names chunks: BLAKE3 keyed with a per-epoch secret. The hasher holds
+/// the key; it is zeroed when dropped, and so is each copy a hash is computed in.
 #[derive(Clone)]
 pub struct ChunkHasher(blake3::Hasher);
 
@@ -160,7 +161,15 @@ impl ChunkHasher {
     pub fn hash(&self, data: &[u8]) -> [u8; 32] {
         let mut h = self.0.clone();
         h.update(data);
-        *h.finalize().as_bytes()
+        let id = *h.finalize().as_bytes();
+        h.zeroize();
+        id
+    }
+}
+
+impl Drop for ChunkHasher {
+    fn drop(&mut self) {
+        self.0.zeroize();
     }
 }
 
