@@ -655,39 +655,15 @@ impl Compressors {
             length: self.sealed.len() as u32,
             raw_length: raw,
         };
-        self.out.clear();
-        self.out.extend_from_slice(&self.sealed);
-        let object = format!("blob {}", job.id);
-        let failed = |why: String| {
-            Error::corrupt(
-                &object,
-                format!("failed verification before upload, nothing was written: {why}"),
-            )
-        };
-        let plain = pack::open_sealed(&object, keys, &entry, &mut self.out)
-            .map_err(|_| failed("it does not decrypt (authentication failed)".into()))?;
-        let same = match compression {
-            // Compared where it was decrypted: no copy of an incompressible chunk.
-            Compression::None => *plain == *data,
-            Compression::Zstd => {
-                // Grown, never shrunk: zeroing it for every blob cost more than the comparison.
-                if self.check.len() < data.len() {
-                    self.check.resize(data.len(), 0);
-                }
-                let check = &mut self.check[..data.len()];
-                let n = self
-                    .decompressor
-                    .decompress_to_buffer(&*plain, check)
-                    .map_err(|e| failed(format!("decompression failed: {e}")))?;
-                n == data.len() && *check == *data
-            }
-        };
-        if !same {
-            return Err(Error::corrupt(
-                &object,
-                "sealed blob does not decrypt and decompress to its input; nothing was written",
-            ));
-        }
+        verify_sealed(
+            keys,
+            &entry,
+            &self.sealed,
+            data,
+            &mut self.out,
+            &mut self.check,
+            &mut self.decompressor,
+        )?;
         ctx.add(
             job.id,
             job.kind,
@@ -697,6 +673,51 @@ impl Compressors {
             &mut self.out,
         )
     }
+}
+
+/// The check before upload: `sealed`, which `entry` describes, must decrypt and decompress to
+/// exactly `data`. `scratch` and `check` are buffers kept from blob to blob.
+fn verify_sealed(
+    keys: pack::BlobKeys,
+    entry: &pack::BlobEntry,
+    sealed: &[u8],
+    data: &[u8],
+    scratch: &mut Vec<u8>,
+    check: &mut Vec<u8>,
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<()> {
+    scratch.clear();
+    scratch.extend_from_slice(sealed);
+    let object = format!("blob {}", entry.id);
+    let failed = |why: String| {
+        Error::corrupt(
+            &object,
+            format!("failed verification before upload, nothing was written: {why}"),
+        )
+    };
+    let plain = pack::open_sealed(&object, keys, entry, scratch)
+        .map_err(|_| failed("it does not decrypt (authentication failed)".into()))?;
+    let same = match entry.compression {
+        // Compared where it was decrypted: no copy of an incompressible chunk.
+        Compression::None => *plain == *data,
+        Compression::Zstd => {
+            // Grown, never shrunk: zeroing it for every blob cost more than the comparison.
+            if check.len() < data.len() {
+                check.resize(data.len(), 0);
+            }
+            let check = &mut check[..data.len()];
+            let n = decompressor
+                .decompress_to_buffer(&*plain, check)
+                .map_err(|e| failed(format!("decompression failed: {e}")))?;
+            n == data.len() && *check == *data
+        }
+    };
+    if !same {
+        return Err(failed(
+            "it does not decrypt and decompress to its input".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The reader stage: everything that must happen in stream order.
@@ -1280,6 +1301,7 @@ async fn upload_packs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::Key;
     use crate::keys::{KdfParams, Secret};
     use crate::repository::InitOptions;
     use crate::snapshot::Source as SourceRecord;
@@ -1287,6 +1309,73 @@ mod tests {
     use crate::store::Store;
     use std::sync::mpsc;
     use std::time::Duration;
+
+    #[test]
+    fn a_blob_that_would_not_restore_is_caught_before_upload() {
+        let (key, repo) = (Key::random(), ObjectId::random());
+        let keys = || pack::BlobKeys {
+            epoch_key: &key,
+            repo_id: &repo,
+        };
+        let data = b"INSERT INTO t VALUES (1, 'x');\n".repeat(500);
+        let other = b"INSERT INTO t VALUES (2, 'y');\n".repeat(500);
+        let compressed = zstd::bulk::compress(&data, 1).unwrap();
+        let mut decompressor = zstd::bulk::Decompressor::new().unwrap();
+        let (mut scratch, mut check) = (Vec::new(), Vec::new());
+        let id = BlobId([5; 32]);
+        for (compression, payload) in [
+            (Compression::Zstd, &compressed[..]),
+            (Compression::None, &data[..]),
+        ] {
+            let mut sealed = Vec::new();
+            pack::seal_blob(
+                &key,
+                &repo,
+                id,
+                BlobKind::Data,
+                compression,
+                data.len() as u32,
+                payload,
+                &mut sealed,
+            );
+            let entry = pack::BlobEntry {
+                id,
+                kind: BlobKind::Data,
+                compression,
+                offset: 0,
+                length: sealed.len() as u32,
+                raw_length: data.len() as u32,
+            };
+            let mut verify = |sealed: &[u8], data: &[u8]| {
+                verify_sealed(
+                    keys(),
+                    &entry,
+                    sealed,
+                    data,
+                    &mut scratch,
+                    &mut check,
+                    &mut decompressor,
+                )
+            };
+            verify(&sealed, &data).unwrap();
+            // Other plaintext than the id was hashed from: a compressor that got it wrong.
+            let err = verify(&sealed, &other).unwrap_err().to_string();
+            assert!(
+                err.contains("does not decrypt and decompress to its input"),
+                "{err}"
+            );
+            assert!(err.contains("nothing was written"), "{err}");
+            // Sealed bytes damaged after sealing.
+            let mut bad = sealed.clone();
+            let last = bad.len() - 20;
+            bad[last] ^= 1;
+            let err = verify(&bad, &data).unwrap_err().to_string();
+            assert!(
+                err.contains("does not decrypt (authentication failed)"),
+                "{err}"
+            );
+        }
+    }
 
     /// Three streams read two at a time; the first one's data only arrives once the third
     /// stream has been opened (or after 10 s).
