@@ -76,6 +76,79 @@ fn round_trips_on_garage_s3() {
     );
 }
 
+/// A TCP proxy in front of `upstream`: its first `fail` connections get their first request
+/// answered with HTTP 503 and are closed; later ones are passed through. Returns its address
+/// and the count of connections it failed.
+fn flaky_proxy(
+    upstream: std::net::SocketAddr,
+    fail: usize,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = failed.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut client) = conn else { continue };
+            if count.load(SeqCst) < fail {
+                count.fetch_add(1, SeqCst);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match client.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = client.write_all(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\
+                      Connection: close\r\n\r\n",
+                );
+                let _ = client.shutdown(Shutdown::Both);
+                continue;
+            }
+            let Ok(server) = TcpStream::connect(upstream) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        }
+    });
+    (addr, failed)
+}
+
+#[test]
+fn transient_s3_errors_are_retried() {
+    let garage = Garage::start();
+    let upstream = garage
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let (proxy, failed) = flaky_proxy(upstream, 4);
+    let repo = garage.repo_through("flaky", &format!("http://{proxy}"));
+    repo.ok(&["init"]);
+    let data = dump_like(8, 3 << 20);
+    let id = repo.backup_stdin("db", &data);
+    assert_eq!(repo.restore_stdout(&id), data);
+    repo.ok(&["check", "--read-data"]);
+    // Every failure was met, and retried past.
+    assert_eq!(failed.load(std::sync::atomic::Ordering::SeqCst), 4);
+}
+
 #[test]
 fn snapshots_lists_what_was_backed_up() {
     let repo = Repo::init_file(&[]);

@@ -398,9 +398,14 @@ api_bind_addr = "127.0.0.1:{admin}"
 
     /// A repository URL in this server's bucket, and the environment that reaches it.
     pub fn repo(&self, prefix: &str) -> Repo {
+        self.repo_through(prefix, &self.endpoint)
+    }
+
+    /// [`Garage::repo`], reached through `endpoint` (a proxy in front of this server).
+    pub fn repo_through(&self, prefix: &str, endpoint: &str) -> Repo {
         let url = format!(
-            "s3://{}/{prefix}?endpoint={}&region=garage&path-style=true",
-            self.bucket, self.endpoint
+            "s3://{}/{prefix}?endpoint={endpoint}&region=garage&path-style=true",
+            self.bucket
         );
         let env = BTreeMap::from([
             ("AWS_ACCESS_KEY_ID".to_string(), self.access_key.clone()),
