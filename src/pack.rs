@@ -260,27 +260,54 @@ pub fn read_toc(
     key: &Key,
     repo_id: &ObjectId,
 ) -> Result<Vec<BlobEntry>> {
+    read_toc_parts(pack_name, bytes, bytes, bytes.len() as u64, key, repo_id)
+}
+
+/// How much of a pack's end a reader fetches to find its table of contents in one request:
+/// enough for a 16 MiB pack of 16 KiB chunks (about 1,100 entries of 42 bytes).
+pub const TOC_TAIL_GUESS: u64 = 64 << 10;
+
+/// Reads a pack's table of contents from its parts, without its blobs: `head` begins at the
+/// pack's start (at least its header), `tail` ends at the pack's end (the sealed TOC and its
+/// length, at least), `len` is the pack's length. The header is checked and authenticated (it
+/// is in the TOC's associated data); the blobs must fill the pack up to the TOC exactly.
+pub fn read_toc_parts(
+    pack_name: &str,
+    head: &[u8],
+    tail: &[u8],
+    len: u64,
+    key: &Key,
+    repo_id: &ObjectId,
+) -> Result<Vec<BlobEntry>> {
     let corrupt = |d: &str| Error::corrupt(pack_name, d.to_string());
-    Header::decode(pack_name, bytes, Kind::Pack)?;
-    if bytes.len() > MAX_PACK_LEN {
+    Header::decode(pack_name, head, Kind::Pack)?;
+    if len > MAX_PACK_LEN as u64 {
         return Err(corrupt("pack larger than 4 GiB"));
     }
-    if bytes.len() < HEADER_LEN + 4 + TAG_LEN {
+    let len = len as usize;
+    if len < HEADER_LEN + 4 + TAG_LEN || tail.len() < 4 || tail.len() > len {
         return Err(corrupt("truncated pack"));
     }
-    let toc_len =
-        u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().expect("4 bytes")) as usize;
-    let end = bytes.len() - 4;
+    let toc_len = u32::from_le_bytes(tail[tail.len() - 4..].try_into().expect("4 bytes")) as usize;
+    let end = len - 4;
     if toc_len < 4 + TAG_LEN || toc_len > end - HEADER_LEN {
         return Err(corrupt("table of contents length out of range"));
     }
     let toc_start = end - toc_len;
+    // Where the tail begins in the pack; the TOC must be inside it.
+    let tail_start = len - tail.len();
+    if toc_start < tail_start {
+        return Err(Error::invalid(format!(
+            "{pack_name}: its table of contents ({toc_len} bytes) begins before the {} bytes read",
+            tail.len()
+        )));
+    }
     let toc = key
         .cipher()
         .open(
             TOC_NONCE,
-            &toc_aad(&bytes[..HEADER_LEN], repo_id, pack_name),
-            &bytes[toc_start..end],
+            &toc_aad(&head[..HEADER_LEN], repo_id, pack_name),
+            &tail[toc_start - tail_start..tail.len() - 4],
         )
         .map_err(|_| corrupt("table of contents fails authentication"))?;
     let count = u32::from_le_bytes(toc[..4].try_into().expect("4 bytes")) as usize;
@@ -486,6 +513,43 @@ mod tests {
             let mut stored = b.pack.bytes[range].to_vec();
             let plain = open_blob(&b.pack.name, b.keys(), e, &mut stored, &mut dec).unwrap();
             assert_eq!(plain, want);
+        }
+    }
+
+    #[test]
+    fn the_table_of_contents_reads_from_the_packs_two_ends() {
+        let b = build(&[b"first blob first blob", b"second", b"third"]);
+        let bytes = &b.pack.bytes[..];
+        let len = bytes.len() as u64;
+        let whole = read_toc(&b.pack.name, bytes, &b.pack_key, &b.repo).unwrap();
+        let toc_len = u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().unwrap()) as usize;
+        let head = &bytes[..crate::object::HEADER_LEN];
+        // The tail exactly, or with some blob bytes before it.
+        for extra in [0, 5] {
+            let tail = &bytes[bytes.len() - toc_len - 4 - extra..];
+            let parts =
+                read_toc_parts(&b.pack.name, head, tail, len, &b.pack_key, &b.repo).unwrap();
+            assert_eq!(parts, whole);
+        }
+        // A tail that does not reach back to the TOC's start is refused, not misread.
+        let short = &bytes[bytes.len() - toc_len..];
+        let err = read_toc_parts(&b.pack.name, head, short, len, &b.pack_key, &b.repo)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("begins before"), "{err}");
+        // Any flipped byte of the header or of the tail fails, naming the pack.
+        let tail = &bytes[bytes.len() - toc_len - 4..];
+        for i in 0..head.len() + tail.len() {
+            let (mut h, mut t) = (head.to_vec(), tail.to_vec());
+            if i < h.len() {
+                h[i] ^= 1;
+            } else {
+                t[i - h.len()] ^= 1;
+            }
+            let err = read_toc_parts(&b.pack.name, &h, &t, len, &b.pack_key, &b.repo)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&b.pack.name), "byte {i}: {err}");
         }
     }
 

@@ -1,6 +1,6 @@
 //! Tampering: flip one byte of each object of each type; `check --read-data` and `restore` must
 //! fail with the corrupt-data exit code and name the object, never return wrong data, never
-//! panic.
+//! panic. A restore that does not read the damaged object succeeds with the right data.
 
 mod common;
 
@@ -122,10 +122,11 @@ fn flipping_any_byte_of_any_object_is_detected_and_named() {
                 failures += 1;
             }
             // Damage to the config or a key stops both restores; damage to a snapshot, an index
-            // segment or pack content stops at least the restore that needs it.
+            // segment or any part of a pack (its header, a blob, its table of contents) stops
+            // at least the restore that reads from it.
             if matches!(kind(name), "config" | "keys" | "epochs") {
                 assert_eq!(failures, 2, "a restore ignored damage to {what}");
-            } else if matches!(kind(name), "snapshots" | "index") || pos == len / 2 {
+            } else {
                 assert!(failures >= 1, "no restore noticed damage to {what}");
             }
         }
