@@ -338,8 +338,8 @@ impl<'a> Restorer<'a> {
             node.name.to_display(),
             target.display
         );
-        let (bytes, _) = self
-            .pipe_into(node, postgres::loader(target)?, "psql", what, None, |w| w)
+        let bytes = self
+            .pipe_into(node, postgres::loader(target)?, "psql", what, |w| w)
             .await?;
         // The progress line counts tables; the schema streams are not tables.
         if node.name.0.starts_with(b"2-") {
@@ -349,8 +349,8 @@ impl<'a> Restorer<'a> {
     }
 
     /// Restores a snapshot of a server's globals (roles, tablespaces) into the server `target`
-    /// names. Roles that exist already are left as they are and reported in the warnings, as
-    /// are tablespaces that exist; other errors fail.
+    /// names. Roles and tablespaces that exist already are left as they are and reported in
+    /// the warnings; the first error stops the restore.
     pub async fn to_postgres_globals(mut self, target: &PgConn) -> Result<RestoreReport> {
         if !matches!(self.snapshot.source, SnapshotSource::PostgresGlobals(_)) {
             return Err(self.wrong_engine("PostgreSQL globals"));
@@ -359,7 +359,7 @@ impl<'a> Restorer<'a> {
         let node = self.single_stream(&root, globals::STREAM)?;
         let existing = {
             let target = target.clone();
-            tokio::task::spawn_blocking(move || globals::existing_roles(&target))
+            tokio::task::spawn_blocking(move || globals::existing(&target))
                 .await
                 .map_err(|e| Error::invalid(format!("restore crashed: {e}")))?
                 .map_err(|e| match e {
@@ -370,33 +370,30 @@ impl<'a> Restorer<'a> {
         let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
         let what = format!("restoring roles into {}", target.display);
         let filter_kept = kept.clone();
-        let (bytes, warnings) = self
-            .pipe_into(
-                &node,
-                globals::loader(target)?,
-                "psql",
-                what,
-                Some(globals::tolerated),
-                move |w| Box::new(globals::KeepExistingRoles::new(w, existing, filter_kept)),
-            )
+        let bytes = self
+            .pipe_into(&node, globals::loader(target)?, "psql", what, move |w| {
+                Box::new(globals::KeepExisting::new(w, existing, filter_kept))
+            })
             .await?;
         self.report.files += 1;
         self.report.bytes += bytes;
         let kept = std::mem::take(&mut *kept.lock().unwrap_or_else(|p| p.into_inner()));
-        for role in kept {
+        for object in kept {
+            let unchanged = if object.starts_with("role ") {
+                " (not changed to the snapshot's attributes, password and settings)"
+            } else {
+                ""
+            };
             self.report.warnings.push(format!(
-                "role {role} exists on {}: left as it is (the snapshot's attributes, password \
-                 and settings for it were not applied)",
+                "{object} exists on {}: left as it is{unchanged}",
                 target.display
             ));
         }
-        self.report.warnings.extend(warnings);
         Ok(self.report)
     }
 
     /// Streams a node into a database client's standard input; fails with the client's own
-    /// words if it exits non-zero or reports an error. Error lines that `tolerated` accepts
-    /// come back as warnings instead. `wrap` puts a writer between the content and the client
+    /// words if it exits non-zero or reports an error. `wrap` puts a writer between the content and the client
     /// (a filter, a progress counter).
     async fn pipe_into(
         &self,
@@ -404,9 +401,8 @@ impl<'a> Restorer<'a> {
         mut command: std::process::Command,
         tool: &'static str,
         what: String,
-        tolerated: Option<fn(&str) -> bool>,
         wrap: impl FnOnce(Box<dyn Write + Send>) -> Box<dyn Write + Send>,
-    ) -> Result<(u64, Vec<String>)> {
+    ) -> Result<u64> {
         let mut child = command
             .spawn()
             .map_err(|e| Error::TargetFailed(format!("{what}: cannot start {tool}: {e}")))?;
@@ -441,29 +437,12 @@ impl<'a> Restorer<'a> {
         // The restore's own failure (the client was killed for it) is the one to report.
         let written = written?;
         let status = status.map_err(|e| Error::TargetFailed(format!("{what}: {tool}: {e}")))?;
-        let mut warnings = Vec::new();
-        let stderr = match tolerated {
-            None => stderr,
-            Some(ok) => {
-                let text = String::from_utf8_lossy(&stderr);
-                let mut kept = String::new();
-                for line in text.lines() {
-                    if ok(line) {
-                        warnings.push(format!("{tool}: {line}"));
-                    } else {
-                        kept.push_str(line);
-                        kept.push('\n');
-                    }
-                }
-                kept.into_bytes()
-            }
-        };
         if let Err(msg) =
             crate::source::check_exit(tool, status, &stderr, StderrPolicy::DatabaseTool)
         {
             return Err(Error::TargetFailed(format!("{what}: {msg}")));
         }
-        Ok((written, warnings))
+        Ok(written)
     }
 
     /// Restores a MySQL/MariaDB snapshot into the database `target` names: creates it (see
@@ -488,8 +467,8 @@ impl<'a> Restorer<'a> {
         let progress = &self.opts.progress;
         progress.total_files.store(tables, Ordering::Relaxed);
         let what = format!("restoring {} into {}", mysql::STREAM, target.display);
-        let (bytes, _) = self
-            .pipe_into(&node, mysql::loader(target)?, "mariadb", what, None, |w| {
+        let bytes = self
+            .pipe_into(&node, mysql::loader(target)?, "mariadb", what, |w| {
                 Box::new(mysql::TableSections::new(w, progress.clone()))
             })
             .await?;

@@ -208,7 +208,7 @@ const PIPE_SIZE: usize = 1 << 20;
 const STDERR_KEEP: usize = 64 << 10;
 
 /// Past [`STDERR_KEEP`], error lines are still kept, up to this much: a real error must not
-/// hide behind pages of warnings (or of tolerated errors, when roles are restored).
+/// hide behind pages of warnings.
 const STDERR_ERRORS_KEEP: usize = 1 << 20;
 
 /// Collects a child's standard error on a thread: the first [`STDERR_KEEP`] bytes, then only

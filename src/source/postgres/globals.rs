@@ -5,8 +5,9 @@
 //! Reading password hashes needs a superuser. A restore creates the roles the target lacks and
 //! leaves the ones it has as they are: pg_dumpall follows each `CREATE ROLE` with an `ALTER ROLE`
 //! that resets the role's attributes and password, which on a live server would lock out the
-//! very role the restore connects as. Those statements are dropped for existing roles (each is
-//! reported); any error other than an existing tablespace fails the restore.
+//! very role the restore connects as. Those statements are dropped for existing roles, as are
+//! those that would create or change an existing tablespace (each is reported); then the first
+//! error stops the restore.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -69,30 +70,26 @@ impl StreamSet for GlobalsSource {
     }
 }
 
-/// A `psql` that applies a globals dump to the server's maintenance database, going on past
-/// errors (a tablespace that exists already); the caller sorts the errors.
+/// A `psql` that applies a globals dump (filtered by [`KeepExisting`]) to the server's
+/// maintenance database and stops at the first error, naming its line.
 pub fn loader(target: &PgConn) -> Result<std::process::Command> {
     let mut c = target.command("psql")?;
-    c.args(["-X", "-q", "-f", "-"])
+    c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     Ok(c)
 }
 
-/// The error lines a globals restore may meet without failing: the role, or the tablespace,
-/// exists already.
-pub fn tolerated(line: &str) -> bool {
-    line.contains("already exists")
-}
-
-/// The roles of the server `target` names, each as `quote_ident` writes it, which is how
-/// pg_dumpall writes role names (both quote exactly the names that need it).
-pub fn existing_roles(target: &PgConn) -> Result<HashSet<String>> {
-    // Hex, so that no role name (a newline in quotes is allowed) can split the list.
+/// The roles and tablespaces of the server `target` names, as `role NAME` and
+/// `tablespace NAME`, each name as `quote_ident` writes it, which is how pg_dumpall writes them
+/// (both quote exactly the names that need it).
+pub fn existing(target: &PgConn) -> Result<HashSet<String>> {
+    // Hex, so that no name (a newline in quotes is allowed) can split the list.
     let text = target.query_one(
-        "SELECT coalesce(string_agg(encode(convert_to(quote_ident(rolname), 'UTF8'), 'hex'), \
-         ','), '') FROM pg_roles",
+        "SELECT coalesce(string_agg(encode(convert_to(k, 'UTF8'), 'hex'), ','), '') FROM \
+         (SELECT 'role ' || quote_ident(rolname) AS k FROM pg_roles UNION ALL \
+          SELECT 'tablespace ' || quote_ident(spcname) FROM pg_tablespace) x",
     )?;
     text.split(',')
         .filter(|h| !h.is_empty())
@@ -101,17 +98,18 @@ pub fn existing_roles(target: &PgConn) -> Result<HashSet<String>> {
                 .step_by(2)
                 .map(|i| u8::from_str_radix(h.get(i..i + 2).unwrap_or("?"), 16))
                 .collect::<std::result::Result<Vec<u8>, _>>()
-                .map_err(|_| Error::TargetFailed(format!("odd role list from psql: {h:?}")))?;
+                .map_err(|_| Error::TargetFailed(format!("odd name list from psql: {h:?}")))?;
             String::from_utf8(bytes)
-                .map_err(|_| Error::TargetFailed(format!("role name not UTF-8: {h:?}")))
+                .map_err(|_| Error::TargetFailed(format!("name not UTF-8: {h:?}")))
         })
         .collect()
 }
 
-/// Passes a globals dump through to `inner`, leaving out the statements that would create or
-/// change a role in `existing`: its `CREATE ROLE`, `ALTER ROLE` (attributes, password, settings)
-/// and `COMMENT ON ROLE` lines. The roles left as they were are added to `kept`, once each.
-pub struct KeepExistingRoles<W> {
+/// Passes a globals dump through to `inner`, leaving out the one-line statements that would
+/// create or change a role or a tablespace in `existing` (see [`existing`]): `CREATE`, `ALTER`
+/// (a role's attributes, password and settings) and `COMMENT ON`. What was left as it was is
+/// added to `kept` (`role NAME`, `tablespace NAME`), once each.
+pub struct KeepExisting<W> {
     inner: W,
     existing: HashSet<String>,
     kept: Arc<Mutex<Vec<String>>>,
@@ -120,9 +118,9 @@ pub struct KeepExistingRoles<W> {
     at_statement: bool,
 }
 
-impl<W: Write> KeepExistingRoles<W> {
+impl<W: Write> KeepExisting<W> {
     pub fn new(inner: W, existing: HashSet<String>, kept: Arc<Mutex<Vec<String>>>) -> Self {
-        KeepExistingRoles {
+        KeepExisting {
             inner,
             existing,
             kept,
@@ -131,16 +129,25 @@ impl<W: Write> KeepExistingRoles<W> {
         }
     }
 
-    /// The role a one-line statement would create or change, if it is an existing one.
-    fn existing_role<'a>(&self, line: &'a str) -> Option<&'a str> {
-        let rest = ["CREATE ROLE ", "ALTER ROLE ", "COMMENT ON ROLE "]
+    /// What a one-line statement would create or change (`role NAME`, `tablespace NAME`), if
+    /// it exists already.
+    fn existing_object(&self, line: &str) -> Option<String> {
+        const STATEMENTS: [(&str, &str); 6] = [
+            ("CREATE ROLE ", "role"),
+            ("ALTER ROLE ", "role"),
+            ("COMMENT ON ROLE ", "role"),
+            ("CREATE TABLESPACE ", "tablespace"),
+            ("ALTER TABLESPACE ", "tablespace"),
+            ("COMMENT ON TABLESPACE ", "tablespace"),
+        ];
+        let (rest, what) = STATEMENTS
             .iter()
-            .find_map(|p| line.strip_prefix(p))?;
+            .find_map(|(p, what)| line.strip_prefix(p).map(|rest| (rest, what)))?;
         if !line.trim_end().ends_with(';') {
             return None;
         }
-        let name = role_token(rest)?;
-        self.existing.contains(name).then_some(name)
+        let object = format!("{what} {}", name_token(rest)?);
+        self.existing.contains(&object).then_some(object)
     }
 
     fn emit_line(&mut self) -> std::io::Result<()> {
@@ -152,10 +159,10 @@ impl<W: Write> KeepExistingRoles<W> {
             self.at_statement = trimmed.ends_with(';');
         }
         if starts {
-            if let Some(role) = self.existing_role(&text) {
+            if let Some(object) = self.existing_object(&text) {
                 let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-                if !kept.iter().any(|k| k == role) {
-                    kept.push(role.to_string());
+                if !kept.contains(&object) {
+                    kept.push(object);
                 }
                 return Ok(());
             }
@@ -164,9 +171,9 @@ impl<W: Write> KeepExistingRoles<W> {
     }
 }
 
-/// The role name at the start of `rest`: a quoted identifier (`""` inside stands for `"`),
+/// The name at the start of `rest`: a quoted identifier (`""` inside stands for `"`),
 /// or a bare one up to a space or `;`.
-fn role_token(rest: &str) -> Option<&str> {
+fn name_token(rest: &str) -> Option<&str> {
     if rest.starts_with('"') {
         let bytes = rest.as_bytes();
         let mut i = 1;
@@ -187,7 +194,7 @@ fn role_token(rest: &str) -> Option<&str> {
     }
 }
 
-impl<W: Write> Write for KeepExistingRoles<W> {
+impl<W: Write> Write for KeepExisting<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut rest = buf;
         while let Some(at) = memchr::memchr(b'\n', rest) {
@@ -215,12 +222,14 @@ mod tests {
         ALTER ROLE app WITH NOSUPERUSER LOGIN PASSWORD 'SCRAM-SHA-256$4096:x';\n\
         CREATE ROLE \"Odd \"\"name\";\nALTER ROLE \"Odd \"\"name\" WITH LOGIN;\n\
         CREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER PASSWORD 'old';\n\
+        CREATE TABLESPACE fast OWNER postgres LOCATION '/srv/fast';\n\
+        CREATE TABLESPACE slow OWNER app LOCATION '/srv/slow';\n\
         COMMENT ON ROLE postgres IS 'multi\nALTER ROLE app WITH SUPERUSER;\nline';\n\
         ALTER ROLE app SET search_path TO app;\nGRANT app TO postgres GRANTED BY postgres;\n";
 
     fn filtered(existing: &[&str], pieces: usize) -> (String, Vec<String>) {
         let kept = Arc::new(Mutex::new(Vec::new()));
-        let mut w = KeepExistingRoles::new(
+        let mut w = KeepExisting::new(
             Vec::new(),
             existing.iter().map(|s| s.to_string()).collect(),
             kept.clone(),
@@ -239,8 +248,20 @@ mod tests {
     #[test]
     fn existing_roles_are_left_as_they_are() {
         for pieces in [1, 7, DUMP.len()] {
-            let (out, kept) = filtered(&["postgres", "\"Odd \"\"name\""], pieces);
-            assert_eq!(kept, ["\"Odd \"\"name\"", "postgres"]);
+            let existing = [
+                "role postgres",
+                "role \"Odd \"\"name\"",
+                "tablespace fast",
+                // Another kind of object of the same name is not the same.
+                "tablespace app",
+            ];
+            let (out, kept) = filtered(&existing, pieces);
+            assert_eq!(
+                kept,
+                ["role \"Odd \"\"name\"", "role postgres", "tablespace fast"]
+            );
+            assert!(!out.contains("TABLESPACE fast"), "{out}");
+            assert!(out.contains("CREATE TABLESPACE slow"), "{out}");
             assert!(!out.contains("CREATE ROLE postgres"), "{out}");
             assert!(!out.contains("PASSWORD 'old'"), "{out}");
             assert!(!out.contains("\"Odd \"\"name\" WITH LOGIN"), "{out}");
@@ -266,11 +287,11 @@ mod tests {
     }
 
     #[test]
-    fn role_names_are_read_as_pg_dumpall_writes_them() {
-        assert_eq!(role_token("app;"), Some("app"));
-        assert_eq!(role_token("app WITH LOGIN;"), Some("app"));
-        assert_eq!(role_token("\"a \"\" b\" WITH;"), Some("\"a \"\" b\""));
-        assert_eq!(role_token("\"unterminated"), None);
-        assert_eq!(role_token(";"), None);
+    fn names_are_read_as_pg_dumpall_writes_them() {
+        assert_eq!(name_token("app;"), Some("app"));
+        assert_eq!(name_token("app WITH LOGIN;"), Some("app"));
+        assert_eq!(name_token("\"a \"\" b\" WITH;"), Some("\"a \"\" b\""));
+        assert_eq!(name_token("\"unterminated"), None);
+        assert_eq!(name_token(";"), None);
     }
 }
