@@ -322,7 +322,7 @@ async fn backup_one(
     for e in &s.summary.errors {
         eprintln!("warning: {e}");
     }
-    if !a.json {
+    if !a.json && !g.quiet {
         let elapsed = started.elapsed();
         println!(
             "snapshot {} of {} saved: {} read, {} new, {} stored, in {} ({}/s)",

@@ -203,6 +203,18 @@ fn snapshots_lists_what_was_backed_up() {
         table.contains(&id[..8]) && table.contains("billing"),
         "{table}"
     );
+    // Without --quiet a backup says what it saved; with it, a successful one says nothing
+    // (cron mails any output).
+    let out = repo.run_stdin(&["backup", "--stdin", "--name", "said"], b"x");
+    assert_success(&out, &["backup"]);
+    assert!(
+        text(&out.stdout).starts_with("snapshot "),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = repo.run_stdin(&["backup", "--stdin", "--name", "quiet", "--quiet"], b"y");
+    assert_success(&out, &["backup --quiet"]);
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
 }
 
 #[test]
