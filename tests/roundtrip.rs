@@ -131,6 +131,29 @@ fn flaky_proxy(
 }
 
 #[test]
+fn a_pack_of_thousands_of_small_blobs_restores() {
+    // 3,000 small files: one pack whose table of contents (126 KB) is longer than the 64 KiB
+    // restore reads from a pack's end at first to check it.
+    let repo = Repo::init_file(&[]);
+    let src = repo.path().join("many");
+    fs::create_dir(&src).unwrap();
+    for i in 0..3000 {
+        fs::write(src.join(format!("f{i}")), format!("small file {i}\n")).unwrap();
+    }
+    let id = repo.backup_paths(&[], &[&src]);
+    let packs: Vec<_> = repo
+        .objects()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("data/"))
+        .map(|(_, p)| fs::metadata(p).unwrap().len())
+        .collect();
+    assert!(packs.iter().any(|&len| len > 126_000), "{packs:?}");
+    let dir = repo.path().join("restored");
+    repo.ok(&["restore", &id, "--target", dir.to_str().unwrap(), "--quiet"]);
+    assert_same_tree(&src, &dir.join("many"));
+}
+
+#[test]
 fn transient_s3_errors_are_retried() {
     let garage = Garage::start();
     let upstream = garage
