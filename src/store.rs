@@ -180,11 +180,25 @@ impl Store {
 
     pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
         let want = range.end - range.start;
-        let bytes = self
-            .inner
-            .get_range(&Self::path(name), range)
-            .await
-            .map_err(|e| store_error("read", name, e))?;
+        let bytes = match self.inner.get_range(&Self::path(name), range.clone()).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // A range past the object's end (object_store's own refusal, or S3's 416): the
+                // object is shorter than its reader was told, which is damage, not an outage.
+                if let Ok(meta) = self.inner.head(&Self::path(name)).await {
+                    if meta.size < range.end {
+                        return Err(Error::corrupt(
+                            name,
+                            format!(
+                                "short read: wanted bytes {}..{}, the object has {} bytes",
+                                range.start, range.end, meta.size
+                            ),
+                        ));
+                    }
+                }
+                return Err(store_error("read", name, e));
+            }
+        };
         if bytes.len() as u64 != want {
             return Err(Error::corrupt(
                 name,
@@ -440,6 +454,16 @@ mod tests {
             s.get_range("a/b/c", 1..3).await.unwrap(),
             Bytes::from_static(b"el")
         );
+        // Past the end, or running over it: the object is damaged (shorter than expected).
+        for range in [7..9, 3..9] {
+            let err = s.get_range("a/b/c", range.clone()).await.unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "{range:?}: {err}");
+            assert!(err.to_string().contains("a/b/c"), "{err}");
+        }
+        assert!(matches!(
+            s.get_range("nope", 0..1).await,
+            Err(Error::MissingObject { .. })
+        ));
         assert_eq!(s.list("a").await.unwrap().len(), 1);
         assert!(s.list("b").await.unwrap().is_empty());
         assert!(matches!(
