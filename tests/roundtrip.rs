@@ -154,6 +154,47 @@ fn a_pack_of_thousands_of_small_blobs_restores() {
 }
 
 #[test]
+fn a_listing_error_is_an_error_never_an_empty_list() {
+    let repo = Repo::init_file(&[]);
+    let data = dump_like(9, 1 << 20);
+    let id = repo.backup_stdin("db", &data);
+    // A directory the store cannot walk (a symlink loop): its listing fails.
+    for prefix in ["snapshots", "index", "keys"] {
+        let dir = fs::read_dir(repo.root().join(prefix))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.is_dir())
+            .unwrap_or_else(|| repo.root().join(prefix));
+        let bad = dir.join("loop");
+        std::os::unix::fs::symlink("..", &bad).unwrap();
+        for args in [
+            &["snapshots"][..],
+            &["restore", "latest", "--stdout", "--quiet"],
+            &["check"],
+        ] {
+            // Listing snapshots needs no index.
+            if prefix == "index" && args[0] == "snapshots" {
+                continue;
+            }
+            let out = repo.run(args);
+            assert!(!out.status.success(), "{prefix}: {args:?} succeeded");
+            let err = text(&out.stderr);
+            assert!(
+                err.contains(&format!("list of {prefix}/")),
+                "{args:?}: {err}"
+            );
+            assert!(
+                out.stdout.is_empty(),
+                "{args:?} printed {:?}",
+                text(&out.stdout)
+            );
+        }
+        fs::remove_file(&bad).unwrap();
+    }
+    assert_eq!(repo.restore_stdout(&id), data);
+}
+
+#[test]
 fn transient_s3_errors_are_retried() {
     let garage = Garage::start();
     let upstream = garage
