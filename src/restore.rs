@@ -434,15 +434,26 @@ impl<'a> Restorer<'a> {
         .await
         .map_err(|e| Error::invalid(format!("restore crashed: {e}")))?;
         let (status, stderr) = status;
-        // The restore's own failure (the client was killed for it) is the one to report.
-        let written = written?;
-        let status = status.map_err(|e| Error::TargetFailed(format!("{what}: {tool}: {e}")))?;
-        if let Err(msg) =
-            crate::source::check_exit(tool, status, &stderr, StderrPolicy::DatabaseTool)
-        {
-            return Err(Error::TargetFailed(format!("{what}: {msg}")));
+        let status = match status {
+            Ok(status) => status,
+            Err(e) => {
+                written?;
+                return Err(Error::TargetFailed(format!("{what}: {tool}: {e}")));
+            }
+        };
+        let client = crate::source::check_exit(tool, status, &stderr, StderrPolicy::DatabaseTool);
+        match (written, client) {
+            (Ok(n), Ok(_)) => Ok(n),
+            (Ok(_), Err(msg)) => Err(Error::TargetFailed(format!("{what}: {msg}"))),
+            // The client stopped on its own, with an exit code (not killed for the restore's
+            // own failure): writing to it then fails with a broken pipe, and its words are
+            // the cause to report.
+            (Err(_), Err(msg)) if status.code().is_some() => {
+                Err(Error::TargetFailed(format!("{what}: {msg}")))
+            }
+            // The restore's own failure (the client was killed for it).
+            (Err(e), _) => Err(e),
         }
-        Ok(written)
     }
 
     /// Restores a MySQL/MariaDB snapshot into the database `target` names: creates it (see
