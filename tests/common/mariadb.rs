@@ -80,10 +80,15 @@ impl Mariadb {
 
     fn launch(&mut self) {
         let data = self.dir.path().join("data");
+        // Its own temporary directory, not the machine's /tmp shared with every other server
+        // (a schema dump failed once on a vanished internal temporary table there).
+        let tmp = self.dir.path().join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
         let log = fs::File::create(self.dir.path().join("log")).unwrap();
         let child = Command::new(server_binary())
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--socket={}", self.socket().display()))
             .arg(format!("--port={}", self.port))
             .arg(format!(
