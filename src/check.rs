@@ -221,21 +221,7 @@ async fn read_pack(
         let all = || expected.iter().map(|e| e.id).collect::<Vec<_>>();
         let pkey = pack::pack_key(key.key(), &repo_id, &name);
         let toc = pack::read_toc(&name, &bytes, &pkey, &repo_id).map_err(|e| (e, all()))?;
-        // read_toc checked the header; the key it names must be the one its segment names.
-        let header = crate::object::Header::decode(&name, &bytes, crate::object::Kind::Pack)
-            .map_err(|e| (e, all()))?;
-        if header.key_id != key_id {
-            return Err((
-                crate::Error::corrupt(
-                    &name,
-                    format!(
-                        "its header names epoch key {}, its index segment {key_id}",
-                        header.key_id
-                    ),
-                ),
-                all(),
-            ));
-        }
+        pack::check_key_id(&name, &bytes, &key_id).map_err(|e| (e, all()))?;
         for e in &expected {
             if !toc.contains(e) {
                 return Err((

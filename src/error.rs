@@ -122,6 +122,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// A database client's failure while kluis restores into (or prepares) a database: the
+    /// same message, as the restore target's failure rather than a backup source's.
+    pub fn on_target(self) -> Error {
+        match self {
+            Error::SourceFailed(m) => Error::TargetFailed(m),
+            e => e,
+        }
+    }
+
     /// The process exit code an operator's script sees for this error.
     pub fn exit_code(&self) -> i32 {
         match self {

@@ -263,6 +263,22 @@ pub fn read_toc(
     read_toc_parts(pack_name, bytes, bytes, bytes.len() as u64, key, repo_id)
 }
 
+/// Checks that the pack header at the start of `head` names the epoch key `key_id`, the one
+/// the index segment listing the pack names (readers take the key from the segment).
+pub fn check_key_id(pack_name: &str, head: &[u8], key_id: &ObjectId) -> Result<()> {
+    let header = Header::decode(pack_name, head, Kind::Pack)?;
+    if header.key_id != *key_id {
+        return Err(Error::corrupt(
+            pack_name,
+            format!(
+                "its header names epoch key {}, its index segment {key_id}",
+                header.key_id
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// How much of a pack's end a reader fetches to find its table of contents in one request:
 /// enough for a 16 MiB pack of 16 KiB chunks (about 1,100 entries of 42 bytes).
 pub const TOC_TAIL_GUESS: u64 = 64 << 10;

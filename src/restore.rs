@@ -150,11 +150,11 @@ impl<'a> Restorer<'a> {
             store.get_range(&name, 0..head_len),
             store.get_range(&name, len - guess..len),
         )?;
-        let mut tail = tail.to_vec();
+        let mut tail = tail;
         if let Some(last) = tail.last_chunk::<4>() {
             let need = u64::from(u32::from_le_bytes(*last)) + 4;
             if need > tail.len() as u64 && need <= len {
-                tail = store.get_range(&name, len - need..len).await?.to_vec();
+                tail = store.get_range(&name, len - need..len).await?;
             }
         }
         let key = self.repo.epoch_key(pack.epoch, pack.key_id).await?;
@@ -162,16 +162,7 @@ impl<'a> Restorer<'a> {
         let index = self.index.clone();
         let pack = pack.clone();
         tokio::task::spawn_blocking(move || {
-            let header = crate::object::Header::decode(&name, &head, crate::object::Kind::Pack)?;
-            if header.key_id != pack.key_id {
-                return Err(Error::corrupt(
-                    &name,
-                    format!(
-                        "its header names epoch key {}, its index segment {}",
-                        header.key_id, pack.key_id
-                    ),
-                ));
-            }
+            pack::check_key_id(&name, &head, &pack.key_id)?;
             let pkey = pack::pack_key(key.key(), &repo_id, &name);
             let toc = pack::read_toc_parts(&name, &head, &tail, len, &pkey, &repo_id)?;
             for e in &toc {
@@ -362,10 +353,7 @@ impl<'a> Restorer<'a> {
             tokio::task::spawn_blocking(move || globals::existing(&target))
                 .await
                 .map_err(|e| Error::invalid(format!("restore crashed: {e}")))?
-                .map_err(|e| match e {
-                    Error::SourceFailed(m) => Error::TargetFailed(m),
-                    e => e,
-                })?
+                .map_err(Error::on_target)?
         };
         let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
         let what = format!("restoring roles into {}", target.display);
@@ -393,8 +381,8 @@ impl<'a> Restorer<'a> {
     }
 
     /// Streams a node into a database client's standard input; fails with the client's own
-    /// words if it exits non-zero or reports an error. `wrap` puts a writer between the content and the client
-    /// (a filter, a progress counter).
+    /// words if it exits non-zero or reports an error. `wrap` puts a writer between the content
+    /// and the client (a filter, a progress counter).
     async fn pipe_into(
         &self,
         node: &Node,

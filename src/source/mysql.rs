@@ -390,12 +390,7 @@ pub fn prepare_target(
     collation: Option<&str>,
     force: bool,
 ) -> Result<()> {
-    let q = |sql: &str| {
-        target.query(sql).map_err(|e| match e {
-            Error::SourceFailed(m) => Error::TargetFailed(m),
-            e => e,
-        })
-    };
+    let q = |sql: &str| target.query(sql).map_err(Error::on_target);
     let db = &target.database;
     let lit = sql_literal(db);
     let exists = !q(&format!(

@@ -656,10 +656,7 @@ const NON_EMPTY: &str = "WITH user_ns AS (SELECT oid, nspname FROM pg_namespace 
 /// encoding), or accepts an existing empty one (see [`NON_EMPTY`]); any other is refused unless
 /// `force`, which drops and recreates it.
 pub fn prepare_target(target: &PgConn, encoding: &str, force: bool) -> Result<()> {
-    let fail = |e: Error| match e {
-        Error::SourceFailed(m) => Error::TargetFailed(m),
-        e => e,
-    };
+    let fail = Error::on_target;
     let maintenance = target.with_database("postgres");
     let db = &target.database;
     let exists = maintenance

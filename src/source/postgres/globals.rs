@@ -94,13 +94,10 @@ pub fn existing(target: &PgConn) -> Result<HashSet<String>> {
     text.split(',')
         .filter(|h| !h.is_empty())
         .map(|h| {
-            let bytes = (0..h.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(h.get(i..i + 2).unwrap_or("?"), 16))
-                .collect::<std::result::Result<Vec<u8>, _>>()
-                .map_err(|_| Error::TargetFailed(format!("odd name list from psql: {h:?}")))?;
-            String::from_utf8(bytes)
-                .map_err(|_| Error::TargetFailed(format!("name not UTF-8: {h:?}")))
+            hex::decode(h)
+                .ok()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .ok_or_else(|| Error::TargetFailed(format!("odd name list from psql: {h:?}")))
         })
         .collect()
 }
