@@ -109,6 +109,18 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
         },
     };
     policy.validate()?;
+    // Prune's options are checked before anything is forgotten.
+    let prune_opts = if a.prune {
+        let configured = configured.as_ref().and_then(|(_, _, _, p)| p.as_ref());
+        Some(crate::prune::options(
+            &a.prune_args,
+            configured,
+            a.dry_run,
+            cancel.clone(),
+        )?)
+    } else {
+        None
+    };
     let tz = match (&a.time_zone, &configured) {
         (Some(name), _) => jiff::tz::TimeZone::get(name)
             .map_err(|e| kluis::Error::InvalidInput(format!("--time-zone {name:?}: {e}")))?,
@@ -136,7 +148,6 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
     });
     let decisions = retention::decide(&list, &policy, Timestamp::now(), &tz)?;
     let mut removed = 0;
-    let pruned = if a.prune { Some(cancel.clone()) } else { None };
     if !a.dry_run {
         for d in decisions.iter().filter(|d| !d.keep) {
             if cancel.is_cancelled() {
@@ -183,9 +194,7 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
             );
         }
     }
-    if let Some(cancel) = pruned {
-        let configured = configured.as_ref().and_then(|(_, _, _, p)| p.as_ref());
-        let opts = crate::prune::options(&a.prune_args, configured, a.dry_run, cancel);
+    if let Some(opts) = prune_opts {
         let report = crate::prune::execute(&repo, &opts).await?;
         if a.json {
             let both = serde_json::json!({ "forget": decisions, "prune": report });

@@ -19,6 +19,9 @@ pub struct PruneArgs {
     /// backup (default 24h)
     #[arg(long, value_parser = humantime::parse_duration)]
     pub grace: Option<Duration>,
+    /// Accept a --grace shorter than 1h (tests, or a repository nobody else writes to)
+    #[arg(long)]
+    pub unsafe_short_grace: bool,
     /// Repack packs with at least this percentage of unused bytes (default 20)
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub repack_threshold: Option<u8>,
@@ -42,17 +45,31 @@ pub struct PruneCommand {
 }
 
 /// The options for a prune: the command line's, else the configured ones, else the defaults.
+/// A grace period from the command line below [`prune::MIN_GRACE`] is refused unless the
+/// operator says so: nothing on this host knows how long other hosts' backups run.
 pub fn options(
     a: &PruneArgs,
     configured: Option<&kluis::config::PruneConfig>,
     dry_run: bool,
     cancel: Cancel,
-) -> PruneOptions {
+) -> anyhow::Result<PruneOptions> {
     let mut o = match configured {
         Some(c) => c.options(),
         None => PruneOptions::default(),
     };
     if let Some(g) = a.grace {
+        if g < prune::MIN_GRACE && !a.unsafe_short_grace {
+            return Err(kluis::Error::InvalidInput(format!(
+                "--grace {} is shorter than {}: a backup or copy that runs longer than the grace \
+                 period fails to commit, and a restore that started before the sweep finds its \
+                 data gone; pass --unsafe-short-grace if nothing reads or writes this \
+                 repository for longer than {}",
+                humantime::format_duration(g),
+                humantime::format_duration(prune::MIN_GRACE),
+                humantime::format_duration(g),
+            ))
+            .into());
+        }
         o.grace = g;
     }
     if let Some(t) = a.repack_threshold {
@@ -60,7 +77,7 @@ pub fn options(
     }
     o.dry_run = dry_run;
     o.cancel = cancel;
-    o
+    Ok(o)
 }
 
 pub async fn run(g: &Global, a: PruneCommand, cancel: Cancel) -> anyhow::Result<i32> {
@@ -73,7 +90,7 @@ pub async fn run(g: &Global, a: PruneCommand, cancel: Cancel) -> anyhow::Result<
         }
         None => (open(g).await?, None),
     };
-    let opts = options(&a.prune, configured.as_ref(), a.dry_run, cancel);
+    let opts = options(&a.prune, configured.as_ref(), a.dry_run, cancel)?;
     let report = execute(&repo, &opts).await?;
     print(&report, a.json)?;
     Ok(exit::OK)

@@ -175,8 +175,11 @@ pub async fn backup(
     };
     drop(ctx);
     let uploader = upload_packs(
-        repo,
-        &key,
+        UploadTo {
+            repo,
+            key: &key,
+            prune_view: &prune_view,
+        },
         pack_rx,
         uploads,
         &buffers,
@@ -198,9 +201,17 @@ pub async fn backup(
         skipped,
         warnings,
         record,
-        reused,
+        mut reused,
     } = pending;
     let source_kind = record.unwrap_or(source_kind);
+    if opts.cancel.is_cancelled() {
+        return Err(Error::Interrupted);
+    }
+    // The snapshot needs the packs it reused and every pack this run uploaded: a prune that
+    // ran meanwhile saw the latter unindexed (or indexed by no snapshot) and may have marked
+    // them too. Checked before the last index segment, which must not list a swept pack.
+    reused.extend(stored.packs.iter().copied());
+    prune_view.check_commit(repo, &reused).await?;
     if !stored.pending.packs.is_empty() {
         let (_, size) = repo.save_index(&key, &stored.pending).await?;
         stored.bytes += size;
@@ -224,7 +235,6 @@ pub async fn backup(
     if opts.cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
-    prune_view.check_commit(repo, &reused).await?;
     let object = repo.save_snapshot(&key, &snapshot).await?;
     Ok(BackupReport {
         snapshot,
@@ -1244,20 +1254,34 @@ fn file_node(name: NameBytes, mode: u32, uid: u32, gid: u32, mtime_ns: i64, c: C
 struct Uploaded {
     pending: IndexSegment,
     bytes: u64,
+    /// Every pack this run uploaded: the snapshot needs them as much as the packs it reused.
+    packs: IdSet<ObjectId>,
+}
+
+/// Where the uploader writes packs and index segments, and what it checks before a segment.
+struct UploadTo<'a> {
+    repo: &'a Repository,
+    key: &'a EpochKey,
+    prune_view: &'a crate::prune::WriterView,
 }
 
 async fn upload_packs(
-    repo: &Repository,
-    key: &EpochKey,
+    to: UploadTo<'_>,
     mut rx: tokio::sync::mpsc::Receiver<SealedPack>,
     uploads: usize,
     buffers: &BufferPool,
     cancel: &Cancel,
     progress: &Progress,
 ) -> Result<Uploaded> {
+    let UploadTo {
+        repo,
+        key,
+        prune_view,
+    } = to;
     let mut done = Uploaded {
         pending: IndexSegment::default(),
         bytes: 0,
+        packs: IdSet::default(),
     };
     let mut inflight = FuturesUnordered::new();
     let mut open = true;
@@ -1282,12 +1306,20 @@ async fn upload_packs(
                     }
                 };
                 done.bytes += u64::from(indexed.length);
+                done.packs.insert(indexed.id);
                 Progress::add(&progress.stored_bytes, u64::from(indexed.length));
                 done.pending.packs.push(indexed);
                 if done.pending.blob_count() >= SEGMENT_BLOBS
                     || done.pending.packs.len() >= SEGMENT_PACKS
                 {
                     let segment = std::mem::take(&mut done.pending);
+                    // A checkpoint must not list a pack a prune swept meanwhile: later
+                    // backups would deduplicate against data that is gone.
+                    let packs = segment.packs.iter().map(|p| p.id).collect();
+                    if let Err(e) = prune_view.check_commit(repo, &packs).await {
+                        cancel.cancel();
+                        return Err(e);
+                    }
                     let (_, size) = repo.save_index(key, &segment).await?;
                     done.bytes += size;
                 }

@@ -26,6 +26,7 @@ pub mod backup;
 pub mod buffer;
 pub mod check;
 pub mod chunker;
+pub mod clock;
 pub mod config;
 pub mod copy;
 pub mod crypto;

@@ -227,6 +227,8 @@ pub mod name {
     pub const PRUNE_MARKS: &str = "prune/marks";
     pub const PRUNE_SWEPT: &str = "prune/swept";
     pub const PRUNE_LEASES: &str = "prune/leases";
+    /// Objects written only to read the store's clock back (`crate::clock`), then deleted.
+    pub const PRUNE_CLOCK: &str = "prune/clock";
     /// Restore drill reports: `drills/<id>`.
     pub const DRILLS: &str = "drills";
 

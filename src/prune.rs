@@ -16,14 +16,17 @@
 //! it reused and that mark's sweep is near or done, it refuses to commit ([`WriterView`]).
 //! Otherwise its snapshot lands before the sweep lists snapshots, and the sweep keeps the pack.
 //!
-//! Two prunes never run at once: each writes a lease (`prune/leases/<id>`) and then lists the
-//! leases; whoever sees another live lease withdraws. Of two racing prunes at least one sees
-//! the other, so at most one proceeds, without conditional writes (which Garage ignores).
-//! Every listing error aborts; an unreadable snapshot or index segment aborts, because prune
-//! would not know what it needs.
+//! Two prunes never run at once ([`lease`]). Every time the protocol compares is the store's
+//! ([`crate::clock`]): when a mark was written, when a sweep finished, when a lease was
+//! renewed; no host's wall clock decides what is deleted. Every listing error aborts; an
+//! unreadable snapshot or index segment aborts, because prune would not know what it needs.
+
+mod lease;
+
+pub use lease::{LEASE_TTL, Lease, LeaseGuard};
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -31,6 +34,7 @@ use jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::clock::{self, Stopwatch, add};
 use crate::error::{Error, Result};
 use crate::id::{BlobId, ObjectId};
 use crate::index::{IdMap, IdSet, Index, IndexSegment, IndexedPack};
@@ -42,13 +46,15 @@ use crate::tree::{self, Tree};
 
 /// How long a marked pack stays before a sweep may delete it: longer than the longest backup.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// The shortest grace period the command line accepts without `--unsafe-short-grace`.
+pub const MIN_GRACE: Duration = Duration::from_secs(3600);
 /// A pack whose unused share of bytes reaches this is repacked.
 pub const DEFAULT_REPACK_THRESHOLD: f64 = 0.2;
 /// How long a swept mark is kept, so a writer that started before the mark can still see it.
 /// A backup running longer than this refuses to commit.
 pub const TOMBSTONE_LIFE: Duration = Duration::from_secs(7 * 24 * 3600);
-/// A prune lease older than this is stale (its prune crashed) and is ignored and removed.
-pub const LEASE_TTL: Duration = Duration::from_secs(6 * 3600);
+/// A clock object (`prune/clock/<id>`) older than this was left by a killed process.
+const CLOCK_LEFTOVER: Duration = Duration::from_secs(3600);
 /// Index entries per segment written by prune.
 const SEGMENT_BLOBS: usize = 65_536;
 /// Objects deleted or fetched at once.
@@ -59,9 +65,11 @@ const CONCURRENCY: usize = 16;
 #[serde(deny_unknown_fields)]
 pub struct Mark {
     pub id: ObjectId,
+    /// By the marking host's clock: for people. The protocol uses the store's time of the
+    /// mark object.
     pub created: Timestamp,
     pub host: String,
-    /// The sweep may delete the marked objects from `created + grace_seconds` on.
+    /// The sweep may delete the marked objects from the mark object's store time plus this.
     pub grace_seconds: u64,
     /// Pack object names (`data/E/xx/id`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -76,9 +84,10 @@ impl Mark {
         Duration::from_secs(self.grace_seconds)
     }
 
-    /// When the sweep may run.
-    pub fn due(&self) -> Timestamp {
-        add(self.created, self.grace())
+    /// When the sweep may run, for a mark the store timed `stored`: the earliest store time
+    /// at which a sweep could delete (writers compare with this).
+    pub fn due(&self, stored: Timestamp) -> Timestamp {
+        add(stored, self.grace())
     }
 
     fn pack_ids(&self) -> impl Iterator<Item = ObjectId> + '_ {
@@ -88,28 +97,12 @@ impl Mark {
     }
 }
 
-/// The record that a mark's sweep finished.
+/// The record that a mark's sweep finished (its store time says when).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Swept {
     pub id: ObjectId,
     pub swept: Timestamp,
-}
-
-/// A running prune's claim.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Lease {
-    pub id: ObjectId,
-    pub host: String,
-    pub pid: u32,
-    pub started: Timestamp,
-    pub expires: Timestamp,
-}
-
-fn add(t: Timestamp, d: Duration) -> Timestamp {
-    t.checked_add(jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX))
-        .unwrap_or(Timestamp::MAX)
 }
 
 /// How far a writer stays from a sweep: clocks of different hosts may disagree by this much.
@@ -130,45 +123,53 @@ async fn get_json<T: DeserializeOwned>(repo: &Repository, object: &str) -> Resul
         .map_err(|e| Error::corrupt(object, format!("does not parse: {e}")))
 }
 
-/// The ids under one of the `prune/` prefixes; a name that does not parse is an error.
-async fn list_ids(repo: &Repository, prefix: &str) -> Result<Vec<ObjectId>> {
+/// The ids under one of the `prune/` prefixes, each with its store time; a name that does
+/// not parse is an error.
+async fn list_records(repo: &Repository, prefix: &str) -> Result<Vec<(ObjectId, Timestamp)>> {
     repo.store()
         .list(prefix)
         .await?
         .into_iter()
         .map(|o| {
-            name::parse_prune_object(prefix, &o.name).ok_or_else(|| {
+            let id = name::parse_prune_object(prefix, &o.name).ok_or_else(|| {
                 Error::corrupt(
                     &o.name,
                     format!("not a kluis object name under {prefix}/; remove it"),
                 )
-            })
+            })?;
+            Ok((id, o.modified))
         })
         .collect()
 }
 
-/// Marks and which of them were swept.
-async fn list_marks(repo: &Repository) -> Result<(Vec<ObjectId>, HashSet<ObjectId>)> {
-    let marks = list_ids(repo, name::PRUNE_MARKS).await?;
-    let swept = list_ids(repo, name::PRUNE_SWEPT).await?;
+/// Marks, and the marks that were swept, each with its store time.
+type Marks = (Vec<(ObjectId, Timestamp)>, HashMap<ObjectId, Timestamp>);
+
+async fn list_marks(repo: &Repository) -> Result<Marks> {
+    let marks = list_records(repo, name::PRUNE_MARKS).await?;
+    let swept = list_records(repo, name::PRUNE_SWEPT).await?;
     Ok((marks, swept.into_iter().collect()))
 }
 
-async fn read_marks(repo: &Repository, ids: &[ObjectId]) -> Result<Vec<Mark>> {
-    let objects: Vec<(ObjectId, String)> = ids
+/// Reads marks; each comes back with its store time.
+async fn read_marks(
+    repo: &Repository,
+    listed: &[(ObjectId, Timestamp)],
+) -> Result<Vec<(Mark, Timestamp)>> {
+    let objects: Vec<(ObjectId, Timestamp, String)> = listed
         .iter()
-        .map(|id| (*id, name::prune_object(name::PRUNE_MARKS, id)))
+        .map(|(id, stored)| (*id, *stored, name::prune_object(name::PRUNE_MARKS, id)))
         .collect();
     futures::stream::iter(objects)
-        .map(|(id, object)| async move {
+        .map(|(id, stored, object)| async move {
             let mark: Mark = get_json(repo, &object).await?;
             if mark.id != id {
                 return Err(Error::corrupt(&object, "id differs from the object's name"));
             }
-            Ok(mark)
+            Ok((mark, stored))
         })
         .buffer_unordered(CONCURRENCY)
-        .collect::<Vec<Result<Mark>>>()
+        .collect::<Vec<Result<(Mark, Timestamp)>>>()
         .await
         .into_iter()
         .collect()
@@ -180,25 +181,25 @@ async fn read_marks(repo: &Repository, ids: &[ObjectId]) -> Result<Vec<Mark>> {
 pub struct WriterView {
     seen: HashSet<ObjectId>,
     condemned: IdSet<ObjectId>,
-    started: Instant,
+    started: Stopwatch,
 }
 
 impl WriterView {
     /// Reads the marks. Call it before loading the index.
     pub async fn read(repo: &Repository) -> Result<WriterView> {
-        let started = Instant::now();
+        let started = Stopwatch::start();
         let (marks, swept) = list_marks(repo).await?;
-        let live: Vec<ObjectId> = marks
+        let live: Vec<(ObjectId, Timestamp)> = marks
             .iter()
-            .filter(|m| !swept.contains(m))
+            .filter(|(m, _)| !swept.contains_key(m))
             .copied()
             .collect();
         let mut condemned = IdSet::default();
-        for mark in read_marks(repo, &live).await? {
+        for (mark, _) in read_marks(repo, &live).await? {
             condemned.extend(mark.pack_ids());
         }
         Ok(WriterView {
-            seen: marks.into_iter().collect(),
+            seen: marks.into_iter().map(|(id, _)| id).collect(),
             condemned,
             started,
         })
@@ -209,10 +210,14 @@ impl WriterView {
         &self.condemned
     }
 
-    /// Decides whether a snapshot that reused the packs `reused` may still be committed: it
-    /// may not if a mark written since [`WriterView::read`] condemns one of them and that
-    /// mark's sweep is done or near (within the clock margin).
-    pub async fn check_commit(&self, repo: &Repository, reused: &IdSet<ObjectId>) -> Result<()> {
+    /// Decides whether the writer may still write an object that references the packs
+    /// `needed`: an index segment listing packs it uploaded, or the snapshot manifest (which
+    /// needs the packs it deduplicated against *and* those its run uploaded). It may not if a
+    /// mark written since [`WriterView::read`] condemns one of them and that mark's sweep is
+    /// done or near (within the margin), by the store's clock: a writer whose own clock is
+    /// wrong decides the same. A segment listing a swept pack would make later backups
+    /// deduplicate against data that is gone.
+    pub async fn check_commit(&self, repo: &Repository, needed: &IdSet<ObjectId>) -> Result<()> {
         let elapsed = self.started.elapsed();
         if elapsed >= TOMBSTONE_LIFE {
             return Err(Error::Conflict(format!(
@@ -222,25 +227,40 @@ impl WriterView {
             )));
         }
         let (marks, swept) = list_marks(repo).await?;
-        let new: Vec<ObjectId> = marks
+        let new: Vec<(ObjectId, Timestamp)> = marks
             .into_iter()
-            .filter(|m| !self.seen.contains(m))
+            .filter(|(m, _)| !self.seen.contains(m))
             .collect();
-        if new.is_empty() || reused.is_empty() {
+        if new.is_empty() || needed.is_empty() {
             return Ok(());
         }
-        let now = Timestamp::now();
-        for mark in read_marks(repo, &new).await? {
-            if !mark.pack_ids().any(|p| reused.contains(&p)) {
+        // The store's clock, read only when a new mark touches this snapshot (rare).
+        let mut now = None;
+        for (mark, stored) in read_marks(repo, &new).await? {
+            if !mark.pack_ids().any(|p| needed.contains(&p)) {
                 continue;
             }
-            if swept.contains(&mark.id) || add(now, margin(mark.grace())) >= mark.due() {
-                return Err(Error::Conflict(format!(
-                    "a prune (mark {}, host {}) condemned data this run reused, and its grace period ends at {}; nothing was committed, run it again",
+            let refuse = |why: String| {
+                Err(Error::Conflict(format!(
+                    "a prune (mark {}, host {}) condemned data this snapshot needs, and {why}; \
+                     nothing was committed, run it again",
                     mark.id.short(),
                     mark.host,
-                    mark.due()
-                )));
+                )))
+            };
+            if swept.contains_key(&mark.id) {
+                return refuse("has already deleted it".into());
+            }
+            let now = match now {
+                Some(n) => n,
+                None => *now.insert(clock::store_now(repo).await?),
+            };
+            let due = mark.due(stored);
+            if add(now.latest(), margin(mark.grace())) >= due {
+                return refuse(format!(
+                    "its grace period ends at {due} by the store's clock (now {})",
+                    now.earliest
+                ));
             }
         }
         Ok(())
@@ -258,6 +278,8 @@ pub struct PruneOptions {
     pub dry_run: bool,
     pub host: String,
     pub cancel: Cancel,
+    /// The prune lease's time to live; it is renewed every quarter of it.
+    pub lease_ttl: Duration,
 }
 
 impl Default for PruneOptions {
@@ -268,6 +290,7 @@ impl Default for PruneOptions {
             dry_run: false,
             host: crate::hostname(),
             cancel: Cancel::new(),
+            lease_ttl: LEASE_TTL,
         }
     }
 }
@@ -313,72 +336,25 @@ pub async fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport
     if opts.repack_threshold.is_nan() || opts.repack_threshold < 0.0 {
         return Err(Error::invalid("repack threshold must be between 0 and 1"));
     }
-    let begun = Instant::now();
-    let lease = if opts.dry_run {
-        None
+    let begun = Stopwatch::start();
+    let mut report = if opts.dry_run {
+        // A dry run writes nothing, not even a lease or a clock object: it goes by this
+        // host's clock, so under clock skew its "would" may differ from a real run.
+        Pruner::new(repo, opts, None, Timestamp::now())
+            .run()
+            .await?
     } else {
-        Some(acquire_lease(repo, &opts.host).await?)
-    };
-    let result = Pruner::new(repo, opts).run().await;
-    if let Some(lease) = lease {
-        let released = repo
-            .store()
-            .delete(&name::prune_object(name::PRUNE_LEASES, &lease))
+        let lease = LeaseGuard::acquire(repo, &opts.host, opts.lease_ttl).await?;
+        let result = lease
+            .hold(Pruner::new(repo, opts, Some(&lease), lease.acquired).run())
             .await;
-        if let (Ok(_), Err(e)) = (&result, released) {
-            return Err(e);
-        }
-    }
-    let mut report = result?;
+        let released = lease.release().await;
+        let report = result?;
+        released?;
+        report
+    };
     report.duration_seconds = begun.elapsed().as_secs_f64();
     Ok(report)
-}
-
-async fn acquire_lease(repo: &Repository, host: &str) -> Result<ObjectId> {
-    let now = Timestamp::now();
-    let lease = Lease {
-        id: ObjectId::random(),
-        host: host.to_string(),
-        pid: std::process::id(),
-        started: now,
-        expires: add(now, LEASE_TTL),
-    };
-    let own = name::prune_object(name::PRUNE_LEASES, &lease.id);
-    put_json(repo, &own, &lease).await?;
-    let mut holder = None;
-    for id in list_ids(repo, name::PRUNE_LEASES).await? {
-        if id == lease.id {
-            continue;
-        }
-        let object = name::prune_object(name::PRUNE_LEASES, &id);
-        match get_json::<Lease>(repo, &object).await {
-            Ok(other) if other.expires <= now || crashed_here(&other, host) => {
-                repo.store().delete(&object).await?
-            }
-            Ok(other) => holder = Some(other),
-            Err(Error::MissingObject { .. }) => {}
-            Err(e) => {
-                repo.store().delete(&own).await?;
-                return Err(e);
-            }
-        }
-    }
-    if let Some(other) = holder {
-        repo.store().delete(&own).await?;
-        return Err(Error::Conflict(format!(
-            "another prune holds the repository: host {}, pid {}, since {} (its lease ends {}); try again later",
-            other.host, other.pid, other.started, other.expires
-        )));
-    }
-    Ok(lease.id)
-}
-
-/// A lease this host wrote whose process is gone: its prune was killed.
-fn crashed_here(lease: &Lease, host: &str) -> bool {
-    lease.host == host
-        && lease.pid != std::process::id()
-        && rustix::process::Pid::from_raw(lease.pid as i32)
-            .is_some_and(|pid| rustix::process::test_kill_process(pid).is_err())
 }
 
 /// One pack as prune sees it.
@@ -403,16 +379,27 @@ struct LiveSegment {
 struct Pruner<'a> {
     repo: &'a Repository,
     opts: &'a PruneOptions,
+    /// The lease this run holds (none in a dry run).
+    lease: Option<&'a LeaseGuard<'a>>,
+    /// The store's time when the run began.
+    now: Timestamp,
     report: PruneReport,
     /// Segments this run's sweep superseded; the next sweep deletes them.
     retired: Vec<String>,
 }
 
 impl<'a> Pruner<'a> {
-    fn new(repo: &'a Repository, opts: &'a PruneOptions) -> Self {
+    fn new(
+        repo: &'a Repository,
+        opts: &'a PruneOptions,
+        lease: Option<&'a LeaseGuard<'a>>,
+        now: Timestamp,
+    ) -> Self {
         Pruner {
             repo,
             opts,
+            lease,
+            now,
             report: PruneReport {
                 dry_run: opts.dry_run,
                 ..PruneReport::default()
@@ -428,19 +415,34 @@ impl<'a> Pruner<'a> {
         Ok(())
     }
 
+    /// Before a step that changes the repository: still cancelled-free and still the lease
+    /// holder.
+    async fn may_change(&self) -> Result<()> {
+        self.cancelled()?;
+        match self.lease {
+            Some(lease) => lease.check().await,
+            None => Ok(()),
+        }
+    }
+
     async fn run(mut self) -> Result<PruneReport> {
         let repo = self.repo;
-        let now = Timestamp::now();
+        let now = self.now;
 
         // Marks first: a mark read after the snapshots could name a pack a snapshot listed
-        // before it needed.
+        // before it needed. `now` was read from the store before this listing, so every
+        // snapshot committed before a due mark's due time is in the listing below.
         let (mark_ids, swept) = list_marks(repo).await?;
         let marks = read_marks(repo, &mark_ids).await?;
-        let (due, pending): (Vec<&Mark>, Vec<&Mark>) = marks
+        let (due, pending): (Vec<_>, Vec<_>) = marks
             .iter()
-            .filter(|m| !swept.contains(&m.id))
-            .partition(|m| m.due() <= now);
+            .filter(|(m, _)| !swept.contains_key(&m.id))
+            .map(|(m, stored)| (m, *stored))
+            .partition(|(m, stored)| m.due(*stored) <= now);
+        let due: Vec<&Mark> = due.into_iter().map(|(m, _)| m).collect();
         self.report.marks_pending = pending.len();
+        let pending_due = pending.iter().map(|(m, stored)| m.due(*stored)).min();
+        let pending: Vec<&Mark> = pending.into_iter().map(|(m, _)| m).collect();
 
         let (snapshots, unreadable) = repo.snapshots().await?;
         if let Some(bad) = unreadable.into_iter().next() {
@@ -508,8 +510,8 @@ impl<'a> Pruner<'a> {
         }
 
         let mut condemned: IdSet<ObjectId> = IdSet::default();
-        for m in &marks {
-            if !swept.contains(&m.id) {
+        for (m, _) in &marks {
+            if !swept.contains_key(&m.id) {
                 condemned.extend(m.pack_ids());
             }
         }
@@ -521,6 +523,7 @@ impl<'a> Pruner<'a> {
         // Sweep.
         let mut deleted: IdSet<ObjectId> = IdSet::default();
         if !due.is_empty() {
+            self.may_change().await?;
             deleted = self.sweep(&due, &packs, &used, &listed, &mut live).await?;
             if !deleted.is_empty() {
                 let pending_packs = pending.iter().flat_map(|m| m.pack_ids()).collect();
@@ -532,6 +535,7 @@ impl<'a> Pruner<'a> {
         self.cancelled()?;
 
         // Mark.
+        self.may_change().await?;
         let mut already: IdSet<ObjectId> = IdSet::default();
         let mut already_segments: HashSet<&str> = HashSet::new();
         for m in &pending {
@@ -607,24 +611,23 @@ impl<'a> Pruner<'a> {
         self.report.packs_marked = mark.packs.len();
         self.report.segments_marked = mark.segments.len();
         if !mark.packs.is_empty() || !mark.segments.is_empty() {
-            self.report.next_sweep = Some(mark.due());
+            self.report.next_sweep = Some(mark.due(now));
             if !self.opts.dry_run {
-                put_json(
-                    repo,
-                    &name::prune_object(name::PRUNE_MARKS, &mark.id),
-                    &mark,
-                )
-                .await?;
+                self.may_change().await?;
+                let object = name::prune_object(name::PRUNE_MARKS, &mark.id);
+                put_json(repo, &object, &mark).await?;
+                let stored = repo.store().modified(&object).await?;
+                self.report.next_sweep = Some(mark.due(stored));
             }
-        } else if let Some(first) = pending.iter().map(|m| m.due()).min() {
+        } else if let Some(first) = pending_due {
             self.report.next_sweep = Some(first);
         }
 
         // Half-written objects of killed writers: no name refers to them, and once they are
-        // older than the grace period no live writer is still writing them.
-        let before = std::time::SystemTime::now()
-            .checked_sub(self.opts.grace)
-            .unwrap_or(std::time::UNIX_EPOCH);
+        // older than the grace period no live writer is still writing them. (Local stores
+        // only; a file's mtime is the store's clock there.)
+        self.may_change().await?;
+        let before = clock::system_time(clock::sub(now, self.opts.grace));
         for (object, size) in repo.store().stale_staging(before)? {
             if !self.opts.dry_run {
                 repo.store().remove_staging(&object)?;
@@ -633,16 +636,24 @@ impl<'a> Pruner<'a> {
             self.report.staging_bytes += size;
         }
 
-        // Swept marks past their record-keeping time: the mark goes first, then its record.
+        // Swept marks past their record-keeping time (by the store's clock): the mark goes
+        // first, then its record. Clock objects of killed processes go too.
         if !self.opts.dry_run {
-            for id in swept {
-                let record = name::prune_object(name::PRUNE_SWEPT, &id);
-                let s: Swept = get_json(repo, &record).await?;
-                if add(s.swept, TOMBSTONE_LIFE) <= now {
+            for (id, stored) in swept {
+                if add(stored, TOMBSTONE_LIFE) <= now {
                     repo.store()
                         .delete(&name::prune_object(name::PRUNE_MARKS, &id))
                         .await?;
-                    repo.store().delete(&record).await?;
+                    repo.store()
+                        .delete(&name::prune_object(name::PRUNE_SWEPT, &id))
+                        .await?;
+                }
+            }
+            for (id, stored) in list_records(repo, name::PRUNE_CLOCK).await? {
+                if add(stored, CLOCK_LEFTOVER) <= now {
+                    repo.store()
+                        .delete(&name::prune_object(name::PRUNE_CLOCK, &id))
+                        .await?;
                 }
             }
         }
@@ -805,6 +816,7 @@ impl<'a> Pruner<'a> {
         }
         self.report.packs_deleted = doomed.len();
         if !self.opts.dry_run {
+            self.may_change().await?;
             delete_all(repo, doomed.iter().map(|(o, _)| o.clone()).collect()).await?;
         }
         // Segments the due marks condemned: superseded for a whole grace period by now.
@@ -1063,63 +1075,6 @@ mod tests {
         Repository::init(store, &Secret::passphrase("pw"), opts)
             .await
             .unwrap()
-    }
-
-    #[tokio::test]
-    async fn one_prune_at_a_time_and_stale_leases_are_ignored() {
-        let repo = repo().await;
-        let first = acquire_lease(&repo, "a").await.unwrap();
-        let second = acquire_lease(&repo, "b").await.unwrap_err();
-        assert!(matches!(second, Error::Conflict(_)), "{second}");
-        assert!(second.to_string().contains("host a"), "{second}");
-        // The loser withdrew its lease; only the holder's is left.
-        assert_eq!(
-            list_ids(&repo, name::PRUNE_LEASES).await.unwrap(),
-            vec![first]
-        );
-        repo.store()
-            .delete(&name::prune_object(name::PRUNE_LEASES, &first))
-            .await
-            .unwrap();
-        let third = acquire_lease(&repo, "c").await.unwrap();
-        // A crashed prune's lease, past its end, neither blocks nor survives the next one.
-        let stale = Lease {
-            id: ObjectId::random(),
-            host: "crashed".into(),
-            pid: 1,
-            started: Timestamp::UNIX_EPOCH,
-            expires: Timestamp::UNIX_EPOCH,
-        };
-        repo.store()
-            .delete(&name::prune_object(name::PRUNE_LEASES, &third))
-            .await
-            .unwrap();
-        let object = name::prune_object(name::PRUNE_LEASES, &stale.id);
-        put_json(&repo, &object, &stale).await.unwrap();
-        let fourth = acquire_lease(&repo, "d").await.unwrap();
-        assert_eq!(
-            list_ids(&repo, name::PRUNE_LEASES).await.unwrap(),
-            vec![fourth]
-        );
-    }
-
-    #[tokio::test]
-    async fn a_lease_left_by_a_dead_process_on_this_host_is_taken_over() {
-        let repo = repo().await;
-        let dead = Lease {
-            id: ObjectId::random(),
-            host: "here".into(),
-            // Beyond the kernel's largest pid: no such process.
-            pid: 1 << 23,
-            started: Timestamp::now(),
-            expires: add(Timestamp::now(), LEASE_TTL),
-        };
-        let object = name::prune_object(name::PRUNE_LEASES, &dead.id);
-        put_json(&repo, &object, &dead).await.unwrap();
-        // Another host cannot tell whether it is alive: it waits.
-        assert!(acquire_lease(&repo, "elsewhere").await.is_err());
-        let id = acquire_lease(&repo, "here").await.unwrap();
-        assert_eq!(list_ids(&repo, name::PRUNE_LEASES).await.unwrap(), vec![id]);
     }
 
     #[tokio::test]

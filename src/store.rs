@@ -35,6 +35,9 @@ pub const WRITE_PIECE: usize = 512 << 10;
 pub struct ObjectInfo {
     pub name: String,
     pub size: u64,
+    /// The time the store gave the object when it was written (S3 `Last-Modified`, a local
+    /// file's mtime): the one clock all hosts share (see [`crate::clock`]).
+    pub modified: jiff::Timestamp,
 }
 
 /// A repository's storage location.
@@ -259,6 +262,7 @@ impl Store {
             .map_ok(|m| ObjectInfo {
                 name: m.location.to_string(),
                 size: m.size,
+                modified: store_time(&m),
             })
             .try_collect()
             .await
@@ -335,6 +339,15 @@ impl Store {
         }
     }
 
+    /// The time the store gave `name` when it was written.
+    pub async fn modified(&self, name: &str) -> Result<jiff::Timestamp> {
+        self.inner
+            .head(&Self::path(name))
+            .await
+            .map(|m| store_time(&m))
+            .map_err(|e| store_error("stat", name, e))
+    }
+
     pub async fn exists(&self, name: &str) -> Result<bool> {
         match self.inner.head(&Self::path(name)).await {
             Ok(_) => Ok(true),
@@ -342,6 +355,18 @@ impl Store {
             Err(e) => Err(store_error("stat", name, e)),
         }
     }
+}
+
+/// object_store's chrono time as a jiff timestamp (out of range: the nearest end).
+fn store_time(m: &object_store::ObjectMeta) -> jiff::Timestamp {
+    let t = m.last_modified;
+    jiff::Timestamp::new(t.timestamp(), t.timestamp_subsec_nanos() as i32).unwrap_or(
+        if t.timestamp() < 0 {
+            jiff::Timestamp::MIN
+        } else {
+            jiff::Timestamp::MAX
+        },
+    )
 }
 
 fn store_error(operation: &'static str, object: &str, source: object_store::Error) -> Error {

@@ -140,7 +140,7 @@ fn sigkill_at_random_points_loses_nothing_committed() {
     };
     let staging = leftovers(&repo).len();
     let prune = |args: &[&str]| -> serde_json::Value {
-        let mut all = vec!["prune", "--grace", "0s", "--json"];
+        let mut all = vec!["prune", "--grace", "0s", "--unsafe-short-grace", "--json"];
         all.extend_from_slice(args);
         serde_json::from_slice(&repo.ok(&all)).unwrap()
     };

@@ -18,7 +18,7 @@ fn json(out: &[u8]) -> serde_json::Value {
 }
 
 fn prune(repo: &Repo, grace: &str, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec!["prune", "--grace", grace, "--json"];
+    let mut args = vec!["prune", "--grace", grace, "--unsafe-short-grace", "--json"];
     args.extend_from_slice(extra);
     json(&repo.ok(&args))
 }
@@ -258,7 +258,7 @@ fn prune_stops_on_an_unreadable_snapshot_or_index_segment_and_deletes_nothing() 
         bytes[n] ^= 1;
         std::fs::write(&victim, bytes).unwrap();
         let before = repo.objects();
-        let out = repo.run(&["prune", "--grace", "0s"]);
+        let out = repo.run(&["prune", "--grace", "0s", "--unsafe-short-grace"]);
         let err = assert_code(&out, 13, "prune over damage");
         assert!(err.contains("prune stopped"), "{err}");
         assert!(err.contains(what.trim_end_matches('/')), "{err}");
@@ -289,7 +289,7 @@ fn a_listing_error_stops_prune_and_deletes_nothing() {
         let link = epoch_dir.join("loop");
         std::os::unix::fs::symlink("loop", &link).unwrap();
         let before = repo.objects();
-        let out = repo.run(&["prune", "--grace", "0s"]);
+        let out = repo.run(&["prune", "--grace", "0s", "--unsafe-short-grace"]);
         assert!(
             !out.status.success(),
             "{dir}: prune succeeded over a listing error"
@@ -369,6 +369,7 @@ fn forget_with_prune_on_an_empty_and_a_one_snapshot_repository() {
         "--prune",
         "--grace",
         "0s",
+        "--unsafe-short-grace",
         "--json",
     ]));
     assert_eq!(v["forget"][0]["keep"], true, "{v}");
@@ -428,6 +429,7 @@ fn sigkill_prune_at_random_points_loses_nothing_committed() {
                 "prune",
                 "--grace",
                 "0s",
+                "--unsafe-short-grace",
                 "--repack-threshold",
                 "10",
                 "--json",
@@ -528,6 +530,7 @@ fn three_hosts_back_up_to_one_garage_repository_while_prune_runs_again_and_again
                     "--prune",
                     "--grace",
                     "2s",
+                    "--unsafe-short-grace",
                     "--json",
                 ];
                 let v = json(&repo.ok(&args));
@@ -545,7 +548,7 @@ fn three_hosts_back_up_to_one_garage_repository_while_prune_runs_again_and_again
     std::thread::sleep(Duration::from_millis(2500));
     done.store(true, Ordering::Relaxed);
     let (runs, mut deleted) = pruner.join().unwrap();
-    let v = json(&repo.ok(&["prune", "--grace", "2s", "--json"]));
+    let v = json(&repo.ok(&["prune", "--grace", "2s", "--unsafe-short-grace", "--json"]));
     deleted += count(&v, "packs_deleted");
     let conflicts = *conflicts.lock().unwrap();
     eprintln!("{runs} prunes, {deleted} packs deleted, {conflicts} backups refused");
@@ -560,4 +563,167 @@ fn three_hosts_back_up_to_one_garage_repository_while_prune_runs_again_and_again
         assert_eq!(Some(sha), committed.get(id), "{id} was never committed");
         assert_eq!(&sha256(&repo.restore_stdout(id)), sha, "{id}");
     }
+}
+
+/// Issue 18, defect 1: a prune marked and swept the packs a running backup had uploaded (some
+/// unindexed, some in its checkpoint segments) and the backup still committed a snapshot
+/// that could not be restored. Now the backup refuses to commit.
+#[test]
+fn a_backup_whose_own_packs_a_prune_swept_meanwhile_commits_nothing() {
+    use std::io::Write;
+
+    let repo = small_repo();
+    let mut child = repo
+        .command(&["backup", "--stdin", "--name", "slow", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // The reader fills 4 MiB before it chunks: 6 MiB make it store about 64 packs of
+    // 64 KiB (four checkpoint segments) and wait for more.
+    stdin.write_all(&random_bytes(90, 6 << 20)).unwrap();
+    stdin.flush().unwrap();
+    let packs = |repo: &Repo| {
+        let objects = repo.objects();
+        let count = |p: &str| objects.iter().filter(|(n, _)| n.starts_with(p)).count();
+        (count("data/"), count("index/"))
+    };
+    let waited = Instant::now();
+    while packs(&repo).1 < 2 || packs(&repo).0 < 40 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the backup did not upload: {:?}",
+            packs(&repo)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The backup is paused mid-stream; two prunes with a short grace mark, then sweep.
+    let marked_at = Instant::now();
+    let first = prune(&repo, "1s", &[]);
+    assert!(count(&first, "packs_marked") >= 40, "{first}");
+    wait_past(Duration::from_secs(1), marked_at);
+    let second = prune(&repo, "1s", &[]);
+    assert!(count(&second, "packs_deleted") >= 40, "{second}");
+
+    stdin.write_all(&random_bytes(91, 256 << 10)).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let err = assert_code(&out, 1, "a backup whose packs were swept");
+    assert!(err.contains("nothing was committed"), "{err}");
+    assert!(err.contains("condemned data this snapshot needs"), "{err}");
+    let listed = json(&repo.ok(&["snapshots", "--json"]));
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    repo.ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn a_short_grace_from_the_command_line_is_refused_unless_asked_for() {
+    let repo = small_repo();
+    repo.backup_stdin("a", &random_bytes(92, 64 << 10));
+    for args in [
+        &["prune", "--grace", "1s"][..],
+        &["prune", "--grace", "0s"],
+        &["prune", "--grace", "59m"],
+        &["forget", "--keep-last", "1", "--prune", "--grace", "10m"],
+    ] {
+        let out = repo.run(args);
+        let err = assert_code(&out, 2, "a short grace");
+        assert!(err.contains("is shorter than 1h"), "{args:?}: {err}");
+        assert!(err.contains("--unsafe-short-grace"), "{args:?}: {err}");
+    }
+    // forget --prune refused before it forgot anything.
+    let listed = json(&repo.ok(&["snapshots", "--json"]));
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    repo.ok(&["prune", "--grace", "1h"]);
+    repo.ok(&["prune", "--grace", "1s", "--unsafe-short-grace"]);
+}
+
+fn skewed_prune(repo: &Repo, offset: &str, grace: &str) -> serde_json::Value {
+    let args = ["prune", "--grace", grace, "--unsafe-short-grace", "--json"];
+    let out = repo.skewed(offset, &args).output().unwrap();
+    assert_success(&out, &args);
+    json(&out.stdout)
+}
+
+/// Issue 18, defect 2: prune's times come from the store, so hosts whose clocks are hours
+/// apart agree on when a mark is due. Before, a marking host 2 h behind made marks that were
+/// due at once, and a host 2 h ahead swept everything early.
+#[test]
+fn prune_hosts_with_clocks_hours_apart_agree_on_when_a_mark_is_due() {
+    let repo = small_repo();
+    let a = random_bytes(93, 1 << 20);
+    let b = random_bytes(94, 1 << 20);
+    repo.backup_stdin("a", &a);
+    let b_id = repo.backup_stdin("b", &b);
+    repo.ok(&["forget", "--name", "a", "--max-age", "0s"]);
+
+    // A 1 h grace, marked by a host 2 h behind: no host sweeps it now, whatever its clock.
+    let marked = skewed_prune(&repo, "-2h", "1h");
+    assert!(count(&marked, "packs_marked") > 0, "{marked}");
+    for offset in ["+0", "+2h", "-2h"] {
+        let v = skewed_prune(&repo, offset, "1h");
+        assert_eq!(count(&v, "packs_deleted"), 0, "{offset}: {v}");
+        assert_eq!(count(&v, "marks_pending"), 1, "{offset}: {v}");
+    }
+
+    // A short grace marked by a host 2 h ahead is due after that grace on every host: a host
+    // 2 h behind sweeps it then (not 4 h later), and not before.
+    let repo = small_repo();
+    repo.backup_stdin("a", &a);
+    let b_id2 = repo.backup_stdin("b", &b);
+    repo.ok(&["forget", "--name", "a", "--max-age", "0s"]);
+    let marked_at = Instant::now();
+    let marked = skewed_prune(&repo, "+2h", "3s");
+    assert!(count(&marked, "packs_marked") > 0, "{marked}");
+    let early = skewed_prune(&repo, "-2h", "3s");
+    assert_eq!(count(&early, "packs_deleted"), 0, "{early}");
+    wait_past(Duration::from_secs(5), marked_at);
+    let swept = skewed_prune(&repo, "-2h", "3s");
+    assert!(count(&swept, "packs_deleted") > 0, "{swept}");
+    assert!(repo.restore_stdout(&b_id2) == b);
+    repo.ok(&["check", "--read-data"]);
+    let _ = b_id;
+}
+
+/// Issue 18, defect 2: a writer whose clock is 2 h behind thought a mark's grace period had
+/// 2 h to run and committed past it. It reads the store's clock now.
+#[test]
+fn a_writer_with_a_clock_hours_behind_refuses_to_commit_past_a_due_mark() {
+    use std::io::Write;
+
+    let repo = small_repo();
+    let mut child = repo
+        .skewed("-2h", &["backup", "--stdin", "--name", "slow", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&random_bytes(95, 6 << 20)).unwrap();
+    stdin.flush().unwrap();
+    let waited = Instant::now();
+    while repo
+        .objects()
+        .iter()
+        .filter(|(n, _)| n.starts_with("data/"))
+        .count()
+        < 8
+    {
+        assert!(waited.elapsed() < Duration::from_secs(60), "no upload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let marked_at = Instant::now();
+    let marked = prune(&repo, "3s", &[]);
+    assert!(count(&marked, "packs_marked") >= 8, "{marked}");
+    // Past the mark's due time, before any sweep.
+    wait_past(Duration::from_secs(4), marked_at);
+    stdin.write_all(&random_bytes(96, 64 << 10)).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let err = assert_code(&out, 1, "a writer 2 h behind, past a due mark");
+    assert!(err.contains("by the store's clock"), "{err}");
+    assert!(err.contains("nothing was committed"), "{err}");
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole kluis test suite on a fresh machine: installs what is missing first (PostgreSQL,
-# MariaDB server and client, promtool, Garage), then checks formatting and lints, runs every
+# MariaDB server and client, promtool, faketime, Garage), then checks formatting and lints, runs every
 # test, and runs the demo.
 # Every server a test needs is started by the test itself, in a temporary directory on loopback.
 set -euo pipefail
@@ -14,6 +14,7 @@ compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql
 command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]] || missing+=(mariadb-server)
 command -v mariadb-dump >/dev/null || missing+=(mariadb-client)
 command -v setpriv >/dev/null || missing+=(util-linux)
+command -v faketime >/dev/null || missing+=(faketime)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 if ((${#missing[@]})); then

@@ -136,6 +136,23 @@ impl Repo {
         self.command(args).output().unwrap()
     }
 
+    /// `kluis args` on a host whose wall clock is off by `offset` (`"-2h"`, `"+7h"`), through
+    /// Debian's `faketime` (libfaketime). Monotonic clocks are left alone; files the process
+    /// writes get their times from the kernel, as they would on a real host with a wrong clock.
+    pub fn skewed(&self, offset: &str, args: &[&str]) -> Command {
+        let plain = self.command(args);
+        let mut cmd = Command::new("faketime");
+        cmd.arg("-f")
+            .arg(offset)
+            .arg(KLUIS)
+            .args(args)
+            .env_clear()
+            .envs(plain.get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .stdin(Stdio::null());
+        cmd
+    }
+
     /// Runs `kluis args` with `input` on standard input.
     pub fn run_stdin(&self, args: &[&str], input: &[u8]) -> Output {
         let mut child = self

@@ -1,0 +1,541 @@
+//! The prune lease: at most one prune changes a repository at a time.
+//!
+//! A prune puts `prune/leases/<id>` and then lists the leases: whoever sees another live lease
+//! withdraws. Of two racing prunes at least one sees the other (read-after-write listings), so
+//! at most one proceeds, without conditional writes (which Garage ignores).
+//!
+//! Three things make this hold between real hosts:
+//! - **Time from the store.** A lease is live until the store time it was written plus its
+//!   time to live ([`crate::clock`]); no host's wall clock is consulted, so a host whose clock
+//!   is hours behind neither ends another's lease early nor keeps its own alive.
+//! - **Renewal.** While a prune runs, [`LeaseGuard::hold`] writes a fresh lease (same run, new
+//!   object) every quarter of the time to live and deletes the previous one, so a prune that
+//!   runs for days keeps its claim. Before every step that deletes or marks, the prune calls
+//!   [`LeaseGuard::check`]: a renewal that failed or came late (the process was stopped or
+//!   suspended), or another run's live lease, stops it before it changes anything more.
+//! - **Identity.** A lease names its run (a random id), host, machine id, boot id, pid and the
+//!   pid's start time. A lease is taken over early only when it was written on this machine in
+//!   this boot by a process that no longer exists: two hosts that share a name never delete
+//!   each other's leases.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use super::{get_json, list_records, put_json};
+use crate::clock::{self, SLACK, Stopwatch};
+use crate::error::{Error, Result};
+use crate::id::ObjectId;
+use crate::object::name;
+use crate::repository::Repository;
+
+/// How long a lease lives without renewal; a killed prune on another machine blocks others
+/// for at most this long.
+pub const LEASE_TTL: Duration = Duration::from_secs(3600);
+/// A lease claiming to live longer than this is read as living this long.
+const MAX_TTL: Duration = Duration::from_secs(6 * 3600);
+
+/// A running prune's claim (`prune/leases/<id>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    /// This lease object's id; a renewal writes a new one.
+    pub id: ObjectId,
+    /// The prune run's id, the same in all its renewals.
+    pub run: ObjectId,
+    pub host: String,
+    /// `/etc/machine-id` of the prune's machine (empty when unknown).
+    pub machine: String,
+    /// `/proc/sys/kernel/random/boot_id` at the time (empty when unknown).
+    pub boot: String,
+    pub pid: u32,
+    /// The process's start time in clock ticks after boot (`/proc/PID/stat`, field 22): a pid
+    /// reused by another process does not pass for the prune.
+    pub pid_start: u64,
+    /// When the run began, by its host's clock: for people, not for the protocol.
+    pub started: Timestamp,
+    /// Live until the store time of this object plus this.
+    pub ttl_seconds: u64,
+}
+
+impl Lease {
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_seconds).min(MAX_TTL)
+    }
+
+    /// Whether a lease the store timed `stored` is over at store time `now`.
+    fn expired(&self, stored: Timestamp, now: Timestamp) -> bool {
+        clock::add(stored, self.ttl() + SLACK) <= now
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "host {}, pid {}, since {}",
+            self.host, self.pid, self.started
+        )
+    }
+}
+
+/// Who this process is, as leases record it.
+struct Me {
+    machine: String,
+    boot: String,
+    pid: u32,
+    pid_start: u64,
+}
+
+impl Me {
+    fn read() -> Me {
+        let pid = std::process::id();
+        Me {
+            machine: first_line("/etc/machine-id")
+                .or_else(|| first_line("/var/lib/dbus/machine-id"))
+                .unwrap_or_default(),
+            boot: first_line("/proc/sys/kernel/random/boot_id").unwrap_or_default(),
+            pid,
+            pid_start: process_start(pid).unwrap_or(0),
+        }
+    }
+
+    /// A lease this machine wrote in this boot whose process is gone (killed): its prune
+    /// cannot be running.
+    fn outlived(&self, lease: &Lease) -> bool {
+        !self.machine.is_empty()
+            && !self.boot.is_empty()
+            && lease.machine == self.machine
+            && lease.boot == self.boot
+            && process_start(lease.pid) != Some(lease.pid_start)
+    }
+}
+
+fn first_line(path: &str) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let line = s.lines().next()?.trim();
+    (!line.is_empty()).then(|| line.to_string())
+}
+
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`); `None` if there is none.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+struct State {
+    /// The lease object in force.
+    current: ObjectId,
+    /// When `current` was written (this host's boot-time clock).
+    renewed: Stopwatch,
+    /// Why the last renewal failed.
+    failed: Option<String>,
+}
+
+/// A held lease. Release it with [`LeaseGuard::release`]; a dropped guard leaves its lease to
+/// expire (or to be taken over by the next prune on this machine).
+pub struct LeaseGuard<'a> {
+    repo: &'a Repository,
+    template: Lease,
+    ttl: Duration,
+    /// The store's time when the lease was taken: prune's "now".
+    pub acquired: Timestamp,
+    state: Mutex<State>,
+}
+
+impl<'a> LeaseGuard<'a> {
+    /// Takes the lease, or fails with [`Error::Conflict`] naming the prune that holds it.
+    pub async fn acquire(repo: &'a Repository, host: &str, ttl: Duration) -> Result<Self> {
+        let me = Me::read();
+        let template = Lease {
+            id: ObjectId::random(),
+            run: ObjectId::random(),
+            host: host.to_string(),
+            machine: me.machine.clone(),
+            boot: me.boot.clone(),
+            pid: me.pid,
+            pid_start: me.pid_start,
+            started: Timestamp::now(),
+            ttl_seconds: ttl.as_secs().max(1),
+        };
+        let watch = Stopwatch::start();
+        let own = name::prune_object(name::PRUNE_LEASES, &template.id);
+        put_json(repo, &own, &template).await?;
+        let guard = LeaseGuard {
+            repo,
+            ttl: Duration::from_secs(template.ttl_seconds),
+            acquired: Timestamp::UNIX_EPOCH,
+            state: Mutex::new(State {
+                current: template.id,
+                renewed: watch,
+                failed: None,
+            }),
+            template,
+        };
+        match guard.others(&me, true).await {
+            Ok((now, None)) => Ok(LeaseGuard {
+                acquired: now,
+                ..guard
+            }),
+            Ok((_, Some(holder))) => {
+                repo.store().delete(&own).await?;
+                Err(Error::Conflict(format!(
+                    "another prune holds the repository ({}); try again later",
+                    holder.describe()
+                )))
+            }
+            Err(e) => {
+                repo.store().delete(&own).await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Lists the leases: returns the store time of this run's current lease and another
+    /// run's live lease, if any. With `clean`, leases that are over (expired, or outlived by
+    /// their process on this machine) are deleted.
+    async fn others(&self, me: &Me, clean: bool) -> Result<(Timestamp, Option<Lease>)> {
+        let current = self.state.lock().expect("not poisoned").current;
+        let listed = list_records(self.repo, name::PRUNE_LEASES).await?;
+        let now = listed
+            .iter()
+            .find(|(id, _)| *id == current)
+            .map(|(_, stored)| *stored)
+            .ok_or_else(|| {
+                Error::Conflict(format!(
+                    "this prune's lease {} is gone from the repository (another prune found it \
+                     stale, or the store lost it); stopped",
+                    name::prune_object(name::PRUNE_LEASES, &current)
+                ))
+            })?;
+        let mut holder = None;
+        for (id, stored) in listed {
+            if id == current {
+                continue;
+            }
+            let object = name::prune_object(name::PRUNE_LEASES, &id);
+            let other: Lease = match get_json(self.repo, &object).await {
+                Ok(l) => l,
+                Err(Error::MissingObject { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            if other.run == self.template.run {
+                continue;
+            }
+            if other.expired(stored, now) || me.outlived(&other) {
+                if clean {
+                    self.repo.store().delete(&object).await?;
+                }
+                continue;
+            }
+            holder = Some(other);
+        }
+        Ok((now, holder))
+    }
+
+    /// Writes a fresh lease of this run and deletes the previous one. A failure is recorded;
+    /// the next [`LeaseGuard::check`] reports it.
+    async fn renew(&self) {
+        let watch = Stopwatch::start();
+        let lease = Lease {
+            id: ObjectId::random(),
+            ..self.template.clone()
+        };
+        let object = name::prune_object(name::PRUNE_LEASES, &lease.id);
+        let result = put_json(self.repo, &object, &lease).await;
+        let previous = {
+            let mut state = self.state.lock().expect("not poisoned");
+            match result {
+                Ok(()) => {
+                    let previous = state.current;
+                    state.current = lease.id;
+                    state.renewed = watch;
+                    state.failed = None;
+                    Some(previous)
+                }
+                Err(e) => {
+                    state.failed = Some(e.to_string());
+                    None
+                }
+            }
+        };
+        if let Some(previous) = previous {
+            // Left behind, it would expire: no harm beyond a lease that lives on a little.
+            let _ = self
+                .repo
+                .store()
+                .delete(&name::prune_object(name::PRUNE_LEASES, &previous))
+                .await;
+        }
+    }
+
+    /// Runs `work`, renewing the lease every quarter of its time to live.
+    pub async fn hold<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                result = &mut work => return result,
+                _ = tokio::time::sleep(self.ttl / 4) => self.renew().await,
+            }
+        }
+    }
+
+    /// Fails unless this run still holds the lease: renewed in time, and no other run's live
+    /// lease in the repository. Call it before each step that changes the repository.
+    pub async fn check(&self) -> Result<()> {
+        let (failed, age) = {
+            let state = self.state.lock().expect("not poisoned");
+            (state.failed.clone(), state.renewed.elapsed())
+        };
+        if let Some(e) = failed {
+            return Err(Error::Conflict(format!(
+                "the prune lease could not be renewed ({e}); prune stopped before changing more"
+            )));
+        }
+        if age > self.ttl / 2 {
+            return Err(Error::Conflict(format!(
+                "the prune lease was last renewed {} ago (this process was stopped or \
+                 suspended?), another prune may have taken over; prune stopped before changing more",
+                crate::retention::show(age)
+            )));
+        }
+        if let (_, Some(other)) = self.others(&Me::read(), false).await? {
+            return Err(Error::Conflict(format!(
+                "another prune holds the repository too ({}); this one stopped before changing more",
+                other.describe()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Deletes the lease.
+    pub async fn release(self) -> Result<()> {
+        let current = self.state.lock().expect("not poisoned").current;
+        self.repo
+            .store()
+            .delete(&name::prune_object(name::PRUNE_LEASES, &current))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KdfParams, Secret};
+    use crate::repository::InitOptions;
+    use crate::store::Store;
+
+    async fn repo_at(url: &str) -> Repository {
+        let opts = InitOptions {
+            kdf: KdfParams {
+                memory_kib: 64,
+                iterations: 1,
+                parallelism: 1,
+            },
+            ..InitOptions::default()
+        };
+        let store = Store::open(url, true).unwrap();
+        Repository::init(store, &Secret::passphrase("pw"), opts)
+            .await
+            .unwrap()
+    }
+
+    fn lease(host: &str, stamp: Timestamp) -> Lease {
+        let me = Me::read();
+        Lease {
+            id: ObjectId::random(),
+            run: ObjectId::random(),
+            host: host.into(),
+            machine: me.machine,
+            boot: me.boot,
+            pid: me.pid,
+            pid_start: me.pid_start,
+            started: stamp,
+            ttl_seconds: 1,
+        }
+    }
+
+    async fn leases(repo: &Repository) -> Vec<ObjectId> {
+        list_records(repo, name::PRUNE_LEASES)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    async fn plant(repo: &Repository, lease: &Lease) -> String {
+        let object = name::prune_object(name::PRUNE_LEASES, &lease.id);
+        put_json(repo, &object, lease).await.unwrap();
+        object
+    }
+
+    #[tokio::test]
+    async fn one_prune_at_a_time() {
+        let repo = repo_at("memory://").await;
+        let first = LeaseGuard::acquire(&repo, "a", LEASE_TTL).await.unwrap();
+        let second = LeaseGuard::acquire(&repo, "b", LEASE_TTL)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(second, Error::Conflict(_)), "{second}");
+        assert!(second.to_string().contains("host a"), "{second}");
+        // The loser withdrew its lease; only the holder's is left.
+        assert_eq!(leases(&repo).await.len(), 1);
+        first.check().await.unwrap();
+        first.release().await.unwrap();
+        let third = LeaseGuard::acquire(&repo, "c", LEASE_TTL).await.unwrap();
+        third.release().await.unwrap();
+        assert!(leases(&repo).await.is_empty());
+    }
+
+    /// A lease written by a host whose clock is hours behind claims to have expired long ago;
+    /// only the store's time counts, so it still holds the repository.
+    #[tokio::test]
+    async fn a_lease_is_timed_by_the_store_not_by_its_writer() {
+        let repo = repo_at("memory://").await;
+        let mut behind = lease("behind", Timestamp::UNIX_EPOCH);
+        behind.run = ObjectId::random();
+        behind.ttl_seconds = 3600;
+        behind.pid = 1 << 23; // no such process here, but another machine's
+        behind.machine = "another machine".into();
+        plant(&repo, &behind).await;
+        let e = LeaseGuard::acquire(&repo, "here", LEASE_TTL)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("host behind"), "{e}");
+    }
+
+    /// The store says when a lease was written: one older than its time to live is over,
+    /// whatever its writer's clock said.
+    #[tokio::test]
+    async fn a_lease_past_its_time_on_the_store_is_taken_over() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let url = dir.path().join("repo").display().to_string();
+        let repo = repo_at(&url).await;
+        let mut old = lease("crashed", Timestamp::now());
+        old.machine = "another machine".into();
+        old.ttl_seconds = 3600;
+        let object = plant(&repo, &old).await;
+        let path = dir.path().join("repo").join(&object);
+        let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+        filetime::set_file_mtime(&path, filetime::FileTime::from_system_time(two_hours_ago))
+            .unwrap();
+        let guard = LeaseGuard::acquire(&repo, "d", LEASE_TTL).await.unwrap();
+        assert_eq!(
+            leases(&repo).await,
+            vec![guard.state.lock().unwrap().current]
+        );
+    }
+
+    #[tokio::test]
+    async fn only_a_dead_process_of_this_machine_and_boot_loses_its_lease_early() {
+        let repo = repo_at("memory://").await;
+        // Same host name, another machine: it cannot be judged from here, so it holds.
+        let mut twin = lease("same-name", Timestamp::now());
+        twin.pid = 1 << 23;
+        twin.machine = "another machine".into();
+        twin.ttl_seconds = 3600;
+        let twin_object = plant(&repo, &twin).await;
+        assert!(
+            LeaseGuard::acquire(&repo, "same-name", LEASE_TTL)
+                .await
+                .is_err()
+        );
+        // This machine, another boot: also held (its prune may be on a machine cloned from
+        // this one's image).
+        let mut rebooted = twin.clone();
+        rebooted.machine = Me::read().machine;
+        rebooted.boot = "another boot".into();
+        repo.store().delete(&twin_object).await.unwrap();
+        let rebooted_object = plant(&repo, &rebooted).await;
+        if !Me::read().boot.is_empty() {
+            assert!(
+                LeaseGuard::acquire(&repo, "same-name", LEASE_TTL)
+                    .await
+                    .is_err()
+            );
+        }
+        repo.store().delete(&rebooted_object).await.unwrap();
+        // This machine, this boot, a pid that does not exist, or exists with another start
+        // time (reused): its prune was killed, so the lease is taken over at once.
+        let mut dead = lease("same-name", Timestamp::now());
+        dead.pid = 1 << 23;
+        dead.ttl_seconds = 3600;
+        plant(&repo, &dead).await;
+        let mut reused = lease("same-name", Timestamp::now());
+        reused.pid_start += 1;
+        reused.ttl_seconds = 3600;
+        plant(&repo, &reused).await;
+        if !Me::read().machine.is_empty() && !Me::read().boot.is_empty() {
+            let guard = LeaseGuard::acquire(&repo, "same-name", LEASE_TTL)
+                .await
+                .unwrap();
+            assert_eq!(leases(&repo).await.len(), 1);
+            guard.release().await.unwrap();
+        }
+        // A live process of this machine (this one) keeps its lease.
+        let mut alive = lease("same-name", Timestamp::now());
+        alive.ttl_seconds = 3600;
+        plant(&repo, &alive).await;
+        assert!(
+            LeaseGuard::acquire(&repo, "same-name", LEASE_TTL)
+                .await
+                .is_err()
+        );
+    }
+
+    /// A prune that runs longer than its lease's time to live keeps it by renewing: nobody
+    /// else gets in, and its check passes throughout.
+    #[tokio::test]
+    async fn a_long_prune_renews_its_lease() {
+        let repo = repo_at("memory://").await;
+        let ttl = Duration::from_secs(2);
+        let guard = LeaseGuard::acquire(&repo, "long", ttl).await.unwrap();
+        let first = guard.state.lock().unwrap().current;
+        guard
+            .hold(async {
+                for _ in 0..4 {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    // Two time-to-lives in: the original lease object has long expired.
+                    let e = LeaseGuard::acquire(&repo, "other", ttl)
+                        .await
+                        .err()
+                        .unwrap();
+                    assert!(e.to_string().contains("host long"), "{e}");
+                    guard.check().await.unwrap();
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_ne!(guard.state.lock().unwrap().current, first, "never renewed");
+        assert_eq!(leases(&repo).await.len(), 1);
+        guard.release().await.unwrap();
+    }
+
+    /// A prune that was stopped (SIGSTOP, a suspended VM) past its lease finds out before it
+    /// changes anything more.
+    #[tokio::test]
+    async fn a_lapsed_lease_stops_the_prune() {
+        let repo = repo_at("memory://").await;
+        let ttl = Duration::from_secs(2);
+        let guard = LeaseGuard::acquire(&repo, "stopped", ttl).await.unwrap();
+        // No renewal (not inside `hold`), as if the process had been frozen.
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        let e = guard.check().await.unwrap_err();
+        assert!(e.to_string().contains("last renewed"), "{e}");
+        // Meanwhile another prune found the lease expired and took the repository.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let other = LeaseGuard::acquire(&repo, "other", ttl).await.unwrap();
+        // Thawed, it renews at once; the other run's lease still stops it.
+        guard.renew().await;
+        let e = guard.check().await.unwrap_err();
+        assert!(e.to_string().contains("another prune holds"), "{e}");
+        assert!(e.to_string().contains("host other"), "{e}");
+        other.release().await.unwrap();
+    }
+}
