@@ -56,6 +56,9 @@ pub struct RestoreArgs {
     /// Replace files that already exist under --target
     #[arg(long)]
     overwrite: bool,
+    /// Restore setuid and setgid bits under --target (dropped unless asked for)
+    #[arg(long)]
+    keep_setid: bool,
     /// Ranged reads in flight
     #[arg(long, default_value_t = 4)]
     fetches: usize,
@@ -116,6 +119,7 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
     let opts = RestoreOptions {
         fetches: a.fetches.max(1),
         overwrite: a.overwrite,
+        keep_setid: a.keep_setid,
         cancel,
         progress: progress.clone(),
     };

@@ -262,6 +262,7 @@ pub async fn copy_snapshot(
         RestoreOptions {
             fetches: opts.fetches,
             overwrite: false,
+            keep_setid: false,
             cancel: opts.cancel.clone(),
             // The destination's pipeline counts the bytes; the source's reads would double them.
             progress: Progress::new(),

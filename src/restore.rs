@@ -4,14 +4,15 @@
 //! blobs are decrypted (which authenticates them) and decompressed on the blocking pool; one
 //! writer thread puts them in order and computes the SHA-256 that must match the snapshot.
 //! A file is written under a temporary name and renamed into place only once it verifies.
+//! Restores into a directory walk it by handles ([`dir`]).
+
+mod dir;
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -58,6 +59,8 @@ pub struct RestoreOptions {
     pub fetches: usize,
     /// Replace existing files in the target directory.
     pub overwrite: bool,
+    /// Restore setuid and setgid bits (off: they are dropped, and the report says so).
+    pub keep_setid: bool,
     pub cancel: Cancel,
     pub progress: Arc<Progress>,
 }
@@ -67,6 +70,7 @@ impl Default for RestoreOptions {
         RestoreOptions {
             fetches: 4,
             overwrite: false,
+            keep_setid: false,
             cancel: Cancel::new(),
             progress: Progress::new(),
         }
@@ -99,6 +103,8 @@ pub struct Restorer<'a> {
     stored_buffers: Arc<BufferPool>,
     /// The packs this restore has read from, each checked once: see [`Restorer::verify_pack`].
     verified: std::sync::Mutex<HashMap<ObjectId, Arc<tokio::sync::OnceCell<()>>>>,
+    /// Entries whose setuid or setgid bits were not restored.
+    setid_dropped: u64,
 }
 
 impl<'a> Restorer<'a> {
@@ -122,6 +128,7 @@ impl<'a> Restorer<'a> {
             opts,
             report: RestoreReport::default(),
             verified: Default::default(),
+            setid_dropped: 0,
         })
     }
 
@@ -547,152 +554,6 @@ impl<'a> Restorer<'a> {
                 format!("snapshot {}", self.snapshot.id.short()),
                 format!("a database snapshot of this kind must hold exactly one file, {name}"),
             )),
-        }
-    }
-
-    /// Restores the snapshot's tree under `target`.
-    pub async fn to_directory(mut self, target: &Path) -> Result<RestoreReport> {
-        match fs::symlink_metadata(target) {
-            Ok(m) if !m.is_dir() => {
-                return Err(Error::invalid(format!(
-                    "{} exists and is not a directory",
-                    target.display()
-                )));
-            }
-            Ok(_) => {
-                let mut entries = fs::read_dir(target).map_err(|e| Error::io(target, e))?;
-                if entries.next().is_some() && !self.opts.overwrite {
-                    return Err(Error::invalid(format!(
-                        "{} is not empty; restore into an empty directory, or pass --overwrite",
-                        target.display()
-                    )));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
-            }
-            Err(e) => return Err(Error::io(target, e)),
-        }
-        let root = self.snapshot.tree;
-        self.restore_tree(root, target.to_path_buf()).await?;
-        Ok(self.report)
-    }
-
-    fn restore_tree(
-        &mut self,
-        id: BlobId,
-        dir: PathBuf,
-    ) -> futures::future::BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            let tree = self.tree(&id).await?;
-            for node in &tree.nodes {
-                if self.opts.cancel.is_cancelled() {
-                    return Err(Error::Interrupted);
-                }
-                let path = dir.join(OsStr::from_bytes(&node.name.0));
-                match node.node_type {
-                    NodeType::Dir => {
-                        match fs::create_dir(&path) {
-                            Ok(()) => {}
-                            Err(e)
-                                if e.kind() == std::io::ErrorKind::AlreadyExists
-                                    && self.opts.overwrite =>
-                            {
-                                let m =
-                                    fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
-                                if !m.is_dir() {
-                                    return Err(Error::invalid(format!(
-                                        "{} exists and is not a directory",
-                                        path.display()
-                                    )));
-                                }
-                            }
-                            Err(e) => return Err(Error::io(&path, e)),
-                        }
-                        let subtree = node.subtree.expect("checked by Tree::decode");
-                        self.restore_tree(subtree, path.clone()).await?;
-                        self.report.dirs += 1;
-                        self.apply_metadata(node, &path);
-                    }
-                    NodeType::File => {
-                        let tmp = dir.join(OsStr::from_bytes(
-                            &[b".".as_slice(), &node.name.0, b".kluis-partial"].concat(),
-                        ));
-                        let file = fs::OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .open(&tmp)
-                            .map_err(|e| Error::io(&tmp, e))?;
-                        let result = self.write_content(node, Box::new(file)).await;
-                        if let Err(e) = result.map(drop) {
-                            let _ = fs::remove_file(&tmp);
-                            return Err(e);
-                        }
-                        if !self.opts.overwrite && fs::symlink_metadata(&path).is_ok() {
-                            let _ = fs::remove_file(&tmp);
-                            return Err(Error::invalid(format!(
-                                "{} already exists",
-                                path.display()
-                            )));
-                        }
-                        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-                        self.report.files += 1;
-                        self.report.bytes += node.size.unwrap_or(0);
-                        self.apply_metadata(node, &path);
-                    }
-                    NodeType::Symlink => {
-                        let target = OsStr::from_bytes(&node.target.as_ref().expect("checked").0);
-                        if self.opts.overwrite
-                            && fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir())
-                        {
-                            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-                        }
-                        std::os::unix::fs::symlink(target, &path)
-                            .map_err(|e| Error::io(&path, e))?;
-                        self.report.symlinks += 1;
-                        self.apply_metadata(node, &path);
-                    }
-                }
-            }
-            Ok(())
-        })
-    }
-
-    /// Owner, mode and mtime. Ownership needs root; without it, files keep the restorer's.
-    fn apply_metadata(&mut self, node: &Node, path: &Path) {
-        let is_link = node.node_type == NodeType::Symlink;
-        let owner = if is_link {
-            std::os::unix::fs::lchown(path, Some(node.uid), Some(node.gid))
-        } else {
-            std::os::unix::fs::chown(path, Some(node.uid), Some(node.gid))
-        };
-        if let Err(e) = owner {
-            if e.kind() != std::io::ErrorKind::PermissionDenied {
-                self.report
-                    .warnings
-                    .push(format!("{}: cannot set owner: {e}", path.display()));
-            }
-        }
-        if !is_link {
-            if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(node.mode)) {
-                self.report
-                    .warnings
-                    .push(format!("{}: cannot set mode: {e}", path.display()));
-            }
-        }
-        let mtime = filetime::FileTime::from_unix_time(
-            node.mtime_ns.div_euclid(1_000_000_000),
-            node.mtime_ns.rem_euclid(1_000_000_000) as u32,
-        );
-        let result = if is_link {
-            filetime::set_symlink_file_times(path, mtime, mtime)
-        } else {
-            filetime::set_file_times(path, mtime, mtime)
-        };
-        if let Err(e) = result {
-            self.report
-                .warnings
-                .push(format!("{}: cannot set mtime: {e}", path.display()));
         }
     }
 
