@@ -633,6 +633,9 @@ pub fn failure_reason(e: &Error) -> &'static str {
     }
 }
 
+/// Connections the HTTP endpoint serves at once.
+const MAX_CONNECTIONS: usize = 128;
+
 /// Serves `GET /metrics`, `GET /status` (JSON, for `kluis status`) and `GET /healthz` on
 /// `listener` until the task is dropped. A minimal HTTP/1.1 responder: one request per
 /// connection, bounded request size.
@@ -641,16 +644,31 @@ pub async fn serve(
     metrics: std::sync::Arc<Metrics>,
     board: std::sync::Arc<crate::status::Board>,
 ) {
-    // A few scrapes at once is all a monitoring system needs; more wait for their turn.
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    // Connections are served side by side, each on its own task: the accept loop never waits
+    // for a slot, so idle or slow clients cannot hold up a scrape. Past the limit a connection
+    // is refused at once (503); an idle one is dropped after 5 s.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             // Out of file descriptors, say: do not spin.
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(async move {
+                let busy = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\
+                            Connection: close\r\n\r\n";
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                    // Read the request first: closing on unread input would reset the
+                    // connection before the client reads the answer.
+                    let mut chunk = [0u8; 1024];
+                    let _ = conn.read(&mut chunk).await;
+                    conn.write_all(busy.as_bytes()).await?;
+                    conn.shutdown().await
+                })
+                .await;
+            });
+            continue;
         };
         let (metrics, board) = (metrics.clone(), board.clone());
         tokio::spawn(async move {
@@ -700,5 +718,57 @@ pub async fn serve(
             })
             .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    /// Issue 18, defect 8: the accept loop waited for one of 16 slots, so 16 idle clients
+    /// stalled every scrape for 5 s.
+    #[tokio::test]
+    async fn idle_clients_never_hold_up_a_scrape() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(Metrics::new()),
+            Arc::new(crate::status::Board::default()),
+        ));
+        // Clients that connect and say nothing.
+        let mut idle = Vec::new();
+        for _ in 0..40 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let scrape = tokio::time::timeout(Duration::from_secs(3), async {
+            (get(addr, "/healthz").await, get(addr, "/metrics").await)
+        })
+        .await
+        .expect("a scrape waited behind idle clients");
+        assert!(scrape.0.starts_with("HTTP/1.1 200 OK"), "{}", scrape.0);
+        assert!(scrape.1.contains("kluis_"), "{}", scrape.1);
+
+        // Past the connection limit, a client is refused at once rather than kept waiting.
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let refused = tokio::time::timeout(Duration::from_secs(3), get(addr, "/healthz"))
+            .await
+            .expect("a client past the limit was kept waiting");
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        drop(idle);
+        server.abort();
     }
 }

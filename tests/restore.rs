@@ -179,7 +179,13 @@ fn a_directory_swapped_for_a_symlink_mid_restore_is_not_followed() {
     fs::create_dir(&outside).unwrap();
     fs::set_permissions(&outside, fs::Permissions::from_mode(0o711)).unwrap();
     let mut child = repo
-        .command(&["restore", &id, "--target", target.to_str().unwrap(), "--quiet"])
+        .command(&[
+            "restore",
+            &id,
+            "--target",
+            target.to_str().unwrap(),
+            "--quiet",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -196,9 +202,17 @@ fn a_directory_swapped_for_a_symlink_mid_restore_is_not_followed() {
     fs::set_permissions(&planted, fs::Permissions::from_mode(0o700)).unwrap();
     let out = child.wait_with_output().unwrap();
     let names: Vec<_> = entries(&outside);
-    assert_eq!(names, vec![planted.clone()], "the restore changed what is outside");
+    assert_eq!(
+        names,
+        vec![planted.clone()],
+        "the restore changed what is outside"
+    );
     assert_eq!(mode(&planted), 0o700, "the restore changed a file outside");
-    assert_eq!(mode(&outside), 0o711, "the restore changed a directory outside");
+    assert_eq!(
+        mode(&outside),
+        0o711,
+        "the restore changed a directory outside"
+    );
     // What it restored went into the directory it created, wherever that was moved.
     assert_success(&out, &["restore"]);
     assert_eq!(fs::read(target.join("src/moved/zz")).unwrap(), b"last file");
