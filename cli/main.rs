@@ -224,6 +224,7 @@ fn quiet_on_closed_stdout() {
 }
 
 fn main() -> ExitCode {
+    kluis::private_files();
     quiet_on_closed_stdout();
     let cli = match Cli::try_parse() {
         Ok(c) => c,

@@ -82,6 +82,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
+    kluis::private_files();
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

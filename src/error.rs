@@ -92,6 +92,16 @@ pub enum Error {
     )]
     InsecureSecretFile { path: PathBuf, mode: u32 },
 
+    #[error(
+        "{}: secret file belongs to uid {owner}, not to this user (uid {user}) or root: whoever owns it can replace the secret; `chown` it",
+        path.display()
+    )]
+    SecretFileOwner {
+        path: PathBuf,
+        owner: u32,
+        user: u32,
+    },
+
     #[error("no snapshot matches {0}")]
     SnapshotNotFound(String),
 
@@ -143,7 +153,9 @@ impl Error {
             Error::Interrupted => exit::INTERRUPTED,
             Error::SourceFailed(_) => exit::SOURCE_FAILED,
             Error::TargetFailed(_) => exit::TARGET_FAILED,
-            Error::InvalidInput(_) | Error::InsecureSecretFile { .. } => exit::USAGE,
+            Error::InvalidInput(_)
+            | Error::InsecureSecretFile { .. }
+            | Error::SecretFileOwner { .. } => exit::USAGE,
             _ => exit::FAILURE,
         }
     }

@@ -83,8 +83,14 @@ pub fn read_secret_line(path: &Path) -> Result<Zeroizing<String>> {
     Ok(Zeroizing::new(line.to_string()))
 }
 
+/// Refuses a secret file that group or others can access, or that belongs to another user
+/// than this one or root; then reads it. The checks and the read use one open file, so the
+/// file cannot be swapped between them.
 pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(Error::InsecureSecretFile {
@@ -92,7 +98,17 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>> {
             mode,
         });
     }
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| Error::io(path, e))?);
+    let user = rustix::process::geteuid().as_raw();
+    if meta.uid() != user && meta.uid() != 0 {
+        return Err(Error::SecretFileOwner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            user,
+        });
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| Error::invalid(format!("{}: secret file is not UTF-8", path.display())))?;
     Ok(Zeroizing::new(text.to_string()))
@@ -339,6 +355,17 @@ mod tests {
             Secret::from_key_file(&path),
             Err(Error::InsecureSecretFile { mode: 0o640, .. })
         ));
+        // Private, but another user's: that user can replace the secret (issue 18, defect 7).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let e = Secret::from_key_file(&path).err().unwrap();
+            assert!(
+                matches!(e, Error::SecretFileOwner { owner: 65534, .. }),
+                "{e}"
+            );
+            assert!(e.to_string().contains("belongs to uid 65534"), "{e}");
+        }
     }
 
     #[test]

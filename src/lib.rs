@@ -53,6 +53,14 @@ pub mod tree;
 
 pub use error::{Error, Result};
 
+/// Makes every file and directory this process creates private to its user (umask 077):
+/// repository objects in a local directory, key slots among them, the state directory,
+/// temporary files. Restored files get their recorded modes explicitly. Both binaries call it
+/// first; the library never changes it.
+pub fn private_files() {
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
+}
+
 /// This host's name, as recorded in snapshots and key slots.
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

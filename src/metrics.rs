@@ -626,9 +626,10 @@ pub fn failure_reason(e: &Error) -> &'static str {
         Error::Store { .. } | Error::Io { .. } | Error::RepositoryNotFound { .. } => "storage",
         Error::Corrupt { .. } | Error::MissingBlob(_) | Error::MissingObject { .. } => "corrupt",
         Error::Interrupted => "interrupted",
-        Error::InvalidInput(_) | Error::InsecureSecretFile { .. } | Error::WrongPassword { .. } => {
-            "config"
-        }
+        Error::InvalidInput(_)
+        | Error::InsecureSecretFile { .. }
+        | Error::SecretFileOwner { .. }
+        | Error::WrongPassword { .. } => "config",
         _ => "other",
     }
 }

@@ -383,6 +383,85 @@ fn secret_files_readable_by_others_are_refused() {
     assert_code(&out, 2, "snapshots with a group-readable password file");
 }
 
+/// Issue 18, defect 7: a private file of another user is refused too (whoever owns it can
+/// replace the secret).
+#[test]
+fn secret_files_of_another_user_are_refused() {
+    if !unsafe_free_is_root() {
+        eprintln!("skipped: needs root to give a file to another user");
+        return;
+    }
+    let repo = Repo::init_file(&[]);
+    std::os::unix::fs::chown(&repo.key_file, Some(65534), None).unwrap();
+    let out = repo.run(&["snapshots"]);
+    let err = assert_code(&out, 2, "snapshots with another user's key file");
+    assert!(err.contains("belongs to uid 65534"), "{err}");
+}
+
+/// Issue 18, defect 7: a local repository's key slots and objects were created with the
+/// umask (0644, open to offline guessing by every local user).
+#[test]
+fn a_local_repository_is_private_to_its_user() {
+    use std::os::unix::fs::MetadataExt;
+    let repo = Repo::init_file(&[]);
+    repo.backup_stdin("db", &dump_like(12, 300_000));
+    let root = repo.root();
+    assert_eq!(fs::metadata(&root).unwrap().mode() & 0o777, 0o700);
+    let mut seen = 0;
+    walk(&root, &mut |p| {
+        let mode = fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
+        seen += 1;
+    });
+    let mut dirs = vec![root.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                assert_eq!(
+                    fs::metadata(&p).unwrap().mode() & 0o777,
+                    0o700,
+                    "{}",
+                    p.display()
+                );
+                dirs.push(p);
+            }
+        }
+    }
+    assert!(seen >= 5, "only {seen} objects");
+}
+
+/// Issue 18, defect 7: the repository's password, the systemd credentials directory and the
+/// S3 keys were inherited by every child (`--command`, pg_dump, psql, mariadb).
+#[test]
+fn children_never_see_the_repository_secrets() {
+    let repo = Repo::init_file(&[]);
+    let creds = repo.path().join("credentials");
+    fs::create_dir(&creds).unwrap();
+    let out = repo
+        .command(&["backup", "--command", "env", "--name", "env", "--json"])
+        .env("KLUIS_PASSWORD", "hunter2-repository")
+        .env("AWS_SECRET_ACCESS_KEY", "s3-secret-key")
+        .env("AWS_ACCESS_KEY_ID", "s3-key-id")
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .env("SOME_SETTING", "kept")
+        .output()
+        .unwrap();
+    assert_success(&out, &["backup", "--command", "env"]);
+    let env = text(&repo.restore_stdout(&snapshot_id(&out.stdout)));
+    assert!(env.contains("SOME_SETTING=kept"), "{env}");
+    for secret in [
+        "hunter2-repository",
+        "s3-secret-key",
+        "s3-key-id",
+        "CREDENTIALS_DIRECTORY",
+        "KLUIS_",
+        "AWS_",
+    ] {
+        assert!(!env.contains(secret), "the child saw {secret}: {env}");
+    }
+}
+
 #[test]
 fn the_secret_can_come_from_a_systemd_credential() {
     let repo = Repo::init_file(&[]);
@@ -557,6 +636,10 @@ fn unreadable_files_are_reported_and_the_rest_is_committed() {
         "{err}"
     );
     let id = snapshot_id(&out.stdout);
+    if is_root {
+        // Root does not use a secret file another user owns (that user has the secret).
+        std::os::unix::fs::chown(&repo.key_file, Some(0), Some(0)).unwrap();
+    }
     let target = repo.path().join("restored");
     repo.ok(&[
         "restore",

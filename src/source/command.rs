@@ -3,7 +3,7 @@
 //! The command runs under `/bin/sh -c`; it fails the backup if it exits non-zero, is killed, or
 //! prints a line containing "error" or "fatal" (any case) on its standard error.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use super::{ChildOutput, NamedStream, StderrPolicy, StreamSet};
 use crate::error::Result;
@@ -43,7 +43,7 @@ impl StreamSet for CommandSource {
             return Ok(None);
         }
         self.spawned = true;
-        let mut sh = Command::new("/bin/sh");
+        let mut sh = super::child_command("/bin/sh");
         sh.arg("-c").arg(&self.command).stdin(Stdio::null());
         let out = ChildOutput::spawn(self.label(), &mut sh, StderrPolicy::Strict)?
             .cancel_on(self.cancel.clone());

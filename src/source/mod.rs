@@ -14,7 +14,7 @@ pub mod sqlite;
 pub mod url;
 
 use std::io::{self, Read};
-use std::process::{Child, ChildStderr, ChildStdout};
+use std::process::{Child, ChildStderr, ChildStdout, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -22,6 +22,28 @@ use std::thread::JoinHandle;
 use crate::error::{Error, Result};
 use crate::progress::Cancel;
 use crate::snapshot::Source as SourceRecord;
+
+/// A command for a child tool (a dump or load tool, a `--command`): this process's environment
+/// without kluis's own secrets and credentials. No child needs the repository's password
+/// (`KLUIS_PASSWORD`, and every other `KLUIS_*` variable), the systemd credentials directory
+/// (`CREDENTIALS_DIRECTORY`), or the repository's S3 keys (`AWS_*`); what a tool does need (a
+/// database password) is added to its own command by the caller.
+pub fn child_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if private_variable(&name) {
+            c.env_remove(name);
+        }
+    }
+    c
+}
+
+/// Whether an environment variable is kluis's own secret or credential.
+fn private_variable(name: &std::ffi::OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let n = name.as_bytes();
+    n.starts_with(b"KLUIS_") || n.starts_with(b"AWS_") || n == b"CREDENTIALS_DIRECTORY"
+}
 
 /// Chunk sizes (min, average, max) for database dumps: much smaller than for files, because a
 /// day's changes to a database are scattered single rows, and every changed chunk is stored

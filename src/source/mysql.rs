@@ -119,7 +119,7 @@ impl MyConn {
         for name in names {
             match find_program(name, self.bin_dir.as_deref()) {
                 Ok(path) => {
-                    let mut c = Command::new(path);
+                    let mut c = super::child_command(path);
                     c.arg(format!(
                         "--defaults-extra-file={}",
                         self.options_file().display()

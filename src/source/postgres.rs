@@ -154,7 +154,7 @@ impl PgConn {
     /// A client tool with the connection in its environment; it never prompts for a password.
     pub fn command(&self, program: &str) -> Result<Command> {
         let path = find_program(program, self.bin_dir.as_deref())?;
-        let c = Command::new(path);
+        let c = super::child_command(path);
         Ok(self.with_connection(c))
     }
 
@@ -198,11 +198,11 @@ impl PgConn {
         let psql = find_program("psql", self.bin_dir.as_deref())?;
         let mut c = match find_program("stdbuf", None) {
             Ok(stdbuf) => {
-                let mut c = Command::new(stdbuf);
+                let mut c = super::child_command(stdbuf);
                 c.arg("-o256K").arg(psql);
                 c
             }
-            Err(_) => Command::new(psql),
+            Err(_) => super::child_command(psql),
         };
         c = self.with_connection(c);
         c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
