@@ -146,12 +146,15 @@ async fn list_records(repo: &Repository, prefix: &str) -> Result<Vec<(ObjectId, 
 type Marks = (Vec<(ObjectId, Timestamp)>, HashMap<ObjectId, Timestamp>);
 
 async fn list_marks(repo: &Repository) -> Result<Marks> {
-    let marks = list_records(repo, name::PRUNE_MARKS).await?;
+    // Sweep records first: prune expires a mark before its record, so a mark listed after
+    // the records is either known swept or not yet expired.
     let swept = list_records(repo, name::PRUNE_SWEPT).await?;
+    let marks = list_records(repo, name::PRUNE_MARKS).await?;
     Ok((marks, swept.into_iter().collect()))
 }
 
-/// Reads marks; each comes back with its store time.
+/// Reads marks; each comes back with its store time. A mark deleted since it was listed
+/// (expired, long after its sweep) is left out.
 async fn read_marks(
     repo: &Repository,
     listed: &[(ObjectId, Timestamp)],
@@ -162,16 +165,21 @@ async fn read_marks(
         .collect();
     futures::stream::iter(objects)
         .map(|(id, stored, object)| async move {
-            let mark: Mark = get_json(repo, &object).await?;
+            let mark: Mark = match get_json(repo, &object).await {
+                Ok(m) => m,
+                Err(Error::MissingObject { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
             if mark.id != id {
                 return Err(Error::corrupt(&object, "id differs from the object's name"));
             }
-            Ok((mark, stored))
+            Ok(Some((mark, stored)))
         })
         .buffer_unordered(CONCURRENCY)
-        .collect::<Vec<Result<(Mark, Timestamp)>>>()
+        .collect::<Vec<Result<Option<(Mark, Timestamp)>>>>()
         .await
         .into_iter()
+        .filter_map(Result::transpose)
         .collect()
 }
 
@@ -628,7 +636,13 @@ impl<'a> Pruner<'a> {
         // only; a file's mtime is the store's clock there.)
         self.may_change().await?;
         let before = clock::system_time(clock::sub(now, self.opts.grace));
-        for (object, size) in repo.store().stale_staging(before)? {
+        // A walk of the whole directory: off the async threads, so lease renewal goes on.
+        let store = repo.store().clone();
+        let stale = tokio::task::spawn_blocking(move || store.stale_staging(before))
+            .await
+            .map_err(|e| Error::invalid(format!("the staging file walk crashed: {e}")))??;
+        self.may_change().await?;
+        for (object, size) in stale {
             if !self.opts.dry_run {
                 repo.store().remove_staging(&object)?;
             }

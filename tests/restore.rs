@@ -218,6 +218,49 @@ fn a_directory_swapped_for_a_symlink_mid_restore_is_not_followed() {
     assert_eq!(fs::read(target.join("src/moved/zz")).unwrap(), b"last file");
 }
 
+/// A path ending in `/` makes the kernel follow a final symbolic link even with O_NOFOLLOW:
+/// the target's last component is opened from its parent, so the link is refused.
+#[test]
+fn a_target_that_is_a_symlink_is_refused_with_or_without_a_trailing_slash() {
+    let repo = Repo::init_file(&[]);
+    let (_, id) = big_tree(&repo, 64 << 10);
+    let elsewhere = repo.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let link = repo.path().join("link");
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+    for target in [
+        link.display().to_string(),
+        format!("{}/", link.display()),
+        format!("{}/.", link.display()),
+    ] {
+        let out = repo.run(&["restore", &id, "--target", &target, "--overwrite"]);
+        let err = assert_code(&out, EXIT_USAGE, "a symlinked target");
+        assert!(
+            err.contains("not following it") || err.contains("name the directory"),
+            "{target}: {err}"
+        );
+        assert!(entries(&elsewhere).is_empty(), "{target}: wrote through the link");
+    }
+}
+
+/// Symbolic links get their recorded owner and time on the link itself.
+#[test]
+fn symlinks_keep_their_times() {
+    let repo = Repo::init_file(&[]);
+    let src = repo.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    std::os::unix::fs::symlink("somewhere", src.join("link")).unwrap();
+    let t = filetime::FileTime::from_unix_time(1_500_000_000, 7);
+    filetime::set_symlink_file_times(src.join("link"), t, t).unwrap();
+    let id = repo.backup_paths(&[], &[&src]);
+    let target = repo.path().join("restored");
+    let out = repo.run(&["restore", &id, "--target", target.to_str().unwrap()]);
+    assert_success(&out, &["restore"]);
+    assert!(!text(&out.stderr).contains("cannot"), "{}", text(&out.stderr));
+    let m = fs::symlink_metadata(target.join("src/link")).unwrap();
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_500_000_000, 7));
+}
+
 #[test]
 fn a_target_that_belongs_to_another_user_is_refused() {
     if rustix_euid() != 0 {

@@ -13,10 +13,12 @@
 //!   runs for days keeps its claim. Before every step that deletes or marks, the prune calls
 //!   [`LeaseGuard::check`]: a renewal that failed or came late (the process was stopped or
 //!   suspended), or another run's live lease, stops it before it changes anything more.
-//! - **Identity.** A lease names its run (a random id), host, machine id, boot id, pid and the
-//!   pid's start time. A lease is taken over early only when it was written on this machine in
-//!   this boot by a process that no longer exists: two hosts that share a name never delete
-//!   each other's leases.
+//! - **Identity.** A lease names its run (a random id), host, machine id, boot id, pid
+//!   namespace, user, pid and the pid's start time. A lease is taken over early only when it
+//!   was written on this machine, in this boot and pid namespace, by a process that certainly
+//!   no longer exists: two hosts (or containers) that share a name never delete each other's
+//!   leases. A lease object that cannot be read (an older kluis's, or junk) counts as another
+//!   run's for the longest time to live, then is removed.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -37,6 +39,8 @@ use crate::repository::Repository;
 pub const LEASE_TTL: Duration = Duration::from_secs(3600);
 /// A lease claiming to live longer than this is read as living this long.
 const MAX_TTL: Duration = Duration::from_secs(6 * 3600);
+/// How long a prune that found another's lease while starting may take to withdraw its own.
+const WITHDRAWAL: Duration = Duration::from_secs(2);
 
 /// A running prune's claim (`prune/leases/<id>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +55,11 @@ pub struct Lease {
     pub machine: String,
     /// `/proc/sys/kernel/random/boot_id` at the time (empty when unknown).
     pub boot: String,
+    /// The pid namespace (`readlink /proc/self/ns/pid`, e.g. `pid:[4026531836]`; empty when
+    /// unknown): containers share the boot id and often the machine id.
+    pub pid_ns: String,
+    /// The effective uid of the prune.
+    pub uid: u32,
     pub pid: u32,
     /// The process's start time in clock ticks after boot (`/proc/PID/stat`, field 22): a pid
     /// reused by another process does not pass for the prune.
@@ -83,6 +92,8 @@ impl Lease {
 struct Me {
     machine: String,
     boot: String,
+    pid_ns: String,
+    uid: u32,
     pid: u32,
     pid_start: u64,
 }
@@ -95,19 +106,36 @@ impl Me {
                 .or_else(|| first_line("/var/lib/dbus/machine-id"))
                 .unwrap_or_default(),
             boot: first_line("/proc/sys/kernel/random/boot_id").unwrap_or_default(),
+            pid_ns: std::fs::read_link("/proc/self/ns/pid")
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            uid: rustix::process::geteuid().as_raw(),
             pid,
-            pid_start: process_start(pid).unwrap_or(0),
+            pid_start: match process_start(pid) {
+                Process::Started(t) => t,
+                _ => 0,
+            },
         }
     }
 
-    /// A lease this machine wrote in this boot whose process is gone (killed): its prune
-    /// cannot be running.
+    /// A lease written on this machine, in this boot and pid namespace, whose process is
+    /// certainly gone (no such pid, or a pid reused by a process started at another time):
+    /// its prune was killed. A process this one may not see (another user's, under
+    /// `hidepid`) counts as alive.
     fn outlived(&self, lease: &Lease) -> bool {
-        !self.machine.is_empty()
+        let here = !self.machine.is_empty()
             && !self.boot.is_empty()
+            && !self.pid_ns.is_empty()
             && lease.machine == self.machine
             && lease.boot == self.boot
-            && process_start(lease.pid) != Some(lease.pid_start)
+            && lease.pid_ns == self.pid_ns;
+        let visible = lease.uid == self.uid || self.uid == 0;
+        here && visible
+            && match process_start(lease.pid) {
+                Process::Gone => true,
+                Process::Started(t) => t != lease.pid_start,
+                Process::Unknown => false,
+            }
     }
 }
 
@@ -117,12 +145,49 @@ fn first_line(path: &str) -> Option<String> {
     (!line.is_empty()).then(|| line.to_string())
 }
 
-/// The start time of process `pid` (field 22 of `/proc/PID/stat`); `None` if there is none.
-fn process_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+enum Process {
+    /// Running, started at this many clock ticks after boot.
+    Started(u64),
+    /// No such process.
+    Gone,
+    /// Could not tell.
+    Unknown,
+}
+
+/// Process `pid`'s start time (field 22 of `/proc/PID/stat`).
+fn process_start(pid: u32) -> Process {
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Process::Gone,
+        Err(_) => return Process::Unknown,
+    };
     // The command name (field 2) is in parentheses and may hold spaces and parentheses.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let start = stat
+        .rfind(')')
+        .and_then(|at| stat[at + 1..].split_whitespace().nth(19)?.parse().ok());
+    start.map_or(Process::Unknown, Process::Started)
+}
+
+/// Another run's claim on the repository.
+enum Holder {
+    Lease(Lease),
+    /// A lease object that does not parse: an older kluis's, or junk.
+    Unreadable {
+        object: String,
+        until: Timestamp,
+    },
+}
+
+impl Holder {
+    fn describe(&self) -> String {
+        match self {
+            Holder::Lease(l) => l.describe(),
+            Holder::Unreadable { object, until } => format!(
+                "{object} cannot be read (an older kluis's lease, or junk); it counts as a \
+                 lease until {until}"
+            ),
+        }
+    }
 }
 
 struct State {
@@ -155,10 +220,12 @@ impl<'a> LeaseGuard<'a> {
             host: host.to_string(),
             machine: me.machine.clone(),
             boot: me.boot.clone(),
+            pid_ns: me.pid_ns.clone(),
+            uid: me.uid,
             pid: me.pid,
             pid_start: me.pid_start,
             started: Timestamp::now(),
-            ttl_seconds: ttl.as_secs().max(1),
+            ttl_seconds: ttl.min(MAX_TTL).as_secs().max(1),
         };
         let watch = Stopwatch::start();
         let own = name::prune_object(name::PRUNE_LEASES, &template.id);
@@ -193,44 +260,61 @@ impl<'a> LeaseGuard<'a> {
         }
     }
 
-    /// Lists the leases: returns the store time of this run's current lease and another
-    /// run's live lease, if any. With `clean`, leases that are over (expired, or outlived by
-    /// their process on this machine) are deleted.
-    async fn others(&self, me: &Me, clean: bool) -> Result<(Timestamp, Option<Lease>)> {
+    /// Lists the leases: returns the store time of this run's newest lease and another run's
+    /// live claim, if any. With `clean`, claims that are over (expired, or outlived by their
+    /// process on this machine) are deleted.
+    async fn others(&self, me: &Me, clean: bool) -> Result<(Timestamp, Option<Holder>)> {
         let current = self.state.lock().expect("not poisoned").current;
-        let listed = list_records(self.repo, name::PRUNE_LEASES).await?;
-        let now = listed
-            .iter()
-            .find(|(id, _)| *id == current)
-            .map(|(_, stored)| *stored)
-            .ok_or_else(|| {
-                Error::Conflict(format!(
-                    "this prune's lease {} is gone from the repository (another prune found it \
-                     stale, or the store lost it); stopped",
-                    name::prune_object(name::PRUNE_LEASES, &current)
-                ))
-            })?;
-        let mut holder = None;
-        for (id, stored) in listed {
-            if id == current {
-                continue;
-            }
+        let mut ours = None;
+        let mut theirs = Vec::new();
+        for (id, stored) in list_records(self.repo, name::PRUNE_LEASES).await? {
             let object = name::prune_object(name::PRUNE_LEASES, &id);
-            let other: Lease = match get_json(self.repo, &object).await {
-                Ok(l) => l,
-                Err(Error::MissingObject { .. }) => continue,
-                Err(e) => return Err(e),
+            let lease = if id == current {
+                None
+            } else {
+                match get_json::<Lease>(self.repo, &object).await {
+                    Ok(l) => Some(l),
+                    Err(Error::MissingObject { .. }) => continue,
+                    Err(Error::Corrupt { .. }) => {
+                        theirs.push((object, stored, None));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
             };
-            if other.run == self.template.run {
-                continue;
+            match lease {
+                // This run's (the current lease, or the one a renewal is replacing).
+                None => ours = ours.max(Some(stored)),
+                Some(l) if l.run == self.template.run => ours = ours.max(Some(stored)),
+                Some(l) => theirs.push((object, stored, Some(l))),
             }
-            if other.expired(stored, now) || me.outlived(&other) {
+        }
+        let now = ours.ok_or_else(|| {
+            Error::Conflict(format!(
+                "this prune's lease {} is gone from the repository (another prune found it \
+                 stale, or the store lost it); stopped",
+                name::prune_object(name::PRUNE_LEASES, &current)
+            ))
+        })?;
+        let mut holder = None;
+        for (object, stored, lease) in theirs {
+            let over = match &lease {
+                Some(l) => l.expired(stored, now) || me.outlived(l),
+                None => clock::add(stored, MAX_TTL + SLACK) <= now,
+            };
+            if over {
                 if clean {
                     self.repo.store().delete(&object).await?;
                 }
                 continue;
             }
-            holder = Some(other);
+            holder = Some(match lease {
+                Some(l) => Holder::Lease(l),
+                None => Holder::Unreadable {
+                    object,
+                    until: clock::add(stored, MAX_TTL + SLACK),
+                },
+            });
         }
         Ok((now, holder))
     }
@@ -301,11 +385,18 @@ impl<'a> LeaseGuard<'a> {
                 crate::retention::show(age)
             )));
         }
-        if let (_, Some(other)) = self.others(&Me::read(), false).await? {
-            return Err(Error::Conflict(format!(
-                "another prune holds the repository too ({}); this one stopped before changing more",
-                other.describe()
-            )));
+        let me = Me::read();
+        if let (_, Some(_)) = self.others(&me, false).await? {
+            // A prune that is only trying to start withdraws within moments; one that holds
+            // the repository stays.
+            tokio::time::sleep(WITHDRAWAL).await;
+            if let (_, Some(other)) = self.others(&me, false).await? {
+                return Err(Error::Conflict(format!(
+                    "another prune holds the repository too ({}); this one stopped before \
+                     changing more",
+                    other.describe()
+                )));
+            }
         }
         Ok(())
     }
@@ -350,6 +441,8 @@ mod tests {
             host: host.into(),
             machine: me.machine,
             boot: me.boot,
+            pid_ns: me.pid_ns,
+            uid: me.uid,
             pid: me.pid,
             pid_start: me.pid_start,
             started: stamp,
@@ -477,6 +570,19 @@ mod tests {
             assert_eq!(leases(&repo).await.len(), 1);
             guard.release().await.unwrap();
         }
+        // Another pid namespace (a container) on this machine and boot: its pids mean nothing
+        // here, so it holds.
+        let mut contained = lease("same-name", Timestamp::now());
+        contained.pid = 1 << 23;
+        contained.pid_ns = "pid:[1]".into();
+        contained.ttl_seconds = 3600;
+        let contained_object = plant(&repo, &contained).await;
+        assert!(
+            LeaseGuard::acquire(&repo, "same-name", LEASE_TTL)
+                .await
+                .is_err()
+        );
+        repo.store().delete(&contained_object).await.unwrap();
         // A live process of this machine (this one) keeps its lease.
         let mut alive = lease("same-name", Timestamp::now());
         alive.ttl_seconds = 3600;
@@ -486,6 +592,32 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// A lease object that cannot be read (an older kluis's, or junk a bucket writer left)
+    /// neither breaks prune nor lets it run beside a prune it cannot see: it counts as a lease
+    /// for the longest time to live, and is removed after.
+    #[tokio::test]
+    async fn an_unreadable_lease_counts_until_the_longest_time_to_live() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let url = dir.path().join("repo").display().to_string();
+        let repo = repo_at(&url).await;
+        let object = name::prune_object(name::PRUNE_LEASES, &ObjectId::random());
+        repo.store()
+            .put(&object, bytes::Bytes::from_static(b"not a lease"))
+            .await
+            .unwrap();
+        let e = LeaseGuard::acquire(&repo, "here", LEASE_TTL)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("cannot be read"), "{e}");
+        let path = dir.path().join("repo").join(&object);
+        let old = std::time::SystemTime::now() - MAX_TTL - Duration::from_secs(60);
+        filetime::set_file_mtime(&path, filetime::FileTime::from_system_time(old)).unwrap();
+        let guard = LeaseGuard::acquire(&repo, "here", LEASE_TTL).await.unwrap();
+        assert_eq!(leases(&repo).await.len(), 1);
+        guard.release().await.unwrap();
     }
 
     /// A prune that runs longer than its lease's time to live keeps it by renewing: nobody

@@ -49,42 +49,57 @@ fn euid() -> u32 {
 }
 
 impl Dir {
-    /// Opens (or creates, `0700`) the restore's target directory. Returns the directory and
+    /// Opens (or creates, `0700`) the restore's target directory. Its parent is opened as
+    /// given (the operator's path); the target itself with `O_NOFOLLOW`, so a symbolic link
+    /// in its place is refused, also when the path ends in `/`. Returns the directory and
     /// whether it was created.
     fn target(path: &Path, overwrite: bool) -> Result<(Dir, bool)> {
-        let created = match std::fs::symlink_metadata(path) {
-            Ok(m) if !m.is_dir() => {
-                return Err(Error::invalid(format!(
-                    "{} exists and is not a directory",
-                    path.display()
-                )));
-            }
-            Ok(_) => false,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-                }
-                match rfs::mkdirat(rfs::CWD, path, Mode::from_bits_truncate(0o700)) {
-                    Ok(()) => true,
-                    Err(e) => return Err(io(path, e)),
-                }
-            }
-            Err(e) => return Err(Error::io(path, e)),
+        let Some(std::path::Component::Normal(name)) = path.components().next_back() else {
+            return Err(Error::invalid(format!(
+                "{}: name the directory to restore into (not `/`, `.` or `..`)",
+                path.display()
+            )));
         };
-        let fd = rfs::openat(rfs::CWD, path, dir_flags(), Mode::empty()).map_err(|e| {
+        let parent_path = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let parent = match rfs::openat(rfs::CWD, parent_path, dir_flags_following(), Mode::empty())
+        {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => {
+                std::fs::create_dir_all(parent_path).map_err(|e| Error::io(parent_path, e))?;
+                rfs::openat(rfs::CWD, parent_path, dir_flags_following(), Mode::empty())
+                    .map_err(|e| io(parent_path, e))?
+            }
+            Err(e) => return Err(io(parent_path, e)),
+        };
+        let parent = Dir {
+            fd: parent,
+            path: parent_path.to_path_buf(),
+        };
+        let name = name.as_bytes();
+        let created = match rfs::mkdirat(&parent.fd, name, Mode::from_bits_truncate(0o700)) {
+            Ok(()) => true,
+            Err(Errno::EXIST) => false,
+            Err(e) => return Err(io(path, e)),
+        };
+        let fd = rfs::openat(&parent.fd, name, dir_flags(), Mode::empty()).map_err(|e| {
             if e == Errno::LOOP || e == Errno::NOTDIR {
-                Error::invalid(format!("{} is not a directory", path.display()))
+                Error::invalid(format!(
+                    "{} exists and is not a directory (a symbolic link or a file): not following it",
+                    path.display()
+                ))
             } else {
                 io(path, e)
             }
         })?;
-        let stat = rfs::fstat(&fd).map_err(|e| io(path, e))?;
-        if stat.st_uid != euid() {
+        let owner = rfs::fstat(&fd).map_err(|e| io(path, e))?.st_uid;
+        if !(owner == euid() || (created && owner == parent.owner()?)) {
             return Err(Error::invalid(format!(
-                "{} belongs to uid {}, not to the user restoring (uid {}): another user could \
-                 redirect what is restored into it; restore into a new directory",
+                "{} belongs to uid {owner}, not to the user restoring (uid {}): another user \
+                 could redirect what is restored into it; restore into a new directory",
                 path.display(),
-                stat.st_uid,
                 euid()
             )));
         }
@@ -102,6 +117,10 @@ impl Dir {
             dir.remove_leftovers()?;
         }
         Ok((dir, created))
+    }
+
+    fn owner(&self) -> Result<u32> {
+        Ok(rfs::fstat(&self.fd).map_err(|e| io(&self.path, e))?.st_uid)
     }
 
     /// The names in this directory.
@@ -143,8 +162,10 @@ impl Dir {
     }
 
     /// Creates the subdirectory `name` (`0700`), or with `overwrite` reuses an existing one
-    /// owned by the restoring user or by `owner` (tightened to `0700` until it is done).
-    fn subdir(&self, name: &[u8], overwrite: bool, owner: u32) -> Result<Dir> {
+    /// (tightened to `0700` until it is done). A directory it created must belong to the
+    /// restoring user or to this directory's owner (a file system that gives every file one
+    /// owner, NFS with root squashing); anything else was raced in by another user.
+    fn subdir(&self, name: &[u8], overwrite: bool) -> Result<Dir> {
         let path = self.child(name);
         let created = match rfs::mkdirat(&self.fd, name, Mode::from_bits_truncate(0o700)) {
             Ok(()) => true,
@@ -165,63 +186,105 @@ impl Dir {
                 io(&path, e)
             }
         })?;
-        let stat = rfs::fstat(&fd).map_err(|e| io(&path, e))?;
-        let mine = stat.st_uid == euid();
-        if !(mine || (!created && stat.st_uid == owner)) {
-            return Err(Error::invalid(format!(
-                "{} belongs to uid {}: another user replaced or owns it; not restoring into it",
-                path.display(),
-                stat.st_uid
-            )));
-        }
         let dir = Dir { fd, path };
-        if !created {
+        if created {
+            let owner = dir.owner()?;
+            if owner != euid() && owner != self.owner()? {
+                return Err(Error::invalid(format!(
+                    "{} belongs to uid {owner}: another user replaced it; not restoring into it",
+                    dir.path.display(),
+                )));
+            }
+        } else {
             rfs::fchmod(&dir.fd, Mode::from_bits_truncate(0o700)).map_err(|e| io(&dir.path, e))?;
             dir.remove_leftovers()?;
         }
         Ok(dir)
     }
 
-    /// Creates a new private (`0600`) temporary file here; returns it and its name.
-    fn temp_file(&self) -> Result<(std::fs::File, Vec<u8>)> {
+    /// Creates a new private (`0600`) temporary file here.
+    fn temp_file(&self) -> Result<(std::fs::File, Temp<'_>)> {
         loop {
             let name = temporary_name();
             let flags =
                 OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
             match rfs::openat(&self.fd, &name, flags, Mode::from_bits_truncate(0o600)) {
-                Ok(fd) => return Ok((std::fs::File::from(fd), name.into_bytes())),
+                Ok(fd) => return Ok((std::fs::File::from(fd), self.temp(name))),
                 Err(Errno::EXIST) => continue,
                 Err(e) => return Err(io(&self.child(name.as_bytes()), e)),
             }
         }
     }
 
+    /// Creates a symbolic link to `target` under a temporary name.
+    fn temp_symlink(&self, target: &[u8]) -> Result<Temp<'_>> {
+        loop {
+            let name = temporary_name();
+            match rfs::symlinkat(target, &self.fd, &name) {
+                Ok(()) => return Ok(self.temp(name)),
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(io(&self.child(name.as_bytes()), e)),
+            }
+        }
+    }
+
+    fn temp(&self, name: String) -> Temp<'_> {
+        Temp {
+            dir: self,
+            name: name.into_bytes(),
+            placed: false,
+        }
+    }
+
     fn remove(&self, name: &[u8]) {
         let _ = rfs::unlinkat(&self.fd, name, AtFlags::empty());
     }
+}
 
-    /// Renames `tmp` over `name` (replacing a file or symlink there, never a directory).
-    fn rename_into(&self, tmp: &[u8], name: &[u8], overwrite: bool) -> Result<()> {
-        let path = self.child(name);
-        match self.entry(name)? {
-            None => {}
-            Some(rfs::FileType::Directory) => {
-                self.remove(tmp);
-                return Err(Error::invalid(format!(
-                    "{} exists and is a directory",
-                    path.display()
-                )));
-            }
-            Some(_) if !overwrite => {
-                self.remove(tmp);
-                return Err(Error::invalid(format!("{} already exists", path.display())));
-            }
-            Some(_) => {}
+/// An entry this restore created under a temporary name: removed when dropped (the restore
+/// failed or was cancelled) unless it was renamed into place.
+struct Temp<'d> {
+    dir: &'d Dir,
+    name: Vec<u8>,
+    placed: bool,
+}
+
+impl Drop for Temp<'_> {
+    fn drop(&mut self) {
+        if !self.placed {
+            self.dir.remove(&self.name);
         }
-        rfs::renameat(&self.fd, tmp, &self.fd, name).map_err(|e| {
-            self.remove(tmp);
-            io(&path, e)
-        })
+    }
+}
+
+impl Temp<'_> {
+    fn path(&self) -> PathBuf {
+        self.dir.child(&self.name)
+    }
+
+    /// Renames the entry over `name`: it replaces a file or symlink there only with
+    /// `overwrite` (`RENAME_NOREPLACE` otherwise), never a directory.
+    fn rename_into(mut self, name: &[u8], overwrite: bool) -> Result<()> {
+        let path = self.dir.child(name);
+        if self.dir.entry(name)? == Some(rfs::FileType::Directory) {
+            return Err(Error::invalid(format!(
+                "{} exists and is a directory",
+                path.display()
+            )));
+        }
+        let flags = if overwrite {
+            rfs::RenameFlags::empty()
+        } else {
+            rfs::RenameFlags::NOREPLACE
+        };
+        match rfs::renameat_with(&self.dir.fd, &self.name, &self.dir.fd, name, flags) {
+            Ok(()) => {
+                self.placed = true;
+                Ok(())
+            }
+            Err(Errno::EXIST) => Err(Error::invalid(format!("{} already exists", path.display()))),
+            Err(e) => Err(io(&path, e)),
+        }
     }
 }
 
@@ -243,7 +306,11 @@ fn is_temporary(name: &[u8]) -> bool {
 }
 
 fn dir_flags() -> OFlags {
-    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+    dir_flags_following() | OFlags::NOFOLLOW
+}
+
+fn dir_flags_following() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC
 }
 
 fn times(node: &Node) -> Timestamps {
@@ -273,7 +340,13 @@ impl Restorer<'_> {
         Ok(self.report)
     }
 
-    fn restore_tree(&mut self, id: BlobId, dir: Dir) -> futures::future::BoxFuture<'_, Result<()>> {
+    /// Restores the tree `id` into `dir`; hands `dir` back for its own metadata (one open
+    /// descriptor per level of depth).
+    fn restore_tree(
+        &mut self,
+        id: BlobId,
+        dir: Dir,
+    ) -> futures::future::BoxFuture<'_, Result<Dir>> {
         Box::pin(async move {
             let tree = self.tree(&id).await?;
             for node in &tree.nodes {
@@ -283,76 +356,77 @@ impl Restorer<'_> {
                 let name = &node.name.0[..];
                 match node.node_type {
                     NodeType::Dir => {
-                        let sub = dir.subdir(name, self.opts.overwrite, node.uid)?;
+                        let sub = dir.subdir(name, self.opts.overwrite)?;
                         let subtree = node.subtree.expect("checked by Tree::decode");
-                        let (fd, path) = (sub.fd.try_clone(), sub.path.clone());
-                        self.restore_tree(subtree, sub).await?;
+                        let sub = self.restore_tree(subtree, sub).await?;
                         self.report.dirs += 1;
-                        let fd = fd.map_err(|e| Error::io(&path, e))?;
-                        self.apply(node, fd.as_fd(), &path);
+                        self.apply(node, sub.fd.as_fd(), &sub.path);
                     }
                     NodeType::File => {
                         let (file, tmp) = dir.temp_file()?;
-                        let meta = file.try_clone();
-                        let written = self.write_content(node, Box::new(file)).await;
-                        let meta = match (written, meta) {
-                            (Ok(_), Ok(meta)) => meta,
-                            (Err(e), _) => {
-                                dir.remove(&tmp);
-                                return Err(e);
-                            }
-                            (Ok(_), Err(e)) => {
-                                dir.remove(&tmp);
-                                return Err(Error::io(dir.child(&tmp), e));
-                            }
-                        };
-                        dir.rename_into(&tmp, name, self.opts.overwrite)?;
+                        let meta = file.try_clone().map_err(|e| Error::io(tmp.path(), e))?;
+                        self.write_content(node, Box::new(file)).await?;
+                        tmp.rename_into(name, self.opts.overwrite)?;
                         self.report.files += 1;
                         self.report.bytes += node.size.unwrap_or(0);
                         self.apply(node, meta.as_fd(), &dir.child(name));
                     }
                     NodeType::Symlink => {
                         let target = &node.target.as_ref().expect("checked").0[..];
-                        self.restore_symlink(&dir, node, name, target)?;
+                        let tmp = dir.temp_symlink(target)?;
+                        self.link_metadata(node, &tmp);
+                        tmp.rename_into(name, self.opts.overwrite)?;
+                        self.report.symlinks += 1;
                     }
                 }
             }
-            Ok(())
+            Ok(dir)
         })
     }
 
-    fn restore_symlink(
-        &mut self,
-        dir: &Dir,
-        node: &Node,
-        name: &[u8],
-        target: &[u8],
-    ) -> Result<()> {
-        let path = dir.child(name);
-        let tmp = loop {
-            let tmp = temporary_name();
-            match rfs::symlinkat(target, &dir.fd, &tmp) {
-                Ok(()) => break tmp.into_bytes(),
-                Err(Errno::EXIST) => continue,
-                Err(e) => return Err(io(&path, e)),
+    /// Owner and times of a symbolic link this restore just made, set on the link itself
+    /// through an `O_PATH` handle before it gets its name: no name lookup another user could
+    /// redirect (to a hard link of some other file, say).
+    fn link_metadata(&mut self, node: &Node, tmp: &Temp<'_>) {
+        let path = tmp.dir.child(&node.name.0);
+        let link = match rfs::openat(
+            &tmp.dir.fd,
+            &tmp.name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.report.warnings.push(format!(
+                    "{}: cannot set owner and mtime: {e}",
+                    path.display()
+                ));
+                return;
             }
         };
-        dir.rename_into(&tmp, name, self.opts.overwrite)?;
-        self.report.symlinks += 1;
+        let is_link = rfs::fstat(&link)
+            .is_ok_and(|st| rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Symlink);
+        if !is_link {
+            self.report.warnings.push(format!(
+                "{}: the link was replaced before its owner was set; left as it is",
+                path.display()
+            ));
+            return;
+        }
+        let flags = AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW;
         let owner = rfs::chownat(
-            &dir.fd,
-            name,
+            &link,
+            "",
             Some(rustix::process::Uid::from_raw(node.uid)),
             Some(rustix::process::Gid::from_raw(node.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
+            flags,
         );
         self.owner_result(owner, &path);
-        if let Err(e) = rfs::utimensat(&dir.fd, name, &times(node), AtFlags::SYMLINK_NOFOLLOW) {
+        if let Err(e) = rfs::utimensat(&link, "", &times(node), flags) {
             self.report
                 .warnings
                 .push(format!("{}: cannot set mtime: {e}", path.display()));
         }
-        Ok(())
     }
 
     fn owner_result(&mut self, result: rustix::io::Result<()>, path: &Path) {
@@ -402,6 +476,7 @@ mod tests {
         let (d, _) = Dir::target(dir.path(), false).unwrap();
         let (_, a) = d.temp_file().unwrap();
         let (_, b) = d.temp_file().unwrap();
+        let (a, b) = (a.name.clone(), b.name.clone());
         assert_ne!(a, b);
         assert_eq!(a.len(), 27, "{}", String::from_utf8_lossy(&a));
         assert!(is_temporary(&a) && is_temporary(&b));
@@ -428,9 +503,9 @@ mod tests {
         let outside = tempfile::TempDir::new().unwrap();
         let (d, _) = Dir::target(&dir.path().join("t"), false).unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("t").join("etc")).unwrap();
-        let e = d.subdir(b"etc", true, 0).err().unwrap();
+        let e = d.subdir(b"etc", true).err().unwrap();
         assert!(e.to_string().contains("not following it"), "{e}");
-        let e = d.subdir(b"etc", false, 0).err().unwrap();
+        let e = d.subdir(b"etc", false).err().unwrap();
         assert!(e.to_string().contains("already exists"), "{e}");
     }
 }
