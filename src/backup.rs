@@ -124,7 +124,7 @@ pub async fn backup(
     let epoch = Epoch::of(time);
     // Prune's marks before the index: packs they condemn are not deduplicated against.
     let prune_view = crate::prune::WriterView::read(repo).await?;
-    let key = repo.write_key(epoch).await?;
+    let (key, unreadable_keys) = repo.write_key(epoch).await?;
     let (mut index, _) = repo.load_index(Some((epoch, key.id))).await?;
     index.exclude_packs(prune_view.condemned());
     let threads = if opts.threads == 0 {
@@ -236,6 +236,13 @@ pub async fn backup(
         return Err(Error::Interrupted);
     }
     let object = repo.save_snapshot(&key, &snapshot).await?;
+    let mut warnings = warnings;
+    warnings.extend(prune_view.warnings().iter().cloned());
+    warnings.extend(
+        unreadable_keys
+            .iter()
+            .map(|e| format!("{e} (skipped: this epoch's new data went under another key)")),
+    );
     Ok(BackupReport {
         snapshot,
         object,

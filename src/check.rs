@@ -168,7 +168,8 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
                 let pack_name = name::pack(p.epoch, &p.id);
                 let mut expected = by_pack.get(&p.id).cloned().unwrap_or_default();
                 expected.sort_by_key(|e| e.offset);
-                let result = read_pack(repo, p.epoch, p.key_id, &pack_name, expected).await;
+                let result =
+                    read_pack(repo, (p.epoch, p.key_id), &pack_name, p.length, expected).await;
                 (pack_name, p.length, result)
             })
             .buffer_unordered(opts.concurrency.max(1));
@@ -204,13 +205,19 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
 /// Reads one pack and checks it against the index; on failure, the error and the blobs lost.
 async fn read_pack(
     repo: &Repository,
-    epoch: Epoch,
-    key_id: ObjectId,
+    (epoch, key_id): (Epoch, ObjectId),
     pack_name: &str,
+    length: u32,
     expected: Vec<BlobEntry>,
 ) -> std::result::Result<(), (crate::Error, Vec<BlobId>)> {
     let all = || expected.iter().map(|e| e.id).collect::<Vec<_>>();
-    let bytes = repo.store().get(pack_name).await.map_err(|e| (e, all()))?;
+    // No more than the index says the pack holds: a pack swapped for a huge object since the
+    // listing is damage, not a reason to fill memory.
+    let bytes = repo
+        .store()
+        .get_bounded(pack_name, u64::from(length))
+        .await
+        .map_err(|e| (e, all()))?;
     let key = repo
         .epoch_key(epoch, key_id)
         .await

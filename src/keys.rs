@@ -148,6 +148,52 @@ pub struct KdfParams {
     pub parallelism: u32,
 }
 
+/// The most Argon2 memory a slot may ask for: 2 GiB.
+pub const MAX_KDF_MEMORY_KIB: u32 = 2 << 20;
+/// The most passes a slot may ask for.
+pub const MAX_KDF_ITERATIONS: u32 = 10;
+/// The most lanes a slot may ask for.
+pub const MAX_KDF_PARALLELISM: u32 = 16;
+/// The most work one slot may cost: memory times passes, 4 GiB-passes (about 3 s here; the
+/// default is 192 MiB-passes). A slot asking more cannot make unlocking hang.
+pub const MAX_KDF_COST_KIB: u64 = 4 << 20;
+
+impl KdfParams {
+    /// Memory times passes.
+    pub fn cost(&self) -> u64 {
+        u64::from(self.memory_kib) * u64::from(self.iterations)
+    }
+
+    /// Whether these parameters are within what kluis creates and reads: `None`, or why not.
+    pub fn out_of_bounds(&self) -> Option<String> {
+        if self.iterations == 0 || self.iterations > MAX_KDF_ITERATIONS {
+            return Some(format!(
+                "Argon2 passes {} outside 1..={MAX_KDF_ITERATIONS}",
+                self.iterations
+            ));
+        }
+        if self.parallelism == 0 || self.parallelism > MAX_KDF_PARALLELISM {
+            return Some(format!(
+                "Argon2 lanes {} outside 1..={MAX_KDF_PARALLELISM}",
+                self.parallelism
+            ));
+        }
+        if self.memory_kib > MAX_KDF_MEMORY_KIB {
+            return Some(format!(
+                "Argon2 memory {} KiB over {MAX_KDF_MEMORY_KIB} KiB",
+                self.memory_kib
+            ));
+        }
+        if self.cost() > MAX_KDF_COST_KIB {
+            return Some(format!(
+                "Argon2 memory times passes {} KiB over {MAX_KDF_COST_KIB} KiB",
+                self.cost()
+            ));
+        }
+        None
+    }
+}
+
 impl Default for KdfParams {
     /// RFC 9106's second recommended option, with one lane: 64 MiB, 3 passes.
     fn default() -> Self {
@@ -190,6 +236,12 @@ impl KeySlot {
         host: String,
         label: Option<String>,
     ) -> Result<KeySlot> {
+        if let Some(why) = kdf
+            .out_of_bounds()
+            .filter(|_| secret.kind() == SlotKind::Passphrase)
+        {
+            return Err(Error::invalid(format!("key derivation parameters: {why}")));
+        }
         let mut slot = KeySlot {
             id: ObjectId::random(),
             repository,
@@ -225,14 +277,17 @@ impl KeySlot {
     fn key_encryption_key(&self, secret: &Secret) -> Result<Key> {
         match (secret, self.kdf) {
             (Secret::Passphrase(p), Some(k)) => {
+                if let Some(why) = k.out_of_bounds() {
+                    return Err(Error::corrupt(
+                        self.name(),
+                        format!("{why}: not tried (a slot must not make unlocking hang)"),
+                    ));
+                }
                 let params =
                     argon2::Params::new(k.memory_kib, k.iterations, k.parallelism, Some(32))
                         .map_err(|e| {
                             Error::corrupt(self.name(), format!("invalid Argon2 parameters: {e}"))
                         })?;
-                if k.memory_kib > 4 * 1024 * 1024 {
-                    return Err(Error::corrupt(self.name(), "Argon2 memory over 4 GiB"));
-                }
                 let argon = argon2::Argon2::new(
                     argon2::Algorithm::Argon2id,
                     argon2::Version::V0x13,
@@ -250,6 +305,11 @@ impl KeySlot {
                 "slot kind and parameters disagree",
             )),
         }
+    }
+
+    /// What trying this slot costs (Argon2 memory times passes; 0 for a key-file slot).
+    pub fn cost(&self) -> u64 {
+        self.kdf.map_or(0, |k| k.cost())
     }
 
     /// Unwraps the master key, or `None` if `secret` is not this slot's secret.

@@ -50,6 +50,23 @@ impl Kind {
         })
     }
 
+    /// The largest object of this kind a reader loads whole, by what the format allows;
+    /// anything larger is damage or a planted object, refused before it is read. Packs and
+    /// index segments depend on the repository's pack size: see
+    /// [`crate::repository::Repository::max_len`].
+    pub fn max_len(self) -> u64 {
+        match self {
+            Kind::Config | Kind::KeySlot => 64 << 10,
+            // Header, nonce, 32 key bytes, tag.
+            Kind::EpochKey => (HEADER_LEN + NONCE_LEN + 32 + TAG_LEN) as u64,
+            Kind::Pack => u64::from(u32::MAX),
+            Kind::Index => 1 << 30,
+            Kind::Snapshot => 64 << 20,
+            Kind::Prune => 256 << 20,
+            Kind::Drill => 16 << 20,
+        }
+    }
+
     fn label(self) -> &'static [u8] {
         match self {
             Kind::Config => b"config",

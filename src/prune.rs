@@ -123,64 +123,78 @@ async fn get_json<T: DeserializeOwned>(repo: &Repository, object: &str) -> Resul
         .map_err(|e| Error::corrupt(object, format!("does not parse: {e}")))
 }
 
-/// The ids under one of the `prune/` prefixes, each with its store time; a name that does
-/// not parse is an error.
-async fn list_records(repo: &Repository, prefix: &str) -> Result<Vec<(ObjectId, Timestamp)>> {
-    repo.store()
-        .list(prefix)
-        .await?
-        .into_iter()
-        .map(|o| {
-            let id = name::parse_prune_object(prefix, &o.name).ok_or_else(|| {
-                Error::corrupt(
-                    &o.name,
-                    format!("not a kluis object name under {prefix}/; remove it"),
-                )
-            })?;
-            Ok((id, o.modified))
-        })
-        .collect()
+/// The ids under one of the `prune/` prefixes, each with its store time. A name that is not
+/// a record's (left by someone else) is added to `junk` and otherwise ignored: no object
+/// prune writes has it, so nothing depends on it.
+async fn list_records(
+    repo: &Repository,
+    prefix: &str,
+    junk: &mut Vec<String>,
+) -> Result<Vec<(ObjectId, Timestamp)>> {
+    let mut records = Vec::new();
+    for o in repo.store().list(prefix).await? {
+        match name::parse_prune_object(prefix, &o.name) {
+            Some(id) => records.push((id, o.modified)),
+            None => junk.push(format!(
+                "{}: not a kluis object name under {prefix}/, ignored (remove it)",
+                o.name
+            )),
+        }
+    }
+    Ok(records)
 }
 
 /// Marks, and the marks that were swept, each with its store time.
 type Marks = (Vec<(ObjectId, Timestamp)>, HashMap<ObjectId, Timestamp>);
 
-async fn list_marks(repo: &Repository) -> Result<Marks> {
+async fn list_marks(repo: &Repository, junk: &mut Vec<String>) -> Result<Marks> {
     // Sweep records first: prune expires a mark before its record, so a mark listed after
     // the records is either known swept or not yet expired.
-    let swept = list_records(repo, name::PRUNE_SWEPT).await?;
-    let marks = list_records(repo, name::PRUNE_MARKS).await?;
+    let swept = list_records(repo, name::PRUNE_SWEPT, junk).await?;
+    let marks = list_records(repo, name::PRUNE_MARKS, junk).await?;
     Ok((marks, swept.into_iter().collect()))
 }
 
 /// Reads marks; each comes back with its store time. A mark deleted since it was listed
-/// (expired, long after its sweep) is left out.
+/// (expired, long after its sweep) is left out. A mark that cannot be read (damaged, or not
+/// prune's) is added to `junk` and left out: nobody sweeps what it condemns, and the next
+/// prune marks again whatever of it is still unused, so ignoring it deletes nothing early.
 async fn read_marks(
     repo: &Repository,
     listed: &[(ObjectId, Timestamp)],
+    junk: &mut Vec<String>,
 ) -> Result<Vec<(Mark, Timestamp)>> {
     let objects: Vec<(ObjectId, Timestamp, String)> = listed
         .iter()
         .map(|(id, stored)| (*id, *stored, name::prune_object(name::PRUNE_MARKS, id)))
         .collect();
-    futures::stream::iter(objects)
+    let read = futures::stream::iter(objects)
         .map(|(id, stored, object)| async move {
             let mark: Mark = match get_json(repo, &object).await {
                 Ok(m) => m,
                 Err(Error::MissingObject { .. }) => return Ok(None),
+                Err(e @ Error::Corrupt { .. }) => return Ok(Some(Err(e.to_string()))),
                 Err(e) => return Err(e),
             };
             if mark.id != id {
-                return Err(Error::corrupt(&object, "id differs from the object's name"));
+                return Ok(Some(Err(format!(
+                    "{object}: id differs from the object's name"
+                ))));
             }
-            Ok(Some((mark, stored)))
+            Ok(Some(Ok((mark, stored))))
         })
         .buffer_unordered(CONCURRENCY)
-        .collect::<Vec<Result<Option<(Mark, Timestamp)>>>>()
-        .await
-        .into_iter()
-        .filter_map(Result::transpose)
-        .collect()
+        .collect::<Vec<Result<Option<std::result::Result<(Mark, Timestamp), String>>>>>()
+        .await;
+    let mut marks = Vec::new();
+    for read in read {
+        match read? {
+            Some(Ok(mark)) => marks.push(mark),
+            Some(Err(why)) => junk.push(format!("{why}; this mark is ignored")),
+            None => {}
+        }
+    }
+    Ok(marks)
 }
 
 /// What a writer (backup, copy) learned about prune before it started: the marks it saw, and
@@ -190,27 +204,36 @@ pub struct WriterView {
     seen: HashSet<ObjectId>,
     condemned: IdSet<ObjectId>,
     started: Stopwatch,
+    /// Objects under `prune/` that are not prune's or cannot be read: ignored, reported.
+    warnings: Vec<String>,
 }
 
 impl WriterView {
     /// Reads the marks. Call it before loading the index.
     pub async fn read(repo: &Repository) -> Result<WriterView> {
         let started = Stopwatch::start();
-        let (marks, swept) = list_marks(repo).await?;
+        let mut warnings = Vec::new();
+        let (marks, swept) = list_marks(repo, &mut warnings).await?;
         let live: Vec<(ObjectId, Timestamp)> = marks
             .iter()
             .filter(|(m, _)| !swept.contains_key(m))
             .copied()
             .collect();
         let mut condemned = IdSet::default();
-        for (mark, _) in read_marks(repo, &live).await? {
+        for (mark, _) in read_marks(repo, &live, &mut warnings).await? {
             condemned.extend(mark.pack_ids());
         }
         Ok(WriterView {
             seen: marks.into_iter().map(|(id, _)| id).collect(),
             condemned,
             started,
+            warnings,
         })
+    }
+
+    /// What the writer should report: objects under `prune/` it ignored.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Packs the writer must treat as absent.
@@ -234,7 +257,7 @@ impl WriterView {
                 crate::retention::show(TOMBSTONE_LIFE)
             )));
         }
-        let (marks, swept) = list_marks(repo).await?;
+        let (marks, swept) = list_marks(repo, &mut Vec::new()).await?;
         let new: Vec<(ObjectId, Timestamp)> = marks
             .into_iter()
             .filter(|(m, _)| !self.seen.contains(m))
@@ -244,7 +267,7 @@ impl WriterView {
         }
         // The store's clock, read only when a new mark touches this snapshot (rare).
         let mut now = None;
-        for (mark, stored) in read_marks(repo, &new).await? {
+        for (mark, stored) in read_marks(repo, &new, &mut Vec::new()).await? {
             if !mark.pack_ids().any(|p| needed.contains(&p)) {
                 continue;
             }
@@ -440,8 +463,10 @@ impl<'a> Pruner<'a> {
         // Marks first: a mark read after the snapshots could name a pack a snapshot listed
         // before it needed. `now` was read from the store before this listing, so every
         // snapshot committed before a due mark's due time is in the listing below.
-        let (mark_ids, swept) = list_marks(repo).await?;
-        let marks = read_marks(repo, &mark_ids).await?;
+        let mut junk = Vec::new();
+        let (mark_ids, swept) = list_marks(repo, &mut junk).await?;
+        let marks = read_marks(repo, &mark_ids, &mut junk).await?;
+        self.report.warnings.extend(junk);
         let (due, pending): (Vec<_>, Vec<_>) = marks
             .iter()
             .filter(|(m, _)| !swept.contains_key(&m.id))
@@ -663,7 +688,7 @@ impl<'a> Pruner<'a> {
                         .await?;
                 }
             }
-            for (id, stored) in list_records(repo, name::PRUNE_CLOCK).await? {
+            for (id, stored) in list_records(repo, name::PRUNE_CLOCK, &mut Vec::new()).await? {
                 if add(stored, CLOCK_LEFTOVER) <= now {
                     repo.store()
                         .delete(&name::prune_object(name::PRUNE_CLOCK, &id))
@@ -948,7 +973,10 @@ impl<'a> Pruner<'a> {
                 self.cancelled()?;
                 let p = &packs[id];
                 let object = name::pack(epoch, id);
-                let bytes = repo.store().get(&object).await?;
+                let bytes = repo
+                    .store()
+                    .get_bounded(&object, u64::from(p.length))
+                    .await?;
                 for e in &p.entries {
                     // Only the copy the index resolves to is carried over; duplicates go.
                     let home = index.get(&e.id).is_some_and(|(h, _)| h.id == *id);
@@ -1092,14 +1120,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stray_object_under_prune_is_named() {
+    async fn stray_objects_under_prune_are_named_and_stop_nothing() {
+        // Issue 18, defect 6: one junk object under prune/marks/ stopped every backup.
         let repo = repo().await;
         repo.store()
             .put("prune/marks/notes.txt", Bytes::from_static(b"x"))
             .await
             .unwrap();
-        let e = WriterView::read(&repo).await.unwrap_err();
-        assert!(e.to_string().contains("prune/marks/notes.txt"), "{e}");
+        let junk = name::prune_object(name::PRUNE_MARKS, &ObjectId::random());
+        repo.store()
+            .put(&junk, Bytes::from_static(b"not a mark"))
+            .await
+            .unwrap();
+        let view = WriterView::read(&repo).await.unwrap();
+        let warnings = view.warnings().join("\n");
+        assert!(warnings.contains("prune/marks/notes.txt"), "{warnings}");
+        assert!(warnings.contains(&junk), "{warnings}");
+        assert!(view.condemned().is_empty());
+        view.check_commit(&repo, &[ObjectId::random()].into_iter().collect())
+            .await
+            .unwrap();
+        let report = prune(
+            &repo,
+            &PruneOptions {
+                grace: Duration::from_secs(0),
+                ..PruneOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(
+            report.warnings.iter().any(|w| w.contains(&junk)),
+            "{report:?}"
+        );
     }
 
     #[test]

@@ -224,7 +224,10 @@ impl Repository {
 
     /// Opens and unlocks an existing repository.
     pub async fn open(store: Store, secret: &Secret) -> Result<Repository> {
-        let config_bytes = match store.get(name::CONFIG).await {
+        let config_bytes = match store
+            .get_bounded(name::CONFIG, Kind::Config.max_len())
+            .await
+        {
             Ok(b) => b,
             Err(Error::MissingObject { .. }) => {
                 return Err(Error::RepositoryNotFound {
@@ -234,15 +237,35 @@ impl Repository {
             Err(e) => return Err(e),
         };
         let header = Header::decode(name::CONFIG, &config_bytes, Kind::Config)?;
-        let slots = load_slots(&store).await?;
+        let mut slots = load_slots(&store).await?;
+        // Cheapest first: a slot planted with costly parameters is tried last, if at all.
+        slots.sort_by_key(|s| s.as_ref().map_or(u64::MAX, |s| s.cost()));
         let mut corrupt = None;
         let mut unlocked = None;
+        let mut tried = 0;
         for slot in &slots {
             match slot {
+                Ok(slot) if slot.kdf.is_some() && tried >= MAX_PASSPHRASE_SLOTS => {
+                    corrupt.get_or_insert_with(|| {
+                        format!(
+                            "more than {MAX_PASSPHRASE_SLOTS} passphrase slots; the rest were \
+                             not tried (planted slots would make unlocking take for ever)"
+                        )
+                    });
+                }
+                // A bad slot (parameters out of bounds, kind and parameters disagreeing) is
+                // reported if nothing opens, and never stops the slots after it.
                 Ok(slot) => {
-                    if let Some(master) = slot.unwrap_master(secret)? {
-                        unlocked = Some((master, slot.id, slot.repository));
-                        break;
+                    tried += usize::from(slot.kdf.is_some());
+                    match slot.unwrap_master(secret) {
+                        Ok(Some(master)) => {
+                            unlocked = Some((master, slot.id, slot.repository));
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            corrupt.get_or_insert_with(|| e.to_string());
+                        }
                     }
                 }
                 Err(e) => {
@@ -298,6 +321,22 @@ impl Repository {
         &self.store
     }
 
+    /// The largest object of `kind` this repository's format allows ([`Kind::max_len`]), with
+    /// index segments bounded by its pack size: at most 65,536 entries beyond the blobs of one
+    /// pack (each at least 28 bytes), 46 bytes each, and as many pack records and superseded
+    /// segment ids.
+    pub fn max_len(&self, kind: Kind) -> u64 {
+        match kind {
+            Kind::Index => {
+                let per_pack = u64::from(self.config.pack_size) / 28 + 1;
+                let entries = 65_536 + per_pack;
+                let bound = (64 << 10) + 46 * entries + (24 + 16) * 65_536;
+                bound.min(Kind::Index.max_len())
+            }
+            other => other.max_len(),
+        }
+    }
+
     pub fn config(&self) -> &RepoConfig {
         &self.config
     }
@@ -317,7 +356,10 @@ impl Repository {
             return Ok(k.clone());
         }
         let object = name::epoch_key(epoch, &key_id);
-        let bytes = self.store.get(&object).await?;
+        let bytes = self
+            .store
+            .get_bounded(&object, Kind::EpochKey.max_len())
+            .await?;
         let header = Header::decode(&object, &bytes, Kind::EpochKey)?;
         if header.key_id != key_id {
             return Err(Error::corrupt(
@@ -344,12 +386,14 @@ impl Repository {
     }
 
     /// The key new data of `epoch` is written under, created when the epoch has none yet.
-    /// Writers that race to create one converge on the key with the smallest id.
-    pub async fn write_key(&self, epoch: Epoch) -> Result<Arc<EpochKey>> {
+    /// Writers that race to create one converge on the readable key with the smallest id. An
+    /// epoch key object that cannot be read (damaged, or junk a bucket writer put there) is
+    /// skipped and returned as a warning: it must not stop every backup of the month.
+    pub async fn write_key(&self, epoch: Epoch) -> Result<(Arc<EpochKey>, Vec<Error>)> {
         let prefix = format!("{}/{epoch}", name::EPOCHS);
-        let existing = self.epoch_key_ids(&prefix, epoch).await?;
-        if let Some(id) = existing.first() {
-            return self.epoch_key(epoch, *id).await;
+        let mut unreadable = Vec::new();
+        if let Some(key) = self.first_key(&prefix, epoch, &mut unreadable).await? {
+            return Ok((key, unreadable));
         }
         let id = ObjectId::random();
         let key = Key::random();
@@ -365,9 +409,31 @@ impl Repository {
             key.as_bytes(),
         );
         self.store.put(&object, Bytes::from(sealed)).await?;
-        let ids = self.epoch_key_ids(&prefix, epoch).await?;
-        let chosen = ids.first().copied().unwrap_or(id);
-        self.epoch_key(epoch, chosen).await
+        let chosen = match self.first_key(&prefix, epoch, &mut Vec::new()).await? {
+            Some(k) => k,
+            None => self.epoch_key(epoch, id).await?,
+        };
+        Ok((chosen, unreadable))
+    }
+
+    /// The readable key of `epoch` with the smallest id; keys that are damaged or missing on
+    /// reading are added to `unreadable`. Other errors (storage) stop it.
+    async fn first_key(
+        &self,
+        prefix: &str,
+        epoch: Epoch,
+        unreadable: &mut Vec<Error>,
+    ) -> Result<Option<Arc<EpochKey>>> {
+        for id in self.epoch_key_ids(prefix, epoch).await? {
+            match self.epoch_key(epoch, id).await {
+                Ok(key) => return Ok(Some(key)),
+                Err(e @ (Error::Corrupt { .. } | Error::MissingObject { .. })) => {
+                    unreadable.push(e)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
     }
 
     async fn epoch_key_ids(&self, prefix: &str, epoch: Epoch) -> Result<Vec<ObjectId>> {
@@ -415,7 +481,7 @@ impl Repository {
 
     /// Reads and opens a repository-wide object sealed by [`Repository::seal_master`].
     pub async fn open_master(&self, kind: Kind, object: &str) -> Result<Vec<u8>> {
-        let bytes = self.store.get(object).await?;
+        let bytes = self.store.get_bounded(object, self.max_len(kind)).await?;
         let header = Header::decode(object, &bytes, kind)?;
         object::open(header, &self.master, &self.config.id, object, &bytes)
     }
@@ -427,7 +493,7 @@ impl Repository {
         epoch: Epoch,
         object: &str,
     ) -> Result<(ObjectId, Vec<u8>)> {
-        let bytes = self.store.get(object).await?;
+        let bytes = self.store.get_bounded(object, self.max_len(kind)).await?;
         self.open_bytes(kind, epoch, object, &bytes).await
     }
 
@@ -719,11 +785,14 @@ impl Repository {
     }
 }
 
+/// Passphrase slots tried at most when unlocking.
+const MAX_PASSPHRASE_SLOTS: usize = 64;
+
 async fn load_slots(store: &Store) -> Result<Vec<Result<KeySlot>>> {
     let listed = store.list(name::KEYS).await?;
     let slots = futures::stream::iter(listed)
         .map(|o| async move {
-            let bytes = store.get(&o.name).await?;
+            let bytes = store.get_bounded(&o.name, Kind::KeySlot.max_len()).await?;
             KeySlot::decode(&o.name, &bytes)
         })
         .buffer_unordered(FETCH_CONCURRENCY)

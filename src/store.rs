@@ -169,16 +169,39 @@ impl Store {
             .map_err(|e| store_error("write", name, e))
     }
 
-    pub async fn get(&self, name: &str) -> Result<Bytes> {
+    /// Reads a whole object of at most `limit` bytes, the most the format allows for it. A
+    /// larger one is refused before its body is read (damage, or an object planted to exhaust
+    /// memory), and the body is read no further than the limit whatever the store claims.
+    pub async fn get_bounded(&self, name: &str, limit: u64) -> Result<Bytes> {
         let result = self
             .inner
             .get(&Self::path(name))
             .await
             .map_err(|e| store_error("read", name, e))?;
-        result
-            .bytes()
+        let too_big = |size: u64| {
+            Error::corrupt(
+                name,
+                format!(
+                    "{size} bytes, more than the {limit} bytes the format allows for this object"
+                ),
+            )
+        };
+        if result.meta.size > limit {
+            return Err(too_big(result.meta.size));
+        }
+        let mut body = result.into_stream();
+        let mut bytes = Vec::with_capacity(usize::try_from(limit.min(1 << 20)).unwrap_or(0));
+        while let Some(piece) = body
+            .try_next()
             .await
-            .map_err(|e| store_error("read", name, e))
+            .map_err(|e| store_error("read", name, e))?
+        {
+            if (bytes.len() + piece.len()) as u64 > limit {
+                return Err(too_big((bytes.len() + piece.len()) as u64));
+            }
+            bytes.extend_from_slice(&piece);
+        }
+        Ok(Bytes::from(bytes))
     }
 
     pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
@@ -474,7 +497,14 @@ mod tests {
     async fn memory_store_basics() {
         let s = Store::open("memory://", false).unwrap();
         s.put("a/b/c", Bytes::from_static(b"hello")).await.unwrap();
-        assert_eq!(s.get("a/b/c").await.unwrap(), Bytes::from_static(b"hello"));
+        assert_eq!(
+            s.get_bounded("a/b/c", 5).await.unwrap(),
+            Bytes::from_static(b"hello")
+        );
+        // Larger than the format allows: refused, naming the object and the bound.
+        let err = s.get_bounded("a/b/c", 4).await.unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("a/b/c") && err.to_string().contains("allows"));
         assert_eq!(
             s.get_range("a/b/c", 1..3).await.unwrap(),
             Bytes::from_static(b"el")
@@ -492,7 +522,7 @@ mod tests {
         assert_eq!(s.list("a").await.unwrap().len(), 1);
         assert!(s.list("b").await.unwrap().is_empty());
         assert!(matches!(
-            s.get("nope").await,
+            s.get_bounded("nope", 10).await,
             Err(Error::MissingObject { .. })
         ));
         assert!(s.exists("a/b/c").await.unwrap());

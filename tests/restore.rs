@@ -239,7 +239,10 @@ fn a_target_that_is_a_symlink_is_refused_with_or_without_a_trailing_slash() {
             err.contains("not following it") || err.contains("name the directory"),
             "{target}: {err}"
         );
-        assert!(entries(&elsewhere).is_empty(), "{target}: wrote through the link");
+        assert!(
+            entries(&elsewhere).is_empty(),
+            "{target}: wrote through the link"
+        );
     }
 }
 
@@ -256,7 +259,11 @@ fn symlinks_keep_their_times() {
     let target = repo.path().join("restored");
     let out = repo.run(&["restore", &id, "--target", target.to_str().unwrap()]);
     assert_success(&out, &["restore"]);
-    assert!(!text(&out.stderr).contains("cannot"), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("cannot"),
+        "{}",
+        text(&out.stderr)
+    );
     let m = fs::symlink_metadata(target.join("src/link")).unwrap();
     assert_eq!((m.mtime(), m.mtime_nsec()), (1_500_000_000, 7));
 }

@@ -267,7 +267,7 @@ impl<'a> LeaseGuard<'a> {
         let current = self.state.lock().expect("not poisoned").current;
         let mut ours = None;
         let mut theirs = Vec::new();
-        for (id, stored) in list_records(self.repo, name::PRUNE_LEASES).await? {
+        for (id, stored) in list_records(self.repo, name::PRUNE_LEASES, &mut Vec::new()).await? {
             let object = name::prune_object(name::PRUNE_LEASES, &id);
             let lease = if id == current {
                 None
@@ -451,7 +451,7 @@ mod tests {
     }
 
     async fn leases(repo: &Repository) -> Vec<ObjectId> {
-        list_records(repo, name::PRUNE_LEASES)
+        list_records(repo, name::PRUNE_LEASES, &mut Vec::new())
             .await
             .unwrap()
             .into_iter()

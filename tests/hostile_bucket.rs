@@ -1,0 +1,163 @@
+//! Someone who can write to the bucket but holds no key (issue 18, defect 6) can delete
+//! things, which kluis must notice, but must not be able to stop kluis or make it hang or run
+//! out of memory with objects it plants.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn sha256(b: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .to_vec()
+}
+
+/// Runs `cmd`, killing it if it takes longer than `limit` (a hang is the failure).
+fn within(mut cmd: Command, limit: Duration, what: &str) -> std::process::Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{what} still running after {limit:?}");
+        }
+    }
+}
+
+fn epoch_dir(repo: &Repo, prefix: &str) -> std::path::PathBuf {
+    fs::read_dir(repo.root().join(prefix))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+}
+
+/// One junk object under `epochs/` (named like a key, the smallest id) stopped every backup of
+/// that month. Now it is skipped and reported.
+#[test]
+fn junk_among_the_epoch_keys_does_not_stop_backups() {
+    let repo = Repo::init_file(&[]);
+    let a = dump_like(1, 200_000);
+    let a_id = repo.backup_stdin("a", &a);
+    let junk = epoch_dir(&repo, "epochs").join("00000000000000000000000000000000");
+    fs::write(&junk, b"planted").unwrap();
+    let b = dump_like(2, 200_000);
+    let out = repo.run_stdin(&["backup", "--stdin", "--name", "b", "--json"], &b);
+    assert_success(&out, &["backup", "with junk under epochs/"]);
+    let err = text(&out.stderr);
+    assert!(err.contains("00000000000000000000000000000000"), "{err}");
+    let b_id = snapshot_id(&out.stdout);
+    assert!(repo.restore_stdout(&a_id) == a);
+    assert!(repo.restore_stdout(&b_id) == b);
+}
+
+/// A key slot planted with enormous Argon2 parameters made unlocking hang, and one with
+/// parameters Argon2 refuses stopped the slots after it from being tried.
+#[test]
+fn planted_key_slots_neither_hang_nor_block_unlocking() {
+    let repo = Repo::init_file(&[]);
+    let id = repo.backup_stdin("db", &dump_like(3, 50_000));
+    let pw = repo.path().join("pw");
+    fs::write(&pw, "correct horse battery staple\n").unwrap();
+    fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    repo.ok(&["key", "add", "--new-password-file", pw.to_str().unwrap()]);
+
+    // Copy the passphrase slot's metadata into slots with the smallest ids (listed first),
+    // with hostile parameters and a valid checksum: no key needed to write them.
+    let slot_path = repo
+        .objects()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("keys/"))
+        .map(|(_, p)| p)
+        .find(|p| {
+            let b = fs::read(p).unwrap();
+            String::from_utf8_lossy(&b).contains("\"passphrase\"")
+        })
+        .expect("a passphrase slot");
+    let bytes = fs::read(&slot_path).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&bytes[24..bytes.len() - 32]).unwrap();
+    for (n, (memory, iterations, parallelism)) in [
+        (65536u64, 4_000_000_000u64, 1u64), // hours of work
+        (65536, 3, 0),                      // refused by Argon2
+        (4 << 20, 10, 1),                   // 4 GiB, ten passes
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let slot_id = format!("{:032x}", n);
+        let mut j = json.clone();
+        j["id"] = slot_id.clone().into();
+        j["kdf"] = serde_json::json!({
+            "memory_kib": memory, "iterations": iterations, "parallelism": parallelism
+        });
+        let mut planted = bytes[..24].to_vec();
+        hex::decode_to_slice(&slot_id, &mut planted[8..24]).unwrap();
+        planted.extend_from_slice(&serde_json::to_vec(&j).unwrap());
+        let sum = sha256(&planted);
+        planted.extend_from_slice(&sum);
+        fs::write(repo.root().join("keys").join(&slot_id), planted).unwrap();
+    }
+    let mut cmd = repo.command(&["restore", &id, "--stdout", "--quiet"]);
+    cmd.env_remove("KLUIS_KEY_FILE")
+        .env("KLUIS_PASSWORD_FILE", &pw);
+    let out = within(cmd, Duration::from_secs(60), "unlocking past planted slots");
+    assert_success(&out, &["restore with a passphrase past planted slots"]);
+    // The key file still opens it, and `key list` names the bad slots.
+    let out = repo.run(&["key", "list"]);
+    assert_success(&out, &["key", "list"]);
+}
+
+/// Whole-object reads had no size cap: a planted huge object exhausted memory. A sparse
+/// 32 GiB file costs no disk; reading it would fill memory.
+#[test]
+fn a_planted_huge_object_is_refused_unread() {
+    let repo = Repo::init_file(&[]);
+    let data = dump_like(4, 100_000);
+    let id = repo.backup_stdin("db", &data);
+    let mut planted = Vec::new();
+    for prefix in ["snapshots", "index"] {
+        let path = epoch_dir(&repo, prefix).join("ffffffffffffffffffffffffffffffff");
+        let f = fs::File::create(&path).unwrap();
+        f.set_len(32 << 30).unwrap();
+        planted.push(path);
+    }
+    let out = within(
+        repo.command(&["snapshots"]),
+        Duration::from_secs(60),
+        "listing past a huge manifest",
+    );
+    let listed = text(&out.stdout);
+    assert!(listed.contains(&id[..8]), "{listed}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("ffffffffffffffffffffffffffffffff") && err.contains("the format allows"),
+        "{err}"
+    );
+    // A restore and a backup of the same month read the index: the huge segment is skipped.
+    let out = within(
+        repo.command(&["restore", &id, "--stdout", "--quiet"]),
+        Duration::from_secs(60),
+        "a restore past a huge index segment",
+    );
+    assert!(out.stdout == data, "{}", text(&out.stderr));
+    let out = repo.run_stdin(&["backup", "--stdin", "--name", "db2"], &data);
+    assert_success(&out, &["backup past a huge index segment"]);
+    for p in planted {
+        assert!(Path::new(&p).exists());
+    }
+}
