@@ -210,8 +210,16 @@ async fn run_job(g: &Global, a: &BackupArgs, name: &str, cancel: Cancel) -> anyh
     let source = jobs::source(&config, job)?;
     let mut a = a.clone_options();
     a.tags.extend(job.tags.iter().cloned());
-    let (code, snapshot) =
-        backup_one(g, &a, &repo, job.snapshot_name.clone(), source, cancel).await?;
+    let ledger = crate::ledger(&config.state_dir, &repo);
+    let (code, snapshot) = backup_one(
+        g,
+        &a,
+        (&repo, ledger),
+        job.snapshot_name.clone(),
+        source,
+        cancel,
+    )
+    .await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&snapshot)?);
     }
@@ -247,6 +255,7 @@ pub async fn run(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result<i3
     }
     let planned = plan(g, &a, &cancel)?;
     let repo = open(g).await?;
+    let ledger = crate::ledger(&crate::state_dir(g), &repo);
     let several = planned.len() > 1;
     let mut code = exit::OK;
     let mut first_error = None;
@@ -255,7 +264,8 @@ pub async fn run(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result<i3
         if cancel.is_cancelled() {
             break;
         }
-        match backup_one(g, &a, &repo, name.clone(), source, cancel.clone()).await {
+        let to = (&repo, ledger.clone());
+        match backup_one(g, &a, to, name.clone(), source, cancel.clone()).await {
             Ok((c, snapshot)) => {
                 if code == exit::OK {
                     code = c;
@@ -287,13 +297,17 @@ pub async fn run(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result<i3
 async fn backup_one(
     g: &Global,
     a: &BackupArgs,
-    repo: &kluis::repository::Repository,
+    (repo, ledger): (
+        &kluis::repository::Repository,
+        Option<kluis::ledger::Ledger>,
+    ),
     name: String,
     source: Source,
     cancel: Cancel,
 ) -> anyhow::Result<(i32, kluis::snapshot::Snapshot)> {
     let progress = Progress::new();
     let mut opts = BackupOptions::new(name);
+    opts.ledger = ledger;
     opts.host = a.host.clone().unwrap_or_else(kluis::hostname);
     opts.time = a.time;
     opts.tags = a.tags.clone();

@@ -108,6 +108,7 @@ pub async fn run(g: &Global, a: CopyArgs, cancel: Cancel) -> anyhow::Result<i32>
         dry_run: a.dry_run,
         cancel,
         progress: progress.clone(),
+        ledger: crate::ledger(&crate::state_dir(g), &dst),
         ..CopyOptions::default()
     };
     let line = show_progress(g).then(|| ProgressLine::start("copy", "files", progress));

@@ -149,17 +149,22 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
     let decisions = retention::decide(&list, &policy, Timestamp::now(), &tz)?;
     let mut removed = 0;
     if !a.dry_run {
-        for d in decisions.iter().filter(|d| !d.keep) {
-            if cancel.is_cancelled() {
-                anyhow::bail!(kluis::Error::Interrupted);
-            }
-            let snapshot = list
-                .iter()
-                .find(|s| s.id.to_hex() == d.id)
-                .expect("decided snapshots come from the list");
-            repo.forget(snapshot).await?;
-            removed += 1;
+        if cancel.is_cancelled() {
+            anyhow::bail!(kluis::Error::Interrupted);
         }
+        let doomed: Vec<&kluis::snapshot::Snapshot> = decisions
+            .iter()
+            .filter(|d| !d.keep)
+            .filter_map(|d| list.iter().find(|s| s.id.to_hex() == d.id))
+            .collect();
+        // A forget record names them before they go (see kluis::ledger).
+        let state_dir = match &configured {
+            Some((config, _, _, _)) => config.state_dir.clone(),
+            None => crate::state_dir(g),
+        };
+        let ledger = crate::ledger(&state_dir, &repo);
+        kluis::ledger::forget(&repo, &doomed, ledger.as_ref(), &kluis::hostname()).await?;
+        removed = doomed.len();
     }
     if a.json && !a.prune {
         println!("{}", serde_json::to_string_pretty(&decisions)?);

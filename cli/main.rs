@@ -67,6 +67,10 @@ struct Global {
     /// /usr/lib/postgresql/N/bin)
     #[arg(long, global = true, env = "KLUIS_PG_BIN_DIR")]
     pg_bin_dir: Option<PathBuf>,
+    /// This host's state directory: its ledger of each repository (default: $STATE_DIRECTORY,
+    /// else /var/lib/kluis for root, ~/.local/state/kluis for others)
+    #[arg(long, global = true, env = "KLUIS_STATE_DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -138,6 +142,10 @@ struct CheckArgs {
     /// Also read and verify every pack (downloads the whole repository)
     #[arg(long)]
     read_data: bool,
+    /// Take the repository's records as they are now as what this host has seen: clears
+    /// findings of removed records once they have been looked into
+    #[arg(long)]
+    acknowledge: bool,
     #[arg(long)]
     json: bool,
 }
@@ -409,6 +417,26 @@ fn secret(global: &Global) -> anyhow::Result<Secret> {
     .into())
 }
 
+/// This host's state directory.
+fn state_dir(global: &Global) -> PathBuf {
+    global
+        .state_dir
+        .clone()
+        .unwrap_or_else(kluis::config::default_state_dir)
+}
+
+/// This host's ledger of `repo` under `dir`; without one (the directory cannot be written)
+/// records carry no chain, and that is said.
+fn ledger(dir: &std::path::Path, repo: &Repository) -> Option<kluis::ledger::Ledger> {
+    match kluis::ledger::Ledger::open(dir, repo) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            eprintln!("warning: no ledger for this host ({e}): removal of records goes unnoticed");
+            None
+        }
+    }
+}
+
 async fn open(global: &Global) -> anyhow::Result<Repository> {
     let url = repo_url(global)?;
     let secret = secret(global)?;
@@ -480,6 +508,8 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
                     concurrency: 2,
                     cancel,
                     progress,
+                    ledger: ledger(&state_dir(g), &repo),
+                    acknowledge: a.acknowledge,
                 },
             )
             .await;
@@ -490,6 +520,9 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
             } else {
                 for p in &report.problems {
                     println!("error: {p}");
+                }
+                for f in report.ledger.findings.iter().filter(|f| f.acknowledged) {
+                    println!("note: {f}");
                 }
                 if !report.unindexed_packs.is_empty() {
                     println!(

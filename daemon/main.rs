@@ -36,6 +36,18 @@ use kluis::metrics::{self, Metrics};
 use kluis::progress::{Cancel, Progress};
 use kluis::status::{Board, RepositoryStatus};
 
+/// A verification's outcome: metrics, and each problem in the log.
+fn record_integrity(
+    metrics: &Metrics,
+    repository: &str,
+    verification: &kluis::ledger::Verification,
+) {
+    metrics.record_integrity(repository, verification);
+    for f in verification.problems() {
+        log(format!("repository {repository}: integrity: {f}"));
+    }
+}
+
 fn log(msg: impl std::fmt::Display) {
     eprintln!(
         "{} kluisd: {msg}",
@@ -405,8 +417,11 @@ async fn run_job_inner(
                 s,
                 started.elapsed().as_secs_f64(),
             );
-            match jobs::snapshots(config, &job.repository).await {
-                Ok(list) => metrics.record_repository(&job.repository, &list),
+            match jobs::survey(config, &job.repository).await {
+                Ok((list, verification)) => {
+                    metrics.record_repository(&job.repository, &list);
+                    record_integrity(metrics, &job.repository, &verification);
+                }
                 Err(_) => metrics
                     .repository_up
                     .with_label_values(&[&job.repository])
@@ -521,8 +536,9 @@ async fn run_copy(
                 report.already_copied.len()
             ));
             metrics.record_copy(name, Ok(&report), seconds);
-            if let Ok(list) = jobs::snapshots(config, &rule.to).await {
+            if let Ok((list, verification)) = jobs::survey(config, &rule.to).await {
                 metrics.record_repository(&rule.to, &list);
+                record_integrity(metrics, &rule.to, &verification);
             }
             Outcome::Ok
         }
@@ -728,9 +744,10 @@ impl Daemon {
         let mut listed: BTreeMap<String, Option<Vec<kluis::snapshot::Snapshot>>> = BTreeMap::new();
         for name in self.config.repositories.keys() {
             let location = kluis::source::postgres::redact(&self.config.repositories[name].url);
-            let list = match jobs::snapshots(&self.config, name).await {
-                Ok(list) => {
+            let list = match jobs::survey(&self.config, name).await {
+                Ok((list, verification)) => {
                     self.metrics.record_repository(name, &list);
+                    record_integrity(&self.metrics, name, &verification);
                     self.board.repository(RepositoryStatus {
                         name: name.clone(),
                         location,

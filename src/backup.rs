@@ -77,6 +77,9 @@ pub struct BackupOptions {
     pub progress: Arc<Progress>,
     /// For a copy: the snapshot it copies.
     pub origin: Option<crate::snapshot::Origin>,
+    /// This host's ledger of the repository: the snapshot joins its chain (see
+    /// [`crate::ledger`]). Without one the snapshot carries no chain.
+    pub ledger: Option<crate::ledger::Ledger>,
 }
 
 impl BackupOptions {
@@ -91,6 +94,7 @@ impl BackupOptions {
             cancel: Cancel::new(),
             progress: Progress::new(),
             origin: None,
+            ledger: None,
         }
     }
 }
@@ -231,12 +235,29 @@ pub async fn backup(
         streams,
         program: format!("kluis {}", env!("CARGO_PKG_VERSION")),
         origin: opts.origin.clone(),
+        chain: None,
     };
     if opts.cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
+    // The host's chain is held from reading its head until the manifest is written.
+    let mut snapshot = snapshot;
+    let link = match &opts.ledger {
+        Some(l) => Some(l.link().await?),
+        None => None,
+    };
+    snapshot.chain = link.as_ref().map(|l| l.chain.clone());
     let object = repo.save_snapshot(&key, &snapshot).await?;
+    let mut ledger_warning = None;
+    if let Some(link) = link {
+        if let Err(e) = link.committed(&object) {
+            ledger_warning = Some(format!(
+                "the snapshot is committed, but this host's ledger could not record it: {e}"
+            ));
+        }
+    }
     let mut warnings = warnings;
+    warnings.extend(ledger_warning);
     warnings.extend(prune_view.warnings().iter().cloned());
     warnings.extend(
         unreadable_keys

@@ -29,6 +29,11 @@ pub struct CheckOptions {
     pub concurrency: usize,
     pub cancel: Cancel,
     pub progress: Arc<Progress>,
+    /// This host's ledger of the repository: what it saw last time is compared too.
+    pub ledger: Option<crate::ledger::Ledger>,
+    /// Take the repository as it is now as what this host has seen (after findings were
+    /// looked into).
+    pub acknowledge: bool,
 }
 
 /// What `check` found.
@@ -45,6 +50,8 @@ pub struct CheckReport {
     pub unindexed_packs: Vec<String>,
     /// Damage, each naming the object and, where known, the snapshots it affects.
     pub problems: Vec<String>,
+    /// Records removed, rolled back or replayed (also counted in `problems`).
+    pub ledger: crate::ledger::Verification,
 }
 
 pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport> {
@@ -73,6 +80,17 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
     report
         .problems
         .extend(snapshot_errors.iter().map(|e| e.to_string()));
+    report.ledger = crate::ledger::verify(
+        repo,
+        &snapshots,
+        &snapshot_errors,
+        opts.ledger.as_ref(),
+        opts.acknowledge,
+    )
+    .await?;
+    report
+        .problems
+        .extend(report.ledger.problems().map(|f| f.to_string()));
 
     let segments = repo.index_segments(name::INDEX).await?;
     report.index_segments = segments.len();

@@ -97,6 +97,8 @@ pub struct CopyOptions {
     pub dry_run: bool,
     pub cancel: Cancel,
     pub progress: Arc<Progress>,
+    /// This host's ledger of the destination: copies join its chain.
+    pub ledger: Option<crate::ledger::Ledger>,
 }
 
 impl Default for CopyOptions {
@@ -109,6 +111,7 @@ impl Default for CopyOptions {
             fetches: 4,
             dry_run: false,
             cancel: Cancel::new(),
+            ledger: None,
             progress: Progress::new(),
         }
     }
@@ -284,6 +287,7 @@ pub async fn copy_snapshot(
     bopts.uploads = opts.uploads;
     bopts.cancel = opts.cancel.clone();
     bopts.progress = opts.progress.clone();
+    bopts.ledger = opts.ledger.clone();
     bopts.origin = Some(Origin {
         repository: src.id(),
         snapshot: snapshot.id,

@@ -78,6 +78,9 @@ pub struct DrillReport {
     pub reason: Option<String>,
     /// Whether the scratch target was removed afterwards.
     pub cleaned_up: bool,
+    /// Its place in the drilling host's chain of records (see [`crate::ledger`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<crate::ledger::Chain>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     pub program: String,
@@ -149,7 +152,8 @@ pub async fn run(config: &Loaded, drill: &Drill, opts: &DrillOptions) -> Result<
         let mut report = drill_one(&repo, drill, &scratch, snapshot, pick, n, &opts.cancel).await;
         // A repository the drill may only read (credentials for the foreign copy that cannot
         // write) still gets its drill: the report is then only in the log and the metrics.
-        if let Err(e) = save(&repo, &report).await {
+        let ledger = crate::ledger::Ledger::open(&config.state_dir, &repo);
+        if let Err(e) = save(&repo, &mut report, ledger.as_ref().ok()).await {
             report.warnings.push(format!(
                 "the report could not be stored in repository {}: {e}",
                 drill.repository
@@ -160,13 +164,26 @@ pub async fn run(config: &Loaded, drill: &Drill, opts: &DrillOptions) -> Result<
     Ok(reports)
 }
 
-/// Stores a report in the repository.
-async fn save(repo: &Repository, report: &DrillReport) -> Result<()> {
+/// Stores a report in the repository, chained to this host's records when it has a ledger.
+async fn save(
+    repo: &Repository,
+    report: &mut DrillReport,
+    ledger: Option<&crate::ledger::Ledger>,
+) -> Result<()> {
     let object = format!("{}/{}", name::DRILLS, report.id);
+    let link = match ledger {
+        Some(l) => Some(l.link().await?),
+        None => None,
+    };
+    report.chain = link.as_ref().map(|l| l.chain.clone());
     let plain = serde_json::to_vec(report).expect("reports serialize");
     repo.store()
         .put(&object, repo.seal_master(Kind::Drill, &object, &plain))
-        .await
+        .await?;
+    if let Some(link) = link {
+        link.committed(&object)?;
+    }
+    Ok(())
 }
 
 /// Every drill report in the repository, oldest first, and the objects that could not be read.
@@ -524,6 +541,7 @@ async fn drill_one(
         snapshot_name: snapshot.name.clone(),
         pick: pick.into(),
         kind: kind.into(),
+        chain: None,
         target: shown_target,
         started,
         finished: Timestamp::now(),

@@ -52,7 +52,25 @@ async fn open_with(config: &Loaded, name: &str, create: bool) -> Result<Reposito
     let store = Store::open(&r.url, init)?;
     match Repository::open(store.clone(), &secret).await {
         Err(Error::RepositoryNotFound { .. }) if init => {
-            Repository::init(store, &secret, InitOptions::default()).await
+            if let Some((id, seen)) = crate::ledger::known_at(&config.state_dir, store.location()) {
+                return Err(Error::invalid(format!(
+                    "repositories.{name}: {} has no repository, but this host used repository \
+                     {} there{}: its config is gone. Not creating a new one over it (`init = \
+                     true` only creates a repository where this host never saw one); restore \
+                     it, or remove {} to start afresh",
+                    store.location(),
+                    id.short(),
+                    seen.map(|t| format!(" (last verified {t})"))
+                        .unwrap_or_default(),
+                    config.state_dir.join("ledger").display()
+                )));
+            }
+            let repo = Repository::init(store, &secret, InitOptions::default()).await?;
+            // Remember it from the start: if it vanishes, the next start says so.
+            if let Ok(ledger) = crate::ledger::Ledger::open(&config.state_dir, &repo) {
+                let _ = ledger.touch();
+            }
+            Ok(repo)
         }
         other => other,
     }
@@ -94,6 +112,7 @@ pub async fn run(
     let repo = open_repository(config, &job.repository).await?;
     let source = source(config, job)?;
     let mut opts = BackupOptions::new(job.snapshot_name.clone());
+    opts.ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
     opts.tags = job.tags.clone();
     opts.cancel = cancel;
     opts.progress = progress;
@@ -105,6 +124,20 @@ pub async fn run(
 pub async fn snapshots(config: &Loaded, repository: &str) -> Result<Vec<Snapshot>> {
     let repo = open_repository(config, repository).await?;
     Ok(repo.snapshots().await?.0)
+}
+
+/// Every readable snapshot of a repository, and the verification of its records against
+/// their chains, the forget records and what this host saw (see [`crate::ledger`]).
+pub async fn survey(
+    config: &Loaded,
+    repository: &str,
+) -> Result<(Vec<Snapshot>, crate::ledger::Verification)> {
+    let repo = open_repository(config, repository).await?;
+    let (list, unreadable) = repo.snapshots().await?;
+    let ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
+    let verification =
+        crate::ledger::verify(&repo, &list, &unreadable, ledger.as_ref(), false).await?;
+    Ok((list, verification))
 }
 
 /// A job's newest snapshot among `snapshots`.
@@ -137,15 +170,17 @@ pub async fn maintain(
         }
         let decisions =
             crate::retention::decide(&list, policy, jiff::Timestamp::now(), &config.time_zone)?;
-        for d in decisions.iter().filter(|d| !d.keep) {
-            if cancel.is_cancelled() {
-                return Err(Error::Interrupted);
-            }
-            if let Some(s) = list.iter().find(|s| s.id.to_hex() == d.id) {
-                repo.forget(s).await?;
-                removed += 1;
-            }
+        if cancel.is_cancelled() {
+            return Err(Error::Interrupted);
         }
+        let doomed: Vec<&Snapshot> = decisions
+            .iter()
+            .filter(|d| !d.keep)
+            .filter_map(|d| list.iter().find(|s| s.id.to_hex() == d.id))
+            .collect();
+        let ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
+        crate::ledger::forget(&repo, &doomed, ledger.as_ref(), &crate::hostname()).await?;
+        removed = doomed.len();
     }
     let mut opts = r.prune.as_ref().map(|p| p.options()).unwrap_or_default();
     opts.cancel = cancel;
@@ -163,6 +198,7 @@ pub async fn copy(
     let src = open_existing(config, &rule.from).await?;
     let dst = open_repository(config, &rule.to).await?;
     let opts = crate::copy::CopyOptions {
+        ledger: crate::ledger::Ledger::open(&config.state_dir, &dst).ok(),
         selection: match rule.select {
             crate::config::CopySelect::Latest => crate::copy::Selection::Latest,
             crate::config::CopySelect::All => crate::copy::Selection::All,

@@ -9,6 +9,9 @@
 //!   (docs/FORMAT.md).
 //! - [`source`]: database and command sources (dump tools run as children, checked).
 //! - [`backup`], [`restore`], [`check`]: the operations.
+//! - [`ledger`]: chains, forget records and this host's view: removal, rollback and replay of
+//!   records are detected.
+//! - [`clock`]: the store's time, which prune's protocol uses instead of hosts' clocks.
 //!
 //! ```no_run
 //! # async fn demo() -> kluis::Result<()> {
@@ -36,6 +39,7 @@ pub mod id;
 pub mod index;
 pub mod jobs;
 pub mod keys;
+pub mod ledger;
 pub mod metrics;
 pub mod object;
 pub mod pack;

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub repository_stored_bytes: IntGaugeVec,
     pub repository_last_write: GaugeVec,
     pub repository_up: IntGaugeVec,
+    pub repository_integrity_problems: IntGaugeVec,
+    pub repository_integrity_verified: GaugeVec,
     pub prune_last_run: GaugeVec,
     pub prune_last_success: GaugeVec,
     pub prune_duration: GaugeVec,
@@ -210,6 +212,18 @@ impl Metrics {
                 IntGaugeVec,
                 "kluis_repository_up",
                 "1 if the repository could be opened and listed the last time it was tried, else 0.",
+                &["repository"]
+            ),
+            repository_integrity_problems: register!(
+                IntGaugeVec,
+                "kluis_repository_integrity_problems",
+                "Records of the repository found removed, rolled back or replayed at its last verification (0: none).",
+                &["repository"]
+            ),
+            repository_integrity_verified: register!(
+                GaugeVec,
+                "kluis_repository_integrity_verified_timestamp_seconds",
+                "When the repository's records were last verified against their chains, the forget records and what this host saw (Unix time).",
                 &["repository"]
             ),
             prune_last_run: register!(
@@ -598,6 +612,16 @@ impl Metrics {
         self.repository_info
             .with_label_values(&[repository, p.kind, &p.endpoint, &p.region])
             .set(1);
+    }
+
+    /// The outcome of a verification of a repository's records ([`crate::ledger::verify`]).
+    pub fn record_integrity(&self, repository: &str, v: &crate::ledger::Verification) {
+        self.repository_integrity_problems
+            .with_label_values(&[repository])
+            .set(v.problems().count() as i64);
+        self.repository_integrity_verified
+            .with_label_values(&[repository])
+            .set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
     }
 
     /// A repository's snapshots, after a listing.

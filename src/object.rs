@@ -33,6 +33,8 @@ pub enum Kind {
     Prune = 7,
     /// A restore drill's report (`drills/<id>`).
     Drill = 8,
+    /// A forget record (`forgotten/<id>`): manifests removed on purpose (see `crate::ledger`).
+    Forgotten = 9,
 }
 
 impl Kind {
@@ -46,6 +48,7 @@ impl Kind {
             6 => Kind::Snapshot,
             7 => Kind::Prune,
             8 => Kind::Drill,
+            9 => Kind::Forgotten,
             _ => return None,
         })
     }
@@ -64,6 +67,7 @@ impl Kind {
             Kind::Snapshot => 64 << 20,
             Kind::Prune => 256 << 20,
             Kind::Drill => 16 << 20,
+            Kind::Forgotten => 256 << 20,
         }
     }
 
@@ -77,6 +81,7 @@ impl Kind {
             Kind::Snapshot => b"snapshot",
             Kind::Prune => b"prune",
             Kind::Drill => b"drill",
+            Kind::Forgotten => b"forgotten",
         }
     }
 }
@@ -248,6 +253,8 @@ pub mod name {
     pub const PRUNE_CLOCK: &str = "prune/clock";
     /// Restore drill reports: `drills/<id>`.
     pub const DRILLS: &str = "drills";
+    /// Forget records: `forgotten/<id>`.
+    pub const FORGOTTEN: &str = "forgotten";
 
     /// `prune/marks/<id>` and friends: repository-wide objects named by a random id.
     pub fn prune_object(prefix: &str, id: &ObjectId) -> String {

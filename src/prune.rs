@@ -353,6 +353,8 @@ pub struct PruneReport {
     /// deleted (or, with `dry_run`, found).
     pub staging_deleted: usize,
     pub staging_bytes: u64,
+    /// Manifests a forget record names that were present again, deleted.
+    pub forgotten_deleted: usize,
     /// When the objects marked by this run may be deleted.
     pub next_sweep: Option<Timestamp>,
     /// Marks still inside their grace period (not swept by this run).
@@ -477,7 +479,30 @@ impl<'a> Pruner<'a> {
         let pending_due = pending.iter().map(|(m, stored)| m.due(*stored)).min();
         let pending: Vec<&Mark> = pending.into_iter().map(|(m, _)| m).collect();
 
-        let (snapshots, unreadable) = repo.snapshots().await?;
+        let (mut snapshots, mut unreadable) = repo.snapshots().await?;
+        // Manifests a forget record names are gone on purpose: one present again was put back
+        // (a replay) or its forget did not finish. Prune neither keeps data for it nor stops
+        // on it, and deletes it.
+        let (forgotten, forget_errors) = crate::ledger::forgotten(repo).await?;
+        self.report
+            .warnings
+            .extend(forget_errors.iter().map(|e| format!("{e} (ignored)")));
+        let mut replayed: Vec<String> = Vec::new();
+        snapshots.retain(|s| {
+            let object = name::snapshot(s.epoch(), &s.id);
+            let keep = !forgotten.contains_key(&object);
+            if !keep {
+                replayed.push(object);
+            }
+            keep
+        });
+        unreadable.retain(|u| {
+            let keep = !forgotten.contains_key(&u.object);
+            if !keep {
+                replayed.push(u.object.clone());
+            }
+            keep
+        });
         if let Some(bad) = unreadable.into_iter().next() {
             let what = bad.object.clone();
             return Err(stopped(
@@ -654,6 +679,17 @@ impl<'a> Pruner<'a> {
             }
         } else if let Some(first) = pending_due {
             self.report.next_sweep = Some(first);
+        }
+
+        if !replayed.is_empty() {
+            self.report.warnings.extend(replayed.iter().map(|o| {
+                format!("{o}: forgotten earlier, yet present (replayed, or an unfinished forget); deleted")
+            }));
+            self.report.forgotten_deleted = replayed.len();
+            if !self.opts.dry_run {
+                self.may_change().await?;
+                delete_all(repo, replayed).await?;
+            }
         }
 
         // Half-written objects of killed writers: no name refers to them, and once they are

@@ -160,6 +160,25 @@ impl Repository {
             });
         }
         let stray = store.list(name::KEYS).await?;
+        // A repository whose config vanished (deleted by someone, or a partial restore of the
+        // bucket) must never be silently replaced by a new one over its data.
+        for prefix in [
+            name::SNAPSHOTS,
+            name::DATA,
+            name::INDEX,
+            name::EPOCHS,
+            name::DRILLS,
+            name::FORGOTTEN,
+        ] {
+            if store.has_any(prefix).await? {
+                return Err(Error::invalid(format!(
+                    "{} holds kluis data ({prefix}/) but no config: the repository's config is \
+                     gone (deleted, or a partial copy); restore `config` from a copy of the \
+                     bucket instead of creating a new repository over it",
+                    store.location()
+                )));
+            }
+        }
         if !stray.is_empty() {
             return Err(Error::invalid(format!(
                 "{} holds key slots but no config: an earlier init did not finish; remove it first",

@@ -122,6 +122,9 @@ pub struct Snapshot {
     /// Set on a copy (`kluis copy`): the snapshot it was copied from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// Its place in the writing host's chain of records (see [`crate::ledger`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<crate::ledger::Chain>,
 }
 
 /// Where a copied snapshot came from: it is the same snapshot (time, host, name, content,
@@ -237,6 +240,7 @@ impl Snapshot {
             streams: vec![],
             program: "kluis test".into(),
             origin: None,
+            chain: None,
         }
     }
 }

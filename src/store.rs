@@ -292,6 +292,15 @@ impl Store {
             .map_err(|e| store_error("list", &format!("{prefix}/"), e))
     }
 
+    /// Whether any object lies under `prefix/` (one listing page at most).
+    pub async fn has_any(&self, prefix: &str) -> Result<bool> {
+        let p = Self::path(prefix);
+        match self.inner.list(Some(&p)).try_next().await {
+            Ok(first) => Ok(first.is_some()),
+            Err(e) => Err(store_error("list", &format!("{prefix}/"), e)),
+        }
+    }
+
     /// Name -> size of every object under `prefix/`.
     pub async fn sizes(&self, prefix: &str) -> Result<std::collections::HashMap<String, u64>> {
         Ok(self

@@ -58,6 +58,7 @@ impl Setup {
             .args(args)
             .env("KLUIS_REPOSITORY", self.state().join("repository"))
             .env("KLUIS_KEY_FILE", self.state().join("repository.key"))
+            .env("KLUIS_STATE_DIR", self.state())
             .output()
             .unwrap()
     }

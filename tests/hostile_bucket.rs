@@ -161,3 +161,169 @@ fn a_planted_huge_object_is_refused_unread() {
         assert!(Path::new(&p).exists());
     }
 }
+
+fn manifest_of(repo: &Repo, id: &str) -> std::path::PathBuf {
+    repo.objects()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("snapshots/") && n.ends_with(id))
+        .unwrap_or_else(|| panic!("no manifest of {id}"))
+        .1
+}
+
+fn check(repo: &Repo) -> (i32, String) {
+    let out = repo.run(&["check"]);
+    (
+        out.status.code().unwrap_or(-1),
+        format!("{}{}", text(&out.stdout), text(&out.stderr)),
+    )
+}
+
+/// Deleting a snapshot manifest went unnoticed. Each snapshot names the one this host wrote
+/// before it: a gap in the chain is found by `check` on any host.
+#[test]
+fn a_deleted_snapshot_is_noticed() {
+    let repo = Repo::init_file(&[]);
+    let _a = repo.backup_stdin("db", &dump_like(10, 20_000));
+    let b = repo.backup_stdin("db", &dump_like(11, 20_000));
+    let _c = repo.backup_stdin("db", &dump_like(12, 20_000));
+    assert_eq!(check(&repo).0, 0);
+    fs::remove_file(manifest_of(&repo, &b)).unwrap();
+    let (code, out) = check(&repo);
+    assert_eq!(code, EXIT_CORRUPT, "{out}");
+    assert!(
+        out.contains(&b) && out.contains("gone without a forget record"),
+        "{out}"
+    );
+    // Another host (no state of its own) sees the gap in the chain too.
+    let elsewhere = repo
+        .command(&["check"])
+        .env("KLUIS_STATE_DIR", repo.path().join("other-host"))
+        .output()
+        .unwrap();
+    assert_code(&elsewhere, EXIT_CORRUPT, "check on another host");
+    // Once looked into, it can be accepted: a forget record names it, for every host.
+    let out = repo.run(&["check", "--acknowledge"]);
+    assert_success(&out, &["check", "--acknowledge"]);
+    assert!(
+        text(&out.stdout).contains("acknowledged"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(check(&repo).0, 0);
+}
+
+/// The newest records deleted, or the whole bucket put back to an older state: no chain shows
+/// it, but the host that saw them does.
+#[test]
+fn a_rollback_of_the_bucket_is_noticed_by_the_host_that_saw_it() {
+    let repo = Repo::init_file(&[]);
+    repo.backup_stdin("db", &dump_like(13, 20_000));
+    let before = repo.path().join("before");
+    copy_dir(&repo.root(), &before);
+    let b = repo.backup_stdin("db", &dump_like(14, 20_000));
+    assert_eq!(check(&repo).0, 0);
+    fs::remove_dir_all(repo.root()).unwrap();
+    copy_dir(&before, &repo.root());
+    let (code, out) = check(&repo);
+    assert_eq!(code, EXIT_CORRUPT, "{out}");
+    assert!(
+        out.contains(&b) && out.contains("this host saw it"),
+        "{out}"
+    );
+    // It keeps saying so until someone accepts it.
+    assert_eq!(check(&repo).0, EXIT_CORRUPT);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A forgotten manifest put back (its ciphertext kept from before) went unnoticed, and once its
+/// data was swept it would stop every prune. A forget record now names it: check reports the
+/// replay, prune ignores it and deletes it.
+#[test]
+fn a_replayed_forgotten_snapshot_is_noticed_and_pruned() {
+    let repo = Repo::init_file(&[]);
+    let a = repo.backup_stdin("a", &random_bytes(15, 300_000));
+    let b = repo.backup_stdin("b", &random_bytes(16, 300_000));
+    let a_path = manifest_of(&repo, &a);
+    let kept = fs::read(&a_path).unwrap();
+    repo.ok(&["forget", "--name", "a", "--max-age", "0s"]);
+    let prune = |repo: &Repo| -> serde_json::Value {
+        let out = repo.ok(&["prune", "--grace", "0s", "--unsafe-short-grace", "--json"]);
+        serde_json::from_slice(&out).unwrap()
+    };
+    prune(&repo);
+    let swept = prune(&repo);
+    assert!(swept["packs_deleted"].as_u64().unwrap() > 0, "{swept}");
+    assert_eq!(check(&repo).0, 0);
+
+    fs::write(&a_path, kept).unwrap();
+    let (code, out) = check(&repo);
+    assert_eq!(code, EXIT_CORRUPT, "{out}");
+    assert!(out.contains(&a) && out.contains("present again"), "{out}");
+    let report = prune(&repo);
+    assert_eq!(report["forgotten_deleted"], 1, "{report}");
+    assert!(!a_path.exists());
+    assert_eq!(check(&repo).0, 0);
+    assert!(repo.restore_stdout(&b) == random_bytes(16, 300_000));
+}
+
+/// `init = true` re-created a repository whose config vanished (and with it every key slot),
+/// silently, over the old data. Now the host refuses.
+#[test]
+fn init_never_recreates_a_repository_whose_config_vanished() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = dir.path().join("kluisd.toml");
+    fs::write(
+        &config,
+        format!(
+            "[daemon]\nstate_dir = \"{}\"\n\
+             [repositories.local]\nurl = \"{{state_dir}}/repository\"\n\
+             key_file = \"{{state_dir}}/repository.key\"\ninit = true\n\n\
+             [jobs.hello]\nrepository = \"local\"\ncommand = \"echo hello\"\n\
+             schedule = \"every 1h\"\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let job = || {
+        Command::new(KLUIS)
+            .args(["backup", "--job", "hello", "--config"])
+            .arg(&config)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .output()
+            .unwrap()
+    };
+    assert_success(&job(), &["backup", "--job", "hello"]);
+    let repository = dir.path().join("state/repository");
+    // The config and the key slots deleted: the data is still there.
+    fs::remove_file(repository.join("config")).unwrap();
+    fs::remove_dir_all(repository.join("keys")).unwrap();
+    let out = job();
+    let err = assert_code(
+        &out,
+        EXIT_USAGE,
+        "a job over a repository whose config is gone",
+    );
+    assert!(err.contains("config is gone"), "{err}");
+    // Everything deleted: this host still knows a repository was there.
+    for e in fs::read_dir(&repository).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            fs::remove_dir_all(p).unwrap();
+        } else {
+            fs::remove_file(p).unwrap();
+        }
+    }
+    let out = job();
+    let err = assert_code(&out, EXIT_USAGE, "a job over an emptied repository");
+    assert!(err.contains("this host used repository"), "{err}");
+}

@@ -127,6 +127,8 @@ impl Repo {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("KLUIS_REPOSITORY", &self.url)
             .env("KLUIS_KEY_FILE", &self.key_file)
+            // This "host's" state (its ledger of the repository), per test.
+            .env("KLUIS_STATE_DIR", self.dir.path().join("state"))
             .envs(&self.env)
             .stdin(Stdio::null());
         cmd
