@@ -428,11 +428,17 @@ fn open_s3(url: &str, rest: &str) -> Result<Store> {
         .filter(|s| !s.is_empty());
     let mut region = None;
     let mut path_style = true;
+    let mut timeout = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "endpoint" => endpoint = Some(v.to_string()),
             "region" => region = Some(v.to_string()),
+            "timeout" => {
+                timeout = Some(humantime::parse_duration(v).map_err(|e| {
+                    Error::invalid(format!("{url:?}: timeout {v:?}: {e} (e.g. 30s)"))
+                })?)
+            }
             "path-style" => {
                 path_style = match v {
                     "true" | "" => true,
@@ -446,7 +452,7 @@ fn open_s3(url: &str, rest: &str) -> Result<Store> {
             }
             _ => {
                 return Err(Error::invalid(format!(
-                    "{url:?}: unknown option {k:?} (known: endpoint, region, path-style)"
+                    "{url:?}: unknown option {k:?} (known: endpoint, region, path-style, timeout)"
                 )));
             }
         }
@@ -468,6 +474,13 @@ fn open_s3(url: &str, rest: &str) -> Result<Store> {
             max_retries: 8,
             retry_timeout: Duration::from_secs(120),
         });
+    if let Some(t) = timeout {
+        builder = builder.with_client_options(
+            object_store::ClientOptions::new()
+                .with_timeout(t)
+                .with_connect_timeout(t.min(Duration::from_secs(5))),
+        );
+    }
     if let Some(ep) = &endpoint {
         builder = builder
             .with_endpoint(ep)

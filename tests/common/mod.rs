@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod databases;
+pub mod faults;
 pub mod mariadb;
 
 use std::collections::BTreeMap;
@@ -422,15 +423,33 @@ api_bind_addr = "127.0.0.1:{admin}"
 
     /// [`Garage::repo`], reached through `endpoint` (a proxy in front of this server).
     pub fn repo_through(&self, prefix: &str, endpoint: &str) -> Repo {
-        let url = format!(
-            "s3://{}/{prefix}?endpoint={endpoint}&region=garage&path-style=true",
+        Repo::at(
+            TempDir::new().unwrap(),
+            self.url_through(prefix, endpoint, ""),
+            self.credentials(),
+        )
+    }
+
+    /// The URL of a repository in this server's bucket, reached through `endpoint`, with
+    /// more URL options (`&timeout=2s`).
+    pub fn url_through(&self, prefix: &str, endpoint: &str, options: &str) -> String {
+        format!(
+            "s3://{}/{prefix}?endpoint={endpoint}&region=garage&path-style=true{options}",
             self.bucket
-        );
-        let env = BTreeMap::from([
+        )
+    }
+
+    /// The environment that reaches this server.
+    pub fn credentials(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
             ("AWS_ACCESS_KEY_ID".to_string(), self.access_key.clone()),
             ("AWS_SECRET_ACCESS_KEY".to_string(), self.secret_key.clone()),
-        ]);
-        Repo::at(TempDir::new().unwrap(), url, env)
+        ])
+    }
+
+    /// The S3 API's address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.endpoint.trim_start_matches("http://").parse().unwrap()
     }
 }
 
