@@ -132,6 +132,10 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
         None => open(g).await?,
     };
     let (mut list, errors) = repo.snapshots().await?;
+    if !a.dry_run {
+        // An earlier forget that was interrupted after its record: finished first.
+        kluis::ledger::finish_forgets(&repo, &mut list).await?;
+    }
     if !errors.is_empty() {
         // A snapshot that cannot be read cannot be decided; forgetting around it could keep
         // too little of its group. Stop and say so.

@@ -162,7 +162,8 @@ pub async fn maintain(
     let repo = open_existing(config, repository).await?;
     let mut removed = 0;
     if let Some(policy) = &r.retention {
-        let (list, unreadable) = repo.snapshots().await?;
+        let (mut list, unreadable) = repo.snapshots().await?;
+        crate::ledger::finish_forgets(&repo, &mut list).await?;
         if let Some(bad) = unreadable.first() {
             return Err(Error::invalid(format!(
                 "retention stopped: {bad}; nothing was forgotten (run `kluis check`)"

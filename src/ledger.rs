@@ -233,6 +233,25 @@ pub async fn forgotten(repo: &Repository) -> Result<(BTreeMap<String, Forgotten>
     Ok((by_record, errors))
 }
 
+/// Leaves out of `snapshots` the manifests a forget record names, and deletes them: the rest
+/// of a forget that was interrupted between its record and its deletes (or manifests put back
+/// since). Retention must not decide over them. Returns how many were deleted.
+pub async fn finish_forgets(repo: &Repository, snapshots: &mut Vec<Snapshot>) -> Result<usize> {
+    let (forgotten, _) = forgotten(repo).await?;
+    let mut done = 0;
+    let mut kept = Vec::with_capacity(snapshots.len());
+    for s in snapshots.drain(..) {
+        if forgotten.contains_key(&name::snapshot(s.epoch(), &s.id)) {
+            repo.forget(&s).await?;
+            done += 1;
+        } else {
+            kept.push(s);
+        }
+    }
+    *snapshots = kept;
+    Ok(done)
+}
+
 /// Forgets snapshots: a forget record naming them is written first (chained when `ledger` is
 /// given), then their manifests are deleted. Returns the forget record's name.
 pub async fn forget(

@@ -365,7 +365,13 @@ impl Restorer<'_> {
                     NodeType::File => {
                         let (file, tmp) = dir.temp_file()?;
                         let meta = file.try_clone().map_err(|e| Error::io(tmp.path(), e))?;
-                        self.write_content(node, Box::new(file)).await?;
+                        self.write_content(node, Box::new(file))
+                            .await
+                            .map_err(|e| match e {
+                                // A write that failed (a full disk): say where.
+                                Error::Io { source, .. } => Error::io(dir.child(name), source),
+                                e => e,
+                            })?;
                         tmp.rename_into(name, self.opts.overwrite)?;
                         self.report.files += 1;
                         self.report.bytes += node.size.unwrap_or(0);
