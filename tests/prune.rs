@@ -728,3 +728,183 @@ fn a_writer_with_a_clock_hours_behind_refuses_to_commit_past_a_due_mark() {
     assert!(err.contains("by the store's clock"), "{err}");
     assert!(err.contains("nothing was committed"), "{err}");
 }
+
+/// The reliability suite's concurrency test (issue 18): three hosts whose clocks are an hour
+/// apart back up to one Garage repository, one of them from a stream slower than the grace
+/// period; prune (on a host with a skewed clock too) runs again and again with a 2 s grace,
+/// and copies to a second repository run meanwhile. After every round `check --read-data`
+/// passes on both and every snapshot listed restores to what was committed. A backup may
+/// fail only by refusing to commit. `KLUIS_ROUNDS` (default 3) for longer runs.
+#[test]
+fn skewed_hosts_slow_streams_prune_and_copies_round_after_round() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let rounds: u64 = std::env::var("KLUIS_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let garage = Garage::start();
+    let repo = Arc::new(garage.repo("skewed"));
+    repo.ok(&[
+        "init",
+        "--pack-size",
+        "65536",
+        "--chunk-sizes",
+        "4096,16384,65536",
+    ]);
+    let foreign = garage.repo("skewed-copy");
+    foreign.ok(&["init"]);
+    let foreign_url = foreign.url.clone();
+    let foreign_key = foreign.key_file.clone();
+    let committed: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let (mut refused, mut prunes, mut swept, mut copies) = (0u32, 0u32, 0u64, 0u32);
+    for round in 0..rounds {
+        let done = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = [("-1h", false), ("+0", false), ("+1h", true)]
+            .into_iter()
+            .enumerate()
+            .map(|(h, (offset, slow))| {
+                let (repo, committed) = (repo.clone(), committed.clone());
+                std::thread::spawn(move || {
+                    let mut data = dump_like(200 + h as u64, 256 << 10);
+                    data.extend_from_slice(&random_bytes(300 * round + h as u64, 4 << 20));
+                    let host = format!("host-{h}");
+                    let mut child = repo
+                        .skewed(
+                            offset,
+                            &[
+                                "backup", "--stdin", "--name", "db", "--host", &host, "--json",
+                            ],
+                        )
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    let mut stdin = child.stdin.take().unwrap();
+                    let half = data.len() / 2;
+                    let _ = stdin.write_all(&data[..half]);
+                    if slow {
+                        // Longer than the grace period: its own packs get marked meanwhile.
+                        std::thread::sleep(Duration::from_secs(3));
+                    }
+                    let _ = stdin.write_all(&data[half..]);
+                    drop(stdin);
+                    let out = child.wait_with_output().unwrap();
+                    if out.status.success() {
+                        let id = snapshot_id(&out.stdout);
+                        committed.lock().unwrap().insert(id, sha256(&data));
+                        true
+                    } else {
+                        let err = assert_code(&out, 1, "a writer racing prune");
+                        assert!(err.contains("nothing was committed"), "{err}");
+                        false
+                    }
+                })
+            })
+            .collect();
+        let pruner = {
+            let (repo, done) = (repo.clone(), done.clone());
+            std::thread::spawn(move || {
+                let (mut runs, mut deleted) = (0u32, 0u64);
+                let offsets = ["+1h", "-1h", "+0"];
+                while !done.load(Ordering::Relaxed) {
+                    let args = [
+                        "forget",
+                        "--keep-last",
+                        "2",
+                        "--prune",
+                        "--grace",
+                        "2s",
+                        "--unsafe-short-grace",
+                        "--json",
+                    ];
+                    let out = repo
+                        .skewed(offsets[runs as usize % 3], &args)
+                        .output()
+                        .unwrap();
+                    if out.status.success() {
+                        let v = json(&out.stdout);
+                        deleted += count(&v["prune"], "packs_deleted");
+                        runs += 1;
+                    } else {
+                        // Another prune holding the repository is the only excuse.
+                        let err = text(&out.stderr);
+                        assert!(err.contains("another prune"), "{err}");
+                    }
+                    std::thread::sleep(Duration::from_millis(400));
+                }
+                (runs, deleted)
+            })
+        };
+        let copier = {
+            let (repo, done) = (repo.clone(), done.clone());
+            let (url, key) = (foreign_url.clone(), foreign_key.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !done.load(Ordering::Relaxed) {
+                    let out = repo
+                        .command(&["copy", "--latest", "--to", &url, "--quiet"])
+                        .env("KLUIS_TO_KEY_FILE", &key)
+                        .output()
+                        .unwrap();
+                    // A source snapshot forgotten or swept while it was being copied fails the
+                    // copy of it, and commits nothing; anything else is a failure.
+                    if !out.status.success() {
+                        let err = text(&out.stderr);
+                        assert!(
+                            err.contains("nothing was committed")
+                                || err.contains("missing")
+                                || err.contains("not found"),
+                            "{err}"
+                        );
+                    }
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                n
+            })
+        };
+        for w in writers {
+            if !w.join().unwrap() {
+                refused += 1;
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        let (runs, deleted) = pruner.join().unwrap();
+        copies += copier.join().unwrap();
+        prunes += runs;
+        swept += deleted;
+
+        repo.ok(&["check", "--read-data"]);
+        let committed = committed.lock().unwrap();
+        for (id, sha) in listed(&repo) {
+            assert_eq!(
+                Some(&sha),
+                committed.get(&id),
+                "round {round}: {id} was never committed"
+            );
+            assert_eq!(
+                &sha256(&repo.restore_stdout(&id)),
+                &sha,
+                "round {round}: {id}"
+            );
+        }
+        foreign.ok(&["check", "--read-data"]);
+        for (id, sha) in listed(&foreign) {
+            assert!(
+                committed.values().any(|s| s == &sha),
+                "round {round}: copy {id} matches no committed snapshot"
+            );
+            assert_eq!(&sha256(&foreign.restore_stdout(&id)), &sha, "copy {id}");
+        }
+    }
+    eprintln!(
+        "{rounds} rounds: {} committed, {refused} refused to commit, {prunes} prunes deleting \
+         {swept} packs, {copies} copy runs",
+        committed.lock().unwrap().len()
+    );
+    assert!(prunes >= rounds as u32, "prune ran only {prunes} times");
+}
