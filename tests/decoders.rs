@@ -175,7 +175,7 @@ fn no_decoder_panics_or_over_allocates_on_random_and_mutated_input() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x006b_6c75_6973);
-    let budget = Duration::from_secs_f64(total / 12.0);
+    let budget = Duration::from_secs_f64(total / 10.0);
     let mut rng = Rng(seed | 1);
     let mut counts: Vec<(&str, usize)> = Vec::new();
 

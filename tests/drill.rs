@@ -580,3 +580,35 @@ fn postgres_globals_job_backs_up_the_roles() {
     );
     assert!(err.contains("exactly one of"), "{err}");
 }
+
+/// Issue 18, defect 6: deleting a failed drill's report went unnoticed. Reports join the
+/// host's chain, and the host remembers them: `check` names the missing one.
+#[test]
+fn a_deleted_failed_drill_report_is_noticed() {
+    let site = Site::new("");
+    let db = site.repo.path().join("app.db");
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY); INSERT INTO t VALUES (1);")
+        .unwrap();
+    drop(c);
+    let config = fs::read_to_string(&site.config).unwrap()
+        + &format!(
+            "[jobs.app]\nrepository = \"main\"\ndatabase = \"sqlite://{}\"\nschedule = \"daily at 02:00\"\n\n\
+             [drills.app]\nschedule = \"daily at 06:00\"\n\
+             [[drills.app.assert]]\nname = \"false\"\nsql = \"SELECT 0\"\n",
+            db.display()
+        );
+    fs::write(&site.config, config).unwrap();
+    site.backup("app");
+    let (code, reports) = site.drill("app");
+    assert_failed(code, &reports, "assertion", "assert: false");
+    let id = reports[0]["id"].as_str().unwrap().to_string();
+    // The host's state directory is the one Repo's commands use (state/ beside the repo).
+    site.repo.ok(&["check"]);
+    site.repo.backup_stdin("later", b"a later snapshot");
+    fs::remove_file(site.repo.root().join("drills").join(&id)).unwrap();
+    let out = site.repo.run(&["check"]);
+    let err = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(EXIT_CORRUPT), "{err}");
+    assert!(err.contains(&format!("drills/{id}")), "{err}");
+}
