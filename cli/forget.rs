@@ -167,7 +167,9 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
             None => crate::state_dir(g),
         };
         let ledger = crate::ledger(&state_dir, &repo);
-        kluis::ledger::forget(&repo, &doomed, ledger.as_ref(), &kluis::hostname()).await?;
+        for w in kluis::ledger::forget(&repo, &doomed, ledger.as_ref(), &kluis::hostname()).await? {
+            eprintln!("warning: {w}");
+        }
         removed = doomed.len();
     }
     if a.json && !a.prune {

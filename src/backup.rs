@@ -211,6 +211,11 @@ pub async fn backup(
     if opts.cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
+    // The host's chain is held from reading its head until the manifest is written, and taken
+    // before the commit check: waiting for it must not come between the check and the writes
+    // the check makes safe (they must land within prune's margin).
+    let mut ledger_warnings = Vec::new();
+    let link = crate::ledger::try_link(opts.ledger.as_ref(), &mut ledger_warnings).await;
     // The snapshot needs the packs it reused and every pack this run uploaded: a prune that
     // ran meanwhile saw the latter unindexed (or indexed by no snapshot) and may have marked
     // them too. Checked before the last index segment, which must not list a swept pack.
@@ -240,24 +245,18 @@ pub async fn backup(
     if opts.cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
-    // The host's chain is held from reading its head until the manifest is written.
     let mut snapshot = snapshot;
-    let link = match &opts.ledger {
-        Some(l) => Some(l.link().await?),
-        None => None,
-    };
     snapshot.chain = link.as_ref().map(|l| l.chain.clone());
     let object = repo.save_snapshot(&key, &snapshot).await?;
-    let mut ledger_warning = None;
     if let Some(link) = link {
         if let Err(e) = link.committed(&object) {
-            ledger_warning = Some(format!(
+            ledger_warnings.push(format!(
                 "the snapshot is committed, but this host's ledger could not record it: {e}"
             ));
         }
     }
     let mut warnings = warnings;
-    warnings.extend(ledger_warning);
+    warnings.extend(ledger_warnings);
     warnings.extend(prune_view.warnings().iter().cloned());
     warnings.extend(
         unreadable_keys

@@ -171,17 +171,18 @@ async fn save(
     ledger: Option<&crate::ledger::Ledger>,
 ) -> Result<()> {
     let object = format!("{}/{}", name::DRILLS, report.id);
-    let link = match ledger {
-        Some(l) => Some(l.link().await?),
-        None => None,
-    };
+    let link = crate::ledger::try_link(ledger, &mut report.warnings).await;
     report.chain = link.as_ref().map(|l| l.chain.clone());
     let plain = serde_json::to_vec(report).expect("reports serialize");
     repo.store()
         .put(&object, repo.seal_master(Kind::Drill, &object, &plain))
         .await?;
     if let Some(link) = link {
-        link.committed(&object)?;
+        if let Err(e) = link.committed(&object) {
+            report.warnings.push(format!(
+                "this host's ledger could not record the report: {e}"
+            ));
+        }
     }
     Ok(())
 }

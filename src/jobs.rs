@@ -52,7 +52,8 @@ async fn open_with(config: &Loaded, name: &str, create: bool) -> Result<Reposito
     let store = Store::open(&r.url, init)?;
     match Repository::open(store.clone(), &secret).await {
         Err(Error::RepositoryNotFound { .. }) if init => {
-            if let Some((id, seen)) = crate::ledger::known_at(&config.state_dir, store.location()) {
+            let known = crate::ledger::known_at(&config.state_dir, store.location());
+            if let Some((id, seen, file)) = known {
                 return Err(Error::invalid(format!(
                     "repositories.{name}: {} has no repository, but this host used repository \
                      {} there{}: its config is gone. Not creating a new one over it (`init = \
@@ -62,7 +63,7 @@ async fn open_with(config: &Loaded, name: &str, create: bool) -> Result<Reposito
                     id.short(),
                     seen.map(|t| format!(" (last verified {t})"))
                         .unwrap_or_default(),
-                    config.state_dir.join("ledger").display()
+                    file.display()
                 )));
             }
             let repo = Repository::init(store, &secret, InitOptions::default()).await?;
@@ -161,6 +162,7 @@ pub async fn maintain(
         .ok_or_else(|| Error::invalid(format!("no repository {repository:?}")))?;
     let repo = open_existing(config, repository).await?;
     let mut removed = 0;
+    let mut warnings = Vec::new();
     if let Some(policy) = &r.retention {
         let (mut list, unreadable) = repo.snapshots().await?;
         crate::ledger::finish_forgets(&repo, &mut list).await?;
@@ -180,12 +182,14 @@ pub async fn maintain(
             .filter_map(|d| list.iter().find(|s| s.id.to_hex() == d.id))
             .collect();
         let ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
-        crate::ledger::forget(&repo, &doomed, ledger.as_ref(), &crate::hostname()).await?;
+        warnings =
+            crate::ledger::forget(&repo, &doomed, ledger.as_ref(), &crate::hostname()).await?;
         removed = doomed.len();
     }
     let mut opts = r.prune.as_ref().map(|p| p.options()).unwrap_or_default();
     opts.cancel = cancel;
-    let report = crate::prune::prune(&repo, &opts).await?;
+    let mut report = crate::prune::prune(&repo, &opts).await?;
+    report.warnings.extend(warnings);
     Ok((removed, report))
 }
 

@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -86,15 +87,23 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// The ledger of `repo` under `state_dir` (created when missing, private).
+    /// The ledger of `repo` under `state_dir` (created when missing, private): one per
+    /// repository and location, so a copy of a bucket used from this host has its own.
     pub fn open(state_dir: &Path, repo: &Repository) -> Result<Ledger> {
         let dir = state_dir.join("ledger");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let location = repo.store().location().to_string();
+        let place = blake3::hash(location.as_bytes()).to_hex();
         Ok(Ledger {
-            path: dir.join(format!("{}.json", repo.id())),
+            path: dir.join(format!("{}.{}.json", repo.id(), &place[..8])),
             repository: repo.id(),
-            location: repo.store().location().to_string(),
+            location,
         })
+    }
+
+    /// Where this host keeps it.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn lock_path(&self) -> PathBuf {
@@ -103,7 +112,7 @@ impl Ledger {
 
     fn load(&self) -> Result<State> {
         match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            Ok(bytes) => serde_json::from_slice::<State>(&bytes).map_err(|e| {
                 Error::invalid(format!(
                     "{}: does not parse ({e}); move it aside to start this host's ledger afresh",
                     self.path.display()
@@ -142,7 +151,8 @@ impl Ledger {
     }
 
     /// Takes this host's chain of the repository for one record: the lock is held until the
-    /// returned [`Link`] is committed or dropped.
+    /// returned [`Link`] is committed or dropped. Take it before the last checks that make the
+    /// record safe to write (prune's commit check): waiting for it must not come between them.
     pub async fn link(&self) -> Result<Link<'_>> {
         let lock = lock(&self.lock_path()).await?;
         let state = self.load()?;
@@ -198,9 +208,28 @@ impl Link<'_> {
     }
 }
 
-/// Every forget record: the object names they list, with the record that lists each, and the
-/// records that could not be read.
-pub async fn forgotten(repo: &Repository) -> Result<(BTreeMap<String, Forgotten>, Vec<Error>)> {
+/// Takes `ledger`'s link for one record, or none (with why in `warnings`) when the state
+/// directory cannot be used: a ledger problem never stops a backup, a drill or a forget.
+pub async fn try_link<'a>(
+    ledger: Option<&'a Ledger>,
+    warnings: &mut Vec<String>,
+) -> Option<Link<'a>> {
+    match ledger?.link().await {
+        Ok(link) => Some(link),
+        Err(e) => {
+            warnings.push(format!(
+                "this host's ledger cannot be used ({e}): the record carries no chain"
+            ));
+            None
+        }
+    }
+}
+
+/// Every forget record: the object names they list, each with the record that lists it, and
+/// the forget records that could not be read.
+pub async fn forgotten(
+    repo: &Repository,
+) -> Result<(BTreeMap<String, Arc<Forgotten>>, Vec<Error>)> {
     let listed = repo.store().list(name::FORGOTTEN).await?;
     let read: Vec<Result<Forgotten>> = futures::stream::iter(listed)
         .map(|o| async move {
@@ -214,7 +243,8 @@ pub async fn forgotten(repo: &Repository) -> Result<(BTreeMap<String, Forgotten>
             }
             Ok(f)
         })
-        .buffer_unordered(16)
+        // Few at once: each may be large (one name per snapshot a retention run forgot).
+        .buffer_unordered(4)
         .collect()
         .await;
     let mut by_record = BTreeMap::new();
@@ -222,6 +252,7 @@ pub async fn forgotten(repo: &Repository) -> Result<(BTreeMap<String, Forgotten>
     for r in read {
         match r {
             Ok(f) => {
+                let f = Arc::new(f);
                 for record in &f.records {
                     by_record.insert(record.clone(), f.clone());
                 }
@@ -253,38 +284,37 @@ pub async fn finish_forgets(repo: &Repository, snapshots: &mut Vec<Snapshot>) ->
 }
 
 /// Forgets snapshots: a forget record naming them is written first (chained when `ledger` is
-/// given), then their manifests are deleted. Returns the forget record's name.
+/// given), then their manifests are deleted. Returns warnings (a ledger that cannot be used).
 pub async fn forget(
     repo: &Repository,
     snapshots: &[&Snapshot],
     ledger: Option<&Ledger>,
     host: &str,
-) -> Result<Option<String>> {
+) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
     if snapshots.is_empty() {
-        return Ok(None);
+        return Ok(warnings);
     }
     let records = snapshots
         .iter()
         .map(|s| name::snapshot(s.epoch(), &s.id))
         .collect();
-    let object = write_forgotten(repo, records, ledger, host).await?;
+    write_forgotten(repo, records, ledger, host, &mut warnings).await?;
     for s in snapshots {
         repo.forget(s).await?;
     }
-    Ok(Some(object))
+    Ok(warnings)
 }
 
-/// Writes a forget record naming `records`, chained when `ledger` is given.
+/// Writes a forget record naming `records`, chained when `ledger` is given and usable.
 async fn write_forgotten(
     repo: &Repository,
     records: Vec<String>,
     ledger: Option<&Ledger>,
     host: &str,
+    warnings: &mut Vec<String>,
 ) -> Result<String> {
-    let link = match ledger {
-        Some(l) => Some(l.link().await?),
-        None => None,
-    };
+    let link = try_link(ledger, warnings).await;
     let record = Forgotten {
         id: ObjectId::random(),
         time: Timestamp::now(),
@@ -298,7 +328,9 @@ async fn write_forgotten(
         .put(&object, repo.seal_master(Kind::Forgotten, &object, &plain))
         .await?;
     if let Some(link) = link {
-        link.committed(&object)?;
+        if let Err(e) = link.committed(&object) {
+            warnings.push(format!("this host's ledger could not record {object}: {e}"));
+        }
     }
     Ok(object)
 }
@@ -393,7 +425,7 @@ pub async fn verify(
     let gone = |object: &str| !present.contains(object) && !forgotten.contains_key(object);
     for (object, chain) in &links {
         if let Some(previous) = &chain.previous {
-            if gone(previous) {
+            if gone(previous) && !exists(repo, previous).await? {
                 findings.push(Finding {
                     object: previous.clone(),
                     problem: "missing",
@@ -408,6 +440,10 @@ pub async fn verify(
     }
     for object in &present {
         if let Some(f) = forgotten.get(object) {
+            // A forget deleting it right now is no replay.
+            if !exists(repo, object).await? {
+                continue;
+            }
             findings.push(Finding {
                 object: object.clone(),
                 problem: "replayed",
@@ -434,6 +470,9 @@ pub async fn verify(
                 still_seen.insert(object.clone());
             } else if forgotten.contains_key(object) {
                 // Forgotten on purpose: no longer expected.
+            } else if exists(repo, object).await? {
+                // Written since the listing above (this host's other jobs run meanwhile).
+                still_seen.insert(object.clone());
             } else {
                 still_seen.insert(object.clone());
                 if !findings.iter().any(|f| &f.object == object) {
@@ -462,6 +501,8 @@ pub async fn verify(
         host_view = Some(lock);
     }
     if acknowledge {
+        // Only what is verified gone (above, after the listing) is accepted: a forget record
+        // naming a present record would have the next forget delete it.
         let missing: Vec<String> = findings
             .iter()
             .filter(|f| f.problem == "missing")
@@ -470,7 +511,8 @@ pub async fn verify(
         if !missing.is_empty() {
             // The lock is released first: writing the record takes it again.
             drop(host_view.take());
-            write_forgotten(repo, missing, ledger, &crate::hostname()).await?;
+            let mut warnings = Vec::new();
+            write_forgotten(repo, missing, ledger, &crate::hostname(), &mut warnings).await?;
             for f in findings.iter_mut().filter(|f| f.problem == "missing") {
                 f.acknowledged = true;
             }
@@ -486,9 +528,17 @@ pub async fn verify(
     })
 }
 
-/// The repository this host last saw at `location`, if its state directory has one: `init`
-/// must not silently create a new repository where one vanished.
-pub fn known_at(state_dir: &Path, location: &str) -> Option<(ObjectId, Option<Timestamp>)> {
+/// Whether `object` exists in the store now.
+async fn exists(repo: &Repository, object: &str) -> Result<bool> {
+    repo.store().exists(object).await
+}
+
+/// The repository this host last saw at `location`, if its state directory has one (and the
+/// file that says so): `init` must not silently create a new repository where one vanished.
+pub fn known_at(
+    state_dir: &Path,
+    location: &str,
+) -> Option<(ObjectId, Option<Timestamp>, PathBuf)> {
     let dir = state_dir.join("ledger");
     for entry in std::fs::read_dir(&dir).ok()?.flatten() {
         let path = entry.path();
@@ -500,7 +550,7 @@ pub fn known_at(state_dir: &Path, location: &str) -> Option<(ObjectId, Option<Ti
         };
         if let Ok(state) = serde_json::from_slice::<State>(&bytes) {
             if state.location == location {
-                return Some((state.repository, state.verified));
+                return Some((state.repository, state.verified, path));
             }
         }
     }

@@ -64,10 +64,13 @@ impl Kind {
             Kind::EpochKey => (HEADER_LEN + NONCE_LEN + 32 + TAG_LEN) as u64,
             Kind::Pack => u64::from(u32::MAX),
             Kind::Index => 1 << 30,
-            Kind::Snapshot => 64 << 20,
-            Kind::Prune => 256 << 20,
+            // A database of 100,000 tables records about 22 MB.
+            Kind::Snapshot => 32 << 20,
+            // About a million pack names.
+            Kind::Prune => 64 << 20,
             Kind::Drill => 16 << 20,
-            Kind::Forgotten => 256 << 20,
+            // About a million forgotten snapshots' names.
+            Kind::Forgotten => 64 << 20,
         }
     }
 

@@ -503,6 +503,15 @@ impl<'a> Pruner<'a> {
             }
             keep
         });
+        // Drill reports and forget records a forget record names (accepted as gone by
+        // `check --acknowledge`) that are back: deleted as well.
+        for prefix in [name::DRILLS, name::FORGOTTEN] {
+            for o in repo.store().list(prefix).await? {
+                if forgotten.contains_key(&o.name) {
+                    replayed.push(o.name);
+                }
+            }
+        }
         if let Some(bad) = unreadable.into_iter().next() {
             let what = bad.object.clone();
             return Err(stopped(
@@ -1044,11 +1053,19 @@ impl<'a> Pruner<'a> {
             if let Some(w) = writer.take() {
                 done.push(self.upload_pack(&key, w).await?);
             }
-            if !done.is_empty() {
-                let segment = IndexSegment {
-                    supersedes: Vec::new(),
-                    packs: done,
-                };
+            // At most 65,536 entries a segment (beyond one pack's): what readers' size bound
+            // for a segment assumes.
+            let mut segment = IndexSegment::default();
+            for pack in done {
+                if !segment.packs.is_empty()
+                    && segment.blob_count() + pack.blobs.len() > SEGMENT_BLOBS
+                {
+                    self.save_segment(epoch, key_id, &std::mem::take(&mut segment))
+                        .await?;
+                }
+                segment.packs.push(pack);
+            }
+            if !segment.packs.is_empty() {
                 self.save_segment(epoch, key_id, &segment).await?;
             }
             start = end;

@@ -257,36 +257,29 @@ impl Repository {
         };
         let header = Header::decode(name::CONFIG, &config_bytes, Kind::Config)?;
         let mut slots = load_slots(&store).await?;
-        // Cheapest first: a slot planted with costly parameters is tried last, if at all.
-        slots.sort_by_key(|s| s.as_ref().map_or(u64::MAX, |s| s.cost()));
+        // Cheapest first (then by id, so the order is the same every time): a slot planted
+        // with costly parameters is tried after the real ones. Every slot's cost is bounded
+        // (`KdfParams::out_of_bounds`).
+        slots.sort_by_key(|s| match s {
+            Ok(s) => (s.cost(), s.id),
+            Err(_) => (u64::MAX, ObjectId::default()),
+        });
         let mut corrupt = None;
         let mut unlocked = None;
-        let mut tried = 0;
         for slot in &slots {
             match slot {
-                Ok(slot) if slot.kdf.is_some() && tried >= MAX_PASSPHRASE_SLOTS => {
-                    corrupt.get_or_insert_with(|| {
-                        format!(
-                            "more than {MAX_PASSPHRASE_SLOTS} passphrase slots; the rest were \
-                             not tried (planted slots would make unlocking take for ever)"
-                        )
-                    });
-                }
                 // A bad slot (parameters out of bounds, kind and parameters disagreeing) is
                 // reported if nothing opens, and never stops the slots after it.
-                Ok(slot) => {
-                    tried += usize::from(slot.kdf.is_some());
-                    match slot.unwrap_master(secret) {
-                        Ok(Some(master)) => {
-                            unlocked = Some((master, slot.id, slot.repository));
-                            break;
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            corrupt.get_or_insert_with(|| e.to_string());
-                        }
+                Ok(slot) => match slot.unwrap_master(secret) {
+                    Ok(Some(master)) => {
+                        unlocked = Some((master, slot.id, slot.repository));
+                        break;
                     }
-                }
+                    Ok(None) => {}
+                    Err(e) => {
+                        corrupt.get_or_insert_with(|| e.to_string());
+                    }
+                },
                 Err(e) => {
                     corrupt.get_or_insert_with(|| e.to_string());
                 }
@@ -611,6 +604,10 @@ impl Repository {
         for (object, id, r) in results {
             match r {
                 Ok(s) => snapshots.push(s),
+                // Forgotten between the listing and the read: gone, not damaged.
+                Err(Error::MissingObject {
+                    object: ref missing,
+                }) if missing == &object => {}
                 Err(error) => errors.push(UnreadableSnapshot {
                     object,
                     id: Some(id),
@@ -803,9 +800,6 @@ impl Repository {
         }
     }
 }
-
-/// Passphrase slots tried at most when unlocking.
-const MAX_PASSPHRASE_SLOTS: usize = 64;
 
 async fn load_slots(store: &Store) -> Result<Vec<Result<KeySlot>>> {
     let listed = store.list(name::KEYS).await?;

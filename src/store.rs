@@ -30,6 +30,9 @@ use crate::error::{Error, Result};
 /// 368 MB file. Smaller writes cost nothing measurable elsewhere.
 pub const WRITE_PIECE: usize = 512 << 10;
 
+/// Tries of a delete before its error is returned.
+const DELETE_ATTEMPTS: u32 = 5;
+
 /// An object as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -364,10 +367,22 @@ impl Store {
         }
     }
 
+    /// Deletes `name` (gone already is fine). object_store sends an S3 delete as a POST it does
+    /// not retry after a timeout; deleting is idempotent, so this retries a few times itself
+    /// (a stalled request failed a prune's release of its lease, seen in the fault tests).
     pub async fn delete(&self, name: &str) -> Result<()> {
-        match self.inner.delete(&Self::path(name)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_error("delete", name, e)),
+        let mut wait = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            match self.inner.delete(&Self::path(name)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
+                Err(_) if attempt < DELETE_ATTEMPTS => {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(store_error("delete", name, e)),
+            }
         }
     }
 

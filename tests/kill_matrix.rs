@@ -46,16 +46,27 @@ fn delays(seed: u64, full: Duration) -> impl Iterator<Item = Duration> {
     })
 }
 
-/// Runs `cmd`, SIGKILLs it after `delay`; whether it had finished first.
+/// Runs `cmd`, SIGKILLs it after `delay`; whether it had finished first. A run that ended
+/// by itself must have succeeded.
 fn kill_after(mut cmd: Command, delay: Duration) -> bool {
+    use std::os::unix::process::ExitStatusExt;
     let mut child = cmd
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(delay);
     let _ = child.kill();
-    child.wait().unwrap().success()
+    let out = child.wait_with_output().unwrap();
+    if out.status.signal() == Some(9) {
+        return false;
+    }
+    assert!(
+        out.status.success(),
+        "failed on its own: {}",
+        text(&out.stderr)
+    );
+    true
 }
 
 fn timed(mut cmd: Command) -> Duration {
@@ -124,7 +135,7 @@ fn sigkill_copy_at_50_points() {
         dst.ok(&["check", "--read-data"]);
     }
     eprintln!("copy: {killed} killed, {finished} finished (a whole copy {full:?})");
-    assert!(killed >= 25, "only {killed} kills landed mid-copy");
+    assert!(killed >= 10, "only {killed} kills landed mid-copy");
 }
 
 #[test]
@@ -193,7 +204,7 @@ fn sigkill_restore_at_50_points() {
         fs::remove_dir_all(&target).unwrap();
     }
     eprintln!("restore: {killed} killed, {finished} finished (a whole restore {full:?})");
-    assert!(killed >= 25, "only {killed} kills landed mid-restore");
+    assert!(killed >= 10, "only {killed} kills landed mid-restore");
 }
 
 /// Fills a 1 MiB tmpfs, leaving nothing free.

@@ -11,7 +11,9 @@
 //! - `truncated`: the answer is cut off part-way and the connection closed;
 //! - `upload-cut`: the request is cut off part-way on its way to the server.
 //!
-//! Faults are drawn from a seeded generator: a run can be repeated.
+//! Faults are drawn from a seeded generator, by connection number: the same seed gives the
+//! same faults to the same connections, though which request opens which connection depends
+//! on timing.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
