@@ -1361,11 +1361,8 @@ async fn upload_packs(
 mod tests {
     use super::*;
     use crate::crypto::Key;
-    use crate::keys::{KdfParams, Secret};
-    use crate::repository::InitOptions;
     use crate::snapshot::Source as SourceRecord;
     use crate::source::NamedStream;
-    use crate::store::Store;
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -1550,18 +1547,7 @@ mod tests {
     /// slower one is still being read; the snapshot lists the streams by name.
     #[tokio::test]
     async fn a_finished_stream_frees_its_slot_at_once() {
-        let opts = InitOptions {
-            kdf: KdfParams {
-                memory_kib: 64,
-                iterations: 1,
-                parallelism: 1,
-            },
-            ..InitOptions::default()
-        };
-        let store = Store::open("memory://", true).unwrap();
-        let repo = Repository::init(store, &Secret::passphrase("pw"), opts)
-            .await
-            .unwrap();
+        let repo = crate::repository::for_tests("memory://").await;
         let (tx, rx) = mpsc::channel();
         let in_time = Arc::new(AtomicBool::new(false));
         let set = Staggered {

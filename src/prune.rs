@@ -1153,23 +1153,9 @@ fn home_index(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{KdfParams, Secret};
-    use crate::repository::InitOptions;
-    use crate::store::Store;
 
     async fn repo() -> Repository {
-        let opts = InitOptions {
-            kdf: KdfParams {
-                memory_kib: 64,
-                iterations: 1,
-                parallelism: 1,
-            },
-            ..InitOptions::default()
-        };
-        let store = Store::open("memory://", true).unwrap();
-        Repository::init(store, &Secret::passphrase("pw"), opts)
-            .await
-            .unwrap()
+        crate::repository::for_tests("memory://").await
     }
 
     #[tokio::test]

@@ -835,3 +835,21 @@ impl std::fmt::Display for UnreadableSnapshot {
         }
     }
 }
+
+/// A repository for unit tests at `url` (`memory://`, or a directory), with the passphrase
+/// "pw" and Argon2 parameters cheap enough to be instant.
+#[cfg(test)]
+pub(crate) async fn for_tests(url: &str) -> Repository {
+    let opts = InitOptions {
+        kdf: crate::keys::KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        },
+        ..InitOptions::default()
+    };
+    let store = Store::open(url, true).expect("a test store opens");
+    Repository::init(store, &Secret::passphrase("pw"), opts)
+        .await
+        .expect("a test repository initialises")
+}

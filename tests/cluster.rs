@@ -31,13 +31,7 @@ fn a_node_killed_mid_backup_and_mid_restore_loses_nothing() {
 
     // Node 2 dies while b is being backed up.
     let b = random_bytes(2, 12 << 20);
-    let mut child = repo
-        .command(&["backup", "--stdin", "--name", "b", "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = repo.spawn(&["backup", "--stdin", "--name", "b", "--json"]);
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(&b[..6 << 20]).unwrap();
     cluster.kill_node(2);

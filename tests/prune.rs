@@ -574,13 +574,7 @@ fn a_backup_whose_own_packs_a_prune_swept_meanwhile_commits_nothing() {
     use std::io::Write;
 
     let repo = small_repo();
-    let mut child = repo
-        .command(&["backup", "--stdin", "--name", "slow", "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = repo.spawn(&["backup", "--stdin", "--name", "slow", "--json"]);
     let mut stdin = child.stdin.take().unwrap();
     // The reader fills 4 MiB before it chunks: 6 MiB make it store about 64 packs of
     // 64 KiB (four checkpoint segments) and wait for more.

@@ -414,23 +414,9 @@ impl<'a> LeaseGuard<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{KdfParams, Secret};
-    use crate::repository::InitOptions;
-    use crate::store::Store;
 
     async fn repo_at(url: &str) -> Repository {
-        let opts = InitOptions {
-            kdf: KdfParams {
-                memory_kib: 64,
-                iterations: 1,
-                parallelism: 1,
-            },
-            ..InitOptions::default()
-        };
-        let store = Store::open(url, true).unwrap();
-        Repository::init(store, &Secret::passphrase("pw"), opts)
-            .await
-            .unwrap()
+        crate::repository::for_tests(url).await
     }
 
     fn lease(host: &str, stamp: Timestamp) -> Lease {

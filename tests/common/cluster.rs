@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -28,23 +28,22 @@ pub struct Cluster {
     pub secret_key: String,
 }
 
-impl Cluster {
-    pub fn start(n: usize) -> Cluster {
-        let dir = TempDir::new().unwrap();
-        let secret = hex(&random_bytes(u64::from(std::process::id()) << 8 | 3, 32));
-        let mut nodes = Vec::new();
-        for i in 0..n {
-            let (rpc, s3, admin) = (free_port(), free_port(), free_port());
-            let d = dir.path().join(format!("node{i}"));
-            fs::create_dir_all(&d).unwrap();
-            let config = d.join("garage.toml");
-            fs::write(
-                &config,
-                format!(
-                    r#"metadata_dir = "{d}/meta"
+/// Writes a Garage node's configuration (0600, as Garage wants its secret kept): data under
+/// `dir`, loopback ports `(rpc, s3, admin)`.
+pub fn write_config(
+    config: &Path,
+    dir: &Path,
+    replication: usize,
+    (rpc, s3, admin): (u16, u16, u16),
+    secret: &str,
+) {
+    fs::write(
+        config,
+        format!(
+            r#"metadata_dir = "{d}/meta"
 data_dir = "{d}/data"
 db_engine = "sqlite"
-replication_factor = {n}
+replication_factor = {replication}
 rpc_bind_addr = "127.0.0.1:{rpc}"
 rpc_public_addr = "127.0.0.1:{rpc}"
 rpc_secret = "{secret}"
@@ -55,11 +54,24 @@ root_domain = ".s3.garage.localhost"
 [admin]
 api_bind_addr = "127.0.0.1:{admin}"
 "#,
-                    d = d.display()
-                ),
-            )
-            .unwrap();
-            fs::set_permissions(&config, fs::Permissions::from_mode(0o600)).unwrap();
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(config, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+impl Cluster {
+    pub fn start(n: usize) -> Cluster {
+        let dir = TempDir::new().unwrap();
+        let secret = hex(&random_bytes(u64::from(std::process::id()) << 8 | 3, 32));
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+            let d = dir.path().join(format!("node{i}"));
+            fs::create_dir_all(&d).unwrap();
+            let config = d.join("garage.toml");
+            write_config(&config, &d, n, (rpc, s3, admin), &secret);
             nodes.push(Node {
                 config,
                 s3,

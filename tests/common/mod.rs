@@ -157,15 +157,19 @@ impl Repo {
         cmd
     }
 
-    /// Runs `kluis args` with `input` on standard input.
-    pub fn run_stdin(&self, args: &[&str], input: &[u8]) -> Output {
-        let mut child = self
-            .command(args)
+    /// Starts `kluis args` with standard input, output and error piped.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Runs `kluis args` with `input` on standard input.
+    pub fn run_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self.spawn(args);
         let mut stdin = child.stdin.take().unwrap();
         let input = input.to_vec();
         let writer = std::thread::spawn(move || {
@@ -315,28 +319,7 @@ impl Garage {
             32,
         ));
         let config = dir.path().join("garage.toml");
-        fs::write(
-            &config,
-            format!(
-                r#"metadata_dir = "{d}/meta"
-data_dir = "{d}/data"
-db_engine = "sqlite"
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:{rpc}"
-rpc_public_addr = "127.0.0.1:{rpc}"
-rpc_secret = "{secret}"
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:{s3}"
-root_domain = ".s3.garage.localhost"
-[admin]
-api_bind_addr = "127.0.0.1:{admin}"
-"#,
-                d = dir.path().display()
-            ),
-        )
-        .unwrap();
-        fs::set_permissions(&config, fs::Permissions::from_mode(0o600)).unwrap();
+        cluster::write_config(&config, dir.path(), 1, (rpc, s3, admin), &secret);
         let bin = garage_binary();
         let log = fs::File::create(dir.path().join("server.log")).unwrap();
         let child = Command::new(&bin)
