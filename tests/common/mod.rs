@@ -16,7 +16,6 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
@@ -280,10 +279,9 @@ pub fn snapshot_id(stdout: &[u8]) -> String {
 }
 
 /// A Garage S3 server running in a temporary directory on loopback ports, with one bucket and
-/// one access key. Killed on drop.
+/// one access key: a cluster of one node. Killed on drop.
 pub struct Garage {
-    pub dir: TempDir,
-    child: Child,
+    cluster: cluster::Cluster,
     pub endpoint: String,
     pub bucket: String,
     pub access_key: String,
@@ -312,92 +310,14 @@ pub fn garage_binary() -> PathBuf {
 
 impl Garage {
     pub fn start() -> Garage {
-        let dir = TempDir::new().unwrap();
-        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
-        let secret = hex(&random_bytes(
-            rpc as u64 ^ (std::process::id() as u64) << 16,
-            32,
-        ));
-        let config = dir.path().join("garage.toml");
-        cluster::write_config(&config, dir.path(), 1, (rpc, s3, admin), &secret);
-        let bin = garage_binary();
-        let log = fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&config)
-            .arg("server")
-            .env("RUST_LOG", "warn")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start garage");
-        let mut g = Garage {
-            endpoint: format!("http://127.0.0.1:{s3}"),
-            bucket: "kluis-test".into(),
-            access_key: String::new(),
-            secret_key: String::new(),
-            child,
-            dir,
-        };
-        let cli = |args: &[&str]| -> Result<String, String> {
-            let out = Command::new(&bin)
-                .arg("-c")
-                .arg(&config)
-                .args(args)
-                .output()
-                .unwrap();
-            if out.status.success() {
-                Ok(text(&out.stdout))
-            } else {
-                Err(format!(
-                    "garage {args:?}: {}{}",
-                    text(&out.stdout),
-                    text(&out.stderr)
-                ))
-            }
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let node = loop {
-            match cli(&["node", "id", "-q"]) {
-                Ok(id) => break id.trim().split('@').next().unwrap().to_string(),
-                Err(e) if Instant::now() > deadline => panic!(
-                    "garage did not start: {e}\n{}",
-                    fs::read_to_string(g.dir.path().join("server.log")).unwrap_or_default()
-                ),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        // Right after start the node may still refuse admin commands; retry each step.
-        let retry = |args: &[&str]| loop {
-            match cli(args) {
-                Ok(out) => break out,
-                Err(e) if Instant::now() > deadline => panic!("{e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        retry(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
-        retry(&["layout", "apply", "--version", "1"]);
-        let bucket = g.bucket.clone();
-        retry(&["bucket", "create", &bucket]);
-        let info = retry(&["key", "create", "kluis-test-key"]);
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-                .unwrap_or_else(|| panic!("no {name} in garage key output: {info}"))
-        };
-        g.access_key = field("Key ID:");
-        g.secret_key = field("Secret key:");
-        retry(&[
-            "bucket",
-            "allow",
-            "--read",
-            "--write",
-            "--owner",
-            &bucket,
-            "--key",
-            "kluis-test-key",
-        ]);
-        g
+        let cluster = cluster::Cluster::start(1);
+        Garage {
+            endpoint: format!("http://127.0.0.1:{}", cluster.nodes[0].s3),
+            bucket: cluster.bucket.clone(),
+            access_key: cluster.access_key.clone(),
+            secret_key: cluster.secret_key.clone(),
+            cluster,
+        }
     }
 
     /// A repository URL in this server's bucket, and the environment that reaches it.
@@ -434,13 +354,6 @@ impl Garage {
     /// The S3 API's address.
     pub fn addr(&self) -> std::net::SocketAddr {
         self.endpoint.trim_start_matches("http://").parse().unwrap()
-    }
-}
-
-impl Drop for Garage {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
