@@ -1,0 +1,122 @@
+//! The writer's side of prune's protocol: what a backup or copy must not deduplicate against,
+//! and whether it may still write an object that references packs a prune condemned.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use crate::clock::{self, Stopwatch, add};
+use crate::error::{Error, Result};
+use crate::id::ObjectId;
+use crate::index::IdSet;
+use crate::repository::Repository;
+
+use super::TOMBSTONE_LIFE;
+use super::records::{list_marks, read_marks};
+
+/// How far a writer stays from a sweep: clocks of different hosts may disagree by this much.
+pub(super) fn margin(grace: Duration) -> Duration {
+    (grace / 4).min(Duration::from_secs(600))
+}
+
+/// What a writer (backup, copy) learned about prune before it started: the marks it saw, and
+/// the packs they condemn, which it must not deduplicate against.
+#[derive(Debug)]
+pub struct WriterView {
+    seen: HashSet<ObjectId>,
+    condemned: IdSet<ObjectId>,
+    started: Stopwatch,
+    /// Objects under `prune/` that are not prune's or cannot be read: ignored, reported.
+    warnings: Vec<String>,
+}
+
+impl WriterView {
+    /// Reads the marks. Call it before loading the index.
+    pub async fn read(repo: &Repository) -> Result<WriterView> {
+        let started = Stopwatch::start();
+        let mut warnings = Vec::new();
+        let (marks, swept) = list_marks(repo, &mut warnings).await?;
+        let live: Vec<(ObjectId, Timestamp)> = marks
+            .iter()
+            .filter(|(m, _)| !swept.contains_key(m))
+            .copied()
+            .collect();
+        let mut condemned = IdSet::default();
+        for (mark, _) in read_marks(repo, &live, &mut warnings).await? {
+            condemned.extend(mark.pack_ids());
+        }
+        Ok(WriterView {
+            seen: marks.into_iter().map(|(id, _)| id).collect(),
+            condemned,
+            started,
+            warnings,
+        })
+    }
+
+    /// What the writer should report: objects under `prune/` it ignored.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Packs the writer must treat as absent.
+    pub fn condemned(&self) -> &IdSet<ObjectId> {
+        &self.condemned
+    }
+
+    /// Decides whether the writer may still write an object that references the packs
+    /// `needed`: an index segment listing packs it uploaded, or the snapshot manifest (which
+    /// needs the packs it deduplicated against *and* those its run uploaded). It may not if a
+    /// mark written since [`WriterView::read`] condemns one of them and that mark's sweep is
+    /// done or near (within the margin), by the store's clock: a writer whose own clock is
+    /// wrong decides the same. A segment listing a swept pack would make later backups
+    /// deduplicate against data that is gone.
+    pub async fn check_commit(&self, repo: &Repository, needed: &IdSet<ObjectId>) -> Result<()> {
+        let elapsed = self.started.elapsed();
+        if elapsed >= TOMBSTONE_LIFE {
+            return Err(Error::Conflict(format!(
+                "this run took {}, longer than prune's record keeping ({}); nothing was committed, run it again",
+                crate::retention::show(elapsed),
+                crate::retention::show(TOMBSTONE_LIFE)
+            )));
+        }
+        let (marks, swept) = list_marks(repo, &mut Vec::new()).await?;
+        let new: Vec<(ObjectId, Timestamp)> = marks
+            .into_iter()
+            .filter(|(m, _)| !self.seen.contains(m))
+            .collect();
+        if new.is_empty() || needed.is_empty() {
+            return Ok(());
+        }
+        // The store's clock, read only when a new mark touches this snapshot (rare).
+        let mut now = None;
+        for (mark, stored) in read_marks(repo, &new, &mut Vec::new()).await? {
+            if !mark.pack_ids().any(|p| needed.contains(&p)) {
+                continue;
+            }
+            let refuse = |why: String| {
+                Err(Error::Conflict(format!(
+                    "a prune (mark {}, host {}) condemned data this snapshot needs, and {why}; \
+                     nothing was committed, run it again",
+                    mark.id.short(),
+                    mark.host,
+                )))
+            };
+            if swept.contains_key(&mark.id) {
+                return refuse("has already deleted it".into());
+            }
+            let now = match now {
+                Some(n) => n,
+                None => *now.insert(clock::store_now(repo).await?),
+            };
+            let due = mark.due(stored);
+            if add(now.latest(), margin(mark.grace())) >= due {
+                return refuse(format!(
+                    "its grace period ends at {due} by the store's clock (now {})",
+                    now.earliest
+                ));
+            }
+        }
+        Ok(())
+    }
+}
