@@ -16,11 +16,11 @@
 //! it reused and that mark's sweep is near or done, it refuses to commit ([`WriterView`]).
 //! Otherwise its snapshot lands before the sweep lists snapshots, and the sweep keeps the pack.
 //!
-//! Where each part lives: [`records`] (marks and sweep records), [`writer`] (the writer's
-//! side: [`WriterView`]), [`lease`] (one prune at a time), `run` (one run, in order), `sweep`,
+//! Where each part lives: `records` (marks and sweep records), `writer` (the writer's
+//! side: [`WriterView`]), `lease` (one prune at a time), `run` (one run, in order), `sweep`,
 //! `repack`.
 //!
-//! Two prunes never run at once ([`lease`]). Every time the protocol compares is the store's
+//! Two prunes never run at once ([`LeaseGuard`]). Every time the protocol compares is the store's
 //! ([`crate::clock`]): when a mark was written, when a sweep finished, when a lease was
 //! renewed; no host's wall clock decides what is deleted. Every listing error aborts; an
 //! unreadable snapshot or index segment aborts, because prune would not know what it needs.

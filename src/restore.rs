@@ -4,7 +4,7 @@
 //! blobs are decrypted (which authenticates them) and decompressed on the blocking pool; one
 //! writer thread puts them in order and computes the SHA-256 that must match the snapshot.
 //! A file is written under a temporary name and renamed into place only once it verifies.
-//! Restores into a directory walk it by handles ([`dir`]).
+//! Restores into a directory walk it by handles (`restore/dir.rs`).
 
 mod dir;
 
