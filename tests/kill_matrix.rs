@@ -37,12 +37,13 @@ fn listed(repo: &Repo) -> BTreeMap<String, (String, String)> {
         .collect()
 }
 
-/// Kill points: fractions of `full`, uniform over 0..1.2 (from start to past the end).
+/// Kill points: fractions of `full`, uniform over 0..1.1 (from start to a little past the
+/// end). At most `3 * KILLS` of them: callers stop once `KILLS` kills landed mid-way.
 fn delays(seed: u64, full: Duration) -> impl Iterator<Item = Duration> {
-    let bytes = random_bytes(seed, KILLS as usize * 4);
-    (0..KILLS as usize).map(move |i| {
+    let bytes = random_bytes(seed, KILLS as usize * 12);
+    (0..KILLS as usize * 3).map(move |i| {
         let frac = u32::from_le_bytes(bytes[i * 4..][..4].try_into().unwrap());
-        full.mul_f64(1.2 * f64::from(frac) / f64::from(u32::MAX))
+        full.mul_f64(1.1 * f64::from(frac) / f64::from(u32::MAX))
     })
 }
 
@@ -119,6 +120,9 @@ fn sigkill_copy_at_50_points() {
     let full = timed(copy(&small(Repo::file())));
     let (mut killed, mut finished) = (0, 0);
     for (n, delay) in delays(7, full).enumerate() {
+        if killed == KILLS {
+            break;
+        }
         // Each kill into a new destination; then the copy run again completes it.
         let dst = small(Repo::file());
         if kill_after(copy(&dst), delay) {
@@ -135,7 +139,7 @@ fn sigkill_copy_at_50_points() {
         dst.ok(&["check", "--read-data"]);
     }
     eprintln!("copy: {killed} killed, {finished} finished (a whole copy {full:?})");
-    assert!(killed >= 10, "only {killed} kills landed mid-copy");
+    assert_eq!(killed, KILLS, "only {killed} kills landed mid-copy");
 }
 
 #[test]
@@ -156,6 +160,9 @@ fn sigkill_forget_at_50_points() {
     let full = timed(forget(&repo));
     let (mut killed, mut finished) = (0, 0);
     for (k, delay) in delays(8, full).enumerate() {
+        if killed == KILLS {
+            break;
+        }
         add(&repo, &mut expected, &mut n, 3);
         if kill_after(forget(&repo), delay) {
             finished += 1;
@@ -173,7 +180,7 @@ fn sigkill_forget_at_50_points() {
         assert_eq!(listed(&repo).len(), 4);
     }
     eprintln!("forget: {killed} killed, {finished} finished (a whole forget {full:?})");
-    assert!(killed >= 10, "only {killed} kills landed mid-forget");
+    assert_eq!(killed, KILLS, "only {killed} kills landed mid-forget");
 }
 
 #[test]
@@ -192,6 +199,9 @@ fn sigkill_restore_at_50_points() {
     fs::remove_dir_all(&target).unwrap();
     let (mut killed, mut finished) = (0, 0);
     for delay in delays(9, full) {
+        if killed == KILLS {
+            break;
+        }
         if kill_after(restore(&["--overwrite"]), delay) {
             finished += 1;
         } else {
@@ -204,7 +214,7 @@ fn sigkill_restore_at_50_points() {
         fs::remove_dir_all(&target).unwrap();
     }
     eprintln!("restore: {killed} killed, {finished} finished (a whole restore {full:?})");
-    assert!(killed >= 10, "only {killed} kills landed mid-restore");
+    assert_eq!(killed, KILLS, "only {killed} kills landed mid-restore");
 }
 
 /// Fills a 1 MiB tmpfs, leaving nothing free.
