@@ -12,6 +12,7 @@ use jiff::Timestamp;
 use kluis::config::Loaded;
 use kluis::error::exit;
 use kluis::jobs;
+use kluis::scheduler::TaskKind;
 use kluis::source::postgres::redact;
 use kluis::status::{DrillStatus, JobStatus, RepositoryStatus, Status};
 
@@ -158,7 +159,34 @@ async fn from_repositories(config: &Loaded) -> Status {
         });
         lists.insert(name.clone(), listed.unwrap_or_default());
     }
-    let now = Timestamp::now();
+    // What the daemon would plan now (its catch-up included; jitter aside).
+    let mut history = kluis::scheduler::History::default();
+    let mut reports = Vec::new();
+    for job in &config.jobs {
+        history.saw_job(job, lists.get(&job.repository).map_or(&[][..], |l| &l[..]));
+    }
+    for drill in &config.drills {
+        let found = match jobs::open_existing(config, &drill.repository).await {
+            Ok(repo) => kluis::drill::history(&repo)
+                .await
+                .map(|(h, _)| h)
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        history.saw_drill(drill, &found);
+        reports.push(found);
+    }
+    let planned: std::collections::BTreeMap<_, _> =
+        kluis::scheduler::plan(config, &history, Timestamp::now(), |_| 0)
+            .into_iter()
+            .map(|(work, next)| ((work.kind(), work.name().to_string()), next))
+            .collect();
+    let next = |kind, name: &str| {
+        planned
+            .get(&(kind, name.to_string()))
+            .copied()
+            .filter(|t| *t != Timestamp::MAX)
+    };
     for job in &config.jobs {
         let last = lists
             .get(&job.repository)
@@ -168,25 +196,18 @@ async fn from_repositories(config: &Loaded) -> Status {
             repository: job.repository.clone(),
             schedule: job.schedule.to_string(),
             running: None,
-            next_run: job.schedule.next_after(now, &config.time_zone),
+            next_run: next(TaskKind::Backup, &job.name),
             last_run: None,
             last_result: None,
             last_success: last.map(|s| s.time),
             last_snapshot: last.map(|s| s.id.to_hex()),
         });
     }
-    for drill in &config.drills {
-        let history = match jobs::open_existing(config, &drill.repository).await {
-            Ok(repo) => kluis::drill::history(&repo)
-                .await
-                .map(|(h, _)| h)
-                .unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
-        let next = drill.schedule.next_after(now, &config.time_zone);
+    for (drill, found) in config.drills.iter().zip(&reports) {
+        let next = next(TaskKind::Drill, &drill.name);
         status
             .drills
-            .push(DrillStatus::from_history(drill, &history, next));
+            .push(DrillStatus::from_history(drill, found, next));
     }
     status
 }

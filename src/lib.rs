@@ -12,6 +12,8 @@
 //! - [`ledger`]: chains, forget records and this host's view: removal, rollback and replay of
 //!   records are detected.
 //! - [`clock`]: the store's time, which prune's protocol uses instead of hosts' clocks.
+//! - [`schedule`] (when: expressions), [`scheduler`] (the daemon's loop: jobs, copies, drills
+//!   and maintenance on their schedules, with catch-up, timeouts and recorded outcomes).
 //!
 //! ```no_run
 //! # async fn demo() -> kluis::Result<()> {
@@ -49,6 +51,7 @@ pub mod repository;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
+pub mod scheduler;
 pub mod snapshot;
 pub mod source;
 pub mod status;
