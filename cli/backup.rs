@@ -10,12 +10,11 @@ use jiff::Timestamp;
 use kluis::backup::{self, BackupOptions, Source};
 use kluis::config::Loaded;
 use kluis::error::exit;
-use kluis::jobs;
+use kluis::jobs::{self, Planned, ServerDatabases};
 use kluis::progress::{Cancel, Progress};
 use kluis::source::command::CommandSource;
 use kluis::source::database;
-use kluis::source::postgres::globals::GlobalsSource;
-use kluis::source::postgres::{self, PgConn, PostgresSource};
+use kluis::source::postgres::{self, PgConn};
 
 use crate::databases::{Engine, database_url, db_password};
 use crate::output::{ProgressLine, human_bytes, human_duration};
@@ -72,12 +71,6 @@ pub struct BackupArgs {
     /// (pg_dumpall --globals-only, needs a superuser) as the snapshot `postgres-globals`
     #[arg(long)]
     globals: bool,
-}
-
-/// One snapshot to take: its name and its source.
-struct Planned {
-    name: String,
-    source: Source,
 }
 
 /// What the arguments ask for: usually one snapshot; one per database (and one of the roles)
@@ -153,41 +146,24 @@ fn plan(g: &Global, a: &BackupArgs, cancel: &Cancel) -> anyhow::Result<Vec<Plann
     one(Some(name), Source::Paths(a.paths.clone()))
 }
 
-/// A PostgreSQL server: its roles first (so a restore finds them at or before the databases),
-/// then each database as a snapshot named after it.
+/// A PostgreSQL server (see [`jobs::plan_postgres_server`]).
 fn plan_postgres_server(g: &Global, a: &BackupArgs, url: &str) -> anyhow::Result<Vec<Planned>> {
     let server = PgConn::parse_server(url, db_password(g)?)?
         .with_bin_dir(postgres::tools_dir(g.pg_bin_dir.as_deref()));
-    let mut databases = a.databases.clone();
-    if a.all_databases {
-        databases = postgres::list_databases(&server)?;
-    } else if databases.is_empty() && server.names_database && !a.globals {
-        databases.push(server.database.clone());
-    }
-    if a.name.is_some() && databases.len() + usize::from(a.globals) > 1 {
-        bail!(kluis::Error::InvalidInput(
-            "--name names one snapshot; with several databases each is named after its database"
-                .into()
-        ));
-    }
-    let mut planned = Vec::new();
-    if a.globals {
-        planned.push(Planned {
-            name: a.name.clone().unwrap_or_else(|| GLOBALS_NAME.into()),
-            source: Source::Streams(Box::new(GlobalsSource::new(server.clone()))),
-        });
-    }
-    for db in databases {
-        planned.push(Planned {
-            name: a.name.clone().unwrap_or_else(|| db.clone()),
-            source: Source::Streams(Box::new(PostgresSource::new(server.with_database(&db)))),
-        });
-    }
-    Ok(planned)
+    let databases = if a.all_databases {
+        ServerDatabases::All
+    } else if a.databases.is_empty() {
+        ServerDatabases::Named
+    } else {
+        ServerDatabases::List(a.databases.clone())
+    };
+    Ok(jobs::plan_postgres_server(
+        &server,
+        &databases,
+        a.globals,
+        a.name.as_deref(),
+    )?)
 }
-
-/// The snapshot name of a PostgreSQL server's roles and tablespaces.
-pub const GLOBALS_NAME: &str = "postgres-globals";
 
 /// `--job NAME`: the job's repository, source and snapshot name, from its configuration.
 async fn run_job(g: &Global, a: &BackupArgs, name: &str, cancel: Cancel) -> anyhow::Result<i32> {

@@ -5,12 +5,11 @@
 use std::time::Duration;
 
 use clap::Args;
-use jiff::Timestamp;
 
 use kluis::config::Loaded;
 use kluis::error::exit;
 use kluis::progress::Cancel;
-use kluis::retention::{self, Policy};
+use kluis::retention::Policy;
 
 use crate::output;
 use crate::{Global, open};
@@ -131,47 +130,33 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
         Some((config, name, _, _)) => kluis::jobs::open_repository(config, name).await?,
         None => open(g).await?,
     };
-    let (mut list, errors) = repo.snapshots().await?;
-    if !a.dry_run {
-        // An earlier forget that was interrupted after its record: finished first.
-        kluis::ledger::finish_forgets(&repo, &mut list).await?;
-    }
-    if !errors.is_empty() {
-        // A snapshot that cannot be read cannot be decided; forgetting around it could keep
-        // too little of its group. Stop and say so.
-        for e in &errors {
-            eprintln!("error: {e}");
-        }
-        anyhow::bail!(kluis::Error::Corrupt {
-            object: format!("{} snapshot manifest(s)", errors.len()),
-            detail: "cannot be read; nothing was forgotten (run `kluis check`)".into(),
-        });
-    }
-    list.retain(|s| {
+    let state_dir = match &configured {
+        Some((config, _, _, _)) => config.state_dir.clone(),
+        None => crate::state_dir(g),
+    };
+    let only = |s: &kluis::snapshot::Snapshot| {
         a.name.as_ref().is_none_or(|n| &s.name == n) && a.host.as_ref().is_none_or(|h| &s.host == h)
-    });
-    let decisions = retention::decide(&list, &policy, Timestamp::now(), &tz)?;
-    let mut removed = 0;
-    if !a.dry_run {
-        if cancel.is_cancelled() {
-            anyhow::bail!(kluis::Error::Interrupted);
-        }
-        let doomed: Vec<&kluis::snapshot::Snapshot> = decisions
-            .iter()
-            .filter(|d| !d.keep)
-            .filter_map(|d| list.iter().find(|s| s.id.to_hex() == d.id))
-            .collect();
-        // A forget record names them before they go (see kluis::ledger).
-        let state_dir = match &configured {
-            Some((config, _, _, _)) => config.state_dir.clone(),
-            None => crate::state_dir(g),
-        };
-        let ledger = crate::ledger(&state_dir, &repo);
-        for w in kluis::ledger::forget(&repo, &doomed, ledger.as_ref(), &kluis::hostname()).await? {
-            eprintln!("warning: {w}");
-        }
-        removed = doomed.len();
+    };
+    let done = kluis::forget::forget(
+        &repo,
+        kluis::forget::ForgetOptions {
+            policy: &policy,
+            time_zone: tz,
+            only: Some(&only),
+            dry_run: a.dry_run,
+            ledger: if a.dry_run {
+                None
+            } else {
+                crate::ledger(&state_dir, &repo)
+            },
+            cancel: cancel.clone(),
+        },
+    )
+    .await?;
+    for w in &done.warnings {
+        eprintln!("warning: {w}");
     }
+    let (decisions, removed) = (done.decisions, done.removed);
     if a.json && !a.prune {
         println!("{}", serde_json::to_string_pretty(&decisions)?);
     } else if !a.json {

@@ -103,6 +103,67 @@ pub fn source(config: &Loaded, job: &Job) -> Result<Source> {
     })
 }
 
+/// The snapshot name of a PostgreSQL server's roles and tablespaces.
+pub const GLOBALS_NAME: &str = "postgres-globals";
+
+/// Which databases of a PostgreSQL server a server-wide backup takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerDatabases {
+    /// The one the URL names, if it names one.
+    Named,
+    /// These.
+    List(Vec<String>),
+    /// Every database that accepts connections (templates aside).
+    All,
+}
+
+/// One snapshot a server-wide backup makes: its name and source.
+pub struct Planned {
+    pub name: String,
+    pub source: Source,
+}
+
+/// A PostgreSQL server backed up whole: its roles and tablespaces first (with `globals`), so
+/// a restore finds them at or before the databases, then each database as a snapshot named
+/// after it. `name` renames the one snapshot (refused when there are several).
+pub fn plan_postgres_server(
+    server: &PgConn,
+    databases: &ServerDatabases,
+    globals: bool,
+    name: Option<&str>,
+) -> Result<Vec<Planned>> {
+    let databases = match databases {
+        ServerDatabases::All => postgres::list_databases(server)?,
+        ServerDatabases::List(l) => l.clone(),
+        ServerDatabases::Named if server.names_database && !globals => {
+            vec![server.database.clone()]
+        }
+        ServerDatabases::Named => Vec::new(),
+    };
+    if name.is_some() && databases.len() + usize::from(globals) > 1 {
+        return Err(Error::invalid(
+            "--name names one snapshot; with several databases each is named after its database",
+        ));
+    }
+    let named = |default: &str| name.map_or_else(|| default.to_string(), str::to_string);
+    let mut planned = Vec::new();
+    if globals {
+        planned.push(Planned {
+            name: named(GLOBALS_NAME),
+            source: Source::Streams(Box::new(GlobalsSource::new(server.clone()))),
+        });
+    }
+    for db in databases {
+        planned.push(Planned {
+            name: named(&db),
+            source: Source::Streams(Box::new(crate::source::postgres::PostgresSource::new(
+                server.with_database(&db),
+            ))),
+        });
+    }
+    Ok(planned)
+}
+
 /// Backs the job up now.
 pub async fn run(
     config: &Loaded,
@@ -161,30 +222,21 @@ pub async fn maintain(
         .get(repository)
         .ok_or_else(|| Error::invalid(format!("no repository {repository:?}")))?;
     let repo = open_existing(config, repository).await?;
-    let mut removed = 0;
-    let mut warnings = Vec::new();
+    let (mut removed, mut warnings) = (0, Vec::new());
     if let Some(policy) = &r.retention {
-        let (mut list, unreadable) = repo.snapshots().await?;
-        crate::ledger::finish_forgets(&repo, &mut list).await?;
-        if let Some(bad) = unreadable.first() {
-            return Err(Error::invalid(format!(
-                "retention stopped: {bad}; nothing was forgotten (run `kluis check`)"
-            )));
-        }
-        let decisions =
-            crate::retention::decide(&list, policy, jiff::Timestamp::now(), &config.time_zone)?;
-        if cancel.is_cancelled() {
-            return Err(Error::Interrupted);
-        }
-        let doomed: Vec<&Snapshot> = decisions
-            .iter()
-            .filter(|d| !d.keep)
-            .filter_map(|d| list.iter().find(|s| s.id.to_hex() == d.id))
-            .collect();
-        let ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
-        warnings =
-            crate::ledger::forget(&repo, &doomed, ledger.as_ref(), &crate::hostname()).await?;
-        removed = doomed.len();
+        let done = crate::forget::forget(
+            &repo,
+            crate::forget::ForgetOptions {
+                policy,
+                time_zone: config.time_zone.clone(),
+                only: None,
+                dry_run: false,
+                ledger: crate::ledger::Ledger::open(&config.state_dir, &repo).ok(),
+                cancel: cancel.clone(),
+            },
+        )
+        .await?;
+        (removed, warnings) = (done.removed, done.warnings);
     }
     let mut opts = r.prune.as_ref().map(|p| p.options()).unwrap_or_default();
     opts.cancel = cancel;

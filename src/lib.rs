@@ -37,6 +37,7 @@ pub mod copy;
 pub mod crypto;
 pub mod drill;
 pub mod error;
+pub mod forget;
 pub mod id;
 pub mod index;
 pub mod jobs;
