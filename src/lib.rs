@@ -8,12 +8,17 @@
 //! - [`chunker`], [`pack`], [`index`], [`tree`], [`snapshot`]: the repository format
 //!   (docs/FORMAT.md).
 //! - [`source`]: database and command sources (dump tools run as children, checked).
-//! - [`backup`], [`restore`], [`check`]: the operations.
+//! - [`backup`], [`restore`], [`check`], [`copy`], [`forget`], [`prune`], [`drill`]: the
+//!   operations; [`jobs`]: a configured job, copy or maintenance run once.
+//! - [`config`]: the configuration file, checked; [`retention`]: which snapshots a policy keeps.
 //! - [`ledger`]: chains, forget records and this host's view: removal, rollback and replay of
 //!   records are detected.
 //! - [`clock`]: the store's time, which prune's protocol uses instead of hosts' clocks.
 //! - [`schedule`] (when: expressions), [`scheduler`] (the daemon's loop: jobs, copies, drills
 //!   and maintenance on their schedules, with catch-up, timeouts and recorded outcomes).
+//! - [`metrics`], [`status`]: what the daemon shows (Prometheus, `/status`, `kluis status`).
+//!
+//! docs/ARCHITECTURE.md draws the map and follows a backup, a restore and a scheduled run.
 //!
 //! ```no_run
 //! # async fn demo() -> kluis::Result<()> {

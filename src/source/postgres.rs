@@ -653,7 +653,7 @@ const NON_EMPTY: &str = "WITH user_ns AS (SELECT oid, nspname FROM pg_namespace 
      + (SELECT count(*) FROM pg_largeobject_metadata)";
 
 /// Makes the restore target ready: creates the database (from template0, in the snapshot's
-/// encoding), or accepts an existing empty one (see [`NON_EMPTY`]); any other is refused unless
+/// encoding), or accepts an existing empty one (see `NON_EMPTY`); any other is refused unless
 /// `force`, which drops and recreates it.
 pub fn prepare_target(target: &PgConn, encoding: &str, force: bool) -> Result<()> {
     let fail = Error::on_target;
