@@ -37,6 +37,17 @@ use crate::snapshot::{Snapshot, Source as SnapshotSource};
 use crate::source::mysql::{self, MyConn};
 use crate::source::postgres::{self, PgConn};
 
+mod scratch;
+mod verify;
+
+pub use scratch::clean_leftovers;
+use scratch::{Place, Scratch, scratch_clone};
+#[cfg(test)]
+use scratch::{is_leftover, with_database};
+use verify::verify;
+#[cfg(test)]
+use verify::{time_literal, truthy};
+
 /// One check of a drill.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Check {
@@ -215,173 +226,14 @@ fn random_below(n: usize) -> usize {
     (u64::from_le_bytes(b) % n.max(1) as u64) as usize
 }
 
-/// Where a drill restores: a scratch server, or the state directory.
-enum Scratch {
-    Postgres(PgConn),
-    /// The server URL (without a database) and its password.
-    Mysql(String, Option<zeroize::Zeroizing<String>>),
-    Files(PathBuf),
-}
-
-/// `scheme://authority/db?query` from a server URL without a database.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let (scheme, rest) = base.split_once("://").unwrap_or(("", base));
-    let authority = rest.split('/').next().unwrap_or("");
-    format!("{scheme}://{authority}/{db}{query}")
-}
-
-impl Scratch {
-    fn new(config: &Loaded, drill: &Drill) -> Result<Scratch> {
-        let password = || {
-            let file = drill.scratch_password_file.clone().or_else(|| {
-                std::env::var_os("CREDENTIALS_DIRECTORY")
-                    .map(|d| Path::new(&d).join("kluis-scratch-password"))
-                    .filter(|p| p.exists())
-            });
-            file.map(|p| crate::keys::read_secret_line(&p)).transpose()
-        };
-        let url = drill.scratch.as_deref().unwrap_or_default();
-        Ok(match drill.kind {
-            DrillKind::Postgres => Scratch::Postgres(
-                PgConn::parse_server(url, password()?)?
-                    .with_bin_dir(postgres::tools_dir(None))
-                    .with_database("postgres"),
-            ),
-            DrillKind::Mysql => {
-                // Checked now: a bad URL is a configuration error, not a failed drill.
-                MyConn::parse(&with_database(url, "mysql"), None)?;
-                Scratch::Mysql(url.to_string(), password()?)
-            }
-            _ => Scratch::Files(config.state_dir.join("drills")),
-        })
-    }
-
-    fn mysql(&self, db: &str) -> Result<MyConn> {
-        match self {
-            Scratch::Mysql(url, pw) => MyConn::parse(&with_database(url, db), pw.clone()),
-            _ => Err(Error::invalid("not a MySQL scratch server")),
-        }
-    }
-
-    /// Reaches the scratch place and drops what earlier drills of `prefix` left behind:
-    /// targets named exactly as this drill names them, created before `before` (none: any
-    /// time). Returns the names dropped.
-    fn clean(&self, prefix: &str, before: Option<Timestamp>) -> Result<Vec<String>> {
-        let like = prefix.replace('_', "\\_") + "%";
-        let ours = |name: &str| is_leftover(name, prefix, before);
-        let mut dropped = Vec::new();
-        match self {
-            Scratch::Postgres(server) => {
-                let rows = server.query_one(&format!(
-                    "SELECT coalesce(string_agg(datname, E'\\n'), '') FROM pg_database \
-                     WHERE datname LIKE {}",
-                    postgres::literal(&like)
-                ))?;
-                for db in rows.lines().filter(|l| ours(l)) {
-                    server.query_one(&format!(
-                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                        postgres::ident(db)
-                    ))?;
-                    dropped.push(db.to_string());
-                }
-            }
-            Scratch::Mysql(..) => {
-                let conn = self.mysql("mysql")?;
-                let rows = conn.query(&format!(
-                    "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE {}",
-                    mysql::sql_literal(&like)
-                ))?;
-                for db in rows.iter().filter(|l| ours(l)) {
-                    conn.query(&format!("DROP DATABASE IF EXISTS {}", mysql::ident(db)))?;
-                    dropped.push(db.clone());
-                }
-            }
-            Scratch::Files(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-                    let entry = entry.map_err(|e| Error::io(dir, e))?;
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    if !ours(&name) {
-                        continue;
-                    }
-                    let path = entry.path();
-                    let removed = if path.is_dir() {
-                        std::fs::remove_dir_all(&path)
-                    } else {
-                        std::fs::remove_file(&path)
-                    };
-                    removed.map_err(|e| Error::io(&path, e))?;
-                    dropped.push(name);
-                }
-            }
-        }
-        Ok(dropped)
-    }
-}
-
-/// Whether `name` is a target this drill made (`<prefix><YYYYmmddHHMMSS>[_n]`), made before
-/// `before` if given.
-fn is_leftover(name: &str, prefix: &str, before: Option<Timestamp>) -> bool {
-    let Some(rest) = name.strip_prefix(prefix) else {
-        return false;
-    };
-    let (stamp, n) = rest.split_at(rest.len().min(14));
-    let well_formed = stamp.len() == 14
-        && stamp.bytes().all(|b| b.is_ascii_digit())
-        && (n.is_empty()
-            || n.strip_prefix('_')
-                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())));
-    if !well_formed {
-        return false;
-    }
-    let Some(before) = before else { return true };
-    jiff::civil::DateTime::strptime("%Y%m%d%H%M%S", stamp)
-        .ok()
-        .and_then(|t| t.to_zoned_datetime(jiff::tz::TimeZone::UTC).ok())
-        .is_some_and(|t| t.timestamp() < before)
-}
-
-/// Drops what earlier drills of every configured drill left behind (kluisd start-up: none of
-/// its drills runs yet).
-pub async fn clean_leftovers(config: &Loaded) -> Vec<String> {
-    let mut log = Vec::new();
-    for drill in &config.drills {
-        let prefix = target_prefix(&drill.name);
-        let cleaned = match Scratch::new(config, drill) {
-            Ok(s) => tokio::task::spawn_blocking(move || s.clean(&prefix, None))
-                .await
-                .unwrap_or_else(|e| Err(Error::invalid(format!("drill clean-up crashed: {e}")))),
-            Err(e) => Err(e),
-        };
-        match cleaned {
-            Ok(names) if names.is_empty() => {}
-            Ok(names) => log.push(format!(
-                "drill {}: dropped {} left behind by an earlier drill: {}",
-                drill.name,
-                names.len(),
-                names.join(", ")
-            )),
-            Err(e) => log.push(format!(
-                "drill {}: cannot clean its scratch place: {e}",
-                drill.name
-            )),
-        }
-    }
-    log
-}
-
 /// The checks and their outcome so far.
-struct Checks {
+pub(super) struct Checks {
     list: Vec<Check>,
     reason: Option<&'static str>,
 }
 
 impl Checks {
-    fn pass(&mut self, name: &str, detail: impl Into<String>) {
+    pub(super) fn pass(&mut self, name: &str, detail: impl Into<String>) {
         self.list.push(Check {
             name: name.into(),
             ok: true,
@@ -389,7 +241,7 @@ impl Checks {
         });
     }
 
-    fn fail(&mut self, name: &str, reason: &'static str, detail: impl Into<String>) {
+    pub(super) fn fail(&mut self, name: &str, reason: &'static str, detail: impl Into<String>) {
         self.list.push(Check {
             name: name.into(),
             ok: false,
@@ -400,7 +252,7 @@ impl Checks {
 }
 
 /// What a restore error means for the drill: the check that failed and the reason label.
-fn classify(e: &Error) -> (&'static str, &'static str) {
+pub(super) fn classify(e: &Error) -> (&'static str, &'static str) {
     match e {
         Error::Corrupt { .. } | Error::MissingBlob(_) | Error::MissingObject { .. } => {
             ("hash", "corrupt")
@@ -413,7 +265,9 @@ fn classify(e: &Error) -> (&'static str, &'static str) {
 }
 
 /// Runs blocking database work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::invalid(format!("drill check crashed: {e}")))?
@@ -557,81 +411,6 @@ async fn drill_one(
     }
 }
 
-fn scratch_clone(s: &Scratch) -> Scratch {
-    match s {
-        Scratch::Postgres(c) => Scratch::Postgres(c.clone()),
-        Scratch::Mysql(u, p) => Scratch::Mysql(u.clone(), p.clone()),
-        Scratch::Files(d) => Scratch::Files(d.clone()),
-    }
-}
-
-/// One drill's scratch target.
-enum Place {
-    Postgres(PgConn),
-    Mysql(Result<MyConn>, String),
-    File(PathBuf),
-}
-
-impl Place {
-    fn new(scratch: &Scratch, target: &str) -> Place {
-        match scratch {
-            Scratch::Postgres(server) => Place::Postgres(server.with_database(target)),
-            Scratch::Mysql(..) => Place::Mysql(scratch.mysql(target), target.to_string()),
-            Scratch::Files(dir) => Place::File(dir.join(target)),
-        }
-    }
-
-    fn shown(&self) -> String {
-        match self {
-            Place::Postgres(c) => format!("database {} on {}", c.database, c.display),
-            Place::Mysql(Ok(c), _) => c.display.clone(),
-            Place::Mysql(Err(_), name) => name.clone(),
-            Place::File(p) => p.display().to_string(),
-        }
-    }
-
-    async fn remove(&self) -> Result<()> {
-        match self {
-            Place::Postgres(c) => {
-                let (server, db) = (c.with_database("postgres"), c.database.clone());
-                blocking(move || {
-                    server
-                        .query_one(&format!(
-                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                            postgres::ident(&db)
-                        ))
-                        .map(drop)
-                })
-                .await
-            }
-            Place::Mysql(Ok(c), db) => {
-                let (c, db) = (c.clone(), db.clone());
-                blocking(move || {
-                    c.query(&format!("DROP DATABASE IF EXISTS {}", mysql::ident(&db)))
-                        .map(drop)
-                })
-                .await
-            }
-            Place::Mysql(Err(_), _) => Ok(()),
-            Place::File(p) => {
-                let p = p.clone();
-                blocking(move || {
-                    let removed = if p.is_dir() {
-                        std::fs::remove_dir_all(&p)
-                    } else {
-                        std::fs::remove_file(&p)
-                    };
-                    match removed {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&p, e)),
-                        _ => Ok(()),
-                    }
-                })
-                .await
-            }
-        }
-    }
-}
-
 /// Restores `snapshot` into `place`; returns the files (streams) and bytes restored.
 async fn restore(
     repo: &Repository,
@@ -672,274 +451,6 @@ async fn restore(
         }
     };
     Ok((report.files, report.bytes))
-}
-
-/// The timestamp literal `{snapshot_time}` stands for in an assertion.
-/// Microseconds, UTC: what all three engines keep.
-fn time_literal(kind: DrillKind, t: Timestamp) -> String {
-    let utc = t.to_zoned_datetime(jiff::tz::TimeZone::UTC);
-    match kind {
-        DrillKind::Postgres => format!("'{}'::timestamptz", utc.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")),
-        _ => format!("'{}'", utc.strftime("%Y-%m-%d %H:%M:%S%.6f")),
-    }
-}
-
-fn truthy(v: &str) -> bool {
-    matches!(v.trim().to_ascii_lowercase().as_str(), "t" | "true" | "1")
-}
-
-/// The checks after a successful restore: the engine's own, row counts, assertions.
-async fn verify(
-    place: &Place,
-    snapshot: &Snapshot,
-    drill: &Drill,
-    checks: &mut Checks,
-    files: u64,
-) {
-    let tables = match &snapshot.source {
-        SnapshotSource::Postgres(r) | SnapshotSource::Mysql(r) | SnapshotSource::Sqlite(r) => {
-            r.tables.clone()
-        }
-        _ => Vec::new(),
-    };
-    let when = time_literal(drill.kind, snapshot.time);
-    let assertions: Vec<(String, String)> = drill
-        .assertions
-        .iter()
-        .map(|a| (a.name.clone(), a.sql.replace("{snapshot_time}", &when)))
-        .collect();
-    match place {
-        Place::Postgres(c) => {
-            checks.pass(
-                "engine",
-                "psql loaded every stream with ON_ERROR_STOP: no error",
-            );
-            let counts = {
-                let (c, t) = (c.clone(), tables.clone());
-                blocking(move || {
-                    let exprs: Vec<String> = t
-                        .iter()
-                        .map(|t| {
-                            format!(
-                                "(SELECT count(*) FROM ONLY {}.{})",
-                                postgres::ident(&t.schema),
-                                postgres::ident(&t.name)
-                            )
-                        })
-                        .collect();
-                    count_rows(&exprs, |sql| c.query_one(sql))
-                })
-                .await
-            };
-            compare_rows(checks, &tables, counts);
-            for (name, sql) in assertions {
-                let c = c.clone();
-                let got = blocking(move || c.query_one(&sql)).await;
-                assertion(checks, &name, got);
-            }
-        }
-        Place::Mysql(Ok(c), _) => {
-            let names: Vec<String> = tables.iter().map(|t| mysql::ident(&t.name)).collect();
-            if names.is_empty() {
-                checks.pass("engine", "no tables to check");
-            } else {
-                let c2 = c.clone();
-                let list = names.join(", ");
-                let rows = blocking(move || c2.query_in(&format!("CHECK TABLE {list}"))).await;
-                match rows {
-                    Err(e) => checks.fail("engine", "restore", format!("CHECK TABLE failed: {e}")),
-                    Ok(rows) => {
-                        let bad: Vec<&String> = rows
-                            .iter()
-                            .filter(|r| {
-                                let f: Vec<&str> = r.split('\t').collect();
-                                f.len() >= 4
-                                    && (f[2].eq_ignore_ascii_case("error")
-                                        || (f[2].eq_ignore_ascii_case("status")
-                                            && !f[3].eq_ignore_ascii_case("ok")))
-                            })
-                            .collect();
-                        if bad.is_empty() {
-                            checks.pass(
-                                "engine",
-                                format!("CHECK TABLE: all {} table(s) OK", names.len()),
-                            );
-                        } else {
-                            checks.fail(
-                                "engine",
-                                "restore",
-                                format!(
-                                    "CHECK TABLE: {}",
-                                    bad.iter()
-                                        .map(|s| s.replace('\t', " "))
-                                        .collect::<Vec<_>>()
-                                        .join("; ")
-                                ),
-                            );
-                        }
-                    }
-                }
-            }
-            let counts = {
-                let (c, names) = (c.clone(), names.clone());
-                blocking(move || {
-                    let exprs: Vec<String> = names
-                        .iter()
-                        .map(|t| format!("(SELECT COUNT(*) FROM {t})"))
-                        .collect();
-                    count_rows(&exprs, |sql| c.query_in(sql).map(|r| r.join("\n")))
-                })
-                .await
-            };
-            compare_rows(checks, &tables, counts);
-            for (name, sql) in assertions {
-                let c = c.clone();
-                let got = blocking(move || c.query_in(&sql).map(|r| r.join("\n"))).await;
-                assertion(checks, &name, got);
-            }
-        }
-        Place::Mysql(Err(_), _) => {}
-        Place::File(p) => match drill.kind {
-            DrillKind::Sqlite => {
-                checks.pass("engine", "PRAGMA integrity_check: ok");
-                let (p2, t) = (p.clone(), tables.clone());
-                let counts = blocking(move || {
-                    let c = rusqlite::Connection::open_with_flags(
-                        &p2,
-                        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-                    )
-                    .map_err(|e| Error::TargetFailed(format!("{}: {e}", p2.display())))?;
-                    t.iter()
-                        .map(|t| {
-                            c.query_row(
-                                &format!(
-                                    "SELECT count(*) FROM \"{}\"",
-                                    t.name.replace('"', "\"\"")
-                                ),
-                                [],
-                                |r| r.get::<_, i64>(0),
-                            )
-                            .map(|n| n.max(0) as u64)
-                            .map_err(|e| {
-                                Error::TargetFailed(format!("count rows of {}: {e}", t.name))
-                            })
-                        })
-                        .collect::<Result<Vec<u64>>>()
-                })
-                .await;
-                compare_rows(checks, &tables, counts);
-                for (name, sql) in assertions {
-                    let p2 = p.clone();
-                    let got = blocking(move || {
-                        let c = rusqlite::Connection::open_with_flags(
-                            &p2,
-                            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-                        )
-                        .map_err(|e| Error::TargetFailed(e.to_string()))?;
-                        c.query_row(&sql, [], |r| {
-                            Ok(match r.get_ref(0)? {
-                                rusqlite::types::ValueRef::Integer(i) => i.to_string(),
-                                rusqlite::types::ValueRef::Real(f) => f.to_string(),
-                                rusqlite::types::ValueRef::Text(t) => {
-                                    String::from_utf8_lossy(t).into_owned()
-                                }
-                                rusqlite::types::ValueRef::Null => "NULL".into(),
-                                rusqlite::types::ValueRef::Blob(_) => "(blob)".into(),
-                            })
-                        })
-                        .map_err(|e| Error::TargetFailed(e.to_string()))
-                    })
-                    .await;
-                    assertion(checks, &name, got);
-                }
-            }
-            DrillKind::Directory => {
-                if files == snapshot.summary.files {
-                    checks.pass("files", format!("{files} file(s), as the snapshot records"));
-                } else {
-                    checks.fail(
-                        "files",
-                        "rows",
-                        format!(
-                            "{files} file(s) restored, the snapshot records {}",
-                            snapshot.summary.files
-                        ),
-                    );
-                }
-            }
-            _ => {}
-        },
-    }
-}
-
-/// Counts rows with one query per 100 tables: the subqueries' counts joined by commas
-/// (`concat_ws` means the same to PostgreSQL and MySQL).
-fn count_rows(exprs: &[String], query: impl Fn(&str) -> Result<String>) -> Result<Vec<u64>> {
-    let mut out = Vec::new();
-    // PostgreSQL takes at most 100 arguments to a function.
-    for part in exprs.chunks(90) {
-        let got = query(&format!("SELECT concat_ws(',', {})", part.join(", ")))?;
-        for n in got.trim().split(',') {
-            out.push(
-                n.trim()
-                    .parse()
-                    .map_err(|_| Error::TargetFailed(format!("row count {n:?} is not a number")))?,
-            );
-        }
-    }
-    Ok(out)
-}
-
-fn compare_rows(
-    checks: &mut Checks,
-    tables: &[crate::snapshot::TableRecord],
-    counts: Result<Vec<u64>>,
-) {
-    match counts {
-        Err(e) => checks.fail("rows", "rows", format!("cannot count rows: {e}")),
-        Ok(counts) if counts.len() != tables.len() => checks.fail(
-            "rows",
-            "rows",
-            format!(
-                "counted {} tables, the snapshot records {}",
-                counts.len(),
-                tables.len()
-            ),
-        ),
-        Ok(counts) => {
-            let wrong: Vec<String> = tables
-                .iter()
-                .zip(&counts)
-                .filter(|(t, n)| t.rows != **n)
-                .map(|(t, n)| format!("{}.{}: {n} rows, recorded {}", t.schema, t.name, t.rows))
-                .collect();
-            if wrong.is_empty() {
-                checks.pass(
-                    "rows",
-                    format!(
-                        "{} table(s), {} rows, as recorded at backup time",
-                        tables.len(),
-                        counts.iter().sum::<u64>()
-                    ),
-                );
-            } else {
-                checks.fail("rows", "rows", wrong.join("; "));
-            }
-        }
-    }
-}
-
-fn assertion(checks: &mut Checks, name: &str, got: Result<String>) {
-    let label = format!("assert: {name}");
-    match got {
-        Ok(v) if truthy(&v) => checks.pass(&label, "true"),
-        Ok(v) => checks.fail(
-            &label,
-            "assertion",
-            format!("returned {:?}, not true", v.trim()),
-        ),
-        Err(e) => checks.fail(&label, "assertion", format!("failed: {e}")),
-    }
 }
 
 #[cfg(test)]
