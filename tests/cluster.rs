@@ -10,10 +10,6 @@ use std::process::Stdio;
 use common::cluster::Cluster;
 use common::*;
 
-fn sha256(b: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
-}
-
 #[test]
 fn a_node_killed_mid_backup_and_mid_restore_loses_nothing() {
     let mut cluster = Cluster::start(3);

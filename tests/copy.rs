@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn sha256(b: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
-}
-
 /// `kluis copy` from `src` to `dst`, with the destination's own key.
 fn copy_cmd(src: &Repo, dst: &Repo, args: &[&str]) -> Command {
     let mut all = vec!["copy", "--to", dst.url.as_str()];

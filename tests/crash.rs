@@ -15,10 +15,6 @@ const KILLS: u32 = 50;
 /// Runs at most (some backups finish before their kill).
 const MAX_RUNS: u64 = 150;
 
-fn sha256(b: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
-}
-
 /// Input of run `i`: a shared part (deduplicated across runs) and a part of its own.
 fn input(shared: &[u8], i: u64) -> Vec<u8> {
     let mut v = shared.to_vec();

@@ -12,10 +12,6 @@ use common::faults::FaultProxy;
 use common::*;
 use tempfile::TempDir;
 
-fn sha256(b: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
-}
-
 /// `kluis args` on `repo`'s key and state, at another URL (the server without the proxy).
 fn at(repo: &Repo, url: &str, args: &[&str]) -> Command {
     let mut c = repo.command(args);
@@ -68,13 +64,7 @@ fn with_a_tenth_of_requests_failing_every_command_succeeds_and_nothing_done_is_m
         faulty.clone(),
         garage.credentials(),
     );
-    repo.ok(&[
-        "init",
-        "--pack-size",
-        "65536",
-        "--chunk-sizes",
-        "4096,16384,65536",
-    ]);
+    repo.init_small();
     proxy.set_rate(rate);
 
     // Backups: streams sharing some data, and a tree.

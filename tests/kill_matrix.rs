@@ -15,10 +15,6 @@ use common::*;
 
 const KILLS: u32 = 50;
 
-fn sha256(b: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
-}
-
 /// Id -> (name, SHA-256 of the first stream) of every snapshot listed.
 fn listed(repo: &Repo) -> BTreeMap<String, (String, String)> {
     let v: serde_json::Value = serde_json::from_slice(&repo.ok(&["snapshots", "--json"])).unwrap();
@@ -93,13 +89,7 @@ fn every_listed_restores(repo: &Repo, expected: &BTreeMap<String, String>, when:
 }
 
 fn small(repo: Repo) -> Repo {
-    repo.ok(&[
-        "init",
-        "--pack-size",
-        "65536",
-        "--chunk-sizes",
-        "4096,16384,65536",
-    ]);
+    repo.init_small();
     repo
 }
 

@@ -9,10 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn sha256(b: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
-}
-
 fn json(out: &[u8]) -> serde_json::Value {
     serde_json::from_slice(out).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
 }
@@ -31,7 +27,7 @@ fn count(v: &serde_json::Value, field: &str) -> u64 {
 
 /// Small chunks and packs: many objects, so prune has something to choose between.
 fn small_repo() -> Repo {
-    Repo::init_file(&["--pack-size", "65536", "--chunk-sizes", "4096,16384,65536"])
+    Repo::init_file(&SMALL_PACKS)
 }
 
 fn data_bytes(repo: &Repo) -> u64 {
@@ -481,13 +477,7 @@ fn three_hosts_back_up_to_one_garage_repository_while_prune_runs_again_and_again
     const ROUNDS: u64 = 12;
     let garage = Garage::start();
     let repo = garage.repo("many-hosts");
-    repo.ok(&[
-        "init",
-        "--pack-size",
-        "65536",
-        "--chunk-sizes",
-        "4096,16384,65536",
-    ]);
+    repo.init_small();
     let repo = Arc::new(repo);
     let committed: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
     let conflicts = Arc::new(Mutex::new(0u32));
@@ -741,13 +731,7 @@ fn skewed_hosts_slow_streams_prune_and_copies_round_after_round() {
         .unwrap_or(3);
     let garage = Garage::start();
     let repo = Arc::new(garage.repo("skewed"));
-    repo.ok(&[
-        "init",
-        "--pack-size",
-        "65536",
-        "--chunk-sizes",
-        "4096,16384,65536",
-    ]);
+    repo.init_small();
     let foreign = garage.repo("skewed-copy");
     foreign.ok(&["init"]);
     let foreign_url = foreign.url.clone();

@@ -112,6 +112,13 @@ impl Repo {
         repo
     }
 
+    /// `kluis init` with [`SMALL_PACKS`].
+    pub fn init_small(&self) {
+        let mut args = vec!["init"];
+        args.extend(SMALL_PACKS);
+        self.ok(&args);
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -356,6 +363,14 @@ impl Garage {
         self.endpoint.trim_start_matches("http://").parse().unwrap()
     }
 }
+
+/// SHA-256 of `b`, in hex (as snapshots record their streams).
+pub fn sha256(b: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
+}
+
+/// `init` arguments for small packs and chunks: many packs from little data.
+pub const SMALL_PACKS: [&str; 4] = ["--pack-size", "65536", "--chunk-sizes", "4096,16384,65536"];
 
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
