@@ -81,6 +81,8 @@ fn plan(g: &Global, a: &BackupArgs, cancel: &Cancel) -> anyhow::Result<Vec<Plann
         Ok::<_, anyhow::Error>(vec![Planned {
             name: name.unwrap_or_default(),
             source,
+            time: None,
+            set: None,
         }])
     };
     let server_wide = a.all_databases || a.globals || !a.databases.is_empty();
@@ -183,23 +185,11 @@ async fn run_job(g: &Global, a: &BackupArgs, name: &str, cancel: Cancel) -> anyh
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| config.state_dir.display().to_string())?;
     let repo = jobs::open_repository(&config, &job.repository).await?;
-    let source = jobs::source(&config, job)?;
+    let planned = jobs::plan(&config, job)?;
     let mut a = a.clone_options();
     a.tags.extend(job.tags.iter().cloned());
     let ledger = crate::ledger(&config.state_dir, &repo);
-    let (code, snapshot) = backup_one(
-        g,
-        &a,
-        (&repo, ledger),
-        job.snapshot_name.clone(),
-        source,
-        cancel,
-    )
-    .await?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&snapshot)?);
-    }
-    Ok(code)
+    back_up_planned(g, &a, (&repo, ledger), planned, cancel).await
 }
 
 impl BackupArgs {
@@ -232,16 +222,31 @@ pub async fn run(g: &Global, a: BackupArgs, cancel: Cancel) -> anyhow::Result<i3
     let planned = plan(g, &a, &cancel)?;
     let repo = open(g).await?;
     let ledger = crate::ledger(&crate::state_dir(g), &repo);
+    back_up_planned(g, &a, (&repo, ledger), planned, cancel).await
+}
+
+/// Takes each planned snapshot; with several, one failure does not stop the others.
+async fn back_up_planned(
+    g: &Global,
+    a: &BackupArgs,
+    (repo, ledger): (
+        &kluis::repository::Repository,
+        Option<kluis::ledger::Ledger>,
+    ),
+    planned: Vec<Planned>,
+    cancel: Cancel,
+) -> anyhow::Result<i32> {
     let several = planned.len() > 1;
     let mut code = exit::OK;
     let mut first_error = None;
     let mut saved = Vec::new();
-    for Planned { name, source } in planned {
+    for p in planned {
         if cancel.is_cancelled() {
             break;
         }
-        let to = (&repo, ledger.clone());
-        match backup_one(g, &a, to, name.clone(), source, cancel.clone()).await {
+        let name = p.name.clone();
+        let to = (repo, ledger.clone());
+        match backup_one(g, a, to, p, cancel.clone()).await {
             Ok((c, snapshot)) => {
                 if code == exit::OK {
                     code = c;
@@ -277,15 +282,20 @@ async fn backup_one(
         &kluis::repository::Repository,
         Option<kluis::ledger::Ledger>,
     ),
-    name: String,
-    source: Source,
+    Planned {
+        name,
+        source,
+        time,
+        set,
+    }: Planned,
     cancel: Cancel,
 ) -> anyhow::Result<(i32, kluis::snapshot::Snapshot)> {
     let progress = Progress::new();
     let mut opts = BackupOptions::new(name);
     opts.ledger = ledger;
     opts.host = a.host.clone().unwrap_or_else(kluis::hostname);
-    opts.time = a.time;
+    opts.time = a.time.or(time);
+    opts.set = set;
     opts.tags = a.tags.clone();
     opts.threads = a.threads;
     opts.uploads = a.uploads;

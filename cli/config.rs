@@ -69,6 +69,28 @@ pub fn run(c: ConfigCommand) -> anyhow::Result<i32> {
                 .join(" "),
             JobSource::Database(url) => redact(url),
             JobSource::PostgresGlobals(url) => format!("roles and tablespaces of {}", redact(url)),
+            JobSource::PostgresServer {
+                url,
+                databases,
+                globals,
+            } => {
+                let mut parts = Vec::new();
+                if *globals {
+                    parts.push("roles and tablespaces".to_string());
+                }
+                match databases {
+                    kluis::config::ServerDatabases::All => parts.push("every database".into()),
+                    kluis::config::ServerDatabases::List(l) if !l.is_empty() => {
+                        parts.push(format!("databases {}", l.join(", ")))
+                    }
+                    _ => {}
+                }
+                format!(
+                    "{} of {} (one set per run)",
+                    parts.join(" and "),
+                    redact(url)
+                )
+            }
             JobSource::Command(c) => {
                 format!("command {:?}", c.split_whitespace().next().unwrap_or(""))
             }

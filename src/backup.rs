@@ -88,6 +88,8 @@ pub struct BackupOptions {
     /// This host's ledger of the repository: the snapshot joins its chain (see
     /// [`crate::ledger`]). Without one the snapshot carries no chain.
     pub ledger: Option<crate::ledger::Ledger>,
+    /// For a member of a set (see [`crate::snapshot::SetRecord`]).
+    pub set: Option<crate::snapshot::SetRecord>,
 }
 
 impl BackupOptions {
@@ -103,6 +105,7 @@ impl BackupOptions {
             progress: Progress::new(),
             origin: None,
             ledger: None,
+            set: None,
         }
     }
 }
@@ -248,6 +251,7 @@ pub async fn backup(
         streams,
         program: format!("kluis {}", env!("CARGO_PKG_VERSION")),
         origin: opts.origin.clone(),
+        set: opts.set.clone(),
         chain: None,
     };
     if opts.cancel.is_cancelled() {

@@ -178,6 +178,17 @@ pub struct JobConfig {
     /// A PostgreSQL server (`postgres://user@host/`): its roles and tablespaces
     /// (`pg_dumpall --globals-only`, needs a superuser), which per-database jobs do not carry.
     pub postgres_globals: Option<String>,
+    /// With a `postgres://` server URL in `database`: these databases of the server, each
+    /// run one set of snapshots named `<snapshot_name>.<database>`.
+    pub databases: Option<Vec<String>>,
+    /// With a `postgres://` server URL in `database`: every database that accepts
+    /// connections, listed at each run.
+    #[serde(default)]
+    pub all_databases: bool,
+    /// With a `postgres://` URL in `database`: the server's roles and tablespaces too, first,
+    /// as `<snapshot_name>.postgres-globals` in the same set (needs a superuser).
+    #[serde(default)]
+    pub globals: bool,
     /// The database password, for `database` (also the systemd credential
     /// `kluis-db-password`).
     pub db_password_file: Option<PathBuf>,
@@ -255,6 +266,8 @@ pub struct DrillConfig {
 pub struct AssertionConfig {
     pub name: String,
     pub sql: String,
+    /// For a job of a whole server: the database it is run in (default: every one).
+    pub database: Option<String>,
 }
 
 /// What a drill restores into, by the job's source.
@@ -369,6 +382,31 @@ pub enum JobSource {
     Command(String),
     /// A PostgreSQL server's roles and tablespaces.
     PostgresGlobals(String),
+    /// A PostgreSQL server backed up whole: each run one set of snapshots (see
+    /// [`crate::snapshot::SetRecord`]), its roles first with `globals`.
+    PostgresServer {
+        url: String,
+        databases: ServerDatabases,
+        globals: bool,
+    },
+}
+
+impl Job {
+    /// Whether each run makes a set of snapshots rather than one.
+    pub fn makes_sets(&self) -> bool {
+        matches!(self.source, JobSource::PostgresServer { .. })
+    }
+}
+
+/// Which databases of a PostgreSQL server a server-wide backup takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerDatabases {
+    /// The one the URL names, if it names one.
+    Named,
+    /// These.
+    List(Vec<String>),
+    /// Every database that accepts connections (templates aside).
+    All,
 }
 
 /// A configuration file, loaded and checked.
@@ -527,6 +565,8 @@ impl Loaded {
                     ));
                 }
             };
+            let source = server_source(source, &j)
+                .map_err(|why| at(j.schedule.span(), &format!("jobs.{name}"), why.to_string()))?;
             let schedule = Schedule::parse(j.schedule.get_ref())
                 .map_err(|e| at(j.schedule.span(), &key("schedule"), e.to_string()))?;
             if j.timeout.is_zero() {
@@ -623,6 +663,21 @@ impl Loaded {
                         ),
                     ));
                 }
+                JobSource::PostgresServer {
+                    databases: ServerDatabases::List(list),
+                    ..
+                } if list.is_empty() => {
+                    return Err(at(
+                        d.schedule.span(),
+                        &format!("drills.{name}"),
+                        format!(
+                            "job {} backs up a server's roles only: a drill restores databases \
+                             (give the job databases or all_databases)",
+                            job.name
+                        ),
+                    ));
+                }
+                JobSource::PostgresServer { .. } => DrillKind::Postgres,
                 JobSource::Paths(_) => DrillKind::Directory,
                 JobSource::Command(_) => DrillKind::Stream,
                 JobSource::Database(url) => match crate::source::database::engine_of(url) {
@@ -668,6 +723,31 @@ impl Loaded {
             }
             if !d.assert.is_empty() && matches!(kind, DrillKind::Directory | DrillKind::Stream) {
                 return Err(here("assertions are SQL: they need a database job".into()));
+            }
+            for a in &d.assert {
+                let Some(db) = &a.database else { continue };
+                match &job.source {
+                    JobSource::PostgresServer {
+                        databases: ServerDatabases::List(list),
+                        ..
+                    } if !list.contains(db) => {
+                        return Err(here(format!(
+                            "assertion {:?} is for database {db:?}, which job {} does not back \
+                             up (it backs up: {})",
+                            a.name,
+                            job.name,
+                            list.join(", ")
+                        )));
+                    }
+                    JobSource::PostgresServer { .. } => {}
+                    _ => {
+                        return Err(here(format!(
+                            "assertion {:?} names a database: that is for jobs of a whole \
+                             server (databases or all_databases)",
+                            a.name
+                        )));
+                    }
+                }
             }
             let budget = d
                 .budget
@@ -781,6 +861,66 @@ impl Loaded {
         Secret::from_key_file(&Path::new(&dir).join(name))
     }
 }
+
+/// A job's source with `databases`, `all_databases` or `globals`: a whole PostgreSQL server.
+fn server_source(source: JobSource, j: &JobConfig) -> std::result::Result<JobSource, String> {
+    if j.databases.is_none() && !j.all_databases && !j.globals {
+        return Ok(source);
+    }
+    let url = match source {
+        JobSource::Database(url)
+            if crate::source::database::engine_of(&url)
+                == Some(crate::source::database::Engine::Postgres) =>
+        {
+            url
+        }
+        _ => {
+            return Err("databases, all_databases and globals go with database = \
+                        \"postgres://USER@HOST/\" (a PostgreSQL server)"
+                .into());
+        }
+    };
+    let conn =
+        crate::source::postgres::PgConn::parse_server(&url, None).map_err(|e| e.to_string())?;
+    let databases = match (&j.databases, j.all_databases) {
+        (Some(_), true) => return Err("give databases or all_databases, not both".into()),
+        (Some(list), false) => {
+            if list.is_empty() || list.iter().any(|d| d.is_empty()) {
+                return Err("databases must name at least one database, none empty".into());
+            }
+            if conn.names_database {
+                return Err(format!(
+                    "with databases, the URL names the server only: {}",
+                    crate::source::url::redact(&url)
+                ));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some(twice) = list.iter().find(|d| !seen.insert(d.as_str())) {
+                return Err(format!("databases names {twice:?} twice"));
+            }
+            ServerDatabases::List(list.clone())
+        }
+        (None, true) => ServerDatabases::All,
+        // The database the URL names, if it names one, beside the roles.
+        (None, false) if conn.names_database => ServerDatabases::List(vec![conn.database]),
+        (None, false) => ServerDatabases::List(Vec::new()),
+    };
+    if let ServerDatabases::List(list) = &databases {
+        if j.globals && list.iter().any(|d| d == GLOBALS_NAME) {
+            return Err(format!(
+                "a database named {GLOBALS_NAME:?} would share its snapshot name with the roles"
+            ));
+        }
+    }
+    Ok(JobSource::PostgresServer {
+        url,
+        databases,
+        globals: j.globals,
+    })
+}
+
+/// The snapshot name of a PostgreSQL server's roles and tablespaces.
+pub const GLOBALS_NAME: &str = "postgres-globals";
 
 /// systemd's `$STATE_DIRECTORY`, else `/var/lib/kluis` for root, `~/.local/state/kluis` for
 /// others.

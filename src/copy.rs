@@ -288,6 +288,7 @@ pub async fn copy_snapshot(
     bopts.cancel = opts.cancel.clone();
     bopts.progress = opts.progress.clone();
     bopts.ledger = opts.ledger.clone();
+    bopts.set = snapshot.set.clone();
     bopts.origin = Some(Origin {
         repository: src.id(),
         snapshot: snapshot.id,

@@ -38,6 +38,7 @@ use crate::source::mysql::{self, MyConn};
 use crate::source::postgres::{self, PgConn};
 
 mod scratch;
+mod set;
 mod verify;
 
 pub use scratch::clean_leftovers;
@@ -129,50 +130,77 @@ pub fn target_prefix(drill: &str) -> String {
 pub async fn run(config: &Loaded, drill: &Drill, opts: &DrillOptions) -> Result<Vec<DrillReport>> {
     let repo = crate::jobs::open_existing(config, &drill.repository).await?;
     let (list, _) = repo.snapshots().await?;
-    let mine: Vec<Snapshot> = list
-        .into_iter()
-        .filter(|s| s.name == drill.job.snapshot_name)
-        .collect();
-    let picks: Vec<(&Snapshot, &str)> = match &opts.snapshot {
-        Some(spec) => vec![(
-            crate::snapshot::select(&mine, spec, Some(&drill.job.snapshot_name))?,
-            "chosen",
-        )],
-        None => {
-            let newest = crate::snapshot::select(&mine, "latest", Some(&drill.job.snapshot_name))
-                .map_err(|_| {
-                Error::SnapshotNotFound(format!(
-                    "of job {} in repository {} to drill",
-                    drill.job.name, drill.repository
-                ))
-            })?;
-            let mut picks = vec![(newest, "newest")];
-            let older: Vec<&Snapshot> = mine.iter().filter(|s| s.id != newest.id).collect();
-            if drill.older && !older.is_empty() {
-                picks.push((older[random_below(older.len())], "older"));
-            }
-            picks
-        }
+    let picks = if drill.job.makes_sets() {
+        set::picks(drill, &list, opts)?
+    } else {
+        picks(drill, &list, opts)?
     };
     let scratch = Scratch::new(config, drill)?;
     let mut reports = Vec::new();
-    for (n, (snapshot, pick)) in picks.into_iter().enumerate() {
+    let mut n = 0;
+    for (members, pick) in picks {
         if opts.cancel.is_cancelled() {
             return Err(Error::Interrupted);
         }
-        let mut report = drill_one(&repo, drill, &scratch, snapshot, pick, n, &opts.cancel).await;
-        // A repository the drill may only read (credentials for the foreign copy that cannot
-        // write) still gets its drill: the report is then only in the log and the metrics.
-        let ledger = crate::ledger::Ledger::open(&config.state_dir, &repo);
-        if let Err(e) = save(&repo, &mut report, ledger.as_ref().ok()).await {
-            report.warnings.push(format!(
-                "the report could not be stored in repository {}: {e}",
-                drill.repository
-            ));
+        let mut made = if drill.job.makes_sets() {
+            set::drill_set(&repo, drill, &scratch, &members, pick, &mut n, &opts.cancel).await
+        } else {
+            n += 1;
+            vec![
+                drill_one(
+                    &repo,
+                    drill,
+                    &scratch,
+                    &members[0],
+                    pick,
+                    n - 1,
+                    &opts.cancel,
+                )
+                .await,
+            ]
+        };
+        for report in &mut made {
+            // A repository the drill may only read (credentials for the foreign copy that
+            // cannot write) still gets its drill: the report is then only in the log and the
+            // metrics.
+            let ledger = crate::ledger::Ledger::open(&config.state_dir, &repo);
+            if let Err(e) = save(&repo, report, ledger.as_ref().ok()).await {
+                report.warnings.push(format!(
+                    "the report could not be stored in repository {}: {e}",
+                    drill.repository
+                ));
+            }
         }
-        reports.push(report);
+        reports.extend(made);
     }
     Ok(reports)
+}
+
+/// The snapshots a drill of a one-snapshot job tests: the one asked for, or the newest and
+/// (with `older`) a random older one.
+fn picks(
+    drill: &Drill,
+    list: &[Snapshot],
+    opts: &DrillOptions,
+) -> Result<Vec<(Vec<Snapshot>, &'static str)>> {
+    let name = &drill.job.snapshot_name;
+    let mine: Vec<Snapshot> = list.iter().filter(|s| &s.name == name).cloned().collect();
+    if let Some(spec) = &opts.snapshot {
+        let chosen = crate::snapshot::select(&mine, spec, Some(name))?;
+        return Ok(vec![(vec![chosen.clone()], "chosen")]);
+    }
+    let newest = crate::snapshot::select(&mine, "latest", Some(name)).map_err(|_| {
+        Error::SnapshotNotFound(format!(
+            "of job {} in repository {} to drill",
+            drill.job.name, drill.repository
+        ))
+    })?;
+    let mut picks = vec![(vec![newest.clone()], "newest")];
+    let older: Vec<&Snapshot> = mine.iter().filter(|s| s.id != newest.id).collect();
+    if drill.older && !older.is_empty() {
+        picks.push((vec![older[random_below(older.len())].clone()], "older"));
+    }
+    Ok(picks)
 }
 
 /// Stores a report in the repository, chained to this host's records when it has a ledger.

@@ -8,11 +8,12 @@ use crate::error::{Error, Result};
 use crate::keys;
 use crate::progress::{Cancel, Progress};
 use crate::repository::{InitOptions, Repository};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{SetRecord, Snapshot};
 use crate::source::command::CommandSource;
 use crate::source::database;
 use crate::source::postgres::{self, PgConn, globals::GlobalsSource};
 use crate::store::Store;
+use jiff::Timestamp;
 
 /// Opens the repository `name`; one configured with `init = true` is created when missing,
 /// its key file too. Only writers (jobs, a copy's destination) create: a reader racing a
@@ -77,7 +78,57 @@ async fn open_with(config: &Loaded, name: &str, create: bool) -> Result<Reposito
     }
 }
 
-/// The source a job describes.
+/// What one run of the job takes: one snapshot, or for a whole server a set of them (its
+/// roles first, then each database, named `<snapshot_name>.<database>`, all with one time).
+pub fn plan(config: &Loaded, job: &Job) -> Result<Vec<Planned>> {
+    let JobSource::PostgresServer {
+        url,
+        databases,
+        globals,
+    } = &job.source
+    else {
+        return Ok(vec![Planned {
+            name: job.snapshot_name.clone(),
+            source: source(config, job)?,
+            time: None,
+            set: None,
+        }]);
+    };
+    let password = database::password(job.db_password_file.as_deref())?;
+    let server = PgConn::parse_server(url, password)?.with_bin_dir(postgres::tools_dir(None));
+    let mut planned = plan_postgres_server(&server, databases, *globals, None)?;
+    if planned.is_empty() {
+        return Err(Error::invalid(format!(
+            "job {}: the server {} has no database to back up",
+            job.name, server.display
+        )));
+    }
+    if *globals && planned.iter().skip(1).any(|p| p.name == GLOBALS_NAME) {
+        return Err(Error::invalid(format!(
+            "job {}: the server has a database named {GLOBALS_NAME:?}, which would share its \
+             snapshot name with the roles: list the databases without it",
+            job.name
+        )));
+    }
+    let members: Vec<String> = planned
+        .iter()
+        .map(|p| format!("{}.{}", job.snapshot_name, p.name))
+        .collect();
+    let set = SetRecord {
+        name: job.snapshot_name.clone(),
+        members: members.clone(),
+    };
+    // One time for the whole set: it names the set, and every member lands in one epoch.
+    let time = Timestamp::now();
+    for (p, name) in planned.iter_mut().zip(members) {
+        p.name = name;
+        p.time = Some(time);
+        p.set = Some(set.clone());
+    }
+    Ok(planned)
+}
+
+/// The source of a job that takes one snapshot.
 pub fn source(config: &Loaded, job: &Job) -> Result<Source> {
     Ok(match &job.source {
         JobSource::Paths(p) => Source::Paths(p.clone()),
@@ -100,27 +151,24 @@ pub fn source(config: &Loaded, job: &Job) -> Result<Source> {
                 PgConn::parse_server(url, password)?.with_bin_dir(postgres::tools_dir(None));
             Source::Streams(Box::new(GlobalsSource::new(server)))
         }
+        JobSource::PostgresServer { .. } => {
+            return Err(Error::invalid(format!(
+                "job {} takes a set of snapshots: see jobs::plan",
+                job.name
+            )));
+        }
     })
 }
 
-/// The snapshot name of a PostgreSQL server's roles and tablespaces.
-pub const GLOBALS_NAME: &str = "postgres-globals";
+pub use crate::config::{GLOBALS_NAME, ServerDatabases};
 
-/// Which databases of a PostgreSQL server a server-wide backup takes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServerDatabases {
-    /// The one the URL names, if it names one.
-    Named,
-    /// These.
-    List(Vec<String>),
-    /// Every database that accepts connections (templates aside).
-    All,
-}
-
-/// One snapshot a server-wide backup makes: its name and source.
+/// One snapshot to take: its name and source, and for a member of a set, the set's time
+/// and record.
 pub struct Planned {
     pub name: String,
     pub source: Source,
+    pub time: Option<Timestamp>,
+    pub set: Option<SetRecord>,
 }
 
 /// A PostgreSQL server backed up whole: its roles and tablespaces first (with `globals`), so
@@ -151,6 +199,8 @@ pub fn plan_postgres_server(
         planned.push(Planned {
             name: named(GLOBALS_NAME),
             source: Source::Streams(Box::new(GlobalsSource::new(server.clone()))),
+            time: None,
+            set: None,
         });
     }
     for db in databases {
@@ -159,26 +209,65 @@ pub fn plan_postgres_server(
             source: Source::Streams(Box::new(crate::source::postgres::PostgresSource::new(
                 server.with_database(&db),
             ))),
+            time: None,
+            set: None,
         });
     }
     Ok(planned)
 }
 
-/// Backs the job up now.
+/// What one run of a job made: a snapshot, or the members of a set that were committed and
+/// those that failed (the others are still taken: one database down loses no other's backup).
+pub struct JobReport {
+    pub committed: Vec<BackupReport>,
+    pub failed: Vec<(String, Error)>,
+}
+
+impl JobReport {
+    /// The first failure, whose kind (storage, source, ...) the run is counted as.
+    pub fn first_failure(&self) -> Option<&Error> {
+        self.failed.first().map(|(_, e)| e)
+    }
+}
+
+/// Backs the job up now. An error means nothing was committed.
 pub async fn run(
     config: &Loaded,
     job: &Job,
     cancel: Cancel,
     progress: std::sync::Arc<Progress>,
-) -> Result<BackupReport> {
+) -> Result<JobReport> {
     let repo = open_repository(config, &job.repository).await?;
-    let source = source(config, job)?;
-    let mut opts = BackupOptions::new(job.snapshot_name.clone());
-    opts.ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
-    opts.tags = job.tags.clone();
-    opts.cancel = cancel;
-    opts.progress = progress;
-    backup::backup(&repo, source, opts).await
+    let planned = plan(config, job)?;
+    let several = planned.len() > 1;
+    let mut report = JobReport {
+        committed: Vec::new(),
+        failed: Vec::new(),
+    };
+    for p in planned {
+        if cancel.is_cancelled() {
+            report.failed.push((p.name, Error::Interrupted));
+            continue;
+        }
+        let mut opts = BackupOptions::new(p.name.clone());
+        opts.ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
+        opts.tags = job.tags.clone();
+        opts.time = p.time;
+        opts.set = p.set;
+        opts.cancel = cancel.clone();
+        opts.progress = progress.clone();
+        match backup::backup(&repo, p.source, opts).await {
+            Ok(r) => report.committed.push(r),
+            Err(e) if several => report.failed.push((p.name, e)),
+            Err(e) => return Err(e),
+        }
+    }
+    if report.committed.is_empty() {
+        if let Some((_, e)) = report.failed.pop() {
+            return Err(e);
+        }
+    }
+    Ok(report)
 }
 
 /// Every readable snapshot of a repository: a job's last success survives restarts because it
@@ -202,12 +291,47 @@ pub async fn survey(
     Ok((list, verification))
 }
 
-/// A job's newest snapshot among `snapshots`.
+/// A job's newest snapshot among `snapshots`; for a job that makes sets, the first member of
+/// its newest complete set.
 pub fn last_of<'a>(job: &Job, snapshots: &'a [Snapshot]) -> Option<&'a Snapshot> {
+    if job.makes_sets() {
+        return sets_of(&job.snapshot_name, snapshots)
+            .pop()
+            .and_then(|set| set.into_iter().next());
+    }
     snapshots
         .iter()
         .filter(|s| s.name == job.snapshot_name)
         .max_by_key(|s| s.time)
+}
+
+/// The complete sets named `name` among `snapshots`, oldest first, each in member order. A set
+/// is complete when a snapshot of every member it records has the set's time (a run where a
+/// database failed leaves an incomplete set: its snapshots are kept, but it is not the job's
+/// success, and a drill does not pick it).
+pub fn sets_of<'a>(name: &str, snapshots: &'a [Snapshot]) -> Vec<Vec<&'a Snapshot>> {
+    let mut by_time: std::collections::BTreeMap<Timestamp, Vec<&Snapshot>> = Default::default();
+    for s in snapshots {
+        if s.set.as_ref().is_some_and(|set| set.name == name) {
+            by_time.entry(s.time).or_default().push(s);
+        }
+    }
+    by_time
+        .into_values()
+        .filter_map(|found| {
+            let members = &found[0].set.as_ref()?.members;
+            members
+                .iter()
+                .map(|m| {
+                    found
+                        .iter()
+                        .filter(|s| &s.name == m)
+                        .max_by_key(|s| s.finished)
+                        .copied()
+                })
+                .collect::<Option<Vec<_>>>()
+        })
+        .collect()
 }
 
 /// A repository's maintenance: forget by its retention policy (if it has one), then prune with
@@ -266,4 +390,47 @@ pub async fn copy(
         ..Default::default()
     };
     crate::copy::copy(&src, &dst, &opts).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u8, time: &str, name: &str, members: &[&str]) -> Snapshot {
+        let mut s = Snapshot::for_test(crate::id::ObjectId([id; 16]), time, "h", name);
+        s.set = Some(SetRecord {
+            name: "pg".into(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+        });
+        s
+    }
+
+    #[test]
+    fn a_set_is_complete_when_every_member_has_its_time() {
+        let m = ["pg.postgres-globals", "pg.shop"];
+        let (t1, t2, t3) = (
+            "2026-11-01T02:00:00Z",
+            "2026-11-02T02:00:00Z",
+            "2026-11-03T02:00:00Z",
+        );
+        let list = vec![
+            member(1, t1, "pg.postgres-globals", &m),
+            member(2, t1, "pg.shop", &m),
+            // The shop failed on the 2nd; on the 3rd it ran at another time than the roles.
+            member(3, t2, "pg.postgres-globals", &m),
+            member(4, t3, "pg.shop", &m),
+            // Another set's member, and a snapshot of no set, with the same time.
+            {
+                let mut s = member(5, t2, "pg.shop", &m);
+                s.set.as_mut().unwrap().name = "other".into();
+                s
+            },
+            Snapshot::for_test(crate::id::ObjectId([6; 16]), t2, "h", "pg.shop"),
+        ];
+        let sets = sets_of("pg", &list);
+        assert_eq!(sets.len(), 1);
+        let ids: Vec<u8> = sets[0].iter().map(|s| s.id.as_bytes()[0]).collect();
+        assert_eq!(ids, [1, 2], "members in the recorded order");
+        assert!(sets_of("nothing", &list).is_empty());
+    }
 }

@@ -395,13 +395,27 @@ impl Metrics {
     }
 
     /// Records a successful run's snapshot.
-    pub fn record_success(&self, job: &str, repository: &str, s: &Snapshot, seconds: f64) {
+    pub fn record_success(
+        &self,
+        job: &str,
+        repository: &str,
+        snapshots: &[Snapshot],
+        seconds: f64,
+    ) {
         let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
-        let sum = &s.summary;
+        // A set's figures are its members' sums; its time is theirs.
+        let mut sum = crate::snapshot::Summary::default();
+        for s in snapshots {
+            sum.logical_bytes += s.summary.logical_bytes;
+            sum.new_bytes += s.summary.new_bytes;
+            sum.stored_bytes += s.summary.stored_bytes;
+        }
         self.job_last_run.with_label_values(&[job]).set(now);
-        self.job_last_success
-            .with_label_values(&[job])
-            .set(s.time.as_millisecond() as f64 / 1000.0);
+        if let Some(time) = snapshots.iter().map(|s| s.time).max() {
+            self.job_last_success
+                .with_label_values(&[job])
+                .set(time.as_millisecond() as f64 / 1000.0);
+        }
         self.job_duration.with_label_values(&[job]).set(seconds);
         self.job_read_bytes
             .with_label_values(&[job])

@@ -125,6 +125,21 @@ pub struct Snapshot {
     /// Its place in the writing host's chain of records (see [`crate::ledger`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain: Option<crate::ledger::Chain>,
+    /// Set when the snapshot is one of a set one run made (a whole PostgreSQL server: its
+    /// roles and each database); every member has the same time and the same record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<SetRecord>,
+}
+
+/// The set a snapshot belongs to: the set at a time is complete when a snapshot of each
+/// member name has that time and this record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRecord {
+    /// The set's name (a job's snapshot name).
+    pub name: String,
+    /// The snapshot name of every member, in the order they are taken (roles first).
+    pub members: Vec<String>,
 }
 
 /// Where a copied snapshot came from: it is the same snapshot (time, host, name, content,
@@ -241,6 +256,7 @@ impl Snapshot {
             program: "kluis test".into(),
             origin: None,
             chain: None,
+            set: None,
         }
     }
 }

@@ -612,3 +612,218 @@ fn a_deleted_failed_drill_report_is_noticed() {
     assert_eq!(out.status.code(), Some(EXIT_CORRUPT), "{err}");
     assert!(err.contains(&format!("drills/{id}")), "{err}");
 }
+
+/// A job of a whole server: the snapshots `<job>.<database>` of one run share their time and
+/// set record; the drill restores the roles into the scratch server first (the tables there
+/// belong to a role only the source server has), then drills each database with the
+/// assertions meant for it. A run with a database missing keeps what it took but makes no
+/// complete set, which a drill does not pick.
+#[test]
+fn a_whole_server_job_makes_one_set_and_its_drill_restores_roles_first() {
+    let pg = Postgres::start();
+    pg.sql(
+        "postgres",
+        "CREATE ROLE app LOGIN PASSWORD 'app-secret'; CREATE DATABASE shop; CREATE DATABASE crm;",
+    );
+    pg.sql("shop", SHOP);
+    pg.sql(
+        "shop",
+        "ALTER SCHEMA billing OWNER TO app; ALTER TABLE customers OWNER TO app; \
+         ALTER TABLE billing.orders OWNER TO app;",
+    );
+    pg.sql(
+        "crm",
+        "CREATE TABLE leads(id int PRIMARY KEY, who text); \
+         INSERT INTO leads SELECT n, 'lead ' || n FROM generate_series(1, 250) n; \
+         GRANT SELECT ON leads TO app;",
+    );
+    let scratch = Postgres::start();
+    let site = Site::new("");
+    let pw = password_file(&site.repo, Postgres::PASSWORD);
+    let server = pg.url("");
+    let job = |name: &str, which: &str| {
+        format!(
+            "[jobs.{name}]\nrepository = \"main\"\ndatabase = \"{server}\"\n{which}\n\
+             db_password_file = \"{}\"\nschedule = \"daily at 02:00\"\n\n",
+            pw.display()
+        )
+    };
+    let sections = fs::read_to_string(&site.config).unwrap()
+        + &job("db1", "databases = [\"shop\", \"crm\"]\nglobals = true")
+        + &job("every", "all_databases = true")
+        + &job("broken", "databases = [\"shop\", \"gone\"]\nglobals = true")
+        + &format!(
+            "[drills.db1]\nschedule = \"daily at 06:00\"\nscratch = \"{}\"\n\
+             scratch_password_file = \"{}\"\n\
+             [[drills.db1.assert]]\nname = \"customers\"\ndatabase = \"shop\"\n\
+             sql = \"SELECT count(*) = 500 FROM customers\"\n\
+             [[drills.db1.assert]]\nname = \"orders belong to app\"\ndatabase = \"shop\"\n\
+             sql = \"SELECT tableowner = 'app' FROM pg_tables WHERE tablename = 'orders'\"\n\n\
+             [drills.broken]\nschedule = \"daily at 06:00\"\nscratch = \"{}\"\n\
+             scratch_password_file = \"{}\"\n",
+            scratch.url(""),
+            pw.display(),
+            scratch.url(""),
+            pw.display()
+        );
+    fs::write(&site.config, sections).unwrap();
+
+    site.backup("db1");
+    let out = site.repo.run(&["snapshots", "--json"]);
+    assert_success(&out, &["snapshots"]);
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let members = ["db1.postgres-globals", "db1.shop", "db1.crm"];
+    let set: Vec<&serde_json::Value> = members
+        .iter()
+        .map(|m| {
+            all.iter()
+                .find(|s| s["name"] == *m)
+                .unwrap_or_else(|| panic!("no snapshot {m} in {all:#?}"))
+        })
+        .collect();
+    for s in &set {
+        assert_eq!(s["time"], set[0]["time"], "one time for the set: {set:#?}");
+        assert_eq!(s["set"]["name"], "db1");
+        assert_eq!(s["set"]["members"], serde_json::json!(members));
+    }
+    assert_eq!(set[0]["source"]["kind"], "postgres-globals");
+
+    // The scratch server has no role `app` until the drill restores the roles.
+    let role = "SELECT count(*) FROM pg_roles WHERE rolname = 'app'";
+    assert_eq!(scratch.sql("postgres", role).trim(), "0");
+    let (code, reports) = site.drill("db1");
+    assert_eq!(code, 0, "{reports:#?}");
+    assert_eq!(reports.len(), 2, "one report per database: {reports:#?}");
+    let shop = reports
+        .iter()
+        .find(|r| r["snapshot_name"] == "db1.shop")
+        .unwrap();
+    let crm = reports
+        .iter()
+        .find(|r| r["snapshot_name"] == "db1.crm")
+        .unwrap();
+    assert_passed(
+        shop,
+        &[
+            "globals",
+            "hash",
+            "engine",
+            "rows",
+            "assert: customers",
+            "assert: orders belong to app",
+        ],
+    );
+    assert_eq!(shop["checks"][0]["name"], "globals", "roles come first");
+    assert_passed(crm, &["globals", "hash", "engine", "rows"]);
+    assert!(
+        !crm["checks"].to_string().contains("customers"),
+        "the shop's assertions are not run in crm: {crm:#}"
+    );
+    assert_eq!(scratch.sql("postgres", role).trim(), "1");
+    assert_eq!(pg_drill_databases(&scratch), "", "every target dropped");
+
+    // Every database that accepts connections, listed at the run.
+    site.backup("every");
+    let out = site.repo.run(&["snapshots", "--json"]);
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut every: Vec<&str> = all
+        .iter()
+        .filter(|s| s["set"]["name"] == "every")
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    every.sort();
+    assert_eq!(every, ["every.crm", "every.postgres", "every.shop"]);
+
+    // A database missing: the others are committed, the run fails naming it, and the
+    // incomplete set is not the job's success: its drill finds nothing to drill.
+    let out = site.kluis(&["backup", "--job", "broken"]);
+    let err = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("broken.gone"), "{err}");
+    let out = site.repo.run(&["snapshots", "--json"]);
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for kept in ["broken.postgres-globals", "broken.shop"] {
+        assert!(all.iter().any(|s| s["name"] == kept), "{kept}: {all:#?}");
+    }
+    let out = site.kluis(&["drill", "run", "broken"]);
+    let err = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("complete set"), "{err}");
+
+    // The daemon runs the same sets: each member logged, the incomplete one a failure.
+    let out = Command::new(env!("CARGO_BIN_EXE_kluisd"))
+        .args(["--config", site.config.to_str().unwrap(), "--once"])
+        .output()
+        .unwrap();
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    for line in [
+        "of db1.postgres-globals saved",
+        "of db1.crm saved",
+        "of every.postgres saved",
+        "job broken: broken.gone: backup failed",
+        "job broken: the set is incomplete: 1 of 3",
+    ] {
+        assert!(log.contains(line), "{line}: {log}");
+    }
+}
+
+/// What a whole-server job may be given is checked when the file loads.
+#[test]
+fn whole_server_job_options_are_checked() {
+    let bad = |sections: &str| {
+        let site = Site::new(sections);
+        let out = Command::new(KLUIS)
+            .args(["config", "check", site.config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{sections} was accepted");
+        text(&out.stderr)
+    };
+    let cases = [
+        ("paths = [\"/etc\"]\nglobals = true", "go with database"),
+        (
+            "database = \"mysql://root@127.0.0.1/shop\"\ndatabases = [\"a\"]",
+            "go with database",
+        ),
+        (
+            "database = \"postgres://u@127.0.0.1/\"\ndatabases = [\"a\"]\nall_databases = true",
+            "not both",
+        ),
+        (
+            "database = \"postgres://u@127.0.0.1/shop\"\ndatabases = [\"a\"]",
+            "names the server only",
+        ),
+        (
+            "database = \"postgres://u@127.0.0.1/\"\ndatabases = [\"a\", \"a\"]",
+            "twice",
+        ),
+        (
+            "database = \"postgres://u@127.0.0.1/\"\ndatabases = [\"postgres-globals\"]\nglobals = true",
+            "share its snapshot name",
+        ),
+    ];
+    for (source, want) in cases {
+        let err = bad(&format!(
+            "[jobs.j]\nrepository = \"main\"\n{source}\nschedule = \"daily at 02:00\"\n"
+        ));
+        assert!(
+            err.contains(want) && err.contains("jobs.j"),
+            "{source}: {err}"
+        );
+    }
+    // A drill of a job of roles only has no database to restore; an assertion for a
+    // database the job does not back up is refused.
+    let err = bad(
+        "[jobs.j]\nrepository = \"main\"\ndatabase = \"postgres://u@127.0.0.1/\"\nglobals = true\n\
+         schedule = \"daily at 02:00\"\n[drills.j]\nschedule = \"daily at 02:00\"\nscratch = \"postgres://u@127.0.0.1/\"\n",
+    );
+    assert!(err.contains("roles only"), "{err}");
+    let err = bad(
+        "[jobs.j]\nrepository = \"main\"\ndatabase = \"postgres://u@127.0.0.1/\"\n\
+         databases = [\"shop\"]\nschedule = \"daily at 02:00\"\n[drills.j]\nschedule = \"daily at 02:00\"\n\
+         scratch = \"postgres://u@127.0.0.1/\"\n[[drills.j.assert]]\nname = \"x\"\n\
+         database = \"crm\"\nsql = \"SELECT true\"\n",
+    );
+    assert!(err.contains("does not back up"), "{err}");
+}

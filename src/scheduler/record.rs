@@ -385,25 +385,30 @@ async fn run_job_inner(
     };
     match result {
         Ok(report) => {
-            let s = &report.snapshot;
-            for w in report.warnings.iter().chain(&s.summary.errors) {
-                log(format!("job {}: warning: {w}", job.name));
+            let elapsed = started.elapsed().as_secs_f64();
+            for r in &report.committed {
+                let s = &r.snapshot;
+                for w in r.warnings.iter().chain(&s.summary.errors) {
+                    log(format!("job {}: warning: {w}", job.name));
+                }
+                let of = if job.makes_sets() {
+                    format!(" of {}", s.name)
+                } else {
+                    String::new()
+                };
+                log(format!(
+                    "job {}: snapshot {}{of} saved: {} bytes read, {} new, {} stored, in {:.1} s",
+                    job.name,
+                    s.id.short(),
+                    s.summary.logical_bytes,
+                    s.summary.new_bytes,
+                    s.summary.stored_bytes,
+                    elapsed
+                ));
             }
-            log(format!(
-                "job {}: snapshot {} saved: {} bytes read, {} new, {} stored, in {:.1} s",
-                job.name,
-                s.id.short(),
-                s.summary.logical_bytes,
-                s.summary.new_bytes,
-                s.summary.stored_bytes,
-                started.elapsed().as_secs_f64()
-            ));
-            metrics.record_success(
-                &job.name,
-                &job.repository,
-                s,
-                started.elapsed().as_secs_f64(),
-            );
+            for (name, e) in &report.failed {
+                log(format!("job {}: {name}: backup failed: {e}", job.name));
+            }
             match jobs::survey(config, &job.repository).await {
                 Ok((list, verification)) => {
                     metrics.record_repository(&job.repository, &list);
@@ -414,7 +419,31 @@ async fn run_job_inner(
                     .with_label_values(&[&job.repository])
                     .set(0),
             }
-            (Outcome::Ok, Ok(report.snapshot))
+            if let Some(e) = report.first_failure() {
+                let reason = metrics::failure_reason(e);
+                metrics.record_failure(&job.name, reason, elapsed);
+                let failed: Vec<&str> = report.failed.iter().map(|(n, _)| n.as_str()).collect();
+                log(format!(
+                    "job {}: the set is incomplete: {} of {} snapshot(s) failed ({}); the {} \
+                     committed are kept",
+                    job.name,
+                    failed.len(),
+                    failed.len() + report.committed.len(),
+                    failed.join(", "),
+                    report.committed.len()
+                ));
+                return (
+                    Outcome::Failed,
+                    Err(format!("{reason}: {} failed: {e}", failed.join(", "))),
+                );
+            }
+            let snapshots: Vec<_> = report.committed.into_iter().map(|r| r.snapshot).collect();
+            metrics.record_success(&job.name, &job.repository, &snapshots, elapsed);
+            let first = snapshots.into_iter().next();
+            match first {
+                Some(s) => (Outcome::Ok, Ok(s)),
+                None => (Outcome::Failed, Err("nothing was backed up".into())),
+            }
         }
         Err(e) => {
             log(format!("job {}: backup failed: {e}", job.name));
