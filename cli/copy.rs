@@ -54,16 +54,14 @@ pub struct CopyArgs {
 
 /// The destination's secret: its own, never the source's.
 fn to_secret(a: &CopyArgs) -> anyhow::Result<Secret> {
-    if let Some(k) = &a.to_key_file {
-        return Ok(Secret::from_key_file(k)?);
-    }
-    if let Some(p) = &a.to_password_file {
-        return Ok(Secret::from_password_file(p)?);
-    }
-    if let Ok(p) = std::env::var("KLUIS_TO_PASSWORD") {
-        if !p.is_empty() {
-            return Ok(Secret::passphrase(p));
-        }
+    let lookup = kluis::secrets::Lookup {
+        key_file: a.to_key_file.as_deref(),
+        password_file: a.to_password_file.as_deref(),
+        passphrase_var: Some("KLUIS_TO_PASSWORD"),
+        credentials: None,
+    };
+    if let Some(secret) = lookup.find()? {
+        return Ok(secret);
     }
     Err(kluis::Error::InvalidInput(
         "no password for the destination: pass --to-password-file or --to-key-file, or set \

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use kluis::source::database;
 pub use kluis::source::database::{Engine, engine_of};
 use kluis::source::postgres::{self, PgConn};
 
@@ -10,7 +9,7 @@ use crate::Global;
 
 /// The database password: --db-password-file, or the systemd credential `kluis-db-password`.
 pub fn db_password(g: &Global) -> anyhow::Result<Option<zeroize::Zeroizing<String>>> {
-    Ok(database::password(g.db_password_file.as_deref())?)
+    Ok(kluis::secrets::db_password(g.db_password_file.as_deref())?)
 }
 
 pub fn pg_conn(g: &Global, url: &str) -> anyhow::Result<PgConn> {

@@ -16,7 +16,7 @@ mod retention;
 mod status;
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -390,25 +390,14 @@ fn repo_url(global: &Global) -> anyhow::Result<String> {
 /// The secret, from the first source that is set: --key-file, --password-file, KLUIS_PASSWORD,
 /// or a systemd credential (`kluis-key-file`, `kluis-password`).
 fn secret(global: &Global) -> anyhow::Result<Secret> {
-    if let Some(p) = &global.key_file {
-        return Ok(Secret::from_key_file(p)?);
-    }
-    if let Some(p) = &global.password_file {
-        return Ok(Secret::from_password_file(p)?);
-    }
-    if let Ok(p) = std::env::var("KLUIS_PASSWORD") {
-        if !p.is_empty() {
-            return Ok(Secret::passphrase(p));
-        }
-    }
-    if let Ok(dir) = std::env::var("CREDENTIALS_DIRECTORY") {
-        let dir = Path::new(&dir);
-        if dir.join("kluis-key-file").exists() {
-            return Ok(Secret::from_key_file(&dir.join("kluis-key-file"))?);
-        }
-        if dir.join("kluis-password").exists() {
-            return Ok(Secret::from_password_file(&dir.join("kluis-password"))?);
-        }
+    let lookup = kluis::secrets::Lookup {
+        key_file: global.key_file.as_deref(),
+        password_file: global.password_file.as_deref(),
+        passphrase_var: Some("KLUIS_PASSWORD"),
+        credentials: Some(("kluis-key-file", "kluis-password")),
+    };
+    if let Some(secret) = lookup.find()? {
+        return Ok(secret);
     }
     Err(kluis::Error::InvalidInput(
         "no password: pass --password-file or --key-file, or set KLUIS_PASSWORD_FILE, KLUIS_KEY_FILE or KLUIS_PASSWORD"

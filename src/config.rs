@@ -845,20 +845,17 @@ impl Loaded {
         let r = self.repositories.get(repository).ok_or_else(|| {
             Error::invalid(format!("no repository {repository:?} in {}", self.origin))
         })?;
-        if let Some(k) = &r.key_file {
-            return Secret::from_key_file(k);
-        }
-        if let Some(p) = &r.password_file {
-            return Secret::from_password_file(p);
+        let lookup = crate::secrets::Lookup {
+            key_file: r.key_file.as_deref(),
+            password_file: r.password_file.as_deref(),
+            ..Default::default()
+        };
+        if let Some(secret) = lookup.find()? {
+            return Ok(secret);
         }
         let name = r.key_credential.as_deref().unwrap_or_default();
-        let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
-            Error::invalid(format!(
-                "repositories.{repository}.key_credential {name:?}: no $CREDENTIALS_DIRECTORY \
-                 (set LoadCredential= in the unit)"
-            ))
-        })?;
-        Secret::from_key_file(&Path::new(&dir).join(name))
+        let what = format!("repositories.{repository}.key_credential");
+        Secret::from_key_file(&crate::secrets::required_credential(name, &what)?)
     }
 }
 

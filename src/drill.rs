@@ -20,7 +20,7 @@
 //! (a run elsewhere may still use a younger one). A drill never touches a database or file not
 //! named exactly as its own targets are (`is_leftover`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;

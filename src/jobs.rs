@@ -94,7 +94,7 @@ pub fn plan(config: &Loaded, job: &Job) -> Result<Vec<Planned>> {
             set: None,
         }]);
     };
-    let password = database::password(job.db_password_file.as_deref())?;
+    let password = crate::secrets::db_password(job.db_password_file.as_deref())?;
     let server = PgConn::parse_server(url, password)?.with_bin_dir(postgres::tools_dir(None));
     let mut planned = plan_postgres_server(&server, databases, *globals, None)?;
     if planned.is_empty() {
@@ -142,11 +142,11 @@ pub fn source(config: &Loaded, job: &Job) -> Result<Source> {
                 // The consistent SQLite copy goes to the state directory, not a small /tmp.
                 temp_dir: Some(config.state_dir.clone()),
             };
-            let password = database::password(job.db_password_file.as_deref())?;
+            let password = crate::secrets::db_password(job.db_password_file.as_deref())?;
             Source::Streams(database::open(url, password, &places)?.1)
         }
         JobSource::PostgresGlobals(url) => {
-            let password = database::password(job.db_password_file.as_deref())?;
+            let password = crate::secrets::db_password(job.db_password_file.as_deref())?;
             let server =
                 PgConn::parse_server(url, password)?.with_bin_dir(postgres::tools_dir(None));
             Source::Streams(Box::new(GlobalsSource::new(server)))
@@ -272,13 +272,15 @@ pub async fn run(
 
 /// Every readable snapshot of a repository: a job's last success survives restarts because it
 /// is read from where the backups are.
+/// A reader: it never creates the repository.
 pub async fn snapshots(config: &Loaded, repository: &str) -> Result<Vec<Snapshot>> {
-    let repo = open_repository(config, repository).await?;
+    let repo = open_existing(config, repository).await?;
     Ok(repo.snapshots().await?.0)
 }
 
 /// Every readable snapshot of a repository, and the verification of its records against
-/// their chains, the forget records and what this host saw (see [`crate::ledger`]).
+/// their chains, the forget records and what this host saw (see [`crate::ledger`]). The
+/// daemon, a writer, surveys at its start: a repository configured with `init` is created then.
 pub async fn survey(
     config: &Loaded,
     repository: &str,

@@ -3,7 +3,8 @@
 //! The engine, one noun per module:
 //! - [`store`]: where objects live (local directory, S3-compatible bucket, memory).
 //! - [`object`]: object names, the common header, sealing of small objects.
-//! - [`crypto`], [`keys`]: AES-256-GCM, HKDF, keyed hashes; key slots and secrets.
+//! - [`crypto`], [`keys`]: AES-256-GCM, HKDF, keyed hashes; key slots and secrets;
+//!   [`secrets`]: where each secret comes from (files, variables, systemd credentials).
 //! - [`repository`]: config, epoch keys, typed access to snapshots, index and blobs.
 //! - [`chunker`], [`pack`], [`index`], [`tree`], [`snapshot`]: the repository format
 //!   (docs/FORMAT.md).
@@ -58,6 +59,7 @@ pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod scheduler;
+pub mod secrets;
 pub mod snapshot;
 pub mod source;
 pub mod status;

@@ -24,14 +24,7 @@ pub(super) fn with_database(url: &str, db: &str) -> String {
 
 impl Scratch {
     pub(super) fn new(config: &Loaded, drill: &Drill) -> Result<Scratch> {
-        let password = || {
-            let file = drill.scratch_password_file.clone().or_else(|| {
-                std::env::var_os("CREDENTIALS_DIRECTORY")
-                    .map(|d| Path::new(&d).join("kluis-scratch-password"))
-                    .filter(|p| p.exists())
-            });
-            file.map(|p| crate::keys::read_secret_line(&p)).transpose()
-        };
+        let password = || crate::secrets::scratch_password(drill.scratch_password_file.as_deref());
         let url = drill.scratch.as_deref().unwrap_or_default();
         Ok(match drill.kind {
             DrillKind::Postgres => Scratch::Postgres(

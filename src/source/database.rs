@@ -1,7 +1,7 @@
 //! One database URL to one source: which engine it names, its password, its streams. Shared by
 //! `kluis backup URL` and the daemon's jobs.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
@@ -10,7 +10,6 @@ use super::mysql::{MyConn, MysqlSource};
 use super::postgres::{self, PgConn, PostgresSource};
 use super::sqlite::{self, SqliteSource};
 use crate::error::{Error, Result};
-use crate::keys;
 
 /// The database engines a URL can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,18 +27,6 @@ pub fn engine_of(url: &str) -> Option<Engine> {
         "sqlite" => Some(Engine::Sqlite),
         _ => None,
     }
-}
-
-/// The database password: `file` (mode 0600, first line), or else the systemd credential
-/// `kluis-db-password` when there is one.
-pub fn password(file: Option<&Path>) -> Result<Option<Zeroizing<String>>> {
-    let path = match file {
-        Some(p) => Some(p.to_path_buf()),
-        None => std::env::var_os("CREDENTIALS_DIRECTORY")
-            .map(|d| Path::new(&d).join("kluis-db-password"))
-            .filter(|p| p.exists()),
-    };
-    path.map(|p| keys::read_secret_line(&p)).transpose()
 }
 
 /// Where a source may look for tools and put temporary copies.
