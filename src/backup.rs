@@ -37,6 +37,7 @@ use crate::snapshot::{Snapshot, Source as SnapshotSource, StreamDigest, Summary}
 use crate::source::StreamSet;
 
 mod compress;
+pub(crate) mod feed;
 mod pipeline;
 mod reader;
 mod upload;
@@ -65,7 +66,7 @@ pub enum Source {
     Streams(Box<dyn StreamSet>),
     /// Another repository's snapshot, walked by [`crate::copy`]: its blobs keep their
     /// boundaries and are stored again under this repository's keys.
-    Copy(Box<crate::copy::CopyFeed>),
+    Copy(Box<feed::CopyFeed>),
 }
 
 /// How to back up.

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+pub use crate::config::target_prefix;
 use crate::config::{Drill, DrillKind, Loaded};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
@@ -104,23 +105,6 @@ pub struct DrillOptions {
     /// Test this snapshot (id prefix) instead of the newest and the random older one.
     pub snapshot: Option<String>,
     pub cancel: Cancel,
-}
-
-/// The prefix of every scratch target of a drill (a drill is named after its job unless it
-/// says otherwise): `kluis_drill_<name>_`, the name reduced to `[a-z0-9_]`, at most 30 long.
-pub fn target_prefix(drill: &str) -> String {
-    let mut clean: String = drill
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    clean.truncate(30);
-    format!("kluis_drill_{clean}_")
 }
 
 /// Runs a drill now: restores and checks the chosen snapshots, stores a report of each in the

@@ -127,6 +127,9 @@ mod tests {
         .find()
         .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
-        assert_eq!(db_password(Some(&pass)).unwrap().unwrap().as_str(), "correct horse");
+        assert_eq!(
+            db_password(Some(&pass)).unwrap().unwrap().as_str(),
+            "correct horse"
+        );
     }
 }

@@ -124,7 +124,7 @@ pub struct Snapshot {
     pub origin: Option<Origin>,
     /// Its place in the writing host's chain of records (see [`crate::ledger`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chain: Option<crate::ledger::Chain>,
+    pub chain: Option<Chain>,
     /// Set when the snapshot is one of a set one run made (a whole PostgreSQL server: its
     /// roles and each database); every member has the same time and the same record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -140,6 +140,20 @@ pub struct SetRecord {
     pub name: String,
     /// The snapshot name of every member, in the order they are taken (roles first).
     pub members: Vec<String>,
+}
+
+/// A record's place in the chain of the host that wrote it (see [`crate::ledger`]): snapshot
+/// manifests, drill reports and forget records carry one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chain {
+    /// The chain: one per state directory and repository.
+    pub id: ObjectId,
+    /// 1 for the chain's first record.
+    pub seq: u64,
+    /// The object name of the chain's previous record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
 }
 
 /// Where a copied snapshot came from: it is the same snapshot (time, host, name, content,

@@ -103,9 +103,9 @@ impl Reader<'_> {
     /// verified against the SHA-256 and size its node records.
     pub(super) fn read_copy(
         &mut self,
-        feed: crate::copy::CopyFeed,
+        feed: super::feed::CopyFeed,
     ) -> Result<(BlobId, Vec<StreamDigest>, Option<SnapshotSource>)> {
-        use crate::copy::CopyEvent;
+        use super::feed::CopyEvent;
         let mut feed = feed;
         let snapshot = feed.snapshot.clone();
         let label = |node: &Node| {
@@ -140,7 +140,7 @@ impl Reader<'_> {
                     let content = self
                         .read_chunks(|| match feed.events.blocking_recv() {
                             Some(CopyEvent::Blob(b)) => {
-                                feed.budget.add_permits(crate::copy::kib(b.len()) as usize);
+                                feed.budget.add_permits(super::feed::kib(b.len()) as usize);
                                 Ok(Some(b))
                             }
                             Some(CopyEvent::EndFile) => Ok(None),
