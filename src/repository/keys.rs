@@ -1,0 +1,220 @@
+//! Keys: each epoch's data keys (wrapped by the master key, cached) and the key slots that hold the master key.
+
+use super::*;
+
+/// A per-epoch data key and what derives from it.
+pub struct EpochKey {
+    pub epoch: Epoch,
+    pub id: ObjectId,
+    pub(super) key: Key,
+    hasher: ChunkHasher,
+}
+
+impl EpochKey {
+    pub(super) fn new(epoch: Epoch, id: ObjectId, key: Key) -> EpochKey {
+        let hasher = ChunkHasher::new(&key.derive(b"", &[b"kluis chunk id v1"]));
+        EpochKey {
+            epoch,
+            id,
+            key,
+            hasher,
+        }
+    }
+
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    pub fn hasher(&self) -> &ChunkHasher {
+        &self.hasher
+    }
+
+    pub fn blob_id(&self, data: &[u8]) -> BlobId {
+        BlobId(self.hasher.hash(data))
+    }
+}
+
+/// A key slot as listed for `kluis key list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeySlotInfo {
+    pub id: ObjectId,
+    pub kind: crate::keys::SlotKind,
+    pub created: Timestamp,
+    pub host: String,
+    pub label: Option<String>,
+    pub current: bool,
+}
+
+impl Repository {
+    /// The key of `epoch` with id `key_id`.
+    pub async fn epoch_key(&self, epoch: Epoch, key_id: ObjectId) -> Result<Arc<EpochKey>> {
+        if let Some(k) = self
+            .epoch_keys
+            .lock()
+            .expect("not poisoned")
+            .get(&(epoch, key_id))
+        {
+            return Ok(k.clone());
+        }
+        let object = name::epoch_key(epoch, &key_id);
+        let bytes = self
+            .store
+            .get_bounded(&object, Kind::EpochKey.max_len())
+            .await?;
+        let header = Header::decode(&object, &bytes, Kind::EpochKey)?;
+        if header.key_id != key_id {
+            return Err(Error::corrupt(
+                &object,
+                "key id differs from the object's name",
+            ));
+        }
+        let plain = zeroize::Zeroizing::new(object::open(
+            header,
+            &self.master,
+            &self.config.id,
+            &object,
+            &bytes,
+        )?);
+        let raw: [u8; 32] = plain[..]
+            .try_into()
+            .map_err(|_| Error::corrupt(&object, "epoch key has the wrong length"))?;
+        let key = Arc::new(EpochKey::new(epoch, key_id, Key::from_bytes(raw)));
+        self.epoch_keys
+            .lock()
+            .expect("not poisoned")
+            .insert((epoch, key_id), key.clone());
+        Ok(key)
+    }
+
+    /// The key new data of `epoch` is written under, created when the epoch has none yet.
+    /// Writers that race to create one converge on the readable key with the smallest id. An
+    /// epoch key object that cannot be read (damaged, or junk a bucket writer put there) is
+    /// skipped and returned as a warning: it must not stop every backup of the month.
+    pub async fn write_key(&self, epoch: Epoch) -> Result<(Arc<EpochKey>, Vec<Error>)> {
+        let prefix = format!("{}/{epoch}", name::EPOCHS);
+        let mut unreadable = Vec::new();
+        if let Some(key) = self.first_key(&prefix, epoch, &mut unreadable).await? {
+            return Ok((key, unreadable));
+        }
+        let id = ObjectId::random();
+        let key = Key::random();
+        let object = name::epoch_key(epoch, &id);
+        let sealed = object::seal(
+            Header {
+                kind: Kind::EpochKey,
+                key_id: id,
+            },
+            &self.master,
+            &self.config.id,
+            &object,
+            key.as_bytes(),
+        );
+        self.store.put(&object, Bytes::from(sealed)).await?;
+        let chosen = match self.first_key(&prefix, epoch, &mut Vec::new()).await? {
+            Some(k) => k,
+            None => self.epoch_key(epoch, id).await?,
+        };
+        Ok((chosen, unreadable))
+    }
+
+    /// The readable key of `epoch` with the smallest id; keys that are damaged or missing on
+    /// reading are added to `unreadable`. Other errors (storage) stop it.
+    async fn first_key(
+        &self,
+        prefix: &str,
+        epoch: Epoch,
+        unreadable: &mut Vec<Error>,
+    ) -> Result<Option<Arc<EpochKey>>> {
+        for id in self.epoch_key_ids(prefix, epoch).await? {
+            match self.epoch_key(epoch, id).await {
+                Ok(key) => return Ok(Some(key)),
+                Err(e @ (Error::Corrupt { .. } | Error::MissingObject { .. })) => {
+                    unreadable.push(e)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn epoch_key_ids(&self, prefix: &str, epoch: Epoch) -> Result<Vec<ObjectId>> {
+        let mut ids: Vec<ObjectId> = self
+            .store
+            .list(prefix)
+            .await?
+            .into_iter()
+            .filter_map(|o| {
+                let (e, id) = name::parse_epoch_object(name::EPOCHS, &o.name)?;
+                (e == epoch).then_some(id)
+            })
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Key slots, for `kluis key list`.
+    pub async fn key_slots(&self) -> Result<(Vec<KeySlotInfo>, Vec<Error>)> {
+        let mut infos = Vec::new();
+        let mut errors = Vec::new();
+        for slot in load_slots(&self.store).await? {
+            match slot {
+                Ok(s) => infos.push(KeySlotInfo {
+                    id: s.id,
+                    kind: s.kind,
+                    created: s.created,
+                    host: s.host,
+                    label: s.label,
+                    current: s.id == self.slot_id,
+                }),
+                Err(e) => errors.push(e),
+            }
+        }
+        infos.sort_by_key(|i| i.created);
+        Ok((infos, errors))
+    }
+
+    /// Adds a key slot for `secret`.
+    pub async fn add_key(
+        &self,
+        secret: &Secret,
+        kdf: KdfParams,
+        host: String,
+        label: Option<String>,
+    ) -> Result<ObjectId> {
+        let slot = KeySlot::create(&self.master, self.config.id, secret, kdf, host, label)?;
+        self.store
+            .put(&slot.name(), Bytes::from(slot.encode()))
+            .await?;
+        Ok(slot.id)
+    }
+
+    /// Removes a key slot; refuses the one in use, so the operator cannot lock themselves out.
+    pub async fn remove_key(&self, id: ObjectId) -> Result<()> {
+        if id == self.slot_id {
+            return Err(Error::invalid(
+                "refusing to remove the key slot this command was unlocked with; unlock with another key",
+            ));
+        }
+        let object = name::key_slot(&id);
+        if !self.store.exists(&object).await? {
+            return Err(Error::invalid(format!("no key slot {id}")));
+        }
+        self.store.delete(&object).await
+    }
+
+    /// Resolves a key slot id prefix.
+    pub async fn find_key(&self, prefix: &str) -> Result<ObjectId> {
+        let (slots, _) = self.key_slots().await?;
+        let matches: Vec<_> = slots
+            .iter()
+            .filter(|s| s.id.to_hex().starts_with(prefix))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(one.id),
+            [] => Err(Error::invalid(format!("no key slot matches {prefix:?}"))),
+            _ => Err(Error::invalid(format!(
+                "key slot prefix {prefix:?} is ambiguous"
+            ))),
+        }
+    }
+}
