@@ -32,6 +32,13 @@ use kluis::store::Store;
 
 use output::{ProgressLine, human_bytes};
 
+mod signals;
+
+mod key;
+
+use key::{KeyCommand, key_cmd};
+use signals::watch_signals;
+
 #[derive(Parser)]
 #[command(
     name = "kluis",
@@ -150,38 +157,6 @@ struct CheckArgs {
     json: bool,
 }
 
-#[derive(Subcommand)]
-enum KeyCommand {
-    /// Add a key slot for a new password or key file
-    Add {
-        /// File holding the new password
-        #[arg(
-            long,
-            required_unless_present = "new_key_file",
-            conflicts_with = "new_key_file"
-        )]
-        new_password_file: Option<PathBuf>,
-        /// Key file (from `kluis key generate`) for the new slot
-        #[arg(long)]
-        new_key_file: Option<PathBuf>,
-        /// A note to recognise the slot by, e.g. who holds it
-        #[arg(long)]
-        label: Option<String>,
-    },
-    /// List key slots
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Remove a key slot (not the one in use)
-    Remove {
-        /// Slot id or unique prefix
-        id: String,
-    },
-    /// Write a new random key file (mode 0600); it opens nothing until `init` or `key add` uses it
-    Generate { path: PathBuf },
-}
-
 fn parse_chunk_sizes(s: &str) -> Result<(u32, u32, u32), String> {
     let parts: Vec<u32> = s
         .split(',')
@@ -280,99 +255,6 @@ fn main() -> ExitCode {
     // Do not wait for stray blocking reads (an idle stdin) to finish.
     runtime.shutdown_background();
     ExitCode::from(code as u8)
-}
-
-/// SIGINT or SIGTERM cancel the operation cleanly; a second one exits at once.
-/// How long an interrupted command may take to stop by itself before kluis exits anyway.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Exits [`STOP_GRACE`] after a signal, child processes killed first, unless the command has
-/// stopped by then: a command blocked where cancellation cannot reach (a write to a pipe nobody
-/// reads, with the thread that drives it waiting on that writer) must not keep an interrupted
-/// kluis running. A thread of its own, so nothing the command blocks can hold it up. Nothing
-/// partial is committed either way: the snapshot manifest is written last.
-fn exit_after_grace() {
-    std::thread::spawn(|| {
-        std::thread::sleep(STOP_GRACE);
-        eprintln!(
-            "kluis: the interrupted command did not stop within {} s; exiting",
-            STOP_GRACE.as_secs()
-        );
-        kill_children();
-        std::process::exit(exit::INTERRUPTED);
-    });
-}
-
-/// Kills kluis's child processes (dump tools, database clients), with what they started, and
-/// reaps them, before kluis exits without the code that would have stopped them: exiting
-/// closes their pipes, and a database client that sees its input end runs the statement it
-/// was cut in and commits it.
-fn kill_children() {
-    use rustix::process::{Pid, Signal, WaitOptions, kill_process, kill_process_group, waitpid};
-    let me = std::process::id();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    let mut killed = Vec::new();
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // "pid (command) state ppid ...": the command may hold spaces and parentheses.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid != Some(me) {
-            continue;
-        }
-        if let Some(child) = Pid::from_raw(pid) {
-            // Tools that lead their own process group take their children with them.
-            let _ = kill_process_group(child, Signal::KILL);
-            let _ = kill_process(child, Signal::KILL);
-            killed.push(child);
-        }
-    }
-    // Reaped, but not waited for long: a child stuck in uninterruptible I/O (a hung network
-    // mount) must not keep kluis from exiting.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    while !killed.is_empty() && std::time::Instant::now() < deadline {
-        killed.retain(|&child| matches!(waitpid(Some(child), WaitOptions::NOHANG), Ok(None)));
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
-async fn watch_signals(cancel: Cancel, signalled: Cancel) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    for round in 0.. {
-        tokio::select! {
-            _ = int.recv() => {},
-            _ = term.recv() => {},
-        }
-        if round > 0 {
-            kill_children();
-            std::process::exit(exit::INTERRUPTED);
-        }
-        eprintln!(
-            "\ninterrupted: stopping; nothing partial will be committed (again to exit at once)"
-        );
-        signalled.cancel();
-        cancel.cancel();
-        exit_after_grace();
-    }
 }
 
 fn repo_url(global: &Global) -> anyhow::Result<String> {
@@ -579,62 +461,6 @@ fn stdout_file() -> anyhow::Result<std::fs::File> {
         .try_clone_to_owned()
         .context("cannot use standard output")?;
     Ok(std::fs::File::from(fd))
-}
-
-async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
-    match k {
-        KeyCommand::Generate { path } => {
-            keys::generate_key_file(&path)?;
-            println!(
-                "wrote key file {} (mode 0600); keep a copy somewhere safe",
-                path.display()
-            );
-            Ok(exit::OK)
-        }
-        KeyCommand::Add {
-            new_password_file,
-            new_key_file,
-            label,
-        } => {
-            let new_secret = match (new_password_file, new_key_file) {
-                (Some(p), _) => Secret::from_password_file(&p)?,
-                (None, Some(k)) => Secret::from_key_file(&k)?,
-                (None, None) => bail!(kluis::Error::InvalidInput(
-                    "give --new-password-file or --new-key-file".into()
-                )),
-            };
-            let repo = open(g).await?;
-            let id = repo
-                .add_key(&new_secret, KdfParams::default(), kluis::hostname(), label)
-                .await?;
-            println!("added key slot {}", id.short());
-            Ok(exit::OK)
-        }
-        KeyCommand::List { json } => {
-            let repo = open(g).await?;
-            let (slots, errors) = repo.key_slots().await?;
-            for e in &errors {
-                eprintln!("warning: {e}");
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&slots)?);
-            } else {
-                print!("{}", output::key_table(&slots));
-            }
-            Ok(if errors.is_empty() {
-                exit::OK
-            } else {
-                exit::CORRUPT
-            })
-        }
-        KeyCommand::Remove { id } => {
-            let repo = open(g).await?;
-            let id = repo.find_key(&id.to_ascii_lowercase()).await?;
-            repo.remove_key(id).await?;
-            println!("removed key slot {}", id.short());
-            Ok(exit::OK)
-        }
-    }
 }
 
 #[cfg(test)]

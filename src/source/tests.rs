@@ -1,5 +1,5 @@
-use super::*;
 use super::child::count_newlines;
+use super::*;
 use std::process::{Command, Stdio};
 
 #[test]

@@ -1,5 +1,5 @@
-use super::*;
 use super::conn::is_pg_wrapper;
+use super::*;
 
 #[test]
 fn debian_pg_wrapper_is_recognised_through_its_links() {
