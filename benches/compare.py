@@ -10,7 +10,8 @@ It prints medians, and ratios against the best of the other tools.
 
 Usage: benches/prepare.sh && benches/compare.py [--rounds 3] [--inputs DIR] [--only kluis,restic]
 The kluis binary is target/release/kluis (built by this script). rustic is optional: install it
-with `cargo install rustic-rs --locked`.
+with `cargo install rustic-rs --locked`. `--baseline BIN` adds an older kluis build as the tool
+`kluis-base`, run in turn with the others: a change shown not slower in the same run.
 """
 
 import argparse
@@ -180,7 +181,13 @@ def main():
     ap.add_argument("--work", default="/tmp/kluis-bench/work")
     ap.add_argument("--only", default="kluis,restic,borg,rustic")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--baseline", help="an older kluis binary, run as the tool kluis-base")
     args = ap.parse_args()
+    if args.baseline:
+        TOOLS["kluis-base"] = type("KluisBase", (Kluis,), {"name": "kluis-base",
+                                                          "bin": args.baseline})
+        if "kluis-base" not in args.only:
+            args.only += ",kluis-base"
 
     inputs = Path(args.inputs)
     big = inputs / "dump6.sql"
@@ -193,10 +200,10 @@ def main():
                        check=True)
     names = [n for n in args.only.split(",") if n]
     for n in names:
-        exe = TOOLS[n].bin if n == "kluis" else shutil.which(n)
+        exe = TOOLS[n].bin if n.startswith("kluis") else shutil.which(n)
         if not exe or not os.path.exists(exe):
             print(f"note: {n} not installed, skipped", file=sys.stderr)
-    names = [n for n in names if (TOOLS[n].bin if n == "kluis" else shutil.which(n))]
+    names = [n for n in names if (TOOLS[n].bin if n.startswith("kluis") else shutil.which(n))]
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -244,7 +251,7 @@ def main():
     mb = 1e6
     med = {n: {k: statistics.median(v) for k, v in res[n].items()
                if k in ("backup", "restore", "brss", "rrss", "nights_time")} for n in names}
-    others = [n for n in names if n != "kluis"]
+    others = [n for n in names if not n.startswith("kluis")]
 
     def best(key, lower=True):
         vals = [med[n][key] if key in med[n] else res[n][key] for n in others]
@@ -268,6 +275,12 @@ def main():
         wrong = "" if res[n]["nights_ok"] else " (night 4 restores WRONG data)"
         print(f"| {n} | " + " | ".join(f"{x / mb:.1f} MB" for x in s)
               + f" | {added / mb:.2f} MB{wrong} | {med[n]['nights_time']:.2f} |")
+    if "kluis-base" in names:
+        k, b = med["kluis"], med["kluis-base"]
+        print(f"\nkluis against kluis-base ({args.baseline}): backup {k['backup'] / b['backup']:.3f}x "
+              f"the time, restore {k['restore'] / b['restore']:.3f}x, nights "
+              f"{k['nights_time'] / b['nights_time']:.3f}x, stored "
+              f"{res['kluis']['stored'] / res['kluis-base']['stored']:.3f}x")
     if "kluis" in names and others:
         k = med["kluis"]
         print("\nkluis against the best of " + ", ".join(others) + ":")

@@ -35,7 +35,7 @@ use crate::progress::Cancel;
 use crate::repository::Repository;
 use crate::restore::{RestoreOptions, Restorer};
 use crate::snapshot::{Snapshot, Source as SnapshotSource};
-use crate::source::mysql::{self, MyConn};
+use crate::source::mysql::MyConn;
 use crate::source::postgres::{self, PgConn};
 
 mod scratch;
@@ -46,9 +46,9 @@ pub use scratch::clean_leftovers;
 use scratch::{Place, Scratch, scratch_clone};
 #[cfg(test)]
 use scratch::{is_leftover, with_database};
-use verify::verify;
 #[cfg(test)]
-use verify::{time_literal, truthy};
+use verify::truthy;
+use verify::verify;
 
 /// One check of a drill.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -518,12 +518,14 @@ mod tests {
             assert!(!truthy(v), "{v}");
         }
         let t: Timestamp = "2026-11-25T02:30:00.5Z".parse().unwrap();
+        use crate::source::database::Inspect;
         assert_eq!(
-            time_literal(DrillKind::Mysql, t),
+            crate::source::sqlite::SqliteFile(PathBuf::from("x")).time_literal(t),
             "'2026-11-25 02:30:00.500000'"
         );
+        let pg = PgConn::parse("postgres://u@h/d", None).unwrap();
         assert_eq!(
-            time_literal(DrillKind::Postgres, t),
+            pg.time_literal(t),
             "'2026-11-25T02:30:00.500000Z'::timestamptz"
         );
     }

@@ -2,6 +2,9 @@
 //! it (`Place`), and the clean-up of targets an earlier drill left behind.
 
 use super::*;
+use crate::source::database::{Inspect, ScratchServer};
+use crate::source::sqlite::SqliteFile;
+use std::sync::Arc;
 
 /// Where a drill restores: a scratch server, or the state directory.
 pub(super) enum Scratch {
@@ -52,35 +55,11 @@ impl Scratch {
     /// targets named exactly as this drill names them, created before `before` (none: any
     /// time). Returns the names dropped.
     pub(super) fn clean(&self, prefix: &str, before: Option<Timestamp>) -> Result<Vec<String>> {
-        let like = prefix.replace('_', "\\_") + "%";
         let ours = |name: &str| is_leftover(name, prefix, before);
         let mut dropped = Vec::new();
         match self {
-            Scratch::Postgres(server) => {
-                let rows = server.query_one(&format!(
-                    "SELECT coalesce(string_agg(datname, E'\\n'), '') FROM pg_database \
-                     WHERE datname LIKE {}",
-                    postgres::literal(&like)
-                ))?;
-                for db in rows.lines().filter(|l| ours(l)) {
-                    server.query_one(&format!(
-                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                        postgres::ident(db)
-                    ))?;
-                    dropped.push(db.to_string());
-                }
-            }
-            Scratch::Mysql(..) => {
-                let conn = self.mysql("mysql")?;
-                let rows = conn.query(&format!(
-                    "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE {}",
-                    mysql::sql_literal(&like)
-                ))?;
-                for db in rows.iter().filter(|l| ours(l)) {
-                    conn.query(&format!("DROP DATABASE IF EXISTS {}", mysql::ident(db)))?;
-                    dropped.push(db.clone());
-                }
-            }
+            Scratch::Postgres(server) => dropped = drop_ours(server, prefix, &ours)?,
+            Scratch::Mysql(..) => dropped = drop_ours(&self.mysql("mysql")?, prefix, &ours)?,
             Scratch::Files(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
                 for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
@@ -102,6 +81,22 @@ impl Scratch {
         }
         Ok(dropped)
     }
+}
+
+/// Drops the databases on a scratch server that are `ours`; returns their names.
+fn drop_ours(
+    server: &dyn ScratchServer,
+    prefix: &str,
+    ours: &dyn Fn(&str) -> bool,
+) -> Result<Vec<String>> {
+    let mut dropped = Vec::new();
+    for db in server.databases_named(prefix)? {
+        if ours(&db) {
+            server.drop_database(&db)?;
+            dropped.push(db);
+        }
+    }
+    Ok(dropped)
 }
 
 /// Whether `name` is a target this drill made (`<prefix><YYYYmmddHHMMSS>[_n]`), made before
@@ -171,6 +166,17 @@ pub(super) enum Place {
 }
 
 impl Place {
+    /// The restored database, asked through its engine's [`Inspect`] (none for files and
+    /// streams, or a MySQL target that could not be reached).
+    pub(super) fn inspect(&self, kind: DrillKind) -> Option<Arc<dyn Inspect>> {
+        match self {
+            Place::Postgres(c) => Some(Arc::new(c.clone())),
+            Place::Mysql(Ok(c), _) => Some(Arc::new(c.clone())),
+            Place::File(p) if kind == DrillKind::Sqlite => Some(Arc::new(SqliteFile(p.clone()))),
+            _ => None,
+        }
+    }
+
     pub(super) fn new(scratch: &Scratch, target: &str) -> Place {
         match scratch {
             Scratch::Postgres(server) => Place::Postgres(server.with_database(target)),
@@ -192,23 +198,11 @@ impl Place {
         match self {
             Place::Postgres(c) => {
                 let (server, db) = (c.with_database("postgres"), c.database.clone());
-                blocking(move || {
-                    server
-                        .query_one(&format!(
-                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                            postgres::ident(&db)
-                        ))
-                        .map(drop)
-                })
-                .await
+                blocking(move || server.drop_database(&db)).await
             }
             Place::Mysql(Ok(c), db) => {
                 let (c, db) = (c.clone(), db.clone());
-                blocking(move || {
-                    c.query(&format!("DROP DATABASE IF EXISTS {}", mysql::ident(&db)))
-                        .map(drop)
-                })
-                .await
+                blocking(move || c.drop_database(&db)).await
             }
             Place::Mysql(Err(_), _) => Ok(()),
             Place::File(p) => {

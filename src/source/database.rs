@@ -1,5 +1,6 @@
-//! One database URL to one source: which engine it names, its password, its streams. Shared by
-//! `kluis backup URL` and the daemon's jobs.
+//! One database URL to one source: which engine it names, its streams. Shared by `kluis
+//! backup URL` and the daemon's jobs. And what every engine provides for restore drills
+//! ([`Inspect`], [`ScratchServer`]).
 
 use std::path::PathBuf;
 
@@ -10,6 +11,7 @@ use super::mysql::{MyConn, MysqlSource};
 use super::postgres::{self, PgConn, PostgresSource};
 use super::sqlite::{self, SqliteSource};
 use crate::error::{Error, Result};
+use crate::snapshot::TableRecord;
 
 /// The database engines a URL can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,4 +75,49 @@ pub fn open(
             postgres::redact(url)
         ))),
     }
+}
+
+/// What a restore drill asks of a database it restored into; each engine implements it in its
+/// own module (`postgres/inspect.rs`, `mysql/inspect.rs`, `sqlite.rs`), so the drill itself
+/// knows no engine's SQL.
+pub trait Inspect: Send + Sync {
+    /// The engine's own verdict on what was loaded: what it checked when sound, its words when
+    /// not.
+    fn verdict(&self, tables: &[TableRecord]) -> std::result::Result<String, String>;
+    /// Each table's rows, in the order given.
+    fn count_rows(&self, tables: &[TableRecord]) -> Result<Vec<u64>>;
+    /// The first column of the first row `sql` returns, as text.
+    fn value(&self, sql: &str) -> Result<String>;
+    /// A timestamp as a literal of this engine's SQL (microseconds, UTC: what every engine
+    /// keeps).
+    fn time_literal(&self, t: jiff::Timestamp) -> String;
+}
+
+/// A server where drills create their scratch databases; each engine implements it.
+pub trait ScratchServer: Send + Sync {
+    /// The databases whose names begin with `prefix`.
+    fn databases_named(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Drops a database, if it exists, however many sessions it has.
+    fn drop_database(&self, name: &str) -> Result<()>;
+}
+
+/// Counts rows with one query per 90 tables: the subqueries' counts joined by commas
+/// (`concat_ws` means the same to PostgreSQL and MySQL; PostgreSQL takes at most 100
+/// arguments to a function).
+pub(crate) fn count_by_subqueries(
+    subqueries: &[String],
+    query: impl Fn(&str) -> Result<String>,
+) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for part in subqueries.chunks(90) {
+        let got = query(&format!("SELECT concat_ws(',', {})", part.join(", ")))?;
+        for n in got.trim().split(',') {
+            out.push(
+                n.trim()
+                    .parse()
+                    .map_err(|_| Error::TargetFailed(format!("row count {n:?} is not a number")))?,
+            );
+        }
+    }
+    Ok(out)
 }

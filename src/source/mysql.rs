@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use zeroize::Zeroizing;
 
+mod inspect;
 mod rows;
 
 use rows::RowCounter;

@@ -38,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::progress::Cancel;
 use crate::snapshot::{DatabaseRecord, Source as SourceRecord, TableRecord};
 
+mod inspect;
 mod load;
 
 pub use load::*;
