@@ -71,7 +71,12 @@ fn to_secret(a: &CopyArgs) -> anyhow::Result<Secret> {
     .into())
 }
 
-async fn repositories(g: &Global, a: &CopyArgs) -> anyhow::Result<(Repository, Repository)> {
+/// The source and destination, and the state directory whose ledger the copy joins (the
+/// configuration's with --config, as the daemon's copies do).
+async fn repositories(
+    g: &Global,
+    a: &CopyArgs,
+) -> anyhow::Result<(Repository, Repository, std::path::PathBuf)> {
     if let Some(path) = &a.config {
         let config = Loaded::from_file(path)?;
         let from = a.from.as_deref().ok_or_else(|| {
@@ -79,7 +84,7 @@ async fn repositories(g: &Global, a: &CopyArgs) -> anyhow::Result<(Repository, R
         })?;
         let src = kluis::jobs::open_existing(&config, from).await?;
         let dst = kluis::jobs::open_repository(&config, &a.to).await?;
-        return Ok((src, dst));
+        return Ok((src, dst, config.state_dir.clone()));
     }
     let src = match &a.from {
         Some(url) => {
@@ -89,11 +94,11 @@ async fn repositories(g: &Global, a: &CopyArgs) -> anyhow::Result<(Repository, R
         None => crate::open(g).await?,
     };
     let dst = Repository::open(Store::open(&a.to, false)?, &to_secret(a)?).await?;
-    Ok((src, dst))
+    Ok((src, dst, crate::state_dir(g)))
 }
 
 pub async fn run(g: &Global, a: CopyArgs, cancel: Cancel) -> anyhow::Result<i32> {
-    let (src, dst) = repositories(g, &a).await?;
+    let (src, dst, state_dir) = repositories(g, &a).await?;
     let selection = match (&a.snapshot, a.latest) {
         (Some(s), _) => Selection::Id(s.to_ascii_lowercase()),
         (None, true) => Selection::Latest,
@@ -106,7 +111,7 @@ pub async fn run(g: &Global, a: CopyArgs, cancel: Cancel) -> anyhow::Result<i32>
         dry_run: a.dry_run,
         cancel,
         progress: progress.clone(),
-        ledger: crate::ledger(&crate::state_dir(g), &dst),
+        ledger: crate::ledger(&state_dir, &dst),
         ..CopyOptions::default()
     };
     let line = show_progress(g).then(|| ProgressLine::start("copy", "files", progress));

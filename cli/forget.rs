@@ -127,7 +127,7 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
         (None, None) => jiff::tz::TimeZone::system(),
     };
     let repo = match &configured {
-        Some((config, name, _, _)) => kluis::jobs::open_repository(config, name).await?,
+        Some((config, name, _, _)) => kluis::jobs::open_existing(config, name).await?,
         None => open(g).await?,
     };
     let state_dir = match &configured {

@@ -84,7 +84,7 @@ pub async fn run(g: &Global, a: PruneCommand, cancel: Cancel) -> anyhow::Result<
     let (repo, configured) = match &a.repository {
         Some(name) => {
             let config = kluis::config::Loaded::from_file_or_embedded(a.config.as_deref())?;
-            let repo = kluis::jobs::open_repository(&config, name).await?;
+            let repo = kluis::jobs::open_existing(&config, name).await?;
             let configured = config.repositories.get(name).and_then(|r| r.prune.clone());
             (repo, configured)
         }

@@ -97,19 +97,6 @@ pub fn plan(config: &Loaded, job: &Job) -> Result<Vec<Planned>> {
     let password = crate::secrets::db_password(job.db_password_file.as_deref())?;
     let server = PgConn::parse_server(url, password)?.with_bin_dir(postgres::tools_dir(None));
     let mut planned = plan_postgres_server(&server, databases, *globals, None)?;
-    if planned.is_empty() {
-        return Err(Error::invalid(format!(
-            "job {}: the server {} has no database to back up",
-            job.name, server.display
-        )));
-    }
-    if *globals && planned.iter().skip(1).any(|p| p.name == GLOBALS_NAME) {
-        return Err(Error::invalid(format!(
-            "job {}: the server has a database named {GLOBALS_NAME:?}, which would share its \
-             snapshot name with the roles: list the databases without it",
-            job.name
-        )));
-    }
     let members: Vec<String> = planned
         .iter()
         .map(|p| format!("{}.{}", job.snapshot_name, p.name))
@@ -188,6 +175,18 @@ pub fn plan_postgres_server(
         }
         ServerDatabases::Named => Vec::new(),
     };
+    if globals && databases.iter().any(|d| d == GLOBALS_NAME) {
+        return Err(Error::invalid(format!(
+            "the server has a database named {GLOBALS_NAME:?}, which would share its snapshot \
+             name with the roles: list the databases without it"
+        )));
+    }
+    if databases.is_empty() && !globals {
+        return Err(Error::invalid(format!(
+            "the server {} has no database to back up",
+            server.display
+        )));
+    }
     if name.is_some() && databases.len() + usize::from(globals) > 1 {
         return Err(Error::invalid(
             "--name names one snapshot; with several databases each is named after its database",
