@@ -11,10 +11,7 @@ use jiff::Timestamp;
 
 use kluis::config::Loaded;
 use kluis::error::exit;
-use kluis::jobs;
-use kluis::scheduler::TaskKind;
-use kluis::source::postgres::redact;
-use kluis::status::{DrillStatus, JobStatus, RepositoryStatus, Status};
+use kluis::status::Status;
 
 use crate::output;
 
@@ -31,7 +28,7 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<i32> {
     let config = Loaded::from_file_or_embedded(a.config.as_deref())?;
     let status = match ask_daemon(&config.http.listen) {
         Some(s) => s,
-        None => from_repositories(&config).await,
+        None => kluis::scheduler::from_repositories(&config, Timestamp::now()).await,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -140,74 +137,4 @@ fn ask_daemon(listen: &str) -> Option<Status> {
         return None;
     }
     serde_json::from_str(body).ok()
-}
-
-/// Without a daemon: each job's newest snapshot and next scheduled run.
-async fn from_repositories(config: &Loaded) -> Status {
-    let mut status = Status {
-        source: "repositories".into(),
-        ..Status::default()
-    };
-    let mut lists = std::collections::BTreeMap::new();
-    for (name, r) in &config.repositories {
-        let listed = jobs::snapshots(config, name).await;
-        status.repositories.push(RepositoryStatus {
-            name: name.clone(),
-            location: redact(&r.url),
-            snapshots: listed.as_ref().ok().map(Vec::len),
-            error: listed.as_ref().err().map(|e| e.to_string()),
-        });
-        lists.insert(name.clone(), listed.unwrap_or_default());
-    }
-    // What the daemon would plan now (its catch-up included; jitter aside).
-    let mut history = kluis::scheduler::History::default();
-    let mut reports = Vec::new();
-    for job in &config.jobs {
-        history.saw_job(job, lists.get(&job.repository).map_or(&[][..], |l| &l[..]));
-    }
-    for drill in &config.drills {
-        let found = match jobs::open_existing(config, &drill.repository).await {
-            Ok(repo) => kluis::drill::history(&repo)
-                .await
-                .map(|(h, _)| h)
-                .unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
-        history.saw_drill(drill, &found);
-        reports.push(found);
-    }
-    let planned: std::collections::BTreeMap<_, _> =
-        kluis::scheduler::plan(config, &history, Timestamp::now(), |_| 0)
-            .into_iter()
-            .map(|(work, next)| ((work.kind(), work.name().to_string()), next))
-            .collect();
-    let next = |kind, name: &str| {
-        planned
-            .get(&(kind, name.to_string()))
-            .copied()
-            .filter(|t| *t != Timestamp::MAX)
-    };
-    for job in &config.jobs {
-        let last = lists
-            .get(&job.repository)
-            .and_then(|l| jobs::last_of(job, l));
-        status.jobs.push(JobStatus {
-            name: job.name.clone(),
-            repository: job.repository.clone(),
-            schedule: job.schedule.to_string(),
-            running: None,
-            next_run: next(TaskKind::Backup, &job.name),
-            last_run: None,
-            last_result: None,
-            last_success: last.map(|s| s.time),
-            last_snapshot: last.map(|s| s.id.to_hex()),
-        });
-    }
-    for (drill, found) in config.drills.iter().zip(&reports) {
-        let next = next(TaskKind::Drill, &drill.name);
-        status
-            .drills
-            .push(DrillStatus::from_history(drill, found, next));
-    }
-    status
 }

@@ -28,11 +28,13 @@ use crate::config::{CopyRule, Drill, Job, Loaded, Maintenance};
 use crate::progress::Cancel;
 use crate::schedule::Schedule;
 
+mod offline;
 mod plan;
 mod record;
 mod serve;
 mod timeout;
 
+pub use offline::from_repositories;
 pub use plan::{CatchUp, Due, History, first_run, jitter_nanos, next_after, plan};
 pub use record::DaemonRunner;
 pub use serve::{Control, Scheduler, once};
