@@ -130,20 +130,12 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
                 "--roles goes with --to postgres://".into()
             ));
         };
-        let roles = list
-            .iter()
-            .filter(|s| {
-                matches!(s.source, SnapshotSource::PostgresGlobals(_))
-                    && s.host == snap.host
-                    && s.time <= snap.time
-            })
-            .max_by_key(|s| s.time)
-            .ok_or_else(|| {
-                kluis::Error::SnapshotNotFound(format!(
-                    "postgres-globals of host {} at or before {} (back up with --globals)",
-                    snap.host, snap.time
-                ))
-            })?;
+        let roles = kluis::snapshot::roles_for(&list, snap).ok_or_else(|| {
+            kluis::Error::SnapshotNotFound(format!(
+                "postgres-globals of host {} at or before {} (back up with --globals)",
+                snap.host, snap.time
+            ))
+        })?;
         let server = pg_conn(g, a.to.as_deref().unwrap_or_default())?.with_database("postgres");
         let report = Restorer::new(&repo, roles, opts.clone())
             .await?

@@ -189,6 +189,28 @@ impl Snapshot {
     }
 }
 
+/// The roles and tablespaces to restore before the database snapshot `db`: its set's
+/// `postgres-globals` member when it is one of a set, else the newest roles snapshot of the
+/// same host at or before it.
+pub fn roles_for<'a>(snapshots: &'a [Snapshot], db: &Snapshot) -> Option<&'a Snapshot> {
+    let roles = |s: &&Snapshot| matches!(s.source, Source::PostgresGlobals(_));
+    if let Some(set) = &db.set {
+        let same_set = snapshots
+            .iter()
+            .filter(roles)
+            .filter(|s| s.time == db.time && s.set.as_ref().is_some_and(|t| t.name == set.name))
+            .max_by_key(|s| s.finished);
+        if same_set.is_some() {
+            return same_set;
+        }
+    }
+    snapshots
+        .iter()
+        .filter(roles)
+        .filter(|s| s.host == db.host && s.time <= db.time)
+        .max_by_key(|s| s.time)
+}
+
 /// Finds the snapshot an operator means: `latest` (optionally of a name), or an id prefix.
 pub fn select<'a>(
     snapshots: &'a [Snapshot],
@@ -376,5 +398,60 @@ mod tests {
         assert_eq!(Snapshot::decode("s", s.id, &bytes).unwrap(), s);
         assert!(Snapshot::decode("s", ObjectId::random(), &bytes).is_err());
         assert_eq!(s.epoch().to_string(), "2026-11");
+    }
+
+    #[test]
+    fn the_roles_of_a_set_go_with_its_databases() {
+        let member = |id: &str, set: &str, name: &str, roles: bool| {
+            let mut s = snap(id, "2026-11-01T02:00:00Z", name);
+            s.set = Some(SetRecord {
+                name: set.into(),
+                members: vec![],
+            });
+            if roles {
+                s.source = Source::PostgresGlobals(GlobalsRecord {
+                    server: set.into(),
+                    server_version: "16".into(),
+                });
+            }
+            s
+        };
+        // Two servers backed up from one host at the same time, and older loose roles.
+        let mut loose = snap(
+            "00000000000000000000000000000005",
+            "2026-10-01T00:00:00Z",
+            "r",
+        );
+        loose.source = Source::PostgresGlobals(GlobalsRecord {
+            server: "x".into(),
+            server_version: "16".into(),
+        });
+        let all = vec![
+            member(
+                "00000000000000000000000000000001",
+                "a",
+                "a.postgres-globals",
+                true,
+            ),
+            member("00000000000000000000000000000002", "a", "a.shop", false),
+            member(
+                "00000000000000000000000000000003",
+                "b",
+                "b.postgres-globals",
+                true,
+            ),
+            member("00000000000000000000000000000004", "b", "b.shop", false),
+            loose.clone(),
+        ];
+        assert_eq!(roles_for(&all, &all[3]).unwrap().id, all[2].id);
+        assert_eq!(roles_for(&all, &all[1]).unwrap().id, all[0].id);
+        // Not in a set: the newest roles of the host at or before it.
+        let plain = snap(
+            "00000000000000000000000000000006",
+            "2026-10-15T00:00:00Z",
+            "db",
+        );
+        assert_eq!(roles_for(&all, &plain).unwrap().id, loose.id);
+        assert!(roles_for(&all[..4], &plain).is_none());
     }
 }
