@@ -33,7 +33,7 @@ use crate::repository::Repository;
 use crate::snapshot::{Snapshot, Source as SnapshotSource};
 use crate::source::StderrPolicy;
 use crate::source::mysql::{self, MyConn};
-use crate::source::postgres::{self, PgConn, globals};
+use crate::source::postgres::{PgConn, globals};
 use crate::source::sqlite;
 use crate::tree::{self, Node, NodeType, Tree};
 

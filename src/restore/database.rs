@@ -3,10 +3,23 @@
 //! database file, checked the same way as every restore.
 
 use super::*;
+use crate::source::database::Load;
+
+/// Makes a restore target ready (see [`Load::prepare`]), off the async threads.
+async fn prepare<T: Load>(
+    target: &T,
+    record: &crate::snapshot::DatabaseRecord,
+    force: bool,
+) -> Result<()> {
+    let (target, record) = (target.clone(), record.clone());
+    tokio::task::spawn_blocking(move || target.prepare(&record, force))
+        .await
+        .map_err(|e| Error::invalid(format!("restore crashed: {e}")))?
+}
 
 impl Restorer<'_> {
     /// Restores a PostgreSQL snapshot into the database `target` names: creates it (see
-    /// [`postgres::prepare_target`]), then loads the schema, the tables (`jobs` at once), the
+    /// [`Load::prepare`]), then loads the schema, the tables (`jobs` at once), the
     /// sequences and large objects, and the indexes, constraints and triggers, each stream
     /// through `psql`, stopping at the first error.
     pub async fn to_postgres(
@@ -19,15 +32,7 @@ impl Restorer<'_> {
             return Err(self.wrong_engine("PostgreSQL"));
         };
         let root = self.tree(&self.snapshot.tree).await?;
-        let encoding = record.encoding.clone();
-        {
-            let target = target.clone();
-            tokio::task::spawn_blocking(move || {
-                postgres::prepare_target(&target, &encoding, force)
-            })
-            .await
-            .map_err(|e| Error::invalid(format!("restore crashed: {e}")))??;
-        }
+        prepare(target, record, force).await?;
         let phase = |prefix: &str| -> Vec<Node> {
             root.nodes
                 .iter()
@@ -70,14 +75,7 @@ impl Restorer<'_> {
 
     /// Pipes one stream into a `psql`; the error names the stream and quotes psql.
     pub(super) async fn load_into(&self, node: &Node, target: &PgConn) -> Result<u64> {
-        let what = format!(
-            "restoring {} into {}",
-            node.name.to_display(),
-            target.display
-        );
-        let bytes = self
-            .pipe_into(node, postgres::loader(target)?, "psql", what, |w| w)
-            .await?;
+        let bytes = self.load(node, target, |w| w).await?;
         // The progress line counts tables; the schema streams are not tables.
         if node.name.0.starts_with(b"2-") {
             Progress::add(&self.opts.progress.files, 1);
@@ -124,6 +122,22 @@ impl Restorer<'_> {
             ));
         }
         Ok(self.report)
+    }
+
+    /// Loads one stream into `target` through its engine's client (see [`Load`]).
+    pub(super) async fn load<T: Load>(
+        &self,
+        node: &Node,
+        target: &T,
+        wrap: impl FnOnce(Box<dyn Write + Send>) -> Box<dyn Write + Send>,
+    ) -> Result<u64> {
+        let what = format!(
+            "restoring {} into {}",
+            node.name.to_display(),
+            target.shown()
+        );
+        self.pipe_into(node, target.loader()?, T::CLIENT, what, wrap)
+            .await
     }
 
     /// Streams a node into a database client's standard input; fails with the client's own
@@ -191,7 +205,7 @@ impl Restorer<'_> {
     }
 
     /// Restores a MySQL/MariaDB snapshot into the database `target` names: creates it (see
-    /// [`mysql::prepare_target`]) and loads the dump through the client, which stops at the
+    /// [`Load::prepare`]) and loads the dump through the client, which stops at the
     /// first error and names its line.
     pub async fn to_mysql(mut self, target: &MyConn, force: bool) -> Result<RestoreReport> {
         let SnapshotSource::Mysql(record) = &self.snapshot.source else {
@@ -199,21 +213,12 @@ impl Restorer<'_> {
         };
         let root = self.tree(&self.snapshot.tree).await?;
         let node = self.single_stream(&root, mysql::STREAM)?;
-        let (charset, collation) = (record.encoding.clone(), record.collation.clone());
-        {
-            let target = target.clone();
-            tokio::task::spawn_blocking(move || {
-                mysql::prepare_target(&target, &charset, collation.as_deref(), force)
-            })
-            .await
-            .map_err(|e| Error::invalid(format!("restore crashed: {e}")))??;
-        }
+        prepare(target, record, force).await?;
         let tables = record.tables.len() as u64;
         let progress = &self.opts.progress;
         progress.total_files.store(tables, Ordering::Relaxed);
-        let what = format!("restoring {} into {}", mysql::STREAM, target.display);
         let bytes = self
-            .pipe_into(&node, mysql::loader(target)?, "mariadb", what, |w| {
+            .load(&node, target, |w| {
                 Box::new(mysql::TableSections::new(w, progress.clone()))
             })
             .await?;

@@ -93,6 +93,21 @@ pub trait Inspect: Send + Sync {
     fn time_literal(&self, t: jiff::Timestamp) -> String;
 }
 
+/// How an engine takes a restored dump; each engine implements it beside its dump
+/// (`postgres/load.rs`, `mysql.rs`). The restore drives it: it makes the target ready, then
+/// pipes each stream through the client, which stops at the first error.
+pub trait Load: Clone + Send + Sync + 'static {
+    /// The client's name, in errors.
+    const CLIENT: &'static str;
+    /// The target, for messages (without secrets).
+    fn shown(&self) -> String;
+    /// Creates the target database for `record`; an existing one must be empty, unless
+    /// `force` (which drops and recreates it).
+    fn prepare(&self, record: &crate::snapshot::DatabaseRecord, force: bool) -> Result<()>;
+    /// The client that reads one stream on its standard input and loads it.
+    fn loader(&self) -> Result<std::process::Command>;
+}
+
 /// A server where drills create their scratch databases; each engine implements it.
 pub trait ScratchServer: Send + Sync {
     /// The databases whose names begin with `prefix`.

@@ -445,6 +445,22 @@ pub fn loader(target: &MyConn) -> Result<Command> {
     Ok(c)
 }
 
+impl crate::source::database::Load for MyConn {
+    const CLIENT: &'static str = "mariadb";
+
+    fn shown(&self) -> String {
+        self.display.clone()
+    }
+
+    fn prepare(&self, record: &DatabaseRecord, force: bool) -> Result<()> {
+        prepare_target(self, &record.encoding, record.collation.as_deref(), force)
+    }
+
+    fn loader(&self) -> Result<Command> {
+        loader(self)
+    }
+}
+
 /// The options file a connection uses (for tests of its mode).
 pub fn options_path(conn: &MyConn) -> &Path {
     conn.options.path()

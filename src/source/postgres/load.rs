@@ -60,6 +60,22 @@ pub fn prepare_target(target: &PgConn, encoding: &str, force: bool) -> Result<()
     Ok(())
 }
 
+impl crate::source::database::Load for PgConn {
+    const CLIENT: &'static str = "psql";
+
+    fn shown(&self) -> String {
+        self.display.clone()
+    }
+
+    fn prepare(&self, record: &crate::snapshot::DatabaseRecord, force: bool) -> Result<()> {
+        prepare_target(self, &record.encoding, force)
+    }
+
+    fn loader(&self) -> Result<Command> {
+        loader(self)
+    }
+}
+
 /// A `psql` that reads a dump stream on its standard input and stops at the first error.
 pub fn loader(target: &PgConn) -> Result<Command> {
     let mut c = target.psql()?;
