@@ -210,6 +210,15 @@ async fn save(
     Ok(())
 }
 
+/// The drill reports a configured repository holds, oldest first; none when it cannot be
+/// read (the drill history lives in the repository, so a last success survives restarts).
+pub async fn reports_in(config: &Loaded, repository: &str) -> Vec<DrillReport> {
+    match crate::jobs::open_existing(config, repository).await {
+        Ok(repo) => history(&repo).await.map(|(h, _)| h).unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Every drill report in the repository, oldest first, and the objects that could not be read.
 pub async fn history(repo: &Repository) -> Result<(Vec<DrillReport>, Vec<Error>)> {
     let listed = repo.store().list(name::DRILLS).await?;

@@ -70,6 +70,16 @@ impl Site {
     }
 }
 
+/// `kluis config check` of a site with these sections: its exit code and standard error.
+fn config_check(sections: &str) -> (Option<i32>, String) {
+    let site = Site::new(sections);
+    let out = Command::new(KLUIS)
+        .args(["config", "check", site.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (out.status.code(), text(&out.stderr))
+}
+
 fn check<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     report["checks"]
         .as_array()
@@ -479,13 +489,9 @@ fn a_drill_proves_the_copy_in_the_second_repository() {
 #[test]
 fn drill_configuration_is_checked() {
     let bad = |sections: &str| {
-        let site = Site::new(sections);
-        let out = Command::new(KLUIS)
-            .args(["config", "check", site.config.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{sections} was accepted");
-        text(&out.stderr)
+        let (code, err) = config_check(sections);
+        assert_ne!(code, Some(0), "{sections} was accepted");
+        err
     };
     let job = "[jobs.db]\nrepository = \"main\"\ndatabase = \"postgres://u@h/db\"\nschedule = \"daily at 02:00\"\n";
     let err = bad(&format!(
@@ -772,13 +778,9 @@ fn a_whole_server_job_makes_one_set_and_its_drill_restores_roles_first() {
 #[test]
 fn whole_server_job_options_are_checked() {
     let bad = |sections: &str| {
-        let site = Site::new(sections);
-        let out = Command::new(KLUIS)
-            .args(["config", "check", site.config.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{sections} was accepted");
-        text(&out.stderr)
+        let (code, err) = config_check(sections);
+        assert_eq!(code, Some(2), "{sections} was accepted");
+        err
     };
     let cases = [
         ("paths = [\"/etc\"]\nglobals = true", "go with database"),

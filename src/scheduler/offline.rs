@@ -34,13 +34,7 @@ pub async fn from_repositories(config: &Loaded, now: Timestamp) -> Status {
         history.saw_job(job, lists.get(&job.repository).map_or(&[][..], |l| &l[..]));
     }
     for drill in &config.drills {
-        let found = match jobs::open_existing(config, &drill.repository).await {
-            Ok(repo) => crate::drill::history(&repo)
-                .await
-                .map(|(h, _)| h)
-                .unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
+        let found = crate::drill::reports_in(config, &drill.repository).await;
         history.saw_drill(drill, &found);
         reports.push(found);
     }

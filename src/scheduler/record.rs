@@ -192,13 +192,7 @@ async fn observe(config: &Loaded, metrics: &Metrics, board: &Board) -> History {
     }
     for drill in &config.drills {
         // The drill history lives in the repository: the last success survives restarts.
-        let reports = match jobs::open_existing(config, &drill.repository).await {
-            Ok(repo) => crate::drill::history(&repo)
-                .await
-                .map(|(h, _)| h)
-                .unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
+        let reports = crate::drill::reports_in(config, &drill.repository).await;
         metrics.declare_drill(&drill.job.name, &drill.repository, &reports);
         history.saw_drill(drill, &reports);
         let status = crate::status::DrillStatus::from_history(drill, &reports, None);
