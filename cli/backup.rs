@@ -16,7 +16,7 @@ use kluis::source::command::CommandSource;
 use kluis::source::database;
 use kluis::source::postgres::{self, PgConn};
 
-use crate::databases::{Engine, database_url, db_password};
+use crate::databases::{Engine, database_url, db_password, places};
 use crate::output::{ProgressLine, human_bytes, human_duration};
 use crate::{Global, open, parse_time, show_progress};
 
@@ -114,11 +114,7 @@ fn plan(g: &Global, a: &BackupArgs, cancel: &Cancel) -> anyhow::Result<Vec<Plann
         return match engine {
             Engine::Postgres if server_wide => plan_postgres_server(g, a, &url),
             _ => {
-                let places = database::Places {
-                    pg_bin_dir: g.pg_bin_dir.clone(),
-                    temp_dir: None,
-                };
-                let (name, set) = database::open(&url, db_password(g)?, &places)?;
+                let (name, set) = database::open(&url, db_password(g)?, &places(g))?;
                 one(name, Source::Streams(set))
             }
         };

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 pub use kluis::source::database::{Engine, engine_of};
-use kluis::source::postgres::{self, PgConn};
 
 use crate::Global;
 
@@ -12,9 +11,12 @@ pub fn db_password(g: &Global) -> anyhow::Result<Option<zeroize::Zeroizing<Strin
     Ok(kluis::secrets::db_password(g.db_password_file.as_deref())?)
 }
 
-pub fn pg_conn(g: &Global, url: &str) -> anyhow::Result<PgConn> {
-    let conn = PgConn::parse(url, db_password(g)?)?;
-    Ok(conn.with_bin_dir(postgres::tools_dir(g.pg_bin_dir.as_deref())))
+/// Where database tools are found (--pg-bin-dir).
+pub fn places(g: &Global) -> kluis::source::database::Places {
+    kluis::source::database::Places {
+        pg_bin_dir: g.pg_bin_dir.clone(),
+        temp_dir: None,
+    }
 }
 
 /// A database URL given where paths go.

@@ -9,13 +9,10 @@ use jiff::Timestamp;
 
 use kluis::error::exit;
 use kluis::progress::{Cancel, Progress};
-use kluis::restore::{RestoreOptions, Restorer};
+use kluis::restore::{DatabaseTarget, RestoreOptions, Restorer};
 use kluis::snapshot::{self, Source as SnapshotSource};
-use kluis::source::mysql::MyConn;
-use kluis::source::postgres::{self, PgConn};
-use kluis::source::sqlite;
 
-use crate::databases::{Engine, db_password, engine_of, pg_conn};
+use crate::databases::{db_password, places};
 use crate::output::{self, ProgressLine, human_bytes, human_duration};
 use crate::{Global, open, parse_time, show_progress, stdout_file};
 
@@ -124,8 +121,12 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
         progress: progress.clone(),
     };
     let started = Instant::now();
+    let to = match &a.to {
+        Some(url) => Some(DatabaseTarget::parse(url, db_password(g)?, &places(g))?),
+        None => None,
+    };
     if a.roles {
-        let Some(Engine::Postgres) = a.to.as_deref().and_then(engine_of) else {
+        let Some(DatabaseTarget::Postgres(target)) = &to else {
             bail!(kluis::Error::InvalidInput(
                 "--roles goes with --to postgres://".into()
             ));
@@ -136,7 +137,7 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
                 snap.host, snap.time
             ))
         })?;
-        let server = pg_conn(g, a.to.as_deref().unwrap_or_default())?.with_database("postgres");
+        let server = target.with_database("postgres");
         let report = Restorer::new(&repo, roles, opts.clone())
             .await?
             .to_postgres_globals(&server)
@@ -162,30 +163,8 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
         (None, None) => "streams",
     };
     let line = show_progress(g).then(|| ProgressLine::start("restore", unit, progress));
-    let result = if let Some(url) = &a.to {
-        match engine_of(url) {
-            Some(Engine::Postgres) if matches!(snap.source, SnapshotSource::PostgresGlobals(_)) => {
-                let server = PgConn::parse_server(url, db_password(g)?)?
-                    .with_bin_dir(postgres::tools_dir(g.pg_bin_dir.as_deref()));
-                restorer.to_postgres_globals(&server).await
-            }
-            Some(Engine::Postgres) => {
-                let target = pg_conn(g, url)?;
-                restorer.to_postgres(&target, a.force, a.jobs).await
-            }
-            Some(Engine::Mysql) => {
-                let target = MyConn::parse(url, db_password(g)?)?;
-                restorer.to_mysql(&target, a.force).await
-            }
-            Some(Engine::Sqlite) => {
-                let target = sqlite::parse_url(url)?;
-                restorer.to_sqlite(&target, a.force).await
-            }
-            None => bail!(kluis::Error::InvalidInput(format!(
-                "--to {}: expected postgres://, mysql:// or sqlite:// (for files: --target DIR)",
-                postgres::redact(url)
-            ))),
-        }
+    let result = if let Some(target) = &to {
+        restorer.to_database(target, a.force, a.jobs).await
     } else if a.stdout {
         let out = stdout_file()?;
         restorer.stream_to(Box::new(out)).await

@@ -351,7 +351,7 @@ async fn drill_one(
                     dropped.join(", ")
                 ));
             }
-            let place = Place::new(scratch, &target);
+            let place = Place::new(scratch, drill.kind, &target);
             shown_target = place.shown();
             let clock = Instant::now();
             let restored = restore(repo, snapshot, &place, cancel).await;
@@ -445,14 +445,10 @@ async fn restore(
     };
     let restorer = Restorer::new(repo, snapshot, opts).await?;
     let report = match (place, &snapshot.source) {
-        (Place::Postgres(c), SnapshotSource::Postgres(_)) => {
-            restorer.to_postgres(c, false, 2).await?
+        (Place::Database(t), source) if t.takes(source) => {
+            restorer.to_database(t, false, 2).await?
         }
-        (Place::Mysql(c, _), SnapshotSource::Mysql(_)) => {
-            let c = c.as_ref().map_err(|e| Error::invalid(e.to_string()))?;
-            restorer.to_mysql(c, false).await?
-        }
-        (Place::File(p), SnapshotSource::Sqlite(_)) => restorer.to_sqlite(p, false).await?,
+        (Place::Unusable(_, why), _) => return Err(Error::invalid(why.clone())),
         (Place::File(p), SnapshotSource::Paths { .. }) => restorer.to_directory(p).await?,
         (Place::File(p), _) => {
             let file = std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
@@ -471,6 +467,7 @@ async fn restore(
             )));
         }
     };
+
     Ok((report.files, report.bytes))
 }
 

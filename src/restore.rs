@@ -7,6 +7,7 @@
 //! Restores into a directory walk it by handles (`restore/dir.rs`).
 
 mod database;
+pub use database::DatabaseTarget;
 mod dir;
 
 use std::collections::HashMap;

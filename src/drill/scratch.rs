@@ -2,8 +2,8 @@
 //! it (`Place`), and the clean-up of targets an earlier drill left behind.
 
 use super::*;
+use crate::restore::DatabaseTarget;
 use crate::source::database::{Inspect, ScratchServer};
-use crate::source::sqlite::SqliteFile;
 use std::sync::Arc;
 
 /// Where a drill restores: a scratch server, or the state directory.
@@ -158,53 +158,55 @@ pub(super) fn scratch_clone(s: &Scratch) -> Scratch {
     }
 }
 
-/// One drill's scratch target.
+/// One drill's scratch target: a database (see [`DatabaseTarget`]), one whose URL cannot be
+/// made (the name and why), or a file or directory.
 pub(super) enum Place {
-    Postgres(PgConn),
-    Mysql(Result<MyConn>, String),
+    Database(DatabaseTarget),
+    Unusable(String, String),
     File(PathBuf),
 }
 
 impl Place {
     /// The restored database, asked through its engine's [`Inspect`] (none for files and
-    /// streams, or a MySQL target that could not be reached).
-    pub(super) fn inspect(&self, kind: DrillKind) -> Option<Arc<dyn Inspect>> {
+    /// streams, or a target that could not be reached).
+    pub(super) fn inspect(&self) -> Option<Arc<dyn Inspect>> {
         match self {
-            Place::Postgres(c) => Some(Arc::new(c.clone())),
-            Place::Mysql(Ok(c), _) => Some(Arc::new(c.clone())),
-            Place::File(p) if kind == DrillKind::Sqlite => Some(Arc::new(SqliteFile(p.clone()))),
+            Place::Database(t) => Some(t.inspect()),
             _ => None,
         }
     }
 
-    pub(super) fn new(scratch: &Scratch, target: &str) -> Place {
+    pub(super) fn new(scratch: &Scratch, kind: DrillKind, target: &str) -> Place {
         match scratch {
-            Scratch::Postgres(server) => Place::Postgres(server.with_database(target)),
-            Scratch::Mysql(..) => Place::Mysql(scratch.mysql(target), target.to_string()),
+            Scratch::Postgres(server) => {
+                Place::Database(DatabaseTarget::Postgres(server.with_database(target)))
+            }
+            Scratch::Mysql(..) => match scratch.mysql(target) {
+                Ok(c) => Place::Database(DatabaseTarget::Mysql(c)),
+                Err(e) => Place::Unusable(target.to_string(), e.to_string()),
+            },
+            Scratch::Files(dir) if kind == DrillKind::Sqlite => {
+                Place::Database(DatabaseTarget::Sqlite(dir.join(target)))
+            }
             Scratch::Files(dir) => Place::File(dir.join(target)),
         }
     }
 
     pub(super) fn shown(&self) -> String {
         match self {
-            Place::Postgres(c) => format!("database {} on {}", c.database, c.display),
-            Place::Mysql(Ok(c), _) => c.display.clone(),
-            Place::Mysql(Err(_), name) => name.clone(),
+            Place::Database(t) => t.shown(),
+            Place::Unusable(name, _) => name.clone(),
             Place::File(p) => p.display().to_string(),
         }
     }
 
     pub(super) async fn remove(&self) -> Result<()> {
         match self {
-            Place::Postgres(c) => {
-                let (server, db) = (c.with_database("postgres"), c.database.clone());
-                blocking(move || server.drop_database(&db)).await
+            Place::Database(t) => {
+                let t = t.clone();
+                blocking(move || t.drop_database()).await
             }
-            Place::Mysql(Ok(c), db) => {
-                let (c, db) = (c.clone(), db.clone());
-                blocking(move || c.drop_database(&db)).await
-            }
-            Place::Mysql(Err(_), _) => Ok(()),
+            Place::Unusable(..) => Ok(()),
             Place::File(p) => {
                 let p = p.clone();
                 blocking(move || {

@@ -22,7 +22,7 @@ pub(super) async fn verify(
         }
         _ => Vec::new(),
     };
-    if let Some(db) = place.inspect(drill.kind) {
+    if let Some(db) = place.inspect() {
         let verdict = {
             let (db, t) = (db.clone(), tables.clone());
             blocking(move || Ok(db.verdict(&t))).await

@@ -3,7 +3,8 @@
 //! database file, checked the same way as every restore.
 
 use super::*;
-use crate::source::database::Load;
+use crate::source::database::{Engine, Inspect, Load, Places, ScratchServer, engine_of};
+use crate::source::postgres;
 
 /// Makes a restore target ready (see [`Load::prepare`]), off the async threads.
 async fn prepare<T: Load>(
@@ -17,7 +18,118 @@ async fn prepare<T: Load>(
         .map_err(|e| Error::invalid(format!("restore crashed: {e}")))?
 }
 
+/// A database a restore loads into, as a `--to` URL names it: the engine its scheme names,
+/// and the target on it. A PostgreSQL URL without a database names a whole server (where a
+/// snapshot of the server's roles goes).
+#[derive(Clone)]
+pub enum DatabaseTarget {
+    Postgres(PgConn),
+    Mysql(MyConn),
+    Sqlite(std::path::PathBuf),
+}
+
+impl DatabaseTarget {
+    /// The target `url` names; `password` for a server, `places` for the PostgreSQL tools.
+    pub fn parse(
+        url: &str,
+        password: Option<zeroize::Zeroizing<String>>,
+        places: &Places,
+    ) -> Result<DatabaseTarget> {
+        Ok(match engine_of(url) {
+            Some(Engine::Postgres) => DatabaseTarget::Postgres(
+                PgConn::parse_server(url, password)?
+                    .with_bin_dir(postgres::tools_dir(places.pg_bin_dir.as_deref())),
+            ),
+            Some(Engine::Mysql) => DatabaseTarget::Mysql(MyConn::parse(url, password)?),
+            Some(Engine::Sqlite) => DatabaseTarget::Sqlite(sqlite::parse_url(url)?),
+            None => {
+                return Err(Error::invalid(format!(
+                    "--to {}: expected postgres://, mysql:// or sqlite:// (for files: --target DIR)",
+                    postgres::redact(url)
+                )));
+            }
+        })
+    }
+
+    /// The target, for messages (without secrets).
+    pub fn shown(&self) -> String {
+        match self {
+            DatabaseTarget::Postgres(c) if c.names_database => {
+                format!("database {} on {}", c.database, c.display)
+            }
+            DatabaseTarget::Postgres(c) => c.display.clone(),
+            DatabaseTarget::Mysql(c) => c.display.clone(),
+            DatabaseTarget::Sqlite(p) => p.display().to_string(),
+        }
+    }
+
+    /// Whether a snapshot of this kind restores into this target.
+    pub fn takes(&self, source: &SnapshotSource) -> bool {
+        matches!(
+            (self, source),
+            (
+                DatabaseTarget::Postgres(_),
+                SnapshotSource::Postgres(_) | SnapshotSource::PostgresGlobals(_)
+            ) | (DatabaseTarget::Mysql(_), SnapshotSource::Mysql(_))
+                | (DatabaseTarget::Sqlite(_), SnapshotSource::Sqlite(_))
+        )
+    }
+
+    /// The restored database, asked through its engine's [`Inspect`].
+    pub fn inspect(&self) -> Arc<dyn Inspect> {
+        match self {
+            DatabaseTarget::Postgres(c) => Arc::new(c.clone()),
+            DatabaseTarget::Mysql(c) => Arc::new(c.clone()),
+            DatabaseTarget::Sqlite(p) => Arc::new(sqlite::SqliteFile(p.clone())),
+        }
+    }
+
+    /// Drops the database the target names, if it exists (a drill's scratch target).
+    pub fn drop_database(&self) -> Result<()> {
+        match self {
+            DatabaseTarget::Postgres(c) if c.names_database => {
+                c.with_database("postgres").drop_database(&c.database)
+            }
+            DatabaseTarget::Postgres(c) => Err(Error::invalid(format!(
+                "{}: names no database to drop",
+                c.display
+            ))),
+            DatabaseTarget::Mysql(c) => c.drop_database(&c.database),
+            DatabaseTarget::Sqlite(p) => match fs::remove_file(p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(p, e)),
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
 impl Restorer<'_> {
+    /// Restores into `target` the way its engine and the snapshot's kind call for: a
+    /// database snapshot into the database the target names (`force`: see [`Load::prepare`];
+    /// `jobs`: tables loaded at once where the engine can), a server's roles into the server.
+    /// A snapshot of another engine is refused with the `--to` that would take it.
+    pub async fn to_database(
+        self,
+        target: &DatabaseTarget,
+        force: bool,
+        jobs: usize,
+    ) -> Result<RestoreReport> {
+        match (target, &self.snapshot.source) {
+            (DatabaseTarget::Postgres(server), SnapshotSource::PostgresGlobals(_)) => {
+                self.to_postgres_globals(server).await
+            }
+            (DatabaseTarget::Postgres(c), SnapshotSource::Postgres(_)) if !c.names_database => {
+                Err(Error::invalid(format!(
+                    "database URL {}: names no database (postgres://host/DATABASE)",
+                    c.display
+                )))
+            }
+            (DatabaseTarget::Postgres(c), _) => self.to_postgres(c, force, jobs).await,
+            (DatabaseTarget::Mysql(c), _) => self.to_mysql(c, force).await,
+            (DatabaseTarget::Sqlite(p), _) => self.to_sqlite(p, force).await,
+        }
+    }
+
     /// Restores a PostgreSQL snapshot into the database `target` names: creates it (see
     /// [`Load::prepare`]), then loads the schema, the tables (`jobs` at once), the
     /// sequences and large objects, and the indexes, constraints and triggers, each stream
