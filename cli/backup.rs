@@ -1,7 +1,7 @@
 //! `kluis backup`: files and directories, standard input, a command, or databases.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -12,6 +12,7 @@ use kluis::config::Loaded;
 use kluis::error::exit;
 use kluis::jobs::{self, Planned, ServerDatabases};
 use kluis::progress::{Cancel, Progress};
+use kluis::scheduler::Timed;
 use kluis::source::command::CommandSource;
 use kluis::source::database;
 use kluis::source::postgres::{self, PgConn};
@@ -180,34 +181,58 @@ async fn run_job(g: &Global, a: &BackupArgs, name: &str, cancel: Cancel) -> anyh
     };
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| config.state_dir.display().to_string())?;
-    let repo = jobs::open_repository(&config, &job.repository).await?;
-    let planned = jobs::plan(&config, job)?;
-    let mut a = a.clone_options();
-    a.tags.extend(job.tags.iter().cloned());
-    let ledger = crate::ledger(&config.state_dir, &repo);
-    back_up_planned(g, &a, (&repo, ledger), planned, cancel).await
+    let progress = Progress::new();
+    let opts = a.options(String::new(), cancel.clone(), progress.clone());
+    let unit = match job.source {
+        kluis::config::JobSource::Paths(_) => "files",
+        _ => "streams",
+    };
+    let line = show_progress(g).then(|| ProgressLine::start("backup", unit, progress));
+    // The daemon's run, under the job's timeout as in the daemon.
+    let run = jobs::run(&config, job, opts);
+    let timed = kluis::scheduler::with_timeout(run, job.timeout, &cancel).await;
+    drop(line);
+    let report = match timed {
+        Timed::Done(report) => report?,
+        Timed::TimedOut { .. } => bail!(
+            "job {name}: cancelled after its timeout of {}",
+            humantime::format_duration(job.timeout)
+        ),
+    };
+    let several = report.committed.len() + report.failed.len() > 1;
+    let mut code = exit::OK;
+    let mut saved = Vec::new();
+    for r in report.committed {
+        if show(g, a, &r) != exit::OK {
+            code = exit::INCOMPLETE;
+        }
+        saved.push(r.snapshot);
+    }
+    for (member, e) in &report.failed {
+        eprintln!("error: {member}: {e}");
+    }
+    if a.json {
+        print_json(&saved, several)?;
+    }
+    match report.failed.into_iter().next() {
+        Some((_, e)) => Err(anyhow::Error::from(e)
+            .context("some backups failed (see above); the others are committed")),
+        None => Ok(code),
+    }
 }
 
 impl BackupArgs {
-    /// The options that apply to any backup, for a configured job.
-    fn clone_options(&self) -> BackupArgs {
-        BackupArgs {
-            paths: Vec::new(),
-            stdin: false,
-            command: None,
-            name: None,
-            host: self.host.clone(),
-            time: self.time,
-            tags: self.tags.clone(),
-            threads: self.threads,
-            uploads: self.uploads,
-            json: self.json,
-            job: None,
-            config: None,
-            databases: Vec::new(),
-            all_databases: false,
-            globals: false,
-        }
+    /// The options of one snapshot: the arguments that apply to any backup.
+    fn options(&self, name: String, cancel: Cancel, progress: Arc<Progress>) -> BackupOptions {
+        let mut opts = BackupOptions::new(name);
+        opts.host = self.host.clone().unwrap_or_else(kluis::hostname);
+        opts.time = self.time;
+        opts.tags = self.tags.clone();
+        opts.threads = self.threads;
+        opts.uploads = self.uploads;
+        opts.cancel = cancel;
+        opts.progress = progress;
+        opts
     }
 }
 
@@ -258,12 +283,7 @@ async fn back_up_planned(
         }
     }
     if a.json {
-        // One object for one snapshot, an array for several.
-        let text = match saved.as_slice() {
-            [one] if !several => serde_json::to_string_pretty(one)?,
-            all => serde_json::to_string_pretty(all)?,
-        };
-        println!("{text}");
+        print_json(&saved, several)?;
     }
     match first_error {
         Some(e) => Err(e.context("some backups failed (see above); the others are committed")),
@@ -287,17 +307,10 @@ async fn backup_one(
     cancel: Cancel,
 ) -> anyhow::Result<(i32, kluis::snapshot::Snapshot)> {
     let progress = Progress::new();
-    let mut opts = BackupOptions::new(name);
+    let mut opts = a.options(name, cancel, progress.clone());
     opts.ledger = ledger;
-    opts.host = a.host.clone().unwrap_or_else(kluis::hostname);
     opts.time = a.time.or(time);
     opts.set = set;
-    opts.tags = a.tags.clone();
-    opts.threads = a.threads;
-    opts.uploads = a.uploads;
-    opts.cancel = cancel;
-    opts.progress = progress.clone();
-    let started = Instant::now();
     let unit = match source {
         Source::Streams(_) => "streams",
         _ => "files",
@@ -306,6 +319,23 @@ async fn backup_one(
     let result = backup::backup(repo, source, opts).await;
     drop(line);
     let report = result?;
+    let code = show(g, a, &report);
+    Ok((code, report.snapshot))
+}
+
+/// One object for one snapshot, an array for several.
+fn print_json(saved: &[kluis::snapshot::Snapshot], several: bool) -> anyhow::Result<()> {
+    let text = match saved {
+        [one] if !several => serde_json::to_string_pretty(one)?,
+        all => serde_json::to_string_pretty(all)?,
+    };
+    println!("{text}");
+    Ok(())
+}
+
+/// Prints what a committed backup says; its exit code: [`exit::INCOMPLETE`] when files could
+/// not be read.
+fn show(g: &Global, a: &BackupArgs, report: &backup::BackupReport) -> i32 {
     let s = &report.snapshot;
     for skipped in &report.skipped {
         if !g.quiet {
@@ -319,7 +349,7 @@ async fn backup_one(
         eprintln!("warning: {e}");
     }
     if !a.json && !g.quiet {
-        let elapsed = started.elapsed();
+        let elapsed = report.elapsed;
         println!(
             "snapshot {} of {} saved: {} read, {} new, {} stored, in {} ({}/s)",
             s.id.short(),
@@ -332,12 +362,12 @@ async fn backup_one(
         );
     }
     if s.summary.errors.is_empty() {
-        Ok((exit::OK, report.snapshot))
+        exit::OK
     } else {
         eprintln!(
             "warning: {} file(s) could not be read; the snapshot is committed without them",
             s.summary.errors.len()
         );
-        Ok((exit::INCOMPLETE, report.snapshot))
+        exit::INCOMPLETE
     }
 }

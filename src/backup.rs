@@ -121,6 +121,8 @@ pub struct BackupReport {
     pub skipped: Vec<String>,
     /// What a stream source's tools printed on standard error without failing (warnings).
     pub warnings: Vec<String>,
+    /// How long the backup took, from its start to its commit.
+    pub elapsed: std::time::Duration,
 }
 
 /// Backs up `source` and commits a snapshot.
@@ -135,6 +137,7 @@ pub async fn backup(
             opts.name
         )));
     }
+    let clock = std::time::Instant::now();
     let started = Timestamp::now();
     let time = opts.time.unwrap_or(started);
     let epoch = Epoch::of(time);
@@ -281,6 +284,7 @@ pub async fn backup(
         object,
         skipped,
         warnings,
+        elapsed: clock.elapsed(),
     })
 }
 

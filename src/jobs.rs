@@ -229,13 +229,10 @@ impl JobReport {
     }
 }
 
-/// Backs the job up now. An error means nothing was committed.
-pub async fn run(
-    config: &Loaded,
-    job: &Job,
-    cancel: Cancel,
-    progress: std::sync::Arc<Progress>,
-) -> Result<JobReport> {
+/// Backs the job up now, each planned snapshot with `opts` as its template (cancel, progress,
+/// host, threads, uploads; a `time` replaces the planned one; `tags` are added to the job's).
+/// An error means nothing was committed. `kluis backup --job` and the daemon both run it.
+pub async fn run(config: &Loaded, job: &Job, opts: BackupOptions) -> Result<JobReport> {
     let repo = open_repository(config, &job.repository).await?;
     let planned = plan(config, job)?;
     let several = planned.len() > 1;
@@ -243,18 +240,18 @@ pub async fn run(
         committed: Vec::new(),
         failed: Vec::new(),
     };
+    let ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
     for p in planned {
-        if cancel.is_cancelled() {
+        if opts.cancel.is_cancelled() {
             report.failed.push((p.name, Error::Interrupted));
             continue;
         }
-        let mut opts = BackupOptions::new(p.name.clone());
-        opts.ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
-        opts.tags = job.tags.clone();
-        opts.time = p.time;
+        let mut opts = opts.clone();
+        opts.name = p.name.clone();
+        opts.ledger = ledger.clone();
+        opts.tags = job.tags.iter().chain(&opts.tags).cloned().collect();
+        opts.time = opts.time.or(p.time);
         opts.set = p.set;
-        opts.cancel = cancel.clone();
-        opts.progress = progress.clone();
         match backup::backup(&repo, p.source, opts).await {
             Ok(r) => report.committed.push(r),
             Err(e) if several => report.failed.push((p.name, e)),

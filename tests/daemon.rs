@@ -389,6 +389,21 @@ fn a_run_past_its_timeout_is_cancelled_even_when_its_tool_is_silent() {
     assert!(started.elapsed() < Duration::from_secs(30), "{log}");
     assert!(log.contains("cancelled after its timeout"), "{log}");
     assert!(setup.snapshots().is_empty());
+    // `kluis backup --job` runs the job as the daemon does: under its timeout.
+    let started = Instant::now();
+    let out = Command::new(KLUIS)
+        .args(["backup", "--job", "stuck", "--config"])
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{err}");
+    assert!(
+        err.contains("job stuck: cancelled after its timeout of 2s"),
+        "{err}"
+    );
+    assert!(setup.snapshots().is_empty());
 }
 
 #[test]

@@ -350,7 +350,9 @@ async fn run_job_inner(
     metrics: &Metrics,
     started: Instant,
 ) -> (Outcome, Result<crate::snapshot::Snapshot, String>) {
-    let run = jobs::run(config, job, cancel.clone(), Progress::new());
+    let mut opts = crate::backup::BackupOptions::new(&job.name);
+    opts.cancel = cancel.clone();
+    let run = jobs::run(config, job, opts);
     let result = {
         match with_timeout(run, job.timeout, &cancel).await {
             Timed::Done(r) => r,
