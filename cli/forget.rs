@@ -69,33 +69,27 @@ pub struct ForgetArgs {
 }
 
 pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i32> {
-    let configured = match &a.repository {
-        Some(name) => {
-            let config = Loaded::from_file_or_embedded(a.config.as_deref())?;
-            let policy = config
-                .repositories
-                .get(name)
-                .ok_or_else(|| {
-                    kluis::Error::InvalidInput(format!(
-                        "{} has no repository {name:?}",
-                        config.origin
-                    ))
-                })?
-                .retention
-                .clone()
-                .ok_or_else(|| {
-                    kluis::Error::InvalidInput(format!(
-                        "repositories.{name} in {} has no retention policy",
-                        config.origin
-                    ))
-                })?;
-            let prune = config.repositories.get(name).and_then(|r| r.prune.clone());
-            Some((config, name.clone(), policy, prune))
-        }
+    let config = match &a.repository {
+        Some(_) => Some(Loaded::from_file_or_embedded(a.config.as_deref())?),
         None => None,
     };
+    // A configured repository: its policy, prune settings, time zone and this host's ledger,
+    // as the daemon's maintenance takes them.
+    let configured = match (&config, &a.repository) {
+        (Some(config), Some(name)) => {
+            let m = kluis::jobs::for_maintenance(config, name).await?;
+            let policy = m.settings.retention.clone().ok_or_else(|| {
+                kluis::Error::InvalidInput(format!(
+                    "repositories.{name} in {} has no retention policy",
+                    config.origin
+                ))
+            })?;
+            Some((config, m, policy))
+        }
+        _ => None,
+    };
     let policy = match &configured {
-        Some((_, _, p, _)) => p.clone(),
+        Some((_, _, p)) => p.clone(),
         None => Policy {
             keep_last: a.keep_last,
             keep_hourly: a.keep_hourly,
@@ -110,7 +104,9 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
     policy.validate()?;
     // Prune's options are checked before anything is forgotten.
     let prune_opts = if a.prune {
-        let configured = configured.as_ref().and_then(|(_, _, _, p)| p.as_ref());
+        let configured = configured
+            .as_ref()
+            .and_then(|(_, m, _)| m.settings.prune.as_ref());
         Some(crate::prune::options(
             &a.prune_args,
             configured,
@@ -123,16 +119,16 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
     let tz = match (&a.time_zone, &configured) {
         (Some(name), _) => jiff::tz::TimeZone::get(name)
             .map_err(|e| kluis::Error::InvalidInput(format!("--time-zone {name:?}: {e}")))?,
-        (None, Some((config, _, _, _))) => config.time_zone.clone(),
+        (None, Some((config, _, _))) => config.time_zone.clone(),
         (None, None) => jiff::tz::TimeZone::system(),
     };
-    let repo = match &configured {
-        Some((config, name, _, _)) => kluis::jobs::open_existing(config, name).await?,
-        None => open(g).await?,
-    };
-    let state_dir = match &configured {
-        Some((config, _, _, _)) => config.state_dir.clone(),
-        None => crate::state_dir(g),
+    let (repo, ledger) = match configured {
+        Some((_, m, _)) => (m.repo, m.ledger),
+        None => {
+            let repo = open(g).await?;
+            let ledger = crate::ledger(&crate::state_dir(g), &repo);
+            (repo, ledger)
+        }
     };
     let only = |s: &kluis::snapshot::Snapshot| {
         a.name.as_ref().is_none_or(|n| &s.name == n) && a.host.as_ref().is_none_or(|h| &s.host == h)
@@ -144,11 +140,7 @@ pub async fn run(g: &Global, a: ForgetArgs, cancel: Cancel) -> anyhow::Result<i3
             time_zone: tz,
             only: Some(&only),
             dry_run: a.dry_run,
-            ledger: if a.dry_run {
-                None
-            } else {
-                crate::ledger(&state_dir, &repo)
-            },
+            ledger: if a.dry_run { None } else { ledger },
             cancel: cancel.clone(),
         },
     )

@@ -84,9 +84,8 @@ pub async fn run(g: &Global, a: PruneCommand, cancel: Cancel) -> anyhow::Result<
     let (repo, configured) = match &a.repository {
         Some(name) => {
             let config = kluis::config::Loaded::from_file_or_embedded(a.config.as_deref())?;
-            let repo = kluis::jobs::open_existing(&config, name).await?;
-            let configured = config.repositories.get(name).and_then(|r| r.prune.clone());
-            (repo, configured)
+            let m = kluis::jobs::for_maintenance(&config, name).await?;
+            (m.repo, m.settings.prune.clone())
         }
         None => (open(g).await?, None),
     };

@@ -332,6 +332,30 @@ pub fn sets_of<'a>(name: &str, snapshots: &'a [Snapshot]) -> Vec<Vec<&'a Snapsho
         .collect()
 }
 
+/// A configured repository opened for maintenance, with its settings and this host's ledger
+/// of it: what the daemon's maintenance and `kluis forget`/`kluis prune --repository` use.
+/// A reader of what exists: it never creates the repository.
+pub struct Maintained<'a> {
+    pub repo: crate::repository::Repository,
+    pub settings: &'a crate::config::RepositoryConfig,
+    pub ledger: Option<crate::ledger::Ledger>,
+}
+
+/// Opens the configured repository `name` for maintenance (see [`Maintained`]).
+pub async fn for_maintenance<'a>(config: &'a Loaded, name: &str) -> Result<Maintained<'a>> {
+    let settings = config
+        .repositories
+        .get(name)
+        .ok_or_else(|| Error::invalid(format!("{} has no repository {name:?}", config.origin)))?;
+    let repo = open_existing(config, name).await?;
+    let ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
+    Ok(Maintained {
+        repo,
+        settings,
+        ledger,
+    })
+}
+
 /// A repository's maintenance: forget by its retention policy (if it has one), then prune with
 /// its prune settings. Returns how many snapshots were forgotten and what prune did.
 pub async fn maintain(
@@ -339,13 +363,13 @@ pub async fn maintain(
     repository: &str,
     cancel: Cancel,
 ) -> Result<(usize, crate::prune::PruneReport)> {
-    let r = config
-        .repositories
-        .get(repository)
-        .ok_or_else(|| Error::invalid(format!("no repository {repository:?}")))?;
-    let repo = open_existing(config, repository).await?;
+    let Maintained {
+        repo,
+        settings,
+        ledger,
+    } = for_maintenance(config, repository).await?;
     let (mut removed, mut warnings) = (0, Vec::new());
-    if let Some(policy) = &r.retention {
+    if let Some(policy) = &settings.retention {
         let done = crate::forget::forget(
             &repo,
             crate::forget::ForgetOptions {
@@ -353,14 +377,18 @@ pub async fn maintain(
                 time_zone: config.time_zone.clone(),
                 only: None,
                 dry_run: false,
-                ledger: crate::ledger::Ledger::open(&config.state_dir, &repo).ok(),
+                ledger,
                 cancel: cancel.clone(),
             },
         )
         .await?;
         (removed, warnings) = (done.removed, done.warnings);
     }
-    let mut opts = r.prune.as_ref().map(|p| p.options()).unwrap_or_default();
+    let mut opts = settings
+        .prune
+        .as_ref()
+        .map(|p| p.options())
+        .unwrap_or_default();
     opts.cancel = cancel;
     let mut report = crate::prune::prune(&repo, &opts).await?;
     report.warnings.extend(warnings);
