@@ -1,6 +1,9 @@
 //! `kluis key`: key files and key slots (list, add, remove).
 
 use super::*;
+use kluis::keyring;
+use kluis::keys::Creator;
+use std::path::Path;
 
 #[derive(Subcommand)]
 pub(crate) enum KeyCommand {
@@ -32,6 +35,57 @@ pub(crate) enum KeyCommand {
     },
     /// Write a new random key file (mode 0600); it opens nothing until `init` or `key add` uses it
     Generate { path: PathBuf },
+    /// Change the secret of the slot in use: a slot for the new secret (same keys, same
+    /// label), then the old slot removed
+    Passwd {
+        #[command(flatten)]
+        new: NewSecret,
+    },
+    /// A new key generation: every epoch key wrapped again under a new key, a slot of the new
+    /// generation for the secret in use (or --new-*) and each --keep-*, then every other slot
+    /// and every old wrapped epoch key deleted; no data is uploaded again
+    Rotate {
+        /// The new generation's slot for this command's user gets this password instead of
+        /// the one in use
+        #[arg(long, conflicts_with = "new_key_file")]
+        new_password_file: Option<PathBuf>,
+        /// ... or this key file
+        #[arg(long)]
+        new_key_file: Option<PathBuf>,
+        /// Also give the new generation a slot for this password (repeatable); every slot
+        /// whose secret is not given is removed
+        #[arg(long = "keep-password-file", value_name = "FILE")]
+        keep_password_files: Vec<PathBuf>,
+        /// ... or for this key file (repeatable)
+        #[arg(long = "keep-key-file", value_name = "FILE")]
+        keep_key_files: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The new secret of `key passwd`.
+#[derive(clap::Args)]
+pub(crate) struct NewSecret {
+    /// File holding the new password
+    #[arg(
+        long,
+        required_unless_present = "new_key_file",
+        conflicts_with = "new_key_file"
+    )]
+    new_password_file: Option<PathBuf>,
+    /// Key file (from `kluis key generate`) for the new secret
+    #[arg(long)]
+    new_key_file: Option<PathBuf>,
+}
+
+/// The secret a `--new-password-file` or `--new-key-file` names, if any.
+fn new_secret(password: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Option<Secret>> {
+    Ok(match (password, key) {
+        (Some(p), _) => Some(Secret::from_password_file(p)?),
+        (None, Some(k)) => Some(Secret::from_key_file(k)?),
+        (None, None) => None,
+    })
 }
 
 pub(crate) async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
@@ -49,16 +103,16 @@ pub(crate) async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
             new_key_file,
             label,
         } => {
-            let new_secret = match (new_password_file, new_key_file) {
-                (Some(p), _) => Secret::from_password_file(&p)?,
-                (None, Some(k)) => Secret::from_key_file(&k)?,
-                (None, None) => bail!(kluis::Error::InvalidInput(
+            let Some(new_secret) =
+                new_secret(new_password_file.as_deref(), new_key_file.as_deref())?
+            else {
+                bail!(kluis::Error::InvalidInput(
                     "give --new-password-file or --new-key-file".into()
-                )),
+                ));
             };
             let repo = open(g).await?;
             let id = repo
-                .add_key(&new_secret, KdfParams::default(), kluis::hostname(), label)
+                .add_key(&new_secret, KdfParams::default(), Creator::here(), label)
                 .await?;
             println!("added key slot {}", id.short());
             Ok(exit::OK)
@@ -79,6 +133,93 @@ pub(crate) async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
             } else {
                 exit::CORRUPT
             })
+        }
+        KeyCommand::Passwd { new } => {
+            let Some(new_secret) = new_secret(
+                new.new_password_file.as_deref(),
+                new.new_key_file.as_deref(),
+            )?
+            else {
+                bail!(kluis::Error::InvalidInput(
+                    "give --new-password-file or --new-key-file".into()
+                ));
+            };
+            let repo = open(g).await?;
+            let old = repo.slot_id();
+            let id = keyring::change_secret(&repo, &new_secret, KdfParams::default()).await?;
+            println!(
+                "key slot {} replaced by {} for the new secret; the old secret opens nothing",
+                old.short(),
+                id.short()
+            );
+            Ok(exit::OK)
+        }
+        KeyCommand::Rotate {
+            new_password_file,
+            new_key_file,
+            keep_password_files,
+            keep_key_files,
+            json,
+        } => {
+            let mine = match new_secret(new_password_file.as_deref(), new_key_file.as_deref())? {
+                Some(s) => s,
+                None => secret(g)?,
+            };
+            let mut slots = vec![mine];
+            for p in &keep_password_files {
+                slots.push(Secret::from_password_file(p)?);
+            }
+            for k in &keep_key_files {
+                slots.push(Secret::from_key_file(k)?);
+            }
+            let repo = open(g).await?;
+            // The slot in use: its label, and its Argon2 parameters for the new passphrase
+            // slots (an operator's choice at `init`).
+            let (current, _) = repo.slots().await?;
+            let current = current.into_iter().find(|s| s.id == repo.slot_id());
+            let label = current.as_ref().and_then(|s| s.label.clone());
+            let kdf = current.and_then(|s| s.kdf).unwrap_or_default();
+            let opts = keyring::RotateOptions {
+                slots: slots
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, secret)| keyring::NewSlot {
+                        secret,
+                        kdf,
+                        label: if i == 0 { label.clone() } else { None },
+                    })
+                    .collect(),
+                destroy: Default::default(),
+                creator: Creator::here(),
+            };
+            let (_, report) = keyring::rotate(repo, opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "key generation {} replaces {}: {} epoch key(s) wrapped again, {} slot(s) \
+                     written, {} slot(s) removed, {} old wrapped key(s) deleted",
+                    report.generation.short(),
+                    report
+                        .previous
+                        .map_or_else(|| "the master key".to_string(), |g| g.short()),
+                    report.epoch_keys,
+                    report.slots.len(),
+                    report.removed_slots.len(),
+                    report.deleted_objects
+                );
+                let others: Vec<_> = report.removed_slots.iter().filter(|s| !s.current).collect();
+                if !others.is_empty() {
+                    println!(
+                        "removed slots whose secret was not given (add them again with `kluis key add`):"
+                    );
+                    print!("{}", output::key_table(&report.removed_slots));
+                }
+            }
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            Ok(exit::OK)
         }
         KeyCommand::Remove { id } => {
             let repo = open(g).await?;

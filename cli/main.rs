@@ -395,6 +395,13 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
                 for f in report.ledger.findings.iter().filter(|f| f.acknowledged) {
                     println!("note: {f}");
                 }
+                if !report.old_generation_keys.is_empty() {
+                    println!(
+                        "{} epoch key object(s) of an older key generation: left by an interrupted \
+                         `kluis key rotate`; run it again to delete them",
+                        report.old_generation_keys.len()
+                    );
+                }
                 if !report.unindexed_packs.is_empty() {
                     println!(
                         "{} pack(s) not in any index: leftovers of interrupted backups, removed by prune",

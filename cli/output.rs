@@ -124,12 +124,19 @@ pub fn key_table(slots: &[KeySlotInfo]) -> String {
                     .and_then(|v| v.as_str().map(String::from))
                     .unwrap_or_default(),
                 local_time(k.created),
-                k.host.clone(),
+                match &k.user {
+                    Some(u) => format!("{u}@{}", k.host),
+                    None => k.host.clone(),
+                },
+                k.generation.map_or_else(|| "-".into(), |g| g.short()),
                 k.label.clone().unwrap_or_default(),
             ]
         })
         .collect();
-    table(&[" ID", "KIND", "CREATED", "HOST", "LABEL"], &rows)
+    table(
+        &[" ID", "KIND", "CREATED", "BY", "GENERATION", "LABEL"],
+        &rows,
+    )
 }
 
 /// A progress line on stderr, redrawn a few times a second until dropped.

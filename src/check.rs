@@ -48,6 +48,9 @@ pub struct CheckReport {
     pub bytes_read: u64,
     /// Packs no index lists: garbage from interrupted backups, removed by prune.
     pub unindexed_packs: Vec<String>,
+    /// Epoch key objects of another key generation than the one in use: left by an
+    /// interrupted `kluis key rotate`, deleted when it runs again.
+    pub old_generation_keys: Vec<String>,
     /// Damage, each naming the object and, where known, the snapshots it affects.
     pub problems: Vec<String>,
     /// Records removed, rolled back or replayed (also counted in `problems`).
@@ -63,8 +66,11 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
         .extend(slot_errors.iter().map(|e| e.to_string()));
 
     for o in repo.store().list(name::EPOCHS).await? {
-        match name::parse_epoch_object(name::EPOCHS, &o.name) {
-            Some((epoch, id)) => {
+        match name::parse_epoch_key(&o.name) {
+            Some((_, _, g)) if g != repo.generation() => {
+                report.old_generation_keys.push(o.name.clone())
+            }
+            Some((epoch, id, _)) => {
                 if let Err(e) = repo.epoch_key(epoch, id).await {
                     report.problems.push(e.to_string());
                 }

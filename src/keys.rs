@@ -1,10 +1,12 @@
 //! Key slots and the secrets that open them.
 //!
-//! A repository has one random master key. Each key slot (`keys/<id>`) holds the master key
-//! wrapped (AES-256-GCM) under a key-encryption key derived from one secret: a passphrase
-//! (Argon2id) or a key file (HKDF). Adding a passphrase adds a slot; removing one deletes it;
-//! the data is never re-encrypted. Slots are the only objects not sealed by the master key, so
-//! each carries a SHA-256 checksum that tells corruption apart from a wrong password.
+//! A repository has a random records key and, per key generation, a random epoch-wrapping key
+//! (a repository made before key generations has one master key that is both). Each key slot
+//! (`keys/<id>`) holds them wrapped (AES-256-GCM) under a key-encryption key derived from one
+//! secret: a passphrase (Argon2id) or a key file (HKDF). Adding a passphrase adds a slot;
+//! removing one deletes it; `kluis key rotate` makes a new generation; the data is never
+//! re-encrypted. Slots are the only objects not sealed by a repository key, so each carries a
+//! SHA-256 checksum that tells corruption apart from a wrong password.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -205,6 +207,62 @@ impl Default for KdfParams {
     }
 }
 
+/// What a key slot unlocks: the records key (config, prune, drill and forget records) and the
+/// key generation's epoch-wrapping key (every epoch key object of that generation). A slot of a
+/// repository made before key generations wraps one master key, which is both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotKeys {
+    pub records: Key,
+    pub epochs: Key,
+    /// The key generation (see `kluis key rotate`); `None` for the master key of a repository
+    /// made before key generations.
+    pub generation: Option<ObjectId>,
+}
+
+impl SlotKeys {
+    /// A new repository's keys: all random, generation one.
+    pub fn new() -> SlotKeys {
+        SlotKeys {
+            records: Key::random(),
+            epochs: Key::random(),
+            generation: Some(ObjectId::random()),
+        }
+    }
+
+    /// The same records key, a new generation with a new epoch-wrapping key.
+    pub fn next_generation(&self) -> SlotKeys {
+        SlotKeys {
+            records: self.records.clone(),
+            epochs: Key::random(),
+            generation: Some(ObjectId::random()),
+        }
+    }
+}
+
+impl Default for SlotKeys {
+    fn default() -> Self {
+        SlotKeys::new()
+    }
+}
+
+/// Who made a key slot (for `kluis key list`).
+#[derive(Debug, Clone)]
+pub struct Creator {
+    pub host: String,
+    /// The operating system user.
+    pub user: Option<String>,
+}
+
+impl Creator {
+    /// This host and process's user.
+    pub fn here() -> Creator {
+        Creator {
+            host: crate::hostname(),
+            user: crate::os_user(),
+        }
+    }
+}
+
 /// The JSON body of a key slot object.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -224,16 +282,23 @@ pub struct KeySlot {
     pub host: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub label: Option<String>,
+    /// The key generation whose keys it wraps (records key and epoch-wrapping key, 64 bytes);
+    /// absent: the one master key of a repository made before key generations (32 bytes).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub generation: Option<ObjectId>,
+    /// The operating system user who made it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user: Option<String>,
 }
 
 impl KeySlot {
-    /// Wraps `master` under `secret` in a new slot.
+    /// Wraps `keys` under `secret` in a new slot.
     pub fn create(
-        master: &Key,
+        keys: &SlotKeys,
         repository: ObjectId,
         secret: &Secret,
         kdf: KdfParams,
-        host: String,
+        creator: Creator,
         label: Option<String>,
     ) -> Result<KeySlot> {
         if let Some(why) = kdf
@@ -251,13 +316,21 @@ impl KeySlot {
             nonce: random_array(),
             wrapped: Vec::new(),
             created: Timestamp::now(),
-            host,
+            host: creator.host,
             label,
+            generation: keys.generation,
+            user: creator.user,
         };
         let kek = slot.key_encryption_key(secret)?;
-        slot.wrapped = kek
-            .cipher()
-            .seal(slot.nonce, &slot.aad(), master.as_bytes());
+        let mut plain = Zeroizing::new(keys.records.as_bytes().to_vec());
+        if keys.generation.is_some() {
+            plain.extend_from_slice(keys.epochs.as_bytes());
+        } else if keys.records != keys.epochs {
+            return Err(Error::invalid(
+                "a slot without a key generation wraps one master key",
+            ));
+        }
+        slot.wrapped = kek.cipher().seal(slot.nonce, &slot.aad(), &plain);
         Ok(slot)
     }
 
@@ -270,6 +343,10 @@ impl KeySlot {
             for v in [k.memory_kib, k.iterations, k.parallelism] {
                 aad.extend_from_slice(&v.to_le_bytes());
             }
+        }
+        if let Some(g) = self.generation {
+            aad.extend_from_slice(b"generation");
+            aad.extend_from_slice(g.as_bytes());
         }
         aad
     }
@@ -312,22 +389,40 @@ impl KeySlot {
         self.kdf.map_or(0, |k| k.cost())
     }
 
-    /// Unwraps the master key, or `None` if `secret` is not this slot's secret.
-    pub fn unwrap_master(&self, secret: &Secret) -> Result<Option<Key>> {
+    /// Unwraps the slot's keys, or `None` if `secret` is not this slot's secret.
+    pub fn unwrap_keys(&self, secret: &Secret) -> Result<Option<SlotKeys>> {
         if secret.kind() != self.kind {
             return Ok(None);
         }
         let kek = self.key_encryption_key(secret)?;
-        match kek.cipher().open(self.nonce, &self.aad(), &self.wrapped) {
-            Ok(bytes) => {
-                let bytes = Zeroizing::new(bytes);
-                let arr: [u8; 32] = bytes[..]
-                    .try_into()
-                    .map_err(|_| Error::corrupt(self.name(), "wrapped key has the wrong length"))?;
-                Ok(Some(Key::from_bytes(arr)))
-            }
-            Err(_) => Ok(None),
+        let Ok(bytes) = kek.cipher().open(self.nonce, &self.aad(), &self.wrapped) else {
+            return Ok(None);
+        };
+        let bytes = Zeroizing::new(bytes);
+        let key = |range: std::ops::Range<usize>| -> Result<Key> {
+            let arr: [u8; 32] = bytes
+                .get(range)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| Error::corrupt(self.name(), "wrapped key has the wrong length"))?;
+            Ok(Key::from_bytes(arr))
+        };
+        let want = if self.generation.is_some() { 64 } else { 32 };
+        if bytes.len() != want {
+            return Err(Error::corrupt(
+                self.name(),
+                "wrapped key has the wrong length",
+            ));
         }
+        let records = key(0..32)?;
+        let epochs = match self.generation {
+            Some(_) => key(32..64)?,
+            None => records.clone(),
+        };
+        Ok(Some(SlotKeys {
+            records,
+            epochs,
+            generation: self.generation,
+        }))
     }
 
     pub fn name(&self) -> String {
@@ -376,24 +471,61 @@ mod tests {
         parallelism: 1,
     };
 
+    fn here() -> Creator {
+        Creator {
+            host: "h".into(),
+            user: Some("someone".into()),
+        }
+    }
+
     #[test]
     fn passphrase_slot_round_trip() {
-        let master = Key::random();
+        let keys = SlotKeys::new();
         let repo = ObjectId::random();
         let secret = Secret::passphrase("correct horse");
-        let slot = KeySlot::create(&master, repo, &secret, FAST, "h".into(), None).unwrap();
+        let slot = KeySlot::create(&keys, repo, &secret, FAST, here(), None).unwrap();
         let decoded = KeySlot::decode(&slot.name(), &slot.encode()).unwrap();
-        assert_eq!(decoded.unwrap_master(&secret).unwrap(), Some(master));
+        assert_eq!(decoded.unwrap_keys(&secret).unwrap(), Some(keys.clone()));
+        assert_eq!(decoded.user.as_deref(), Some("someone"));
         assert_eq!(
-            decoded.unwrap_master(&Secret::passphrase("wrong")).unwrap(),
+            decoded.unwrap_keys(&Secret::passphrase("wrong")).unwrap(),
             None
         );
         assert_eq!(
             decoded
-                .unwrap_master(&Secret::KeyFile(Key::random()))
+                .unwrap_keys(&Secret::KeyFile(Key::random()))
                 .unwrap(),
             None
         );
+        // The generation is bound to the wrapped keys: a slot that claims another one opens
+        // nothing.
+        let mut moved = decoded.clone();
+        moved.generation = Some(ObjectId::random());
+        assert_eq!(moved.unwrap_keys(&secret).unwrap(), None);
+        let mut legacy = decoded;
+        legacy.generation = None;
+        assert_eq!(legacy.unwrap_keys(&secret).unwrap(), None);
+    }
+
+    #[test]
+    fn a_slot_made_before_key_generations_holds_one_master_key() {
+        let master = Key::random();
+        let keys = SlotKeys {
+            records: master.clone(),
+            epochs: master.clone(),
+            generation: None,
+        };
+        let secret = Secret::passphrase("p");
+        let slot = KeySlot::create(&keys, ObjectId::random(), &secret, FAST, here(), None).unwrap();
+        assert_eq!(slot.wrapped.len(), 32 + 16);
+        let got = slot.unwrap_keys(&secret).unwrap().unwrap();
+        assert_eq!(
+            (got.records, got.epochs, got.generation),
+            (master.clone(), master, None)
+        );
+        let next = keys.next_generation();
+        assert_eq!(next.records, keys.records);
+        assert!(next.epochs != keys.epochs && next.generation.is_some());
     }
 
     #[test]
@@ -406,10 +538,9 @@ mod tests {
             "never overwrites a key file"
         );
         let secret = Secret::from_key_file(&path).unwrap();
-        let master = Key::random();
-        let slot =
-            KeySlot::create(&master, ObjectId::random(), &secret, FAST, "h".into(), None).unwrap();
-        assert_eq!(slot.unwrap_master(&secret).unwrap(), Some(master));
+        let keys = SlotKeys::new();
+        let slot = KeySlot::create(&keys, ObjectId::random(), &secret, FAST, here(), None).unwrap();
+        assert_eq!(slot.unwrap_keys(&secret).unwrap(), Some(keys));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(matches!(
             Secret::from_key_file(&path),
@@ -431,11 +562,11 @@ mod tests {
     #[test]
     fn corruption_is_named_not_mistaken_for_a_wrong_password() {
         let slot = KeySlot::create(
-            &Key::random(),
+            &SlotKeys::new(),
             ObjectId::random(),
             &Secret::passphrase("p"),
             FAST,
-            "h".into(),
+            here(),
             None,
         )
         .unwrap();

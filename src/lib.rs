@@ -4,7 +4,8 @@
 //! - [`store`]: where objects live (local directory, S3-compatible bucket, memory).
 //! - [`object`]: object names, the common header, sealing of small objects.
 //! - [`crypto`], [`keys`]: AES-256-GCM, HKDF, keyed hashes; key slots and secrets;
-//!   [`secrets`]: where each secret comes from (files, variables, systemd credentials).
+//!   [`secrets`]: where each secret comes from (files, variables, systemd credentials);
+//!   [`keyring`]: key rotation and a slot's new secret.
 //! - [`repository`]: config, epoch keys, typed access to snapshots, index and blobs.
 //! - [`chunker`], [`pack`], [`index`], [`tree`], [`snapshot`]: the repository format
 //!   (docs/FORMAT.md).
@@ -47,6 +48,7 @@ pub mod forget;
 pub mod id;
 pub mod index;
 pub mod jobs;
+pub mod keyring;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;
@@ -77,6 +79,23 @@ pub fn private_files() {
 }
 
 /// This host's name, as recorded in snapshots and key slots.
+/// The operating system user this process runs as: its name from `/etc/passwd`, else
+/// `uid N` (for key slots and audit records).
+pub fn os_user() -> Option<String> {
+    let uid = rustix::process::geteuid().as_raw();
+    let named = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                let mut f = line.split(':');
+                let name = f.next()?;
+                let id: u32 = f.nth(1)?.parse().ok()?;
+                (id == uid && !name.is_empty()).then(|| name.to_string())
+            })
+        });
+    Some(named.unwrap_or_else(|| format!("uid {uid}")))
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))

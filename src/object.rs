@@ -226,6 +226,19 @@ impl Epoch {
     }
 }
 
+impl serde::Serialize for Epoch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Epoch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Epoch, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Epoch::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not YYYY-MM")))
+    }
+}
+
 impl fmt::Display for Epoch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:04}-{:02}", self.year, self.month)
@@ -272,8 +285,24 @@ pub mod name {
         format!("{KEYS}/{id}")
     }
 
-    pub fn epoch_key(epoch: Epoch, id: &ObjectId) -> String {
-        format!("{EPOCHS}/{epoch}/{id}")
+    /// `epochs/EPOCH/ID` (a repository made before key generations), or `epochs/EPOCH/ID.GEN`:
+    /// epoch key `ID` wrapped by key generation `GEN`.
+    pub fn epoch_key(epoch: Epoch, id: &ObjectId, generation: Option<&ObjectId>) -> String {
+        match generation {
+            Some(g) => format!("{EPOCHS}/{epoch}/{id}.{g}"),
+            None => format!("{EPOCHS}/{epoch}/{id}"),
+        }
+    }
+
+    /// Splits an epoch key object's name into its epoch, key id and key generation.
+    pub fn parse_epoch_key(name: &str) -> Option<(Epoch, ObjectId, Option<ObjectId>)> {
+        let rest = name.strip_prefix(EPOCHS)?.strip_prefix('/')?;
+        let (epoch, last) = rest.split_once('/')?;
+        let epoch = Epoch::parse(epoch)?;
+        match last.split_once('.') {
+            Some((id, g)) => Some((epoch, id.parse().ok()?, Some(g.parse().ok()?))),
+            None => Some((epoch, last.parse().ok()?, None)),
+        }
     }
 
     pub fn pack(epoch: Epoch, id: &ObjectId) -> String {

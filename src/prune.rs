@@ -25,7 +25,7 @@
 //! renewed; no host's wall clock decides what is deleted. Every listing error aborts; an
 //! unreadable snapshot or index segment aborts, because prune would not know what it needs.
 
-mod lease;
+pub(crate) mod lease;
 mod records;
 mod repack;
 mod run;

@@ -16,7 +16,7 @@ use crate::crypto::{ChunkHasher, Key, random_array};
 use crate::error::{Error, Result};
 use crate::id::{BlobId, ObjectId};
 use crate::index::{Index, IndexSegment};
-use crate::keys::{KdfParams, KeySlot, Secret};
+use crate::keys::{KdfParams, KeySlot, Secret, SlotKeys};
 use crate::object::{self, Epoch, Header, Kind, name};
 use crate::pack::{self, BlobEntry};
 use crate::snapshot::Snapshot;
@@ -111,7 +111,9 @@ impl Default for InitOptions {
 pub struct Repository {
     store: Store,
     config: RepoConfig,
-    master: Key,
+    /// What the slot that opened it unlocks: the records key, this key generation's
+    /// epoch-wrapping key.
+    keys: SlotKeys,
     slot_id: ObjectId,
     epoch_keys: Mutex<HashMap<(Epoch, ObjectId), Arc<EpochKey>>>,
 }
@@ -182,15 +184,19 @@ impl Repository {
             pack_size: opts.pack_size,
             epoch: "month".into(),
         };
-        let master = Key::random();
-        let slot = KeySlot::create(&master, config.id, secret, opts.kdf, opts.host, None)?;
+        let keys = SlotKeys::new();
+        let creator = crate::keys::Creator {
+            host: opts.host,
+            user: crate::os_user(),
+        };
+        let slot = KeySlot::create(&keys, config.id, secret, opts.kdf, creator, None)?;
         store.put(&slot.name(), Bytes::from(slot.encode())).await?;
         let sealed = object::seal(
             Header {
                 kind: Kind::Config,
                 key_id: ObjectId::default(),
             },
-            &master,
+            &keys.records,
             &config.id,
             name::CONFIG,
             &serde_json::to_vec(&config).expect("config serializes"),
@@ -200,7 +206,7 @@ impl Repository {
         Ok(Repository {
             store,
             config,
-            master,
+            keys,
             slot_id: slot.id,
             epoch_keys: Mutex::default(),
         })
@@ -235,9 +241,9 @@ impl Repository {
             match slot {
                 // A bad slot (parameters out of bounds, kind and parameters disagreeing) is
                 // reported if nothing opens, and never stops the slots after it.
-                Ok(slot) => match slot.unwrap_master(secret) {
-                    Ok(Some(master)) => {
-                        unlocked = Some((master, slot.id, slot.repository));
+                Ok(slot) => match slot.unwrap_keys(secret) {
+                    Ok(Some(keys)) => {
+                        unlocked = Some((keys, slot.id, slot.repository));
                         break;
                     }
                     Ok(None) => {}
@@ -250,7 +256,7 @@ impl Repository {
                 }
             }
         }
-        let Some((master, slot_id, repo_id)) = unlocked else {
+        let Some((keys, slot_id, repo_id)) = unlocked else {
             if let Some(detail) = corrupt {
                 return Err(Error::corrupt(
                     name::KEYS,
@@ -262,7 +268,7 @@ impl Repository {
                 slots: slots.len(),
             });
         };
-        let plain = object::open(header, &master, &repo_id, name::CONFIG, &config_bytes)?;
+        let plain = object::open(header, &keys.records, &repo_id, name::CONFIG, &config_bytes)?;
         let value: serde_json::Value = serde_json::from_slice(&plain)
             .map_err(|e| Error::corrupt(name::CONFIG, format!("config does not parse: {e}")))?;
         let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
@@ -288,7 +294,7 @@ impl Repository {
         Ok(Repository {
             store,
             config,
-            master,
+            keys,
             slot_id,
             epoch_keys: Mutex::default(),
         })
@@ -343,7 +349,7 @@ impl Repository {
                 kind,
                 key_id: ObjectId::default(),
             },
-            &self.master,
+            &self.keys.records,
             &self.config.id,
             object,
             plaintext,
@@ -354,7 +360,7 @@ impl Repository {
     pub async fn open_master(&self, kind: Kind, object: &str) -> Result<Vec<u8>> {
         let bytes = self.store.get_bounded(object, self.max_len(kind)).await?;
         let header = Header::decode(object, &bytes, kind)?;
-        object::open(header, &self.master, &self.config.id, object, &bytes)
+        object::open(header, &self.keys.records, &self.config.id, object, &bytes)
     }
 
     /// Reads and opens an epoch-scoped object.
@@ -384,7 +390,7 @@ impl Repository {
                     object,
                     format!(
                         "its epoch key {} is missing (erased epoch?)",
-                        name::epoch_key(epoch, &header.key_id)
+                        name::epoch_key(epoch, &header.key_id, self.keys.generation.as_ref())
                     ),
                 ),
                 e => e,

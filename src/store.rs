@@ -43,6 +43,32 @@ pub struct ObjectInfo {
     pub modified: jiff::Timestamp,
 }
 
+/// Debug builds (the test suite) only: with `KLUIS_TEST_CRASH_AFTER_WRITES=N`, the process
+/// aborts right after its N-th completed write or delete to any store: stopped as a SIGKILL
+/// would stop it (nothing cleaned up), so a test can cut a multi-object operation (a key
+/// rotation, an erasure) after every one of its steps in turn, not only where a timed kill
+/// happens to land.
+#[cfg(debug_assertions)]
+fn crash_point() {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    static DONE: AtomicU64 = AtomicU64::new(0);
+    let limit = LIMIT.get_or_init(|| {
+        std::env::var("KLUIS_TEST_CRASH_AFTER_WRITES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(limit) = limit {
+        if DONE.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn crash_point() {}
+
 /// A repository's storage location.
 #[derive(Clone)]
 pub struct Store {
@@ -168,7 +194,7 @@ impl Store {
         self.inner
             .put(&Self::path(name), payload)
             .await
-            .map(|_| ())
+            .map(|_| crash_point())
             .map_err(|e| store_error("write", name, e))
     }
 
@@ -375,7 +401,10 @@ impl Store {
         let mut attempt = 1;
         loop {
             match self.inner.delete(&Self::path(name)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                    crash_point();
+                    return Ok(());
+                }
                 Err(_) if attempt < DELETE_ATTEMPTS => {
                     tokio::time::sleep(wait).await;
                     wait *= 2;

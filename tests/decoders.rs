@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kluis::crypto::Key;
 use kluis::id::{BlobId, ObjectId};
 use kluis::index::{IndexSegment, IndexedPack};
-use kluis::keys::{KdfParams, KeySlot, Secret};
+use kluis::keys::{Creator, KdfParams, KeySlot, Secret, SlotKeys};
 use kluis::object::{Epoch, Kind};
 use kluis::pack::{self, BlobEntry, BlobKind, Compression, PackWriter};
 use kluis::tree::{self, NameBytes, Node, NodeType, Tree};
@@ -194,7 +194,11 @@ fn no_decoder_panics_or_over_allocates_on_random_and_mutated_input() {
     ));
 
     // Key slots: checked by an unkeyed checksum only, so anyone can write a valid one.
-    let master = Key::random();
+    let keys = SlotKeys::new();
+    let creator = || Creator {
+        host: "h".into(),
+        user: Some("u".into()),
+    };
     let repo_id = ObjectId::random();
     let fast = KdfParams {
         memory_kib: 64,
@@ -203,21 +207,21 @@ fn no_decoder_panics_or_over_allocates_on_random_and_mutated_input() {
     };
     let slots = vec![
         KeySlot::create(
-            &master,
+            &keys,
             repo_id,
             &Secret::passphrase("pw"),
             fast,
-            "h".into(),
+            creator(),
             None,
         )
         .unwrap()
         .encode(),
         KeySlot::create(
-            &master,
+            &keys,
             repo_id,
             &Secret::KeyFile(Key::random()),
             fast,
-            "h".into(),
+            creator(),
             Some("label".into()),
         )
         .unwrap()
@@ -229,7 +233,7 @@ fn no_decoder_panics_or_over_allocates_on_random_and_mutated_input() {
             if let Ok(slot) = KeySlot::decode("keys/x", b) {
                 // A slot that decodes is tried: bounded parameters, no panic.
                 if slot.kdf.is_some_and(|k| k.cost() <= 64 * 4) {
-                    let _ = slot.unwrap_master(&Secret::passphrase("pw"));
+                    let _ = slot.unwrap_keys(&Secret::passphrase("pw"));
                 }
             }
         }),

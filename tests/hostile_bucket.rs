@@ -54,7 +54,16 @@ fn junk_among_the_epoch_keys_does_not_stop_backups() {
     let repo = Repo::init_file(&[]);
     let a = dump_like(1, 200_000);
     let a_id = repo.backup_stdin("a", &a);
-    let junk = epoch_dir(&repo, "epochs").join("00000000000000000000000000000000");
+    // Named like a key of the key generation in use (`<id>.<generation>`).
+    let dir = epoch_dir(&repo, "epochs");
+    let key = fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let generation = key.to_str().unwrap().split_once('.').unwrap().1.to_string();
+    let junk = dir.join(format!("00000000000000000000000000000000.{generation}"));
     fs::write(&junk, b"planted").unwrap();
     let b = dump_like(2, 200_000);
     let out = repo.run_stdin(&["backup", "--stdin", "--name", "b", "--json"], &b);

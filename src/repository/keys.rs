@@ -1,4 +1,5 @@
-//! Keys: each epoch's data keys (wrapped by the master key, cached) and the key slots that hold the master key.
+//! Keys: each epoch's data keys (wrapped by the key generation's epoch-wrapping key, cached),
+//! the key slots that hold the repository's keys, and their rotation.
 
 use super::*;
 
@@ -41,8 +42,31 @@ pub struct KeySlotInfo {
     pub kind: crate::keys::SlotKind,
     pub created: Timestamp,
     pub host: String,
+    /// The operating system user who made it (absent in slots made before it was recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     pub label: Option<String>,
+    /// The key generation it holds (absent: a repository made before key generations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<ObjectId>,
+    /// Whether it opened this command's repository.
     pub current: bool,
+}
+
+impl KeySlotInfo {
+    /// A slot as listed; `current`: the slot in use.
+    pub fn of(s: &KeySlot, current: ObjectId) -> KeySlotInfo {
+        KeySlotInfo {
+            id: s.id,
+            kind: s.kind,
+            created: s.created,
+            host: s.host.clone(),
+            user: s.user.clone(),
+            label: s.label.clone(),
+            generation: s.generation,
+            current: s.id == current,
+        }
+    }
 }
 
 impl Repository {
@@ -56,7 +80,7 @@ impl Repository {
         {
             return Ok(k.clone());
         }
-        let object = name::epoch_key(epoch, &key_id);
+        let object = name::epoch_key(epoch, &key_id, self.keys.generation.as_ref());
         let bytes = self
             .store
             .get_bounded(&object, Kind::EpochKey.max_len())
@@ -70,7 +94,7 @@ impl Repository {
         }
         let plain = zeroize::Zeroizing::new(object::open(
             header,
-            &self.master,
+            &self.keys.epochs,
             &self.config.id,
             &object,
             &bytes,
@@ -98,18 +122,17 @@ impl Repository {
         }
         let id = ObjectId::random();
         let key = Key::random();
-        let object = name::epoch_key(epoch, &id);
-        let sealed = object::seal(
-            Header {
-                kind: Kind::EpochKey,
-                key_id: id,
-            },
-            &self.master,
-            &self.config.id,
-            &object,
-            key.as_bytes(),
-        );
-        self.store.put(&object, Bytes::from(sealed)).await?;
+        let object = self.put_epoch_key(epoch, id, &key).await?;
+        // A rotation that removed this generation's slots before this key was written has
+        // not wrapped it into the next generation: the key would be lost with this one.
+        if !self.generation_alive().await? {
+            let _ = self.store.delete(&object).await;
+            return Err(Error::Conflict(
+                "the repository's keys were rotated while this command ran (its key generation \
+                 is gone); run it again"
+                    .into(),
+            ));
+        }
         let chosen = match self.first_key(&prefix, epoch, &mut Vec::new()).await? {
             Some(k) => k,
             None => self.epoch_key(epoch, id).await?,
@@ -137,6 +160,22 @@ impl Repository {
         Ok(None)
     }
 
+    /// Seals `key` as epoch key `id` of `epoch` under this generation; returns its name.
+    async fn put_epoch_key(&self, epoch: Epoch, id: ObjectId, key: &Key) -> Result<String> {
+        self.put_epoch_key_for(&self.keys, epoch, id, key).await
+    }
+
+    /// Whether some key slot still holds this repository's key generation.
+    async fn generation_alive(&self) -> Result<bool> {
+        Ok(load_slots(&self.store)
+            .await?
+            .iter()
+            .flatten()
+            .any(|s| s.generation == self.keys.generation))
+    }
+
+    /// The ids of `epoch`'s keys of this key generation (names that do not parse are left to
+    /// `check`).
     async fn epoch_key_ids(&self, prefix: &str, epoch: Epoch) -> Result<Vec<ObjectId>> {
         let mut ids: Vec<ObjectId> = self
             .store
@@ -144,8 +183,8 @@ impl Repository {
             .await?
             .into_iter()
             .filter_map(|o| {
-                let (e, id) = name::parse_epoch_object(name::EPOCHS, &o.name)?;
-                (e == epoch).then_some(id)
+                let (e, id, g) = name::parse_epoch_key(&o.name)?;
+                (e == epoch && g == self.keys.generation).then_some(id)
             })
             .collect();
         ids.sort();
@@ -154,38 +193,106 @@ impl Repository {
 
     /// Key slots, for `kluis key list`.
     pub async fn key_slots(&self) -> Result<(Vec<KeySlotInfo>, Vec<Error>)> {
-        let mut infos = Vec::new();
-        let mut errors = Vec::new();
-        for slot in load_slots(&self.store).await? {
-            match slot {
-                Ok(s) => infos.push(KeySlotInfo {
-                    id: s.id,
-                    kind: s.kind,
-                    created: s.created,
-                    host: s.host,
-                    label: s.label,
-                    current: s.id == self.slot_id,
-                }),
-                Err(e) => errors.push(e),
-            }
-        }
+        let (slots, errors) = self.slots().await?;
+        let mut infos: Vec<KeySlotInfo> = slots
+            .iter()
+            .map(|s| KeySlotInfo::of(s, self.slot_id))
+            .collect();
         infos.sort_by_key(|i| i.created);
         Ok((infos, errors))
     }
 
-    /// Adds a key slot for `secret`.
+    /// Every key slot that decodes, and the errors of those that do not.
+    pub async fn slots(&self) -> Result<(Vec<KeySlot>, Vec<Error>)> {
+        let mut slots = Vec::new();
+        let mut errors = Vec::new();
+        for slot in load_slots(&self.store).await? {
+            match slot {
+                Ok(s) => slots.push(s),
+                Err(e) => errors.push(e),
+            }
+        }
+        Ok((slots, errors))
+    }
+
+    /// The slot this repository was opened with.
+    pub fn slot_id(&self) -> ObjectId {
+        self.slot_id
+    }
+
+    /// The key generation this repository was opened with (`None`: made before key
+    /// generations).
+    pub fn generation(&self) -> Option<ObjectId> {
+        self.keys.generation
+    }
+
+    /// Adds a key slot for `secret`, holding the keys this repository was opened with.
     pub async fn add_key(
         &self,
         secret: &Secret,
         kdf: KdfParams,
-        host: String,
+        creator: crate::keys::Creator,
         label: Option<String>,
     ) -> Result<ObjectId> {
-        let slot = KeySlot::create(&self.master, self.config.id, secret, kdf, host, label)?;
+        Ok(self
+            .put_slot(&self.keys, secret, kdf, creator, label)
+            .await?
+            .id)
+    }
+
+    /// Writes a slot for `secret` holding `keys`.
+    pub(crate) async fn put_slot(
+        &self,
+        keys: &SlotKeys,
+        secret: &Secret,
+        kdf: KdfParams,
+        creator: crate::keys::Creator,
+        label: Option<String>,
+    ) -> Result<KeySlot> {
+        let slot = KeySlot::create(keys, self.config.id, secret, kdf, creator, label)?;
         self.store
             .put(&slot.name(), Bytes::from(slot.encode()))
             .await?;
-        Ok(slot.id)
+        Ok(slot)
+    }
+
+    /// This repository's keys (for a rotation).
+    pub(crate) fn slot_keys(&self) -> &SlotKeys {
+        &self.keys
+    }
+
+    /// The same repository, opened with other keys (after a rotation).
+    pub(crate) fn with_keys(self, keys: SlotKeys, slot_id: ObjectId) -> Repository {
+        Repository {
+            keys,
+            slot_id,
+            epoch_keys: Mutex::default(),
+            ..self
+        }
+    }
+
+    /// Seals epoch key `id` of `epoch` under another key generation's `keys`; returns its
+    /// object's name.
+    pub(crate) async fn put_epoch_key_for(
+        &self,
+        keys: &SlotKeys,
+        epoch: Epoch,
+        id: ObjectId,
+        key: &Key,
+    ) -> Result<String> {
+        let object = name::epoch_key(epoch, &id, keys.generation.as_ref());
+        let sealed = object::seal(
+            Header {
+                kind: Kind::EpochKey,
+                key_id: id,
+            },
+            &keys.epochs,
+            &self.config.id,
+            &object,
+            key.as_bytes(),
+        );
+        self.store.put(&object, Bytes::from(sealed)).await?;
+        Ok(object)
     }
 
     /// Removes a key slot; refuses the one in use, so the operator cannot lock themselves out.

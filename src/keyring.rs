@@ -1,0 +1,209 @@
+//! Key management that changes more than one object: changing a slot's secret (`kluis key
+//! passwd`) and rotating the key generation (`kluis key rotate`).
+//!
+//! A key generation is an epoch-wrapping key and the slots that hold it (docs/FORMAT.md §3.4).
+//! A rotation makes a new one: every epoch key of the old generation is wrapped again under
+//! the new key (`epochs/E/K.NEW`), a slot of the new generation is written for each secret
+//! given, then every slot of the old generation is deleted, then every epoch key object of the
+//! old generation. No data is re-encrypted or uploaded again. Each step is idempotent and the
+//! order keeps a repository that some key opens at every point: until the old slots are gone
+//! the old generation is whole; from then on the new one is. A backup that creates the first
+//! key of a month while a rotation runs either has it carried over (the rotation lists the old
+//! generation's keys again after deleting its slots) or sees its generation gone and fails
+//! before it writes data under it ([`Repository::write_key`]).
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::id::ObjectId;
+use crate::keys::{Creator, KdfParams, Secret, SlotKeys};
+use crate::object::{Epoch, name};
+use crate::prune::lease::{LEASE_TTL, LeaseGuard};
+use crate::repository::{KeySlotInfo, Repository};
+
+/// A secret that gets a slot of the new generation.
+pub struct NewSlot {
+    pub secret: Secret,
+    pub kdf: KdfParams,
+    pub label: Option<String>,
+}
+
+/// What to rotate.
+pub struct RotateOptions {
+    /// The secrets that get a slot of the new generation. Every other slot is removed: its
+    /// secret cannot be carried over without being known.
+    pub slots: Vec<NewSlot>,
+    /// Epochs whose keys are not carried into the new generation: they are destroyed with the
+    /// old one (erasure).
+    pub destroy: BTreeSet<Epoch>,
+    pub creator: Creator,
+}
+
+/// What a rotation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RotateReport {
+    /// The new key generation.
+    pub generation: ObjectId,
+    /// The generation it replaced (absent: the master key of a repository made before key
+    /// generations).
+    pub previous: Option<ObjectId>,
+    /// Epoch keys wrapped again under the new generation.
+    pub epoch_keys: usize,
+    /// Epoch keys destroyed (not carried over), by epoch.
+    pub destroyed: Vec<(Epoch, ObjectId)>,
+    /// The slots written, in the order of the secrets given.
+    pub slots: Vec<ObjectId>,
+    /// The slots removed, the one in use among them.
+    pub removed_slots: Vec<KeySlotInfo>,
+    /// Epoch key objects deleted (of the old generation, and any older one an interrupted
+    /// rotation left).
+    pub deleted_objects: usize,
+    /// Epoch key objects of the old generation that could not be read: not carried over.
+    pub warnings: Vec<String>,
+}
+
+/// Rotates the key generation of `repo` (see the module's documentation); returns the
+/// repository opened with the first new slot, and the report.
+pub async fn rotate(repo: Repository, opts: RotateOptions) -> Result<(Repository, RotateReport)> {
+    if opts.slots.is_empty() {
+        return Err(Error::invalid(
+            "a rotation needs at least one secret for the new generation",
+        ));
+    }
+    let lease = LeaseGuard::acquire(&repo, &opts.creator.host, LEASE_TTL).await?;
+    let result = lease.hold(rotate_held(&repo, &opts, &lease)).await;
+    let released = lease.release().await;
+    let (keys, slot, report) = result?;
+    released?;
+    Ok((repo.with_keys(keys, slot), report))
+}
+
+async fn rotate_held(
+    repo: &Repository,
+    opts: &RotateOptions,
+    lease: &LeaseGuard<'_>,
+) -> Result<(SlotKeys, ObjectId, RotateReport)> {
+    let old = repo.slot_keys().clone();
+    let new = old.next_generation();
+    let new_gen = new.generation.expect("a new generation has an id");
+    let mut report = RotateReport {
+        generation: new_gen,
+        previous: old.generation,
+        epoch_keys: 0,
+        destroyed: Vec::new(),
+        slots: Vec::new(),
+        removed_slots: Vec::new(),
+        deleted_objects: 0,
+        warnings: Vec::new(),
+    };
+    // 1. Every epoch key of the old generation, wrapped under the new one.
+    let mut carried = BTreeSet::new();
+    carry_over(repo, opts, &new, &mut carried, &mut report).await?;
+    // 2. The new generation's slots.
+    lease.check().await?;
+    for s in &opts.slots {
+        let slot = repo
+            .put_slot(
+                &new,
+                &s.secret,
+                s.kdf,
+                opts.creator.clone(),
+                s.label.clone(),
+            )
+            .await?;
+        report.slots.push(slot.id);
+    }
+    // 3. Every other slot: from here on only the new generation opens the repository.
+    lease.check().await?;
+    let (slots, _) = repo.slots().await?;
+    for s in slots.iter().filter(|s| s.generation != Some(new_gen)) {
+        repo.store().delete(&s.name()).await?;
+        report
+            .removed_slots
+            .push(KeySlotInfo::of(s, repo.slot_id()));
+    }
+    // 4. A key a backup created meanwhile under the old generation.
+    carry_over(repo, opts, &new, &mut carried, &mut report).await?;
+    // 5. The old generations' epoch key objects.
+    for o in repo.store().list(name::EPOCHS).await? {
+        match name::parse_epoch_key(&o.name) {
+            Some((_, _, g)) if g == Some(new_gen) => {}
+            Some(_) => {
+                repo.store().delete(&o.name).await?;
+                report.deleted_objects += 1;
+            }
+            None => report
+                .warnings
+                .push(format!("{}: not an epoch key name; left as it is", o.name)),
+        }
+    }
+    let first = report.slots[0];
+    Ok((new, first, report))
+}
+
+/// Wraps every epoch key of `repo`'s generation not yet in `carried` under `new` (those of
+/// `opts.destroy` excepted: they are listed as destroyed).
+async fn carry_over(
+    repo: &Repository,
+    opts: &RotateOptions,
+    new: &SlotKeys,
+    carried: &mut BTreeSet<(Epoch, ObjectId)>,
+    report: &mut RotateReport,
+) -> Result<()> {
+    let mut found = Vec::new();
+    for o in repo.store().list(name::EPOCHS).await? {
+        if let Some((epoch, id, g)) = name::parse_epoch_key(&o.name) {
+            if g == repo.generation() && !carried.contains(&(epoch, id)) {
+                found.push((epoch, id));
+            }
+        }
+    }
+    found.sort();
+    for (epoch, id) in found {
+        carried.insert((epoch, id));
+        if opts.destroy.contains(&epoch) {
+            report.destroyed.push((epoch, id));
+            continue;
+        }
+        match repo.epoch_key(epoch, id).await {
+            Ok(key) => {
+                repo.put_epoch_key_for(new, epoch, id, key.key()).await?;
+                report.epoch_keys += 1;
+            }
+            Err(e @ Error::Corrupt { .. }) => report
+                .warnings
+                .push(format!("{e}: not carried over (it opened nothing)")),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Changes the secret of the slot `repo` was opened with (`kluis key passwd`): a slot for
+/// `new` holding the same keys, with the same label, then the old slot deleted. Killed between
+/// the two, both secrets open the repository. Returns the new slot's id.
+pub async fn change_secret(repo: &Repository, new: &Secret, kdf: KdfParams) -> Result<ObjectId> {
+    let (slots, _) = repo.slots().await?;
+    let old = slots
+        .iter()
+        .find(|s| s.id == repo.slot_id())
+        .ok_or_else(|| {
+            Error::Conflict(format!(
+                "key slot {} that opened the repository is gone",
+                repo.slot_id().short()
+            ))
+        })?;
+    let slot = repo
+        .put_slot(
+            repo.slot_keys(),
+            new,
+            kdf,
+            Creator::here(),
+            old.label.clone(),
+        )
+        .await?;
+    repo.store().delete(&old.name()).await?;
+    Ok(slot.id)
+}
