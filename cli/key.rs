@@ -191,6 +191,7 @@ pub(crate) async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
                     .collect(),
                 destroy: Default::default(),
                 creator: Creator::here(),
+                next: None,
             };
             let (_, report) = keyring::rotate(repo, opts).await?;
             if json {

@@ -8,6 +8,7 @@ mod config;
 mod copy;
 mod databases;
 mod drill;
+mod erase;
 mod forget;
 mod output;
 mod prune;
@@ -105,6 +106,9 @@ enum Command {
     Forget(forget::ForgetArgs),
     /// Delete data no snapshot needs, in two phases: mark now, delete after a grace period
     Prune(prune::PruneCommand),
+    /// Erase every snapshot before a date: destroy the keys of the months wholly before it,
+    /// delete the rest; the report for an auditor
+    Erase(erase::EraseArgs),
     /// Retention reports for auditors
     #[command(subcommand)]
     Retention(retention::RetentionCommand),
@@ -440,6 +444,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
         Command::Status(a) => status::run(a).await,
         Command::Forget(a) => forget::run(g, a, cancel).await,
         Command::Prune(a) => prune::run(g, a, cancel).await,
+        Command::Erase(a) => erase::run(g, a, cancel).await,
         Command::Retention(c) => retention::run(c).await,
         Command::Copy(a) => copy::run(g, a, cancel).await,
         Command::Drill(c) => drill::run(c, cancel).await,

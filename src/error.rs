@@ -124,6 +124,11 @@ pub enum Error {
     #[error("{0}")]
     Conflict(String),
 
+    /// The key that opened this object was destroyed by `kluis erase`: on purpose, the data
+    /// cannot be recovered. The message names the object, the epoch and the erasure.
+    #[error("{0}")]
+    KeyDestroyed(String),
+
     #[error("check found {0} problem(s) in the repository")]
     CheckFailed(usize),
 

@@ -39,6 +39,8 @@ pub struct RotateOptions {
     /// old one (erasure).
     pub destroy: BTreeSet<Epoch>,
     pub creator: Creator,
+    /// The new generation's keys (default: made here).
+    pub next: Option<SlotKeys>,
 }
 
 /// What a rotation did.
@@ -73,20 +75,30 @@ pub async fn rotate(repo: Repository, opts: RotateOptions) -> Result<(Repository
         ));
     }
     let lease = LeaseGuard::acquire(&repo, &opts.creator.host, LEASE_TTL).await?;
-    let result = lease.hold(rotate_held(&repo, &opts, &lease)).await;
+    let result = lease.hold(rotate_under(&repo, &opts, &lease)).await;
     let released = lease.release().await;
     let (keys, slot, report) = result?;
     released?;
     Ok((repo.with_keys(keys, slot), report))
 }
 
-async fn rotate_held(
+/// The rotation's steps, under `lease` (held by the caller); returns the new keys and the id
+/// of the first new slot.
+pub(crate) async fn rotate_under(
     repo: &Repository,
     opts: &RotateOptions,
     lease: &LeaseGuard<'_>,
 ) -> Result<(SlotKeys, ObjectId, RotateReport)> {
+    if opts.slots.is_empty() {
+        return Err(Error::invalid(
+            "a rotation needs at least one secret for the new generation",
+        ));
+    }
     let old = repo.slot_keys().clone();
-    let new = old.next_generation();
+    let new = match &opts.next {
+        Some(keys) => keys.clone(),
+        None => old.next_generation(),
+    };
     let new_gen = new.generation.expect("a new generation has an id");
     let mut report = RotateReport {
         generation: new_gen,

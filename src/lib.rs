@@ -43,6 +43,7 @@ pub mod config;
 pub mod copy;
 pub mod crypto;
 pub mod drill;
+pub mod erase;
 pub mod error;
 pub mod forget;
 pub mod id;

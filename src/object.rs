@@ -35,6 +35,8 @@ pub enum Kind {
     Drill = 8,
     /// A forget record (`forgotten/<id>`): manifests removed on purpose (see `crate::ledger`).
     Forgotten = 9,
+    /// An erasure record (`erasures/<id>`): what `kluis erase` destroyed and deleted.
+    Erasure = 10,
 }
 
 impl Kind {
@@ -49,6 +51,7 @@ impl Kind {
             7 => Kind::Prune,
             8 => Kind::Drill,
             9 => Kind::Forgotten,
+            10 => Kind::Erasure,
             _ => return None,
         })
     }
@@ -71,6 +74,8 @@ impl Kind {
             Kind::Drill => 16 << 20,
             // About a million forgotten snapshots' names.
             Kind::Forgotten => 64 << 20,
+            // About 200,000 erased snapshots.
+            Kind::Erasure => 64 << 20,
         }
     }
 
@@ -85,6 +90,7 @@ impl Kind {
             Kind::Prune => b"prune",
             Kind::Drill => b"drill",
             Kind::Forgotten => b"forgotten",
+            Kind::Erasure => b"erasure",
         }
     }
 }
@@ -215,6 +221,25 @@ impl Epoch {
         }
     }
 
+    /// The first instant of this month (UTC).
+    pub fn start(self) -> Timestamp {
+        jiff::civil::date(self.year as i16, self.month as i8, 1)
+            .at(0, 0, 0, 0)
+            .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+            .map(|z| z.timestamp())
+            .unwrap_or(Timestamp::MAX)
+    }
+
+    /// The first instant of the next month (UTC): every time of this epoch is before it.
+    pub fn end(self) -> Timestamp {
+        let (year, month) = if self.month == 12 {
+            (self.year + 1, 1)
+        } else {
+            (self.year, self.month + 1)
+        };
+        Epoch { year, month }.start()
+    }
+
     pub fn parse(s: &str) -> Option<Epoch> {
         let (y, m) = s.split_once('-')?;
         if y.len() != 4 || m.len() != 2 {
@@ -271,6 +296,8 @@ pub mod name {
     pub const DRILLS: &str = "drills";
     /// Forget records: `forgotten/<id>`.
     pub const FORGOTTEN: &str = "forgotten";
+    /// Erasure records: `erasures/<id>`.
+    pub const ERASURES: &str = "erasures";
 
     /// `prune/marks/<id>` and friends: repository-wide objects named by a random id.
     pub fn prune_object(prefix: &str, id: &ObjectId) -> String {

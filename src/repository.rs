@@ -22,8 +22,10 @@ use crate::pack::{self, BlobEntry};
 use crate::snapshot::Snapshot;
 use crate::store::Store;
 
+mod erasures;
 mod keys;
 
+pub use erasures::{DestroyedEpoch, ErasedSnapshot, ErasureRecord};
 pub use keys::{EpochKey, KeySlotInfo};
 
 mod records;

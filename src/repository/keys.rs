@@ -81,10 +81,20 @@ impl Repository {
             return Ok(k.clone());
         }
         let object = name::epoch_key(epoch, &key_id, self.keys.generation.as_ref());
-        let bytes = self
+        let bytes = match self
             .store
             .get_bounded(&object, Kind::EpochKey.max_len())
-            .await?;
+            .await
+        {
+            // Destroyed on purpose, or missing: the error says which.
+            Err(e @ Error::MissingObject { .. }) => {
+                return Err(match self.destroyed_by(epoch).await {
+                    Some(erasure) => super::erasures::destroyed(&object, epoch, &erasure),
+                    None => e,
+                });
+            }
+            other => other?,
+        };
         let header = Header::decode(&object, &bytes, Kind::EpochKey)?;
         if header.key_id != key_id {
             return Err(Error::corrupt(
