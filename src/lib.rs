@@ -5,7 +5,7 @@
 //! - [`object`]: object names, the common header, sealing of small objects.
 //! - [`crypto`], [`keys`]: AES-256-GCM, HKDF, keyed hashes; key slots and secrets;
 //!   [`secrets`]: where each secret comes from (files, variables, systemd credentials);
-//!   [`keyring`]: key rotation and a slot's new secret.
+//!   [`keyring`]: key rotation and a slot's new secret; [`erase`]: erasure before a date.
 //! - [`repository`]: config, epoch keys, typed access to snapshots, index and blobs.
 //! - [`chunker`], [`pack`], [`index`], [`tree`], [`snapshot`]: the repository format
 //!   (docs/FORMAT.md).
