@@ -111,9 +111,16 @@ pub(crate) async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
                 ));
             };
             let repo = open(g).await?;
+            let label_shown = label.clone();
             let id = repo
                 .add_key(&new_secret, KdfParams::default(), Creator::here(), label)
                 .await?;
+            let event = kluis::audit::Event::new("key-add", id.to_hex())
+                .with("label", label_shown.unwrap_or_default());
+            let ledger = crate::ledger(&crate::state_dir(g), &repo);
+            if let Some(w) = kluis::audit::record(&repo, event, ledger.as_ref()).await {
+                eprintln!("warning: {w}");
+            }
             println!("added key slot {}", id.short());
             Ok(exit::OK)
         }
@@ -226,6 +233,11 @@ pub(crate) async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
             let repo = open(g).await?;
             let id = repo.find_key(&id.to_ascii_lowercase()).await?;
             repo.remove_key(id).await?;
+            let event = kluis::audit::Event::new("key-remove", id.to_hex());
+            let ledger = crate::ledger(&crate::state_dir(g), &repo);
+            if let Some(w) = kluis::audit::record(&repo, event, ledger.as_ref()).await {
+                eprintln!("warning: {w}");
+            }
             println!("removed key slot {}", id.short());
             Ok(exit::OK)
         }

@@ -3,6 +3,7 @@
 //! Thin by design: parse arguments, find the repository and the secret, call the engine, print.
 //! Data goes to stdout, messages and progress to stderr. Exit codes: see `kluis::error::exit`.
 
+mod audit;
 mod backup;
 mod config;
 mod copy;
@@ -106,6 +107,9 @@ enum Command {
     Forget(forget::ForgetArgs),
     /// Delete data no snapshot needs, in two phases: mark now, delete after a grace period
     Prune(prune::PruneCommand),
+    /// The audit trail: who restored, drilled, copied, forgot, pruned, erased or changed keys,
+    /// when; verified (a removed or altered record is reported, exit 13)
+    Audit(audit::AuditArgs),
     /// Erase every snapshot before a date: destroy the keys of the months wholly before it,
     /// delete the rest; the report for an auditor
     Erase(erase::EraseArgs),
@@ -445,6 +449,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
         Command::Forget(a) => forget::run(g, a, cancel).await,
         Command::Prune(a) => prune::run(g, a, cancel).await,
         Command::Erase(a) => erase::run(g, a, cancel).await,
+        Command::Audit(a) => audit::run(g, a).await,
         Command::Retention(c) => retention::run(c).await,
         Command::Copy(a) => copy::run(g, a, cancel).await,
         Command::Drill(c) => drill::run(c, cancel).await,

@@ -176,6 +176,21 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
         restorer.to_directory(&target).await
     };
     drop(line);
+    // Who restored what, where, and how it went: in the repository's audit trail.
+    let target = match (&to, &a.target) {
+        (Some(t), _) => t.shown(),
+        (None, Some(dir)) => dir.display().to_string(),
+        (None, None) => "standard output".to_string(),
+    };
+    let event = kluis::audit::Event::new("restore", snap.id.to_hex())
+        .with("name", &snap.name)
+        .with("snapshot_time", snap.time)
+        .with("target", target)
+        .outcome(&result);
+    let ledger = crate::ledger(&crate::state_dir(g), &repo);
+    if let Some(w) = kluis::audit::record(&repo, event, ledger.as_ref()).await {
+        eprintln!("warning: {w}");
+    }
     if result.is_err() && a.to.is_some() {
         eprintln!(
             "note: the target may hold part of the snapshot; drop it, or restore again with --force"

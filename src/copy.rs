@@ -165,6 +165,28 @@ pub async fn copy(src: &Repository, dst: &Repository, opts: &CopyOptions) -> Res
             seconds: started.elapsed().as_secs_f64(),
         });
     }
+    if !opts.dry_run && !report.copied.is_empty() {
+        let copied: Vec<String> = report
+            .copied
+            .iter()
+            .map(|c| c.source[..8].to_string())
+            .collect();
+        for (repo, role) in [(dst, "to"), (src, "from")] {
+            let event = crate::audit::Event::new("copy", copied.join(","))
+                .with("from", src.store().location())
+                .with("to", dst.store().location())
+                .with("snapshots", report.copied.len())
+                .with("side", role);
+            let ledger = if role == "to" {
+                opts.ledger.as_ref()
+            } else {
+                None
+            };
+            if let Some(w) = crate::audit::record(repo, event, ledger).await {
+                report.warnings.push(w);
+            }
+        }
+    }
     Ok(report)
 }
 

@@ -207,6 +207,21 @@ async fn save(
             ));
         }
     }
+    let event = crate::audit::Event::new("drill", report.snapshot.to_hex())
+        .with("drill", &report.drill)
+        .with("snapshot_name", &report.snapshot_name)
+        .with("target", &report.target)
+        .with("report", report.id.to_hex());
+    let event = match (&report.reason, report.passed) {
+        (_, true) => event,
+        (reason, false) => crate::audit::Event {
+            result: format!("failed: {}", reason.as_deref().unwrap_or("a check failed")),
+            ..event
+        },
+    };
+    if let Some(w) = crate::audit::record(repo, event, ledger).await {
+        report.warnings.push(w);
+    }
     Ok(())
 }
 

@@ -127,6 +127,21 @@ pub async fn erase(repo: Repository, opts: EraseOptions) -> Result<(Repository, 
         report.prune = Some(crate::prune::prune(&repo, &prune).await?);
     }
     report.statement = statement(&report, kept_slots);
+    let destroyed: Vec<String> = report
+        .record
+        .destroyed
+        .iter()
+        .map(|d| d.epoch.to_string())
+        .collect();
+    let event = crate::audit::Event::new("erase", report.record.id.to_hex())
+        .with("before", report.record.before)
+        .with("snapshots", report.record.snapshots.len())
+        .with("keys_destroyed", destroyed.join(","))
+        .with("objects_deleted", report.objects_deleted)
+        .with("secrets_changed", report.record.secrets_changed);
+    if let Some(w) = crate::audit::record(&repo, event, opts.ledger.as_ref()).await {
+        report.warnings.push(w);
+    }
     Ok((repo, report))
 }
 

@@ -74,9 +74,18 @@ pub async fn forget(repo: &Repository, opts: ForgetOptions<'_>) -> Result<Forgot
         .filter_map(|d| list.iter().find(|s| s.id.to_hex() == d.id))
         .collect();
     // A forget record names them before they go.
-    let warnings =
+    let mut warnings =
         crate::ledger::forget(repo, &doomed, opts.ledger.as_ref(), &crate::hostname()).await?;
     let removed = doomed.len();
+    if removed > 0 {
+        let ids: Vec<String> = doomed.iter().map(|s| s.id.short()).collect();
+        let event = crate::audit::Event::new("forget", ids.join(","))
+            .with("removed", removed)
+            .with("policy", format!("{:?}", opts.policy));
+        if let Some(w) = crate::audit::record(repo, event, opts.ledger.as_ref()).await {
+            warnings.push(w);
+        }
+    }
     Ok(Forgotten {
         decisions,
         removed,

@@ -79,7 +79,22 @@ pub async fn rotate(repo: Repository, opts: RotateOptions) -> Result<(Repository
     let released = lease.release().await;
     let (keys, slot, report) = result?;
     released?;
-    Ok((repo.with_keys(keys, slot), report))
+    let repo = repo.with_keys(keys, slot);
+    let event = crate::audit::Event::new("key-rotate", report.generation.to_hex())
+        .with(
+            "previous",
+            report
+                .previous
+                .map_or_else(|| "master key".into(), |g| g.to_hex()),
+        )
+        .with("epoch_keys", report.epoch_keys)
+        .with("slots_written", report.slots.len())
+        .with("slots_removed", report.removed_slots.len());
+    let mut report = report;
+    if let Some(w) = crate::audit::record(&repo, event, None).await {
+        report.warnings.push(w);
+    }
+    Ok((repo, report))
 }
 
 /// The rotation's steps, under `lease` (held by the caller); returns the new keys and the id
@@ -217,5 +232,10 @@ pub async fn change_secret(repo: &Repository, new: &Secret, kdf: KdfParams) -> R
         )
         .await?;
     repo.store().delete(&old.name()).await?;
+    let event =
+        crate::audit::Event::new("key-passwd", slot.id.to_hex()).with("replaced", old.id.to_hex());
+    if let Some(w) = crate::audit::record(repo, event, None).await {
+        eprintln!("warning: {w}");
+    }
     Ok(slot.id)
 }

@@ -34,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod audit;
 pub mod backup;
 pub mod buffer;
 pub mod check;

@@ -37,6 +37,8 @@ pub enum Kind {
     Forgotten = 9,
     /// An erasure record (`erasures/<id>`): what `kluis erase` destroyed and deleted.
     Erasure = 10,
+    /// An audit record (`audit/<time>-<digest>`, see `crate::audit`).
+    Audit = 11,
 }
 
 impl Kind {
@@ -52,6 +54,7 @@ impl Kind {
             8 => Kind::Drill,
             9 => Kind::Forgotten,
             10 => Kind::Erasure,
+            11 => Kind::Audit,
             _ => return None,
         })
     }
@@ -76,6 +79,7 @@ impl Kind {
             Kind::Forgotten => 64 << 20,
             // About 200,000 erased snapshots.
             Kind::Erasure => 64 << 20,
+            Kind::Audit => 1 << 20,
         }
     }
 
@@ -91,6 +95,7 @@ impl Kind {
             Kind::Drill => b"drill",
             Kind::Forgotten => b"forgotten",
             Kind::Erasure => b"erasure",
+            Kind::Audit => b"audit",
         }
     }
 }

@@ -158,6 +158,16 @@ pub async fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport
         report
     };
     report.duration_seconds = begun.elapsed().as_secs_f64();
+    if !opts.dry_run {
+        let event = crate::audit::Event::new("prune", repo.store().location())
+            .with("packs_deleted", report.packs_deleted)
+            .with("packs_marked", report.packs_marked)
+            .with("packs_repacked", report.packs_repacked)
+            .with("bytes_reclaimed", report.bytes_reclaimed);
+        if let Some(w) = crate::audit::record(repo, event, None).await {
+            report.warnings.push(w);
+        }
+    }
     Ok(report)
 }
 
