@@ -170,6 +170,23 @@ fn half_empty_packs_are_repacked_and_the_copies_verified() {
     repo.ok(&["check", "--read-data"]);
 }
 
+/// A pack of one small blob that a snapshot needs has nothing to repack: its header and table
+/// of contents used to count as unused bytes, so every prune repacked such a pack into a new
+/// one just like it (seen after killed backups, whose leftovers a repack leaves as small
+/// packs), forever.
+#[test]
+fn small_packs_that_are_all_used_are_not_repacked() {
+    let repo = Repo::init_file(&[]);
+    for i in 0..3 {
+        repo.backup_stdin(&format!("s{i}"), &random_bytes(60 + i, 150));
+    }
+    for _ in 0..2 {
+        let p = prune(&repo, "0s", &["--repack-threshold", "20"]);
+        assert_eq!(count(&p, "packs_repacked"), 0, "{p}");
+        assert_eq!(count(&p, "packs_marked"), 0, "{p}");
+    }
+}
+
 #[test]
 fn the_sweep_keeps_marked_packs_a_snapshot_committed_since_needs() {
     // A backup that started before the mark may reuse marked packs and commit inside the

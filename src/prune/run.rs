@@ -244,7 +244,11 @@ impl<'a> Pruner<'a> {
                 mark.packs.push(name::pack(p.epoch, id));
                 self.report.bytes_marked += size;
             } else {
-                let unused = 1.0 - used_bytes as f64 / f64::from(p.length.max(1));
+                // The share of the blobs' bytes no snapshot needs: the pack's header and table
+                // of contents do not count, or a pack of one small blob (what a repack of a
+                // mostly unused pack can leave) would be repacked by every prune, forever.
+                let blob_bytes: u64 = p.entries.iter().map(|e| u64::from(e.length)).sum();
+                let unused = 1.0 - used_bytes as f64 / blob_bytes.max(1) as f64;
                 if unused >= self.opts.repack_threshold && self.opts.repack_threshold <= 1.0 {
                     repack.push(*id);
                 }
