@@ -280,13 +280,18 @@ pub async fn snapshots(config: &Loaded, repository: &str) -> Result<Vec<Snapshot
 pub async fn survey(
     config: &Loaded,
     repository: &str,
-) -> Result<(Vec<Snapshot>, crate::ledger::Verification)> {
+) -> Result<(
+    Vec<Snapshot>,
+    crate::ledger::Verification,
+    crate::audit::Trail,
+)> {
     let repo = open_repository(config, repository).await?;
     let (list, unreadable) = repo.snapshots().await?;
     let ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
     let verification =
         crate::ledger::verify(&repo, &list, &unreadable, ledger.as_ref(), false).await?;
-    Ok((list, verification))
+    let trail = crate::audit::verify(&repo, ledger.as_ref()).await?;
+    Ok((list, verification, trail))
 }
 
 /// A job's newest snapshot among `snapshots`; for a job that makes sets, the first member of

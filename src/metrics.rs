@@ -37,6 +37,8 @@ pub struct Metrics {
     pub repository_stored_bytes: IntGaugeVec,
     pub repository_last_write: GaugeVec,
     pub repository_up: IntGaugeVec,
+    pub audit_records: IntCounterVec,
+    pub audit_problems: IntGaugeVec,
     pub repository_integrity_problems: IntGaugeVec,
     pub repository_integrity_verified: GaugeVec,
     pub prune_last_run: GaugeVec,
@@ -211,6 +213,18 @@ impl Metrics {
                 GaugeVec,
                 "kluis_repository_last_write_timestamp_seconds",
                 "When a snapshot was last committed to the repository by this daemon (Unix time).",
+                &["repository"]
+            ),
+            audit_records: register!(
+                IntCounterVec,
+                "kluis_audit_records_total",
+                "Audit records in the repository's trail, by kind (restore, drill, copy, forget, prune, erase, key-*, config-reload), as of its last verification.",
+                &["repository", "kind"]
+            ),
+            audit_problems: register!(
+                IntGaugeVec,
+                "kluis_audit_chain_problems",
+                "Problems the last verification of the repository's audit trail found: records altered, removed, or gone that this host wrote. Not 0: alert.",
                 &["repository"]
             ),
             repository_up: register!(

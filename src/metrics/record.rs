@@ -260,6 +260,24 @@ impl Metrics {
             .set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
     }
 
+    /// A repository's audit trail, after a verification: its records by kind (the counter
+    /// follows the trail's count) and its problems.
+    pub fn record_audit(&self, repository: &str, trail: &crate::audit::Trail) {
+        let mut by_kind = std::collections::BTreeMap::<&str, u64>::new();
+        for (_, r) in &trail.records {
+            *by_kind.entry(r.kind.as_str()).or_default() += 1;
+        }
+        for (kind, n) in by_kind {
+            let c = self.audit_records.with_label_values(&[repository, kind]);
+            if n > c.get() {
+                c.inc_by(n - c.get());
+            }
+        }
+        self.audit_problems
+            .with_label_values(&[repository])
+            .set(trail.problems.len() as i64);
+    }
+
     /// A repository's snapshots, after a listing.
     pub fn record_repository(&self, repository: &str, snapshots: &[Snapshot]) {
         self.repository_up.with_label_values(&[repository]).set(1);

@@ -81,6 +81,24 @@ impl Runner for DaemonRunner {
                 self.metrics.config_last_reload_ok.set(0);
             }
             Ok(new) => {
+                // The reload is an audit record in every repository it names.
+                let config = new.clone();
+                tokio::spawn(async move {
+                    for name in config.repositories.keys() {
+                        let Ok(repo) = jobs::open_existing(&config, name).await else {
+                            continue;
+                        };
+                        let ledger = crate::ledger::Ledger::open(&config.state_dir, &repo).ok();
+                        let event =
+                            crate::audit::Event::new("config-reload", config.origin.to_string())
+                                .with("jobs", config.jobs.len())
+                                .with("copies", config.copies.len())
+                                .with("drills", config.drills.len());
+                        if let Some(w) = crate::audit::record(&repo, event, ledger.as_ref()).await {
+                            log(format!("repository {name}: {w}"));
+                        }
+                    }
+                });
                 let names: Vec<String> = new.jobs.iter().map(|j| j.name.clone()).collect();
                 self.board.retain_jobs(&names);
                 let drills: Vec<String> = new.drills.iter().map(|d| d.name.clone()).collect();
@@ -102,9 +120,9 @@ async fn observe(config: &Loaded, metrics: &Metrics, board: &Board) -> History {
     for (name, r) in &config.repositories {
         let location = crate::source::postgres::redact(&r.url);
         match jobs::survey(config, name).await {
-            Ok((list, verification)) => {
+            Ok((list, verification, trail)) => {
                 metrics.record_repository(name, &list);
-                record_integrity(metrics, name, &verification);
+                record_integrity(metrics, name, &verification, &trail);
                 board.repository(RepositoryStatus {
                     name: name.clone(),
                     location,
@@ -206,10 +224,15 @@ fn record_integrity(
     metrics: &Metrics,
     repository: &str,
     verification: &crate::ledger::Verification,
+    trail: &crate::audit::Trail,
 ) {
     metrics.record_integrity(repository, verification);
+    metrics.record_audit(repository, trail);
     for f in verification.problems() {
         log(format!("repository {repository}: integrity: {f}"));
+    }
+    for p in &trail.problems {
+        log(format!("repository {repository}: audit trail: {p}"));
     }
 }
 
@@ -406,9 +429,9 @@ async fn run_job_inner(
                 log(format!("job {}: {name}: backup failed: {e}", job.name));
             }
             match jobs::survey(config, &job.repository).await {
-                Ok((list, verification)) => {
+                Ok((list, verification, trail)) => {
                     metrics.record_repository(&job.repository, &list);
-                    record_integrity(metrics, &job.repository, &verification);
+                    record_integrity(metrics, &job.repository, &verification, &trail);
                 }
                 Err(_) => metrics
                     .repository_up
@@ -538,9 +561,9 @@ async fn run_copy(
                 report.already_copied.len()
             ));
             metrics.record_copy(name, Ok(&report), seconds);
-            if let Ok((list, verification)) = jobs::survey(config, &rule.to).await {
+            if let Ok((list, verification, trail)) = jobs::survey(config, &rule.to).await {
                 metrics.record_repository(&rule.to, &list);
-                record_integrity(metrics, &rule.to, &verification);
+                record_integrity(metrics, &rule.to, &verification, &trail);
             }
             Outcome::Ok
         }
