@@ -126,7 +126,15 @@ pub(crate) async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
         }
         KeyCommand::List { json } => {
             let repo = open(g).await?;
-            let (slots, errors) = repo.key_slots().await?;
+            let (mut slots, errors) = repo.key_slots().await?;
+            // Each slot's last use, as the audit trail records it.
+            if let Ok(trail) = kluis::audit::verify(&repo, None).await {
+                for (_, r) in &trail.records {
+                    if let Some(s) = slots.iter_mut().find(|s| s.id == r.slot) {
+                        s.last_used = s.last_used.max(Some(r.time));
+                    }
+                }
+            }
             for e in &errors {
                 eprintln!("warning: {e}");
             }

@@ -129,12 +129,21 @@ pub fn key_table(slots: &[KeySlotInfo]) -> String {
                     None => k.host.clone(),
                 },
                 k.generation.map_or_else(|| "-".into(), |g| g.short()),
+                k.last_used.map_or_else(|| "-".into(), local_time),
                 k.label.clone().unwrap_or_default(),
             ]
         })
         .collect();
     table(
-        &[" ID", "KIND", "CREATED", "BY", "GENERATION", "LABEL"],
+        &[
+            " ID",
+            "KIND",
+            "CREATED",
+            "BY",
+            "GENERATION",
+            "LAST USED",
+            "LABEL",
+        ],
         &rows,
     )
 }

@@ -79,6 +79,8 @@ pub struct AuditRecord {
     pub subject: String,
     pub detail: BTreeMap<String, String>,
     pub result: String,
+    /// The key slot that opened the repository (`kluis key list` shows each slot's last use).
+    pub slot: ObjectId,
     /// The digest (hex SHA-256 of the plaintext) of the newest record the writer saw; none
     /// for the first.
     pub previous: Option<String>,
@@ -136,6 +138,7 @@ async fn write(repo: &Repository, event: &Event, ledger: Option<&Ledger>) -> Res
         subject: event.subject.clone(),
         detail: event.detail.clone(),
         result: event.result.clone(),
+        slot: repo.slot_id(),
         previous,
         program: format!("kluis {}", env!("CARGO_PKG_VERSION")),
     };

@@ -124,6 +124,20 @@ fn operations_leave_a_verified_chain_and_a_broken_one_is_reported() {
     let key = fs::read_to_string(&repo.key_file).unwrap();
     let key_hex = key.trim().rsplit(':').next().unwrap();
     assert!(!all.contains("must not leak") && !all.contains(key_hex));
+    // The slot in use shows its last use (the rotation, the newest record).
+    let slots: serde_json::Value =
+        serde_json::from_slice(&repo.ok(&["key", "list", "--json"])).unwrap();
+    let current = slots
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["current"] == true)
+        .unwrap();
+    assert_eq!(
+        current["last_used"],
+        records.last().unwrap()["time"],
+        "{slots}"
+    );
     // --kind and --since filter.
     let out = repo.ok(&["audit", "--json", "--kind", "key-add"]);
     let only: serde_json::Value = serde_json::from_slice(&out).unwrap();

@@ -229,6 +229,29 @@ fn erase_on_garage_s3_keeping_the_secret_says_its_limit() {
     assert_success(&out, &["restore after erase on S3"]);
     assert!(out.stdout == made[4].1);
     repo.ok(&["check"]);
+    // The audit trail on S3: the restore just made, the erasure, and its prune.
+    let trail: serde_json::Value = serde_json::from_slice(&repo.ok(&["audit", "--json"])).unwrap();
+    let kinds: Vec<&str> = trail["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["prune", "erase", "restore"], "{trail}");
+    assert!(trail["problems"].as_array().unwrap().is_empty(), "{trail}");
+    // A wrong key is refused by erase and by rotate, before anything changes.
+    let wrong = new_key(&repo, "wrong-key");
+    for args in [
+        &["erase", "--before", BEFORE, "--keep-secret"][..],
+        &["key", "rotate"][..],
+    ] {
+        assert_code(
+            &with_key(&repo, &wrong, args),
+            EXIT_WRONG_PASSWORD,
+            "a wrong key",
+        );
+    }
+    assert_eq!(snapshot_ids(&repo), vec![made[4].0.clone()]);
 }
 
 /// An erasure stopped right after each of its writes in turn, each time from the same

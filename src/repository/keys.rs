@@ -51,6 +51,10 @@ pub struct KeySlotInfo {
     pub generation: Option<ObjectId>,
     /// Whether it opened this command's repository.
     pub current: bool,
+    /// When it last opened the repository for something the audit trail records (filled by
+    /// `kluis key list` from the trail; none when it records nothing of it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<Timestamp>,
 }
 
 impl KeySlotInfo {
@@ -65,6 +69,7 @@ impl KeySlotInfo {
             label: s.label.clone(),
             generation: s.generation,
             current: s.id == current,
+            last_used: None,
         }
     }
 }
