@@ -124,8 +124,6 @@ pub struct PruneReport {
     /// deleted (or, with `dry_run`, found).
     pub staging_deleted: usize,
     pub staging_bytes: u64,
-    /// Epoch keys of epochs no object remains in, deleted (or, with `dry_run`, found).
-    pub epoch_keys_deleted: usize,
     /// Manifests a forget record names that were present again, deleted.
     pub forgotten_deleted: usize,
     /// When the objects marked by this run may be deleted.

@@ -187,48 +187,6 @@ fn small_packs_that_are_all_used_are_not_repacked() {
     }
 }
 
-/// The key of a month no object remains in is collected by the prune that deletes the last
-/// of its data; the keys of months that still hold data stay.
-#[test]
-fn the_key_of_an_emptied_month_is_collected() {
-    let repo = Repo::init_file(&[]);
-    let old = repo.run_stdin(
-        &[
-            "backup",
-            "--stdin",
-            "--name",
-            "old",
-            "--time",
-            "2025-01-10T10:00:00Z",
-        ],
-        &random_bytes(70, 5_000),
-    );
-    assert_success(&old, &["backup in 2025-01"]);
-    let kept = repo.backup_stdin("new", &random_bytes(71, 5_000));
-    let keys = |repo: &Repo| -> Vec<String> {
-        repo.objects()
-            .into_iter()
-            .map(|(n, _)| n)
-            .filter(|n| n.starts_with("epochs/"))
-            .collect()
-    };
-    assert_eq!(keys(&repo).len(), 2);
-    repo.ok(&["forget", "--name", "old", "--max-age", "0s"]);
-    let mark = prune(&repo, "0s", &[]);
-    assert_eq!(count(&mark, "epoch_keys_deleted"), 0, "{mark}");
-    let sweep = prune(&repo, "0s", &[]);
-    assert!(count(&sweep, "packs_deleted") > 0, "{sweep}");
-    // The sweep deleted the month's last objects; this or the next prune collects its key.
-    let collected =
-        count(&sweep, "epoch_keys_deleted") + count(&prune(&repo, "0s", &[]), "epoch_keys_deleted");
-    assert_eq!(collected, 1);
-    let left = keys(&repo);
-    assert_eq!(left.len(), 1, "{left:?}");
-    assert!(!left[0].contains("2025-01"), "{left:?}");
-    assert!(repo.restore_stdout(&kept) == random_bytes(71, 5_000));
-    repo.ok(&["check"]);
-}
-
 #[test]
 fn the_sweep_keeps_marked_packs_a_snapshot_committed_since_needs() {
     // A backup that started before the mark may reuse marked packs and commit inside the

@@ -340,61 +340,7 @@ impl<'a> Pruner<'a> {
                 }
             }
         }
-        self.collect_epoch_keys().await?;
         Ok(self.report)
-    }
-
-    /// Deletes the epoch keys of epochs no pack and no manifest remains in, with the index
-    /// segments left there (which list no pack any more): written before the grace period (a
-    /// backup that just made the key of a new month has not uploaded under it yet), of any key
-    /// generation.
-    async fn collect_epoch_keys(&mut self) -> Result<()> {
-        let repo = self.repo;
-        let before = clock::sub(self.now, self.opts.grace);
-        let mut occupied = std::collections::BTreeSet::new();
-        for prefix in [name::DATA, name::SNAPSHOTS] {
-            for o in repo.store().list(prefix).await? {
-                if let Some((epoch, _)) = name::parse_epoch_object(prefix, &o.name) {
-                    occupied.insert(epoch);
-                }
-            }
-        }
-        let mut doomed = Vec::new();
-        for o in repo.store().list(name::INDEX).await? {
-            if let Some((epoch, _)) = name::parse_epoch_object(name::INDEX, &o.name) {
-                if o.modified > before {
-                    occupied.insert(epoch);
-                } else if !occupied.contains(&epoch) {
-                    doomed.push((epoch, o.name, false));
-                }
-            }
-        }
-        for o in repo.store().list(name::EPOCHS).await? {
-            if let Some((epoch, _, _)) = name::parse_epoch_key(&o.name) {
-                if o.modified > before {
-                    occupied.insert(epoch);
-                } else {
-                    doomed.push((epoch, o.name, true));
-                }
-            }
-        }
-        // Segments first: a key goes only after what it opens.
-        doomed.sort_by_key(|(_, _, key)| *key);
-        for (epoch, object, key) in doomed {
-            if occupied.contains(&epoch) {
-                continue;
-            }
-            if !self.opts.dry_run {
-                self.may_change().await?;
-                repo.store().delete(&object).await?;
-            }
-            if key {
-                self.report.epoch_keys_deleted += 1;
-            } else {
-                self.report.segments_deleted += 1;
-            }
-        }
-        Ok(())
     }
 
     /// Every blob (data, tree, content list) some snapshot needs.
