@@ -32,6 +32,8 @@ pub const WRITE_PIECE: usize = 512 << 10;
 
 /// Tries of a delete before its error is returned.
 const DELETE_ATTEMPTS: u32 = 5;
+/// Tries of a whole listing (see [`Store::list`]).
+const LIST_ATTEMPTS: u32 = 5;
 
 /// An object as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,19 +308,37 @@ impl Store {
         .map_err(|e| Error::invalid(format!("local read crashed: {e}")))?
     }
 
-    /// Every object whose name starts with `prefix/`.
+    /// Every object whose name starts with `prefix/`. object_store retries a page's request,
+    /// but not a page whose body breaks off while it is read: the whole listing (read-only,
+    /// so safe to repeat) is tried again a few times, as deletes are.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let p = Self::path(prefix);
-        self.inner
-            .list(Some(&p))
-            .map_ok(|m| ObjectInfo {
-                name: m.location.to_string(),
-                size: m.size,
-                modified: store_time(&m),
-            })
-            .try_collect()
-            .await
-            .map_err(|e| store_error("list", &format!("{prefix}/"), e))
+        let mut wait = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            let listed: std::result::Result<Vec<ObjectInfo>, _> = self
+                .inner
+                .list(Some(&p))
+                .map_ok(|m| ObjectInfo {
+                    name: m.location.to_string(),
+                    size: m.size,
+                    modified: store_time(&m),
+                })
+                .try_collect()
+                .await;
+            match listed {
+                Ok(all) => return Ok(all),
+                Err(e @ object_store::Error::NotFound { .. }) => {
+                    return Err(store_error("list", &format!("{prefix}/"), e));
+                }
+                Err(_) if attempt < LIST_ATTEMPTS => {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(store_error("list", &format!("{prefix}/"), e)),
+            }
+        }
     }
 
     /// Whether any object lies under `prefix/` (one listing page at most).
