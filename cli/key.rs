@@ -9,16 +9,8 @@ use std::path::Path;
 pub(crate) enum KeyCommand {
     /// Add a key slot for a new password or key file
     Add {
-        /// File holding the new password
-        #[arg(
-            long,
-            required_unless_present = "new_key_file",
-            conflicts_with = "new_key_file"
-        )]
-        new_password_file: Option<PathBuf>,
-        /// Key file (from `kluis key generate`) for the new slot
-        #[arg(long)]
-        new_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        new: NewSecret,
         /// A note to recognise the slot by, e.g. who holds it
         #[arg(long)]
         label: Option<String>,
@@ -64,7 +56,7 @@ pub(crate) enum KeyCommand {
     },
 }
 
-/// The new secret of `key passwd`.
+/// The new secret of `key add` and `key passwd`.
 #[derive(clap::Args)]
 pub(crate) struct NewSecret {
     /// File holding the new password
@@ -77,6 +69,20 @@ pub(crate) struct NewSecret {
     /// Key file (from `kluis key generate`) for the new secret
     #[arg(long)]
     new_key_file: Option<PathBuf>,
+}
+
+impl NewSecret {
+    fn secret(&self) -> anyhow::Result<Secret> {
+        match new_secret(
+            self.new_password_file.as_deref(),
+            self.new_key_file.as_deref(),
+        )? {
+            Some(s) => Ok(s),
+            None => bail!(kluis::Error::InvalidInput(
+                "give --new-password-file or --new-key-file".into()
+            )),
+        }
+    }
 }
 
 /// The secret a `--new-password-file` or `--new-key-file` names, if any.
@@ -98,18 +104,8 @@ pub(crate) async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
             );
             Ok(exit::OK)
         }
-        KeyCommand::Add {
-            new_password_file,
-            new_key_file,
-            label,
-        } => {
-            let Some(new_secret) =
-                new_secret(new_password_file.as_deref(), new_key_file.as_deref())?
-            else {
-                bail!(kluis::Error::InvalidInput(
-                    "give --new-password-file or --new-key-file".into()
-                ));
-            };
+        KeyCommand::Add { new, label } => {
+            let new_secret = new.secret()?;
             let repo = open(g).await?;
             let label_shown = label.clone();
             let id = repo
@@ -150,15 +146,7 @@ pub(crate) async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
             })
         }
         KeyCommand::Passwd { new } => {
-            let Some(new_secret) = new_secret(
-                new.new_password_file.as_deref(),
-                new.new_key_file.as_deref(),
-            )?
-            else {
-                bail!(kluis::Error::InvalidInput(
-                    "give --new-password-file or --new-key-file".into()
-                ));
-            };
+            let new_secret = new.secret()?;
             let repo = open(g).await?;
             let old = repo.slot_id();
             let id = keyring::change_secret(&repo, &new_secret, KdfParams::default()).await?;

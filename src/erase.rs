@@ -101,7 +101,8 @@ pub async fn erase(repo: Repository, opts: EraseOptions) -> Result<(Repository, 
         let rotated = crate::keyring::rotate_under(&repo, &rotate, &lease).await?;
         lease.check().await?;
         let mut deleted = 0;
-        for object in objects_of(&repo, &destroy).await? {
+        let listed = epoch_objects(&repo).await?;
+        for (_, object) in listed.into_iter().filter(|(e, _)| destroy.contains(e)) {
             repo.store().delete(&object).await?;
             deleted += 1;
         }
@@ -172,13 +173,8 @@ async fn plan(repo: &Repository, opts: &EraseOptions) -> Result<Plan> {
             }
         }
     }
-    for prefix in [name::DATA, name::INDEX, name::SNAPSHOTS] {
-        for o in repo.store().list(prefix).await? {
-            if let Some((epoch, _)) = name::parse_epoch_object(prefix, &o.name) {
-                epochs.insert(epoch);
-            }
-        }
-    }
+    let objects = epoch_objects(repo).await?;
+    epochs.extend(objects.iter().map(|(e, _)| *e));
     let mut destroy: BTreeSet<Epoch> = epochs
         .iter()
         .copied()
@@ -259,7 +255,11 @@ async fn plan(repo: &Repository, opts: &EraseOptions) -> Result<Plan> {
         secrets_changed: opts.secrets_changed,
         program: format!("kluis {}", env!("CARGO_PKG_VERSION")),
     };
-    let objects = objects_of(repo, &destroy).await?;
+    let objects = objects
+        .into_iter()
+        .filter(|(e, _)| destroy.contains(e))
+        .map(|(_, name)| name)
+        .collect();
     Ok(Plan {
         record,
         snapshots,
@@ -269,16 +269,14 @@ async fn plan(repo: &Repository, opts: &EraseOptions) -> Result<Plan> {
     })
 }
 
-/// The packs, index segments and manifests of `epochs`.
-async fn objects_of(repo: &Repository, epochs: &BTreeSet<Epoch>) -> Result<Vec<String>> {
+/// Every pack, index segment and manifest, with its epoch (manifests first, so a deletion cut
+/// short leaves no manifest whose data is gone).
+async fn epoch_objects(repo: &Repository) -> Result<Vec<(Epoch, String)>> {
     let mut out = Vec::new();
-    if epochs.is_empty() {
-        return Ok(out);
-    }
     for prefix in [name::SNAPSHOTS, name::INDEX, name::DATA] {
         for o in repo.store().list(prefix).await? {
-            if name::parse_epoch_object(prefix, &o.name).is_some_and(|(e, _)| epochs.contains(&e)) {
-                out.push(o.name);
+            if let Some((epoch, _)) = name::parse_epoch_object(prefix, &o.name) {
+                out.push((epoch, o.name));
             }
         }
     }

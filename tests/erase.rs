@@ -54,17 +54,6 @@ fn with_key(repo: &Repo, key: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    let _ = fs::remove_dir_all(to);
-    let ok = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 /// Files under `dir` (none if it does not exist), staging files of killed puts aside.
 fn files_under(dir: &Path) -> usize {
     let Ok(entries) = fs::read_dir(dir) else {
@@ -92,7 +81,7 @@ fn erase_destroys_whole_months_deletes_the_rest_and_a_copy_made_before_opens_not
     let repo = Repo::init_file(&[]);
     let made = snapshots(&repo);
     let aside = repo.path().join("aside");
-    copy_dir(&repo.root(), &aside);
+    copy_tree(&repo.root(), &aside);
 
     // A dry run says what would go and changes nothing.
     let out = repo.ok(&["erase", "--before", BEFORE, "--dry-run", "--json"]);
@@ -186,14 +175,14 @@ fn erase_destroys_whole_months_deletes_the_rest_and_a_copy_made_before_opens_not
     // The copy's objects of the erased months put back into the repository (a provider
     // restoring old object versions): nothing of them decrypts, and the error says why.
     for prefix in ["snapshots", "index", "epochs"] {
-        copy_dir(
+        copy_tree(
             &aside.join(prefix).join("2026-10"),
             &repo.root().join(prefix).join("2026-10"),
         );
     }
     for entry in fs::read_dir(aside.join("data")).unwrap() {
         let entry = entry.unwrap();
-        copy_dir(
+        copy_tree(
             &entry.path(),
             &repo.root().join("data").join(entry.file_name()),
         );
@@ -265,9 +254,9 @@ fn an_erasure_stopped_after_each_write_is_finished_by_the_next() {
     let pristine = repo.path().join("pristine");
     let state = repo.path().join("state");
     let pristine_state = repo.path().join("pristine-state");
-    copy_dir(&repo.root(), &pristine);
+    copy_tree(&repo.root(), &pristine);
     fs::create_dir_all(&state).unwrap();
-    copy_dir(&state, &pristine_state);
+    copy_tree(&state, &pristine_state);
     let erase = [
         "erase",
         "--before",
@@ -277,8 +266,8 @@ fn an_erasure_stopped_after_each_write_is_finished_by_the_next() {
     ];
     let mut stops = 0;
     for n in 1..300 {
-        copy_dir(&pristine, &repo.root());
-        copy_dir(&pristine_state, &state);
+        copy_tree(&pristine, &repo.root());
+        copy_tree(&pristine_state, &state);
         let out = repo
             .command(&erase)
             .env("KLUIS_TEST_CRASH_AFTER_WRITES", n.to_string())

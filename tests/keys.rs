@@ -5,12 +5,11 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::Instant;
 
-use common::databases::snapshot_ids;
+use common::databases::{password_file, snapshot_ids};
 use common::*;
 
 /// Backs up one small stream per month, from `first` on; returns (id, content) of each.
@@ -30,13 +29,6 @@ fn monthly(repo: &Repo, months: u32) -> Vec<(String, Vec<u8>)> {
             (snapshot_id(&out.stdout), data)
         })
         .collect()
-}
-
-fn password_file(repo: &Repo, name: &str, content: &str) -> std::path::PathBuf {
-    let p = repo.path().join(name);
-    fs::write(&p, format!("{content}\n")).unwrap();
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
-    p
 }
 
 /// The epoch key objects' names (file:// only).
@@ -69,8 +61,8 @@ fn check_json(repo: &Repo) -> serde_json::Value {
 /// and the data, checked on any store.
 fn rotates(repo: &Repo) {
     let made = monthly(repo, 3);
-    let kept = password_file(repo, "kept", "kept secret");
-    let dropped = password_file(repo, "dropped", "dropped secret");
+    let kept = password_file(repo, "kept secret");
+    let dropped = password_file(repo, "dropped secret");
     repo.ok(&["key", "add", "--new-password-file", kept.to_str().unwrap()]);
     repo.ok(&[
         "key",
@@ -111,17 +103,10 @@ fn rotates(repo: &Repo) {
         assert_success(&out, &["restore after rotate", id]);
         assert!(out.stdout == *data, "{id}");
     }
-    let with = |pw: &std::path::Path, args: &[&str]| {
-        repo.command(args)
-            .env_remove("KLUIS_KEY_FILE")
-            .env("KLUIS_PASSWORD_FILE", pw)
-            .output()
-            .unwrap()
-    };
-    let out = with(&kept, &["restore", &made[0].0, "--stdout", "--quiet"]);
+    let out = repo.run_with_password(&kept, &["restore", &made[0].0, "--stdout", "--quiet"]);
     assert_success(&out, &["restore with the kept password"]);
     assert!(out.stdout == made[0].1);
-    let out = with(&dropped, &["snapshots"]);
+    let out = repo.run_with_password(&dropped, &["snapshots"]);
     assert_code(&out, EXIT_WRONG_PASSWORD, "the dropped password");
     let check = check_json(repo);
     assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
@@ -163,8 +148,8 @@ fn passwd_replaces_the_slot_in_use_and_keeps_its_label() {
     let repo = Repo::init_file(&[]);
     let data = dump_like(7, 30_000);
     let id = repo.backup_stdin("db", &data);
-    let old = password_file(&repo, "old", "old secret");
-    let new = password_file(&repo, "new", "new secret");
+    let old = password_file(&repo, "old secret");
+    let new = password_file(&repo, "new secret");
     repo.ok(&[
         "key",
         "add",
@@ -173,14 +158,7 @@ fn passwd_replaces_the_slot_in_use_and_keeps_its_label() {
         "--label",
         "on-call",
     ]);
-    let with = |pw: &std::path::Path, args: &[&str]| {
-        repo.command(args)
-            .env_remove("KLUIS_KEY_FILE")
-            .env("KLUIS_PASSWORD_FILE", pw)
-            .output()
-            .unwrap()
-    };
-    let out = with(
+    let out = repo.run_with_password(
         &old,
         &[
             "key",
@@ -191,11 +169,11 @@ fn passwd_replaces_the_slot_in_use_and_keeps_its_label() {
     );
     assert_success(&out, &["key passwd"]);
     assert_code(
-        &with(&old, &["snapshots"]),
+        &repo.run_with_password(&old, &["snapshots"]),
         EXIT_WRONG_PASSWORD,
         "the old secret after passwd",
     );
-    let out = with(&new, &["restore", &id, "--stdout", "--quiet"]);
+    let out = repo.run_with_password(&new, &["restore", &id, "--stdout", "--quiet"]);
     assert_success(&out, &["restore with the new secret"]);
     assert!(out.stdout == data);
     let slots = key_list(&repo);
@@ -275,23 +253,13 @@ fn a_rotation_killed_at_any_point_leaves_a_repository_the_key_opens() {
 fn a_rotation_stopped_after_each_write_leaves_a_repository_both_secrets_open() {
     let repo = Repo::init_file(&[]);
     let made = monthly(&repo, 4);
-    let kept = password_file(&repo, "kept", "kept secret");
+    let kept = password_file(&repo, "kept secret");
     repo.ok(&["key", "add", "--new-password-file", kept.to_str().unwrap()]);
     let pristine = repo.path().join("pristine");
-    let copy = |from: &std::path::Path, to: &std::path::Path| {
-        let _ = fs::remove_dir_all(to);
-        let ok = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(from)
-            .arg(to)
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    };
-    copy(&repo.root(), &pristine);
+    copy_tree(&repo.root(), &pristine);
     let mut stops = 0;
     for n in 1..200 {
-        copy(&pristine, &repo.root());
+        copy_tree(&pristine, &repo.root());
         let out = repo
             .command(&[
                 "key",

@@ -146,6 +146,16 @@ impl Repo {
         self.command(args).output().unwrap()
     }
 
+    /// `kluis args`, opening the repository with the password in `password_file` instead of
+    /// the key file.
+    pub fn run_with_password(&self, password_file: &Path, args: &[&str]) -> Output {
+        self.command(args)
+            .env_remove("KLUIS_KEY_FILE")
+            .env("KLUIS_PASSWORD_FILE", password_file)
+            .output()
+            .unwrap()
+    }
+
     /// `kluis args` on a host whose wall clock is off by `offset` (`"-2h"`, `"+7h"`), through
     /// Debian's `faketime` (libfaketime). Monotonic clocks are left alone; files the process
     /// writes get their times from the kernel, as they would on a real host with a wrong clock.
@@ -708,4 +718,16 @@ impl Drop for TinyDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(self.0.path()).status();
     }
+}
+
+/// Replaces `to` with a copy of the directory `from` (`cp -a`).
+pub fn copy_tree(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "cp -a {} {}", from.display(), to.display());
 }
