@@ -128,6 +128,12 @@ pub fn print(r: &PruneReport, json: bool) -> anyhow::Result<()> {
         r.packs_repacked,
         output::human_bytes(r.bytes_repacked)
     );
+    if r.keys_marked + r.keys_deleted + r.keys_kept > 0 {
+        println!(
+            "epoch keys of months that hold nothing: {would}delete {}, {would}mark {}; {} kept because their month holds data again",
+            r.keys_deleted, r.keys_marked, r.keys_kept
+        );
+    }
     if r.staging_deleted > 0 {
         println!(
             "{would}delete {} half-written file(s) of killed writers ({})",

@@ -143,7 +143,7 @@ pub async fn backup(
     let epoch = Epoch::of(time);
     // Prune's marks before the index: packs they condemn are not deduplicated against.
     let prune_view = crate::prune::WriterView::read(repo).await?;
-    let (key, unreadable_keys) = repo.write_key(epoch).await?;
+    let (key, unreadable_keys) = repo.write_key(epoch, prune_view.condemned_keys()).await?;
     let (mut index, _) = repo.load_index(Some((epoch, key.id))).await?;
     index.exclude_packs(prune_view.condemned());
     let threads = if opts.threads == 0 {
@@ -235,7 +235,9 @@ pub async fn backup(
     // ran meanwhile saw the latter unindexed (or indexed by no snapshot) and may have marked
     // them too. Checked before the last index segment, which must not list a swept pack.
     reused.extend(stored.packs.iter().copied());
-    prune_view.check_commit(repo, &reused).await?;
+    prune_view
+        .check_commit(repo, &reused, (epoch, key.id))
+        .await?;
     if !stored.pending.packs.is_empty() {
         let (_, size) = repo.save_index(&key, &stored.pending).await?;
         stored.bytes += size;
@@ -261,6 +263,7 @@ pub async fn backup(
     if opts.cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
+    prune_view.check_not_erased(repo, epoch).await?;
     let mut snapshot = snapshot;
     snapshot.chain = link.as_ref().map(|l| l.chain.clone());
     let object = repo.save_snapshot(&key, &snapshot).await?;

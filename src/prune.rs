@@ -18,13 +18,15 @@
 //!
 //! Where each part lives: `records` (marks and sweep records), `writer` (the writer's
 //! side: [`WriterView`]), `lease` (one prune at a time), `run` (one run, in order), `sweep`,
-//! `repack`.
+//! `repack`, `keys` (epoch keys of months that hold nothing any more: marked, then swept like
+//! packs).
 //!
 //! Two prunes never run at once ([`LeaseGuard`]). Every time the protocol compares is the store's
 //! ([`crate::clock`]): when a mark was written, when a sweep finished, when a lease was
 //! renewed; no host's wall clock decides what is deleted. Every listing error aborts; an
 //! unreadable snapshot or index segment aborts, because prune would not know what it needs.
 
+mod keys;
 pub(crate) mod lease;
 mod records;
 mod repack;
@@ -113,10 +115,17 @@ pub struct PruneReport {
     pub packs_kept: usize,
     pub segments_written: usize,
     pub segments_deleted: usize,
+    /// Epoch keys of months that hold nothing any more, deleted by this run's sweep (every
+    /// key generation's copy of each).
+    pub keys_deleted: usize,
+    /// Condemned epoch keys the sweep kept: their month holds something again.
+    pub keys_kept: usize,
     /// Packs marked by this run (the sweep of a later run deletes them).
     pub packs_marked: usize,
     pub bytes_marked: u64,
     pub segments_marked: usize,
+    /// Epoch keys marked by this run (their month holds no snapshot, index segment or pack).
+    pub keys_marked: usize,
     pub packs_repacked: usize,
     /// Bytes written into new packs by repacking.
     pub bytes_repacked: u64,
@@ -188,6 +197,8 @@ struct LiveSegment {
     epoch: Epoch,
     key_id: ObjectId,
     packs: Vec<ObjectId>,
+    /// The segments it supersedes.
+    supersedes: Vec<ObjectId>,
 }
 
 struct Pruner<'a> {
@@ -275,9 +286,13 @@ mod tests {
         assert!(warnings.contains("prune/marks/notes.txt"), "{warnings}");
         assert!(warnings.contains(&junk), "{warnings}");
         assert!(view.condemned().is_empty());
-        view.check_commit(&repo, &[ObjectId::random()].into_iter().collect())
-            .await
-            .unwrap();
+        view.check_commit(
+            &repo,
+            &[ObjectId::random()].into_iter().collect(),
+            (Epoch::of(jiff::Timestamp::now()), ObjectId::random()),
+        )
+        .await
+        .unwrap();
         let report = prune(
             &repo,
             &PruneOptions {

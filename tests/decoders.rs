@@ -364,6 +364,7 @@ fn no_decoder_panics_or_over_allocates_on_random_and_mutated_input() {
             grace_seconds: 3600,
             packs: vec![format!("data/2026-12/ab/ab{}", "0".repeat(30))],
             segments: vec![],
+            keys: vec![format!("epochs/2026-12/{}", "0".repeat(32))],
         };
         (
             serde_json::to_vec(repo.config()).unwrap(),

@@ -372,3 +372,43 @@ fn erase_with_a_configuration_erases_in_every_repository_it_names() {
         assert!(out.stdout == *data);
     }
 }
+
+#[test]
+fn a_backup_into_a_month_an_erasure_destroyed_while_it_ran_commits_nothing() {
+    use kluis::keys::Secret;
+    use kluis::object::Epoch;
+    use kluis::repository::Repository;
+    use kluis::store::Store;
+
+    let repo = Repo::init_file(&[]);
+    snapshots(&repo);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let open = || async {
+        let store = Store::open(&repo.url, false).unwrap();
+        let secret = Secret::from_key_file(&repo.key_file).unwrap();
+        Repository::open(store, &secret).await.unwrap()
+    };
+    rt.block_on(async {
+        let lib = open().await;
+        let october = Epoch::parse("2026-10").unwrap();
+        let november = Epoch::parse("2026-11").unwrap();
+        // A backup with --time in October has started (read prune's marks and the
+        // erasures) when an erasure of everything before November runs.
+        let writer = kluis::prune::WriterView::read(&lib).await.unwrap();
+        writer.check_not_erased(&lib, october).await.unwrap();
+        repo.ok(&["erase", "--before", BEFORE, "--keep-secret", "--json"]);
+        let lib = open().await;
+        let e = writer.check_not_erased(&lib, october).await.unwrap_err();
+        assert!(matches!(e, kluis::Error::Conflict(_)), "{e}");
+        assert!(
+            e.to_string().contains("destroys the keys of 2026-10"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("nothing was committed"), "{e}");
+        // November keeps its key: a backup into it may commit.
+        writer.check_not_erased(&lib, november).await.unwrap();
+        // So does a writer that started after the erasure (it writes under a new key).
+        let after = kluis::prune::WriterView::read(&lib).await.unwrap();
+        after.check_not_erased(&lib, october).await.unwrap();
+    });
+}

@@ -237,21 +237,177 @@ fn a_writer_that_raced_a_mark_refuses_to_commit_once_the_sweep_is_near() {
         let marked = kluis::prune::WriterView::read(&lib).await.unwrap();
         let reused = marked.condemned().clone();
         assert!(!reused.is_empty());
+        // The month's key is younger than the grace period: no mark names it.
+        assert!(marked.condemned_keys().is_empty());
+        let key = (
+            kluis::object::Epoch::of(jiff::Timestamp::now()),
+            kluis::id::ObjectId::random(),
+        );
         // Inside the grace period (minus the 1 s clock margin) it may still commit: the
         // sweep will see its snapshot.
-        writer.check_commit(&lib, &reused).await.unwrap();
+        writer.check_commit(&lib, &reused, key).await.unwrap();
         // Packs no mark names are no reason to refuse.
         writer
-            .check_commit(&lib, &Default::default())
+            .check_commit(&lib, &Default::default(), key)
             .await
             .unwrap();
         wait_past(Duration::from_secs(3), marked_at);
-        let e = writer.check_commit(&lib, &reused).await.unwrap_err();
+        let e = writer.check_commit(&lib, &reused, key).await.unwrap_err();
         assert!(matches!(e, kluis::Error::Conflict(_)), "{e}");
         assert!(e.to_string().contains("nothing was committed"), "{e}");
         // A writer that saw the mark has nothing to fear from it.
-        marked.check_commit(&lib, &reused).await.unwrap();
+        marked.check_commit(&lib, &reused, key).await.unwrap();
     });
+}
+
+#[test]
+fn the_key_of_a_month_that_holds_nothing_any_more_is_marked_then_swept() {
+    let repo = small_repo();
+    let old = random_bytes(45, 300 << 10);
+    let kept = random_bytes(46, 300 << 10);
+    let run = |args: &[&str], input: &[u8]| {
+        let out = repo.run_stdin(args, input);
+        assert_success(&out, args);
+        snapshot_id(&out.stdout)
+    };
+    run(
+        &[
+            "backup",
+            "--stdin",
+            "--name",
+            "old",
+            "--time",
+            "2026-01-15T00:00:00Z",
+            "--json",
+        ],
+        &old,
+    );
+    let kept_id = repo.backup_stdin("kept", &kept);
+    repo.ok(&["forget", "--name", "old", "--max-age", "0s"]);
+    let january = |repo: &Repo| -> Vec<String> {
+        repo.objects()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.contains("/2026-01/"))
+            .collect()
+    };
+    let keys = |repo: &Repo| {
+        january(repo)
+            .iter()
+            .filter(|n| n.starts_with("epochs/"))
+            .count()
+    };
+    assert_eq!(keys(&repo), 1);
+    // Packs, then the segments superseded by the sweep, then the empty segment that
+    // superseded them, then the key: each one grace period after it was marked.
+    let mut marked_key = false;
+    let mut runs = 0;
+    while keys(&repo) > 0 {
+        runs += 1;
+        assert!(
+            runs <= 6,
+            "the key is still there after 6 prunes: {:?}",
+            january(&repo)
+        );
+        let started = Instant::now();
+        let p = prune(&repo, "1s", &[]);
+        if count(&p, "keys_deleted") > 0 {
+            assert!(
+                marked_key,
+                "a key was deleted before any run marked it: {p}"
+            );
+        }
+        marked_key |= count(&p, "keys_marked") > 0;
+        wait_past(Duration::from_secs(1), started);
+    }
+    assert!(runs >= 2, "marked and deleted in one run");
+    assert_eq!(
+        january(&repo),
+        Vec::<String>::new(),
+        "January holds nothing"
+    );
+    repo.ok(&["check", "--read-data"]);
+    assert!(repo.restore_stdout(&kept_id) == kept);
+    // The month can be written again: a new key.
+    let again = run(
+        &[
+            "backup",
+            "--stdin",
+            "--name",
+            "old",
+            "--time",
+            "2026-01-16T00:00:00Z",
+            "--json",
+        ],
+        &old,
+    );
+    assert_eq!(keys(&repo), 1);
+    assert!(repo.restore_stdout(&again) == old);
+    // A month that holds data keeps its key.
+    let p = prune(&repo, "1s", &[]);
+    assert_eq!(count(&p, "keys_marked"), 0, "{p}");
+}
+
+#[test]
+fn a_writer_that_holds_a_condemned_epoch_key_refuses_to_commit_once_the_sweep_is_near() {
+    use kluis::keys::Secret;
+    use kluis::object::Epoch;
+    use kluis::repository::Repository;
+    use kluis::store::Store;
+
+    let repo = small_repo();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(&repo.url, false).unwrap();
+        let secret = Secret::from_key_file(&repo.key_file).unwrap();
+        let lib = Repository::open(store, &secret).await.unwrap();
+        let epoch = Epoch::parse("2025-06").unwrap();
+        // A writer made the month's key and then nothing else (it failed, say); another
+        // starts before a prune condemns the key.
+        let (made, _) = lib.write_key(epoch, &Default::default()).await.unwrap();
+        std::thread::sleep(Duration::from_millis(4200));
+        let writer = kluis::prune::WriterView::read(&lib).await.unwrap();
+        let marked_at = Instant::now();
+        let p = prune(&repo, "4s", &[]);
+        assert_eq!(count(&p, "keys_marked"), 1, "{p}");
+        let marked = kluis::prune::WriterView::read(&lib).await.unwrap();
+        assert!(marked.condemned_keys().contains(&(epoch, made.id)));
+        let none = Default::default();
+        writer
+            .check_commit(&lib, &none, (epoch, made.id))
+            .await
+            .unwrap();
+        wait_past(Duration::from_secs(3), marked_at);
+        let e = writer
+            .check_commit(&lib, &none, (epoch, made.id))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, kluis::Error::Conflict(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("the epoch key this snapshot is sealed under"),
+            "{e}"
+        );
+        // A writer that saw the mark makes another key instead of using the condemned one.
+        let (other, _) = lib.write_key(epoch, marked.condemned_keys()).await.unwrap();
+        assert_ne!(other.id, made.id);
+        marked
+            .check_commit(&lib, &none, (epoch, other.id))
+            .await
+            .unwrap();
+    });
+    // The sweep then deletes the condemned key only: the month holds a key in use... and
+    // nothing else, so that one is marked in turn.
+    let started = Instant::now();
+    wait_past(Duration::from_secs(4), started);
+    let p = prune(&repo, "4s", &[]);
+    assert_eq!(count(&p, "keys_deleted"), 1, "{p}");
+    let left = repo
+        .objects()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("epochs/2025-06/"))
+        .count();
+    assert_eq!(left, 1);
 }
 
 #[test]

@@ -62,7 +62,7 @@ pub(super) async fn upload_packs(
                     // A checkpoint must not list a pack a prune swept meanwhile: later
                     // backups would deduplicate against data that is gone.
                     let packs = segment.packs.iter().map(|p| p.id).collect();
-                    if let Err(e) = prune_view.check_commit(repo, &packs).await {
+                    if let Err(e) = prune_view.check_commit(repo, &packs, (key.epoch, key.id)).await {
                         cancel.cancel();
                         return Err(e);
                     }

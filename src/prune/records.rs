@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::add;
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
-use crate::object::{Kind, name};
+use crate::object::{Epoch, Kind, name};
 use crate::repository::Repository;
 
 use super::CONCURRENCY;
@@ -34,6 +34,10 @@ pub struct Mark {
     /// Superseded index segment names (`index/E/id`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub segments: Vec<String>,
+    /// Epoch keys of months that hold nothing any more, by name without a key generation
+    /// (`epochs/E/id`): the sweep deletes every generation's object of each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
 }
 
 impl Mark {
@@ -51,6 +55,13 @@ impl Mark {
         self.packs
             .iter()
             .filter_map(|p| name::parse_epoch_object(name::DATA, p).map(|(_, id)| id))
+    }
+
+    /// The epoch keys it condemns.
+    pub(super) fn key_ids(&self) -> impl Iterator<Item = (Epoch, ObjectId)> + '_ {
+        self.keys
+            .iter()
+            .filter_map(|k| name::parse_epoch_key(k).map(|(e, id, _)| (e, id)))
     }
 }
 

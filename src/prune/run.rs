@@ -9,10 +9,11 @@ use crate::clock::{self, add};
 use crate::error::{Error, Result};
 use crate::id::{BlobId, ObjectId};
 use crate::index::{IdMap, IdSet, Index};
-use crate::object::name;
+use crate::object::{Epoch, name};
 use crate::repository::Repository;
 use crate::tree::{self, Tree};
 
+use super::keys::EpochKeys;
 use super::records::{list_marks, list_records, put_json, read_marks};
 use super::*;
 
@@ -132,6 +133,22 @@ impl<'a> Pruner<'a> {
             .flat_map(|(_, _, _, _, s)| s.supersedes.iter().copied())
             .collect();
         let listed: HashMap<String, u64> = repo.store().sizes(name::DATA).await?;
+        // Everything of an epoch: while a month holds any of it, its keys stay. The keys are
+        // listed after the snapshots, segments and packs, so a key made since is younger than
+        // the grace period and is not marked.
+        let mut held: Vec<(Epoch, String)> = Vec::new();
+        held.extend(snapshots.iter().map(|s| (s.epoch(), String::new())));
+        held.extend(replayed.iter().filter_map(|o| {
+            name::parse_epoch_object(name::SNAPSHOTS, o).map(|(e, _)| (e, String::new()))
+        }));
+        held.extend(loaded.iter().map(|(o, _, e, _, _)| (*e, o.clone())));
+        held.extend(
+            listed.keys().filter_map(|o| {
+                name::parse_epoch_object(name::DATA, o).map(|(e, _)| (e, o.clone()))
+            }),
+        );
+        let present_segments: HashSet<ObjectId> = loaded.iter().map(|(_, id, ..)| *id).collect();
+        let keys = EpochKeys::list(repo).await?;
 
         let mut packs: IdMap<ObjectId, PackRec> = IdMap::default();
         let mut live = Vec::new();
@@ -159,6 +176,7 @@ impl<'a> Pruner<'a> {
                 epoch,
                 key_id,
                 packs: ids,
+                supersedes: seg.supersedes,
             });
         }
         self.report.packs = packs.len();
@@ -184,9 +202,20 @@ impl<'a> Pruner<'a> {
 
         // Sweep.
         let mut deleted: IdSet<ObjectId> = IdSet::default();
+        let due_segments: HashSet<&str> = due
+            .iter()
+            .flat_map(|m| m.segments.iter().map(String::as_str))
+            .collect();
         if !due.is_empty() {
             self.may_change().await?;
-            deleted = self.sweep(&due, &packs, &used, &listed, &mut live).await?;
+            let swept_now = self.sweep(&due, &packs, &used, &listed, &mut live).await?;
+            deleted = swept_now.packs;
+            let mut occupied = occupied(&held, |o| {
+                due_segments.contains(o) || pack_in(o, |id| deleted.contains(id))
+            });
+            occupied.extend(swept_now.rewritten);
+            self.sweep_keys(&due, &occupied, &keys).await?;
+            self.record_swept(&due).await?;
             if !deleted.is_empty() {
                 let pending_packs = pending.iter().flat_map(|m| m.pack_ids()).collect();
                 // One index at a time: the old one goes before the new one is built.
@@ -200,9 +229,11 @@ impl<'a> Pruner<'a> {
         self.may_change().await?;
         let mut already: IdSet<ObjectId> = IdSet::default();
         let mut already_segments: HashSet<&str> = HashSet::new();
+        let mut already_keys: HashSet<(Epoch, ObjectId)> = HashSet::new();
         for m in &pending {
             already.extend(m.pack_ids());
             already_segments.extend(m.segments.iter().map(String::as_str));
+            already_keys.extend(m.key_ids());
         }
         let mut mark = Mark {
             id: ObjectId::random(),
@@ -211,16 +242,27 @@ impl<'a> Pruner<'a> {
             grace_seconds: self.opts.grace.as_secs(),
             packs: Vec::new(),
             segments: Vec::new(),
+            keys: Vec::new(),
         };
-        let swept_segments: HashSet<&str> = due
-            .iter()
-            .flat_map(|m| m.segments.iter().map(String::as_str))
-            .collect();
         for object in old_segments.iter().chain(&self.retired) {
             if !already_segments.contains(object.as_str())
-                && !swept_segments.contains(object.as_str())
+                && !due_segments.contains(object.as_str())
             {
                 mark.segments.push(object.clone());
+            }
+        }
+        // A segment that lists no pack was written by a sweep to supersede others; once they
+        // are gone it has nothing left to do.
+        for seg in &live {
+            if seg.packs.is_empty()
+                && !already_segments.contains(seg.object.as_str())
+                && !due_segments.contains(seg.object.as_str())
+                && seg.supersedes.iter().all(|old| {
+                    !present_segments.contains(old)
+                        || due_segments.contains(name::index(seg.epoch, old).as_str())
+                })
+            {
+                mark.segments.push(seg.object.clone());
             }
         }
         // Packs the index lists.
@@ -272,11 +314,40 @@ impl<'a> Pruner<'a> {
             self.repack(&repack, &packs, &used, &index, &mut mark)
                 .await?;
         }
+        // Keys of months that will hold nothing once this mark and the pending ones are
+        // swept, each of whose objects is older than the grace period (a backup that just
+        // made one has not uploaded yet). A writer that read the marks before this one and
+        // still uses such a key refuses to commit near the sweep, and the sweep deletes a key
+        // only if its month then holds nothing.
+        let condemned_now: HashSet<&str> = mark
+            .packs
+            .iter()
+            .chain(&mark.segments)
+            .map(String::as_str)
+            .collect();
+        let occupied = occupied(&held, |o| {
+            condemned_now.contains(o)
+                || already_segments.contains(o)
+                || due_segments.contains(o)
+                || pack_in(o, |id| deleted.contains(id) || already.contains(id))
+        });
+        let swept_keys: HashSet<(Epoch, ObjectId)> = due.iter().flat_map(|m| m.key_ids()).collect();
+        let settled = clock::sub(now, self.opts.grace);
+        for (&(epoch, id), objects) in &keys.0 {
+            if !occupied.contains(&epoch)
+                && !already_keys.contains(&(epoch, id))
+                && !swept_keys.contains(&(epoch, id))
+                && objects.iter().all(|(_, stored)| *stored <= settled)
+            {
+                mark.keys.push(name::epoch_key(epoch, &id, None));
+            }
+        }
         mark.packs.sort();
         mark.segments.sort();
         self.report.packs_marked = mark.packs.len();
         self.report.segments_marked = mark.segments.len();
-        if !mark.packs.is_empty() || !mark.segments.is_empty() {
+        self.report.keys_marked = mark.keys.len();
+        if !mark.packs.is_empty() || !mark.segments.is_empty() || !mark.keys.is_empty() {
             self.report.next_sweep = Some(mark.due(now));
             if !self.opts.dry_run {
                 self.may_change().await?;
@@ -399,4 +470,18 @@ impl<'a> Pruner<'a> {
         }
         Ok(used)
     }
+}
+
+/// The epochs that hold an object of `held` (snapshots have an empty name) that `gone` does
+/// not take away.
+fn occupied(held: &[(Epoch, String)], gone: impl Fn(&str) -> bool) -> HashSet<Epoch> {
+    held.iter()
+        .filter(|(_, o)| o.is_empty() || !gone(o))
+        .map(|(e, _)| *e)
+        .collect()
+}
+
+/// Whether `object` is a pack whose id satisfies `test`.
+fn pack_in(object: &str, test: impl Fn(&ObjectId) -> bool) -> bool {
+    name::parse_epoch_object(name::DATA, object).is_some_and(|(_, id)| test(&id))
 }

@@ -13,9 +13,17 @@ use crate::object::{Epoch, name};
 use super::records::put_json;
 use super::*;
 
+/// What a sweep deleted and rewrote.
+pub(super) struct Sweep {
+    pub(super) packs: IdSet<ObjectId>,
+    /// The epochs it wrote new index segments in.
+    pub(super) rewritten: HashSet<Epoch>,
+}
+
 impl Pruner<'_> {
-    /// Deletes what the due marks condemned and nothing a snapshot needs; returns the packs
-    /// deleted (or, dry, that would be).
+    /// Deletes the packs and segments the due marks condemned and nothing a snapshot needs;
+    /// returns what it deleted and rewrote (or, dry, would). The marks' keys are swept next
+    /// ([`Pruner::sweep_keys`]), then the sweep is recorded ([`Pruner::record_swept`]).
     pub(super) async fn sweep(
         &mut self,
         due: &[&Mark],
@@ -23,7 +31,7 @@ impl Pruner<'_> {
         used: &IdSet<BlobId>,
         listed: &HashMap<String, u64>,
         live: &mut Vec<LiveSegment>,
-    ) -> Result<IdSet<ObjectId>> {
+    ) -> Result<Sweep> {
         let repo = self.repo;
         let mut condemned: Vec<(String, ObjectId)> = due
             .iter()
@@ -80,6 +88,7 @@ impl Pruner<'_> {
         }
         let mut groups: Vec<_> = groups.into_iter().collect();
         groups.sort_by_key(|(k, _)| *k);
+        let wrote: HashSet<Epoch> = groups.iter().map(|((e, _), _)| *e).collect();
         let mut retired = HashSet::new();
         for ((epoch, key_id), members) in groups {
             self.cancelled()?;
@@ -124,9 +133,19 @@ impl Pruner<'_> {
         self.report.segments_deleted = segments.len();
         if !self.opts.dry_run {
             delete_all(repo, segments).await?;
+        }
+        Ok(Sweep {
+            packs: deleted,
+            rewritten: wrote,
+        })
+    }
+
+    /// Records that the due marks' sweep finished (after their packs, segments and keys).
+    pub(super) async fn record_swept(&mut self, due: &[&Mark]) -> Result<()> {
+        if !self.opts.dry_run {
             for m in due {
                 put_json(
-                    repo,
+                    self.repo,
                     &name::prune_object(name::PRUNE_SWEPT, &m.id),
                     &Swept {
                         id: m.id,
@@ -137,7 +156,7 @@ impl Pruner<'_> {
             }
         }
         self.report.marks_swept = due.len();
-        Ok(deleted)
+        Ok(())
     }
 
     /// Writes the packs `ids` as index segments of `(epoch, key_id)`, one segment of at most

@@ -1,5 +1,6 @@
-//! The writer's side of prune's protocol: what a backup or copy must not deduplicate against,
-//! and whether it may still write an object that references packs a prune condemned.
+//! The writer's side of prune's protocol: what a backup or copy must not deduplicate against
+//! (packs) or write under (epoch keys), and whether it may still write an object that
+//! references packs, or uses a key, that a prune condemned.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use crate::clock::{self, Stopwatch, add};
 use crate::error::{Error, Result};
 use crate::id::ObjectId;
 use crate::index::IdSet;
+use crate::object::{Epoch, name};
 use crate::repository::Repository;
 
 use super::TOMBSTONE_LIFE;
@@ -20,12 +22,15 @@ pub(super) fn margin(grace: Duration) -> Duration {
     (grace / 4).min(Duration::from_secs(600))
 }
 
-/// What a writer (backup, copy) learned about prune before it started: the marks it saw, and
-/// the packs they condemn, which it must not deduplicate against.
+/// What a writer (backup, copy) learned about prune before it started: the marks it saw, the
+/// packs they condemn, which it must not deduplicate against, and the epoch keys they
+/// condemn, which it must not write under; and the erasures it saw.
 #[derive(Debug)]
 pub struct WriterView {
     seen: HashSet<ObjectId>,
     condemned: IdSet<ObjectId>,
+    condemned_keys: HashSet<(Epoch, ObjectId)>,
+    erasures: HashSet<String>,
     started: Stopwatch,
     /// Objects under `prune/` that are not prune's or cannot be read: ignored, reported.
     warnings: Vec<String>,
@@ -43,12 +48,23 @@ impl WriterView {
             .copied()
             .collect();
         let mut condemned = IdSet::default();
+        let mut condemned_keys = HashSet::new();
         for (mark, _) in read_marks(repo, &live, &mut warnings).await? {
             condemned.extend(mark.pack_ids());
+            condemned_keys.extend(mark.key_ids());
         }
+        let erasures = repo
+            .store()
+            .list(name::ERASURES)
+            .await?
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
         Ok(WriterView {
             seen: marks.into_iter().map(|(id, _)| id).collect(),
             condemned,
+            condemned_keys,
+            erasures,
             started,
             warnings,
         })
@@ -64,14 +80,50 @@ impl WriterView {
         &self.condemned
     }
 
-    /// Decides whether the writer may still write an object that references the packs
-    /// `needed`: an index segment listing packs it uploaded, or the snapshot manifest (which
-    /// needs the packs it deduplicated against *and* those its run uploaded). It may not if a
-    /// mark written since [`WriterView::read`] condemns one of them and that mark's sweep is
-    /// done or near (within the margin), by the store's clock: a writer whose own clock is
-    /// wrong decides the same. A segment listing a swept pack would make later backups
-    /// deduplicate against data that is gone.
-    pub async fn check_commit(&self, repo: &Repository, needed: &IdSet<ObjectId>) -> Result<()> {
+    /// Epoch keys the writer must not write under (a sweep will delete them).
+    pub fn condemned_keys(&self) -> &HashSet<(Epoch, ObjectId)> {
+        &self.condemned_keys
+    }
+
+    /// Before the manifest: refuses when an erasure that started since [`WriterView::read`]
+    /// destroys `epoch`'s keys. Its data would be sealed under a key that no longer exists.
+    pub async fn check_not_erased(&self, repo: &Repository, epoch: Epoch) -> Result<()> {
+        let listed = repo.store().list(name::ERASURES).await?;
+        if listed.iter().all(|o| self.erasures.contains(&o.name)) {
+            return Ok(());
+        }
+        let (records, _) = repo.erasures().await?;
+        for r in records {
+            if !self
+                .erasures
+                .contains(&name::prune_object(name::ERASURES, &r.id))
+                && r.destroyed.iter().any(|d| d.epoch == epoch)
+            {
+                return Err(Error::Conflict(format!(
+                    "erasure {} (by {}) destroys the keys of {epoch}, the month this snapshot is \
+                     for; nothing was committed",
+                    r.id.short(),
+                    r.by
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides whether the writer may still write an object, sealed under epoch key `key`,
+    /// that references the packs `needed`: an index segment listing packs it uploaded, or the
+    /// snapshot manifest (which needs the packs it deduplicated against *and* those its run
+    /// uploaded). It may not if a mark written since [`WriterView::read`] condemns one of them,
+    /// or the key, and that mark's sweep is done or near (within the margin), by the store's
+    /// clock: a writer whose own clock is wrong decides the same. A segment listing a swept
+    /// pack would make later backups deduplicate against data that is gone; an object under
+    /// a swept key cannot be read.
+    pub async fn check_commit(
+        &self,
+        repo: &Repository,
+        needed: &IdSet<ObjectId>,
+        key: (Epoch, ObjectId),
+    ) -> Result<()> {
         let elapsed = self.started.elapsed();
         if elapsed >= TOMBSTONE_LIFE {
             return Err(Error::Conflict(format!(
@@ -85,19 +137,23 @@ impl WriterView {
             .into_iter()
             .filter(|(m, _)| !self.seen.contains(m))
             .collect();
-        if new.is_empty() || needed.is_empty() {
+        if new.is_empty() {
             return Ok(());
         }
         // The store's clock, read only when a new mark touches this snapshot (rare).
         let mut now = None;
         for (mark, stored) in read_marks(repo, &new, &mut Vec::new()).await? {
-            if !mark.pack_ids().any(|p| needed.contains(&p)) {
+            let what = if mark.pack_ids().any(|p| needed.contains(&p)) {
+                "data this snapshot needs"
+            } else if mark.key_ids().any(|k| k == key) {
+                "the epoch key this snapshot is sealed under"
+            } else {
                 continue;
-            }
+            };
             let refuse = |why: String| {
                 Err(Error::Conflict(format!(
-                    "a prune (mark {}, host {}) condemned data this snapshot needs, and {why}; \
-                     nothing was committed, run it again",
+                    "a prune (mark {}, host {}) condemned {what}, and {why}; nothing was \
+                     committed, run it again",
                     mark.id.short(),
                     mark.host,
                 )))

@@ -126,13 +126,21 @@ impl Repository {
     }
 
     /// The key new data of `epoch` is written under, created when the epoch has none yet.
-    /// Writers that race to create one converge on the readable key with the smallest id. An
-    /// epoch key object that cannot be read (damaged, or junk a bucket writer put there) is
-    /// skipped and returned as a warning: it must not stop every backup of the month.
-    pub async fn write_key(&self, epoch: Epoch) -> Result<(Arc<EpochKey>, Vec<Error>)> {
+    /// Writers that race to create one converge on the readable key with the smallest id.
+    /// Keys in `condemned` (a prune will delete them: their month held nothing) are passed
+    /// over. An epoch key object that cannot be read (damaged, or junk a bucket writer put
+    /// there) is skipped and returned as a warning: it must not stop every backup of the month.
+    pub async fn write_key(
+        &self,
+        epoch: Epoch,
+        condemned: &std::collections::HashSet<(Epoch, ObjectId)>,
+    ) -> Result<(Arc<EpochKey>, Vec<Error>)> {
         let prefix = format!("{}/{epoch}", name::EPOCHS);
         let mut unreadable = Vec::new();
-        if let Some(key) = self.first_key(&prefix, epoch, &mut unreadable).await? {
+        if let Some(key) = self
+            .first_key(&prefix, epoch, condemned, &mut unreadable)
+            .await?
+        {
             return Ok((key, unreadable));
         }
         let id = ObjectId::random();
@@ -148,22 +156,30 @@ impl Repository {
                     .into(),
             ));
         }
-        let chosen = match self.first_key(&prefix, epoch, &mut Vec::new()).await? {
+        let chosen = match self
+            .first_key(&prefix, epoch, condemned, &mut Vec::new())
+            .await?
+        {
             Some(k) => k,
             None => self.epoch_key(epoch, id).await?,
         };
         Ok((chosen, unreadable))
     }
 
-    /// The readable key of `epoch` with the smallest id; keys that are damaged or missing on
-    /// reading are added to `unreadable`. Other errors (storage) stop it.
+    /// The readable key of `epoch` with the smallest id that is not `condemned`; keys that
+    /// are damaged or missing on reading are added to `unreadable`. Other errors (storage)
+    /// stop it.
     async fn first_key(
         &self,
         prefix: &str,
         epoch: Epoch,
+        condemned: &std::collections::HashSet<(Epoch, ObjectId)>,
         unreadable: &mut Vec<Error>,
     ) -> Result<Option<Arc<EpochKey>>> {
         for id in self.epoch_key_ids(prefix, epoch).await? {
+            if condemned.contains(&(epoch, id)) {
+                continue;
+            }
             match self.epoch_key(epoch, id).await {
                 Ok(key) => return Ok(Some(key)),
                 Err(e @ (Error::Corrupt { .. } | Error::MissingObject { .. })) => {
