@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Args;
 use jiff::Timestamp;
 
-use kluis::erase::{EraseOptions, EraseReport};
+use kluis::erase::{EraseOptions, EraseReport, Slots};
 use kluis::error::exit;
 use kluis::keyring::NewSlot;
 use kluis::keys::{Creator, KdfParams, Secret};
@@ -171,11 +171,15 @@ fn options(
     EraseOptions {
         before: a.before.expect("clap requires --before unless --list"),
         dry_run: a.dry_run,
-        slots,
-        secrets_changed,
+        slots: Slots::Rotate {
+            slots,
+            changed: secrets_changed,
+        },
         creator: Creator::here(),
         ledger,
         prune,
+        only_if_needed: false,
+        repack_all: true,
     }
 }
 

@@ -11,9 +11,10 @@ use crate::output;
 
 #[derive(Subcommand)]
 pub enum RetentionCommand {
-    /// For each snapshot: what the policy decides, when it expires, and the date by which it
-    /// is unrecoverable (its expiry, the maintenance run that forgets it, the prune grace
-    /// period, the run that deletes its data)
+    /// For each snapshot: what the policy decides, when it expires, the date by which it is
+    /// unrecoverable (its expiry, the maintenance run that forgets it, the prune grace period,
+    /// the run that deletes its data) and, with `erase_after`, the run that destroys its
+    /// month's keys
     Report(ReportArgs),
 }
 
@@ -38,12 +39,15 @@ pub async fn run(c: RetentionCommand) -> anyhow::Result<i32> {
             config.origin, a.repository
         ))
     })?;
-    let policy = r.retention.clone().ok_or_else(|| {
-        kluis::Error::InvalidInput(format!(
-            "repositories.{} in {} has no retention policy: nothing ever expires",
+    if r.retention.is_none() && r.erase_after.is_none() {
+        return Err(kluis::Error::InvalidInput(format!(
+            "repositories.{} in {} has no retention policy and no erase_after: nothing ever \
+             expires",
             a.repository, config.origin
         ))
-    })?;
+        .into());
+    }
+    let policy = r.retention.clone();
     let grace = r
         .prune
         .as_ref()
@@ -60,7 +64,8 @@ pub async fn run(c: RetentionCommand) -> anyhow::Result<i32> {
     }
     let rows = kluis::retention::report(
         &list,
-        &policy,
+        policy.as_ref(),
+        r.erase_after,
         grace,
         schedule.as_ref(),
         Timestamp::now(),
@@ -71,45 +76,49 @@ pub async fn run(c: RetentionCommand) -> anyhow::Result<i32> {
     } else {
         let show =
             |t: Option<Timestamp>, none: &str| t.map_or(none.to_string(), output::local_time);
+        let unbounded = if schedule.is_none() {
+            "no prune schedule"
+        } else {
+            "no max_age"
+        };
         let table: Vec<Vec<String>> = rows
             .iter()
             .map(|e| {
-                vec![
+                let mut row = vec![
                     e.id[..8].to_string(),
                     output::local_time(e.time),
                     e.host.clone(),
                     e.name.clone(),
                     if e.keep { "keep" } else { "remove" }.to_string(),
                     show(e.expires, "no max_age"),
-                    show(
-                        e.unrecoverable_by,
-                        if schedule.is_none() {
-                            "no prune schedule"
-                        } else {
-                            "no max_age"
-                        },
-                    ),
-                ]
+                    show(e.unrecoverable_by, unbounded),
+                ];
+                if r.erase_after.is_some() {
+                    row.push(show(e.key_destroyed_by, unbounded));
+                }
+                row
             })
             .collect();
-        print!(
-            "{}",
-            output::table(
-                &[
-                    "ID",
-                    "TIME",
-                    "HOST",
-                    "NAME",
-                    "TODAY",
-                    "EXPIRES",
-                    "UNRECOVERABLE BY"
-                ],
-                &table
-            )
-        );
+        let mut head = vec![
+            "ID",
+            "TIME",
+            "HOST",
+            "NAME",
+            "TODAY",
+            "EXPIRES",
+            "UNRECOVERABLE BY",
+        ];
+        if r.erase_after.is_some() {
+            head.push("KEY DESTROYED BY");
+        }
+        print!("{}", output::table(&head, &table));
         println!(
-            "policy {}; prune grace {}; maintenance {}",
-            serde_json::to_string(&policy)?,
+            "policy {}; erase after {}; prune grace {}; maintenance {}",
+            policy.as_ref().map_or("none".to_string(), |p| {
+                serde_json::to_string(p).unwrap_or_default()
+            }),
+            r.erase_after
+                .map_or("never".to_string(), kluis::retention::show),
             humantime::format_duration(grace),
             schedule.map_or("not scheduled".to_string(), |s| s.to_string())
         );

@@ -25,22 +25,36 @@ use crate::prune::{PruneOptions, PruneReport};
 use crate::repository::{DestroyedEpoch, ErasedSnapshot, ErasureRecord, Repository};
 use crate::snapshot::Snapshot;
 
+/// What becomes of the key slots.
+pub enum Slots {
+    /// A new key generation, with a slot for each of these secrets; every other slot is
+    /// removed. `changed`: each is a new secret (the guarantee against old copies of the
+    /// bucket depends on it: docs/FORMAT.md §6.10).
+    Rotate { slots: Vec<NewSlot>, changed: bool },
+    /// Every slot stays, and the key generation with it; the destroyed epochs' key objects
+    /// are deleted in place. A scheduled erasure has no new secrets to give, and must not
+    /// lock out the holders of other slots.
+    Keep,
+}
+
 /// What to erase, and how.
 pub struct EraseOptions {
     pub before: Timestamp,
     /// Plan and report; change nothing.
     pub dry_run: bool,
-    /// The secrets that get a slot of the new key generation (every other slot is removed).
-    pub slots: Vec<NewSlot>,
-    /// Whether each of `slots` is a new secret (the guarantee against old copies of the
-    /// bucket depends on it: docs/FORMAT.md §6.10).
-    pub secrets_changed: bool,
+    pub slots: Slots,
     pub creator: Creator,
     /// This host's ledger of the repository (the forget record's chain).
     pub ledger: Option<Ledger>,
-    /// How the epoch DATE falls in is pruned (its repack threshold is lowered to repack every
-    /// pack holding erased data).
+    /// How the epoch DATE falls in is pruned.
     pub prune: PruneOptions,
+    /// Write nothing, not even the erasure record, when there is nothing to erase (a
+    /// scheduled erasure, which runs every day); the report then says `nothing_to_do`.
+    pub only_if_needed: bool,
+    /// Lower the repack threshold of that prune to repack every pack holding erased data
+    /// (`kluis erase`); else it repacks as configured, and what stays in packs that are mostly
+    /// in use goes with the month's key (a scheduled erasure, which runs every day).
+    pub repack_all: bool,
 }
 
 /// What an erasure did (or, dry, would do): the record, and what became of it.
@@ -55,12 +69,15 @@ pub struct EraseReport {
     /// What can no longer be recovered, and the limits, in words for an auditor.
     pub statement: Vec<String>,
     pub warnings: Vec<String>,
+    /// No snapshot and no epoch lay before the date, and (`only_if_needed`) nothing was
+    /// written.
+    pub nothing_to_do: bool,
 }
 
 /// Erases everything of `repo` before `opts.before`; returns the repository opened with the
 /// new key generation (unchanged when dry), and the report.
 pub async fn erase(repo: Repository, opts: EraseOptions) -> Result<(Repository, EraseReport)> {
-    if opts.slots.is_empty() && !opts.dry_run {
+    if matches!(&opts.slots, Slots::Rotate { slots, .. } if slots.is_empty()) && !opts.dry_run {
         return Err(Error::invalid(
             "an erasure needs at least one secret for the new key generation",
         ));
@@ -74,11 +91,19 @@ pub async fn erase(repo: Repository, opts: EraseOptions) -> Result<(Repository, 
         prune: None,
         statement: Vec::new(),
         warnings: plan.warnings,
+        nothing_to_do: false,
     };
-    let kept_slots = opts.slots.len();
+    report.nothing_to_do = report.record.snapshots.is_empty() && report.record.destroyed.is_empty();
+    if report.nothing_to_do && opts.only_if_needed {
+        return Ok((repo, report));
+    }
+    let kept_slots = match &opts.slots {
+        Slots::Rotate { slots, .. } => Some(slots.len()),
+        Slots::Keep => None,
+    };
     if opts.dry_run {
         report.objects_deleted = plan.objects.len();
-        report.statement = statement(&report, kept_slots);
+        report.statement = statement(&report, kept_slots, opts.repack_all);
         return Ok((repo, report));
     }
     // 1. The record, before anything changes.
@@ -89,16 +114,29 @@ pub async fn erase(repo: Repository, opts: EraseOptions) -> Result<(Repository, 
     let warnings =
         crate::ledger::forget(&repo, &doomed, opts.ledger.as_ref(), &opts.creator.host).await?;
     report.warnings.extend(warnings);
-    // 3. The keys: a new generation without the destroyed epochs; then their objects.
-    let rotate = RotateOptions {
-        slots: opts.slots,
-        destroy: destroy.clone(),
-        creator: opts.creator.clone(),
-        next: Some(plan.next),
-    };
+    // 3. The keys: a new generation without the destroyed epochs (or, keeping every slot,
+    // their key objects deleted); then their objects.
     let lease = LeaseGuard::acquire(&repo, &opts.creator.host, LEASE_TTL).await?;
     let work = async {
-        let rotated = crate::keyring::rotate_under(&repo, &rotate, &lease).await?;
+        let rotated = match opts.slots {
+            Slots::Rotate { slots, .. } => {
+                let rotate = RotateOptions {
+                    slots,
+                    destroy: destroy.clone(),
+                    creator: opts.creator.clone(),
+                    next: Some(plan.next),
+                };
+                Some(crate::keyring::rotate_under(&repo, &rotate, &lease).await?)
+            }
+            Slots::Keep => {
+                for o in repo.store().list(name::EPOCHS).await? {
+                    if name::parse_epoch_key(&o.name).is_some_and(|(e, ..)| destroy.contains(&e)) {
+                        repo.store().delete(&o.name).await?;
+                    }
+                }
+                None
+            }
+        };
         lease.check().await?;
         let mut deleted = 0;
         let listed = epoch_objects(&repo).await?;
@@ -110,7 +148,7 @@ pub async fn erase(repo: Repository, opts: EraseOptions) -> Result<(Repository, 
     };
     let result = lease.hold(work).await;
     let released = lease.release().await;
-    let ((keys, slot, rotation), deleted) = result?;
+    let (rotated, deleted) = result?;
     released?;
     // The manifests of those epochs went with the forget record (step 2).
     let forgotten = plan
@@ -119,15 +157,22 @@ pub async fn erase(repo: Repository, opts: EraseOptions) -> Result<(Repository, 
         .filter(|s| destroy.contains(&s.epoch()))
         .count();
     report.objects_deleted = deleted + forgotten;
-    report.rotation = Some(rotation);
-    let repo = repo.with_keys(keys, slot);
+    let repo = match rotated {
+        Some((keys, slot, rotation)) => {
+            report.rotation = Some(rotation);
+            repo.with_keys(keys, slot)
+        }
+        None => repo,
+    };
     // 4. The epoch DATE falls in: its erased snapshots' data, by prune.
     if !report.record.deleted_only.is_empty() {
         let mut prune = opts.prune;
-        prune.repack_threshold = f64::MIN_POSITIVE;
+        if opts.repack_all {
+            prune.repack_threshold = f64::MIN_POSITIVE;
+        }
         report.prune = Some(crate::prune::prune(&repo, &prune).await?);
     }
-    report.statement = statement(&report, kept_slots);
+    report.statement = statement(&report, kept_slots, opts.repack_all);
     let destroyed: Vec<String> = report
         .record
         .destroyed
@@ -219,6 +264,10 @@ async fn plan(repo: &Repository, opts: &EraseOptions) -> Result<Plan> {
         .into_iter()
         .collect();
     let next = repo.slot_keys().next_generation();
+    let (generation_after, secrets_changed) = match &opts.slots {
+        Slots::Rotate { changed, .. } => (next.generation, *changed),
+        Slots::Keep => (repo.generation(), false),
+    };
     let record = ErasureRecord {
         id: ObjectId::random(),
         before,
@@ -251,8 +300,8 @@ async fn plan(repo: &Repository, opts: &EraseOptions) -> Result<Plan> {
             })
             .collect(),
         generation_before: repo.generation(),
-        generation_after: next.generation.expect("a new generation has an id"),
-        secrets_changed: opts.secrets_changed,
+        generation_after,
+        secrets_changed,
         program: format!("kluis {}", env!("CARGO_PKG_VERSION")),
     };
     let objects = objects
@@ -283,8 +332,9 @@ async fn epoch_objects(repo: &Repository) -> Result<Vec<(Epoch, String)>> {
     Ok(out)
 }
 
-/// What can no longer be recovered, and what still can, in words.
-fn statement(report: &EraseReport, kept_slots: usize) -> Vec<String> {
+/// What can no longer be recovered, and what still can, in words. `kept_slots`: the slots of
+/// the new key generation; `None`: every slot was kept, with its generation.
+fn statement(report: &EraseReport, kept_slots: Option<usize>, repack_all: bool) -> Vec<String> {
     let r = &report.record;
     let mut out = Vec::new();
     let when = if report.dry_run { "would be" } else { "are" };
@@ -315,7 +365,16 @@ fn statement(report: &EraseReport, kept_slots: usize) -> Vec<String> {
             || "the master key".to_string(),
             |g| format!("key generation {}", g.short()),
         );
-        if !r.secrets_changed {
+        if kept_slots.is_none() {
+            out.push(format!(
+                "Limit: every key slot was kept, and the key generation with it. A copy of the \
+                 bucket made before this erasure (a provider's backup, object versions, a stolen \
+                 disk) still holds the destroyed keys wrapped under {previous}, which every \
+                 secret that opens this repository now also opens. Rotate to new secrets \
+                 (`kluis key rotate --new-password-file ...`) and destroy the old ones to close \
+                 this."
+            ));
+        } else if !r.secrets_changed {
             out.push(format!(
                 "Limit: the secrets were not changed. A copy of the bucket made before this \
                  erasure (a provider's backup, object versions, a stolen disk) still holds the \
@@ -337,8 +396,8 @@ fn statement(report: &EraseReport, kept_slots: usize) -> Vec<String> {
                  hold the destroyed keys only wrapped under {previous}, whose slots only the \
                  retired secrets open: with the secrets kept now ({} slot(s) of key generation \
                  {}), none of it decrypts. Destroy the retired secrets.",
-                kept_slots,
-                r.generation_after.short()
+                kept_slots.unwrap_or(0),
+                r.generation_after.map_or_else(String::new, |g| g.short())
             ));
         }
     }
@@ -354,10 +413,16 @@ fn statement(report: &EraseReport, kept_slots: usize) -> Vec<String> {
         out.push(format!(
             "Deleted only: {} snapshot(s) of {epoch} taken before {}. The month's key stays (its \
              later snapshots use it); their manifests {when} deleted and their data is deleted by \
-             {next}. A copy of that data made before then can still be decrypted with the \
+             {next}{}. A copy of that data made before then can still be decrypted with the \
              month's key.",
             count(*epoch),
-            r.before
+            r.before,
+            if repack_all {
+                ""
+            } else {
+                ", except data in packs mostly in use by later snapshots (the repack threshold \
+                 keeps them), which goes when the month's key is destroyed"
+            }
         ));
     }
     out

@@ -361,19 +361,30 @@ pub async fn for_maintenance<'a>(config: &'a Loaded, name: &str) -> Result<Maint
     })
 }
 
-/// A repository's maintenance: forget by its retention policy (if it has one), then prune with
-/// its prune settings. Returns how many snapshots were forgotten and what prune did.
+/// What a maintenance run did.
+#[derive(Debug)]
+pub struct MaintenanceReport {
+    /// Snapshots the retention policy forgot.
+    pub forgotten: usize,
+    /// The erasure `erase_after` asked for, if it is set.
+    pub erased: Option<crate::erase::EraseReport>,
+    pub prune: crate::prune::PruneReport,
+}
+
+/// A repository's maintenance: forget by its retention policy (if it has one), erase what is
+/// older than its `erase_after` (if set; every key slot kept), then prune with its prune
+/// settings.
 pub async fn maintain(
     config: &Loaded,
     repository: &str,
     cancel: Cancel,
-) -> Result<(usize, crate::prune::PruneReport)> {
+) -> Result<MaintenanceReport> {
     let Maintained {
         repo,
         settings,
         ledger,
     } = for_maintenance(config, repository).await?;
-    let (mut removed, mut warnings) = (0, Vec::new());
+    let (mut forgotten, mut warnings) = (0, Vec::new());
     if let Some(policy) = &settings.retention {
         let done = crate::forget::forget(
             &repo,
@@ -382,22 +393,57 @@ pub async fn maintain(
                 time_zone: config.time_zone.clone(),
                 only: None,
                 dry_run: false,
-                ledger,
+                ledger: ledger.clone(),
                 cancel: cancel.clone(),
             },
         )
         .await?;
-        (removed, warnings) = (done.removed, done.warnings);
+        (forgotten, warnings) = (done.removed, done.warnings);
     }
     let mut opts = settings
         .prune
         .as_ref()
         .map(|p| p.options())
         .unwrap_or_default();
-    opts.cancel = cancel;
-    let mut report = crate::prune::prune(&repo, &opts).await?;
-    report.warnings.extend(warnings);
-    Ok((removed, report))
+    opts.cancel = cancel.clone();
+    let (repo, mut erased) = match settings.erase_after {
+        Some(after) => {
+            let before = crate::clock::sub(Timestamp::now(), after);
+            let (repo, report) = crate::erase::erase(
+                repo,
+                crate::erase::EraseOptions {
+                    before,
+                    dry_run: false,
+                    slots: crate::erase::Slots::Keep,
+                    creator: crate::keys::Creator::here(),
+                    ledger,
+                    prune: opts.clone(),
+                    only_if_needed: true,
+                    repack_all: false,
+                },
+            )
+            .await?;
+            (repo, Some(report))
+        }
+        None => (repo, None),
+    };
+    if cancel.is_cancelled() {
+        return Err(Error::Interrupted);
+    }
+    // The erasure pruned already when it forgot snapshots of the month it falls in.
+    let mut prune = match erased.as_mut().and_then(|e| e.prune.take()) {
+        Some(done) => done,
+        None => crate::prune::prune(&repo, &opts).await?,
+    };
+    prune.warnings.extend(warnings);
+    if let Some(e) = &erased {
+        prune.warnings.extend(e.warnings.iter().cloned());
+    }
+    Ok(MaintenanceReport {
+        forgotten,
+        erased,
+        prune,
+    })
 }
 
 /// Runs a copy rule now: its selection of `from`'s snapshots that `to` has no copy of yet.

@@ -49,6 +49,9 @@ pub struct Metrics {
     pub prune_packs_deleted: IntCounterVec,
     pub prune_marked_bytes: IntGaugeVec,
     pub forget_removed: IntCounterVec,
+    pub erase_snapshots: IntCounterVec,
+    pub erase_epochs: IntCounterVec,
+    pub erase_before: GaugeVec,
     pub copy_last_run: GaugeVec,
     pub copy_last_success: GaugeVec,
     pub copy_duration: GaugeVec,
@@ -291,6 +294,24 @@ impl Metrics {
                 IntCounterVec,
                 "kluis_forget_removed_snapshots_total",
                 "Snapshots removed by the repository's retention policy.",
+                &["repository"]
+            ),
+            erase_snapshots: register!(
+                IntCounterVec,
+                "kluis_erase_snapshots_total",
+                "Snapshots the repository's scheduled erasure (erase_after) erased.",
+                &["repository"]
+            ),
+            erase_epochs: register!(
+                IntCounterVec,
+                "kluis_erase_epochs_destroyed_total",
+                "Months whose keys the repository's scheduled erasure destroyed.",
+                &["repository"]
+            ),
+            erase_before: register!(
+                GaugeVec,
+                "kluis_erase_before_timestamp_seconds",
+                "Everything before this time was erased by the repository's last scheduled erasure (Unix time).",
                 &["repository"]
             ),
             copy_last_run: register!(

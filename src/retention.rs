@@ -21,6 +21,7 @@ use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::object::Epoch;
 use crate::snapshot::Snapshot;
 
 /// A retention policy.
@@ -45,7 +46,8 @@ pub struct Policy {
     pub max_age: Option<Duration>,
 }
 
-mod opt_human {
+/// Optional durations as humantime strings (also for the configuration file).
+pub(crate) mod opt_human {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -104,6 +106,27 @@ pub struct Decision {
     /// The rules that keep it (`last 1`, `daily 3`, `within 7d`), or why it goes
     /// (`older than max-age 30d`, `no rule keeps it`).
     pub reasons: Vec<String>,
+}
+
+/// Every snapshot kept (no retention policy), grouped and ordered as [`decide`] does.
+fn keep_all(snapshots: &[Snapshot]) -> Vec<Decision> {
+    let mut all: Vec<&Snapshot> = snapshots.iter().collect();
+    all.sort_by(|a, b| {
+        (a.host.as_str(), a.name.as_str())
+            .cmp(&(b.host.as_str(), b.name.as_str()))
+            .then(b.time.cmp(&a.time))
+            .then(b.id.to_hex().cmp(&a.id.to_hex()))
+    });
+    all.into_iter()
+        .map(|s| Decision {
+            id: s.id.to_hex(),
+            time: s.time,
+            host: s.host.clone(),
+            name: s.name.clone(),
+            keep: true,
+            reasons: vec!["no retention policy".into()],
+        })
+        .collect()
 }
 
 /// Decides every snapshot, as of `now`, with calendar buckets in `tz`. The result is grouped
@@ -458,47 +481,65 @@ pub struct Expiry {
     /// What the policy decides today, and why.
     pub keep: bool,
     pub reasons: Vec<String>,
-    /// When `max_age` removes it at the latest (none without `max_age`).
+    /// When `max_age` (or the repository's `erase_after`) removes it at the latest (none
+    /// without either).
     pub expires: Option<Timestamp>,
     /// The first maintenance run at or after `expires` forgets it; the first one after that
     /// plus the grace period deletes its last data. `None`: no upper bound (no `max_age`, or
-    /// no maintenance schedule).
+    /// no maintenance schedule). Never after `key_destroyed_by`.
     pub unrecoverable_by: Option<Timestamp>,
+    /// With `erase_after`: the maintenance run that destroys the keys of its month (the first
+    /// at or after the month's end plus `erase_after`), after which no secret decrypts it.
+    pub key_destroyed_by: Option<Timestamp>,
 }
 
 /// For each snapshot, the date by which it will be unrecoverable: its expiry under `max_age`
-/// (or now, if the policy already removes it), then the maintenance run that forgets it, then
-/// the grace period, then the run that sweeps its data.
+/// or `erase_after` (or now, if the policy already removes it), then the maintenance run that
+/// forgets it, then the grace period, then the run that sweeps its data; and, with
+/// `erase_after`, the run that destroys its month's keys.
 pub fn report(
     snapshots: &[Snapshot],
-    policy: &Policy,
+    policy: Option<&Policy>,
+    erase_after: Option<Duration>,
     grace: Duration,
     schedule: Option<&crate::schedule::Schedule>,
     now: Timestamp,
     tz: &TimeZone,
 ) -> Result<Vec<Expiry>> {
-    let decisions = decide(snapshots, policy, now, tz)?;
-    let grace = jiff::SignedDuration::try_from(grace).unwrap_or(jiff::SignedDuration::MAX);
+    let everything = Policy::default();
+    let decisions = match policy {
+        Some(p) => decide(snapshots, p, now, tz)?,
+        None => keep_all(snapshots),
+    };
+    let policy = policy.unwrap_or(&everything);
+    let span = |d: Duration| jiff::SignedDuration::try_from(d).ok();
+    let grace = span(grace).unwrap_or(jiff::SignedDuration::MAX);
+    let run_at = |t: Timestamp| schedule.and_then(|s| s.next_after(t.max(now), tz));
     Ok(decisions
         .into_iter()
         .map(|d| {
+            let after = |limit: Option<Duration>| {
+                limit
+                    .and_then(span)
+                    .and_then(|m| d.time.checked_add(m).ok())
+            };
             let expires = if !d.keep {
                 Some(now)
             } else {
-                policy.max_age.and_then(|m| {
-                    let m = jiff::SignedDuration::try_from(m).ok()?;
-                    d.time.checked_add(m).ok()
-                })
+                [after(policy.max_age), after(erase_after)]
+                    .into_iter()
+                    .flatten()
+                    .min()
             };
-            let unrecoverable_by = match (expires, schedule) {
-                (Some(e), Some(s)) => {
-                    let forgotten = s.next_after(e.max(now), tz);
-                    forgotten
-                        .and_then(|f| f.checked_add(grace).ok())
-                        .and_then(|g| s.next_after(g, tz))
-                }
-                _ => None,
-            };
+            let key_destroyed_by = erase_after
+                .and_then(span)
+                .and_then(|m| Epoch::of(d.time).end().checked_add(m).ok())
+                .and_then(run_at);
+            let swept = expires
+                .and_then(run_at)
+                .and_then(|f| f.checked_add(grace).ok())
+                .and_then(run_at);
+            let unrecoverable_by = [swept, key_destroyed_by].into_iter().flatten().min();
             Expiry {
                 id: d.id,
                 time: d.time,
@@ -508,6 +549,7 @@ pub fn report(
                 reasons: d.reasons,
                 expires,
                 unrecoverable_by,
+                key_destroyed_by,
             }
         })
         .collect())

@@ -1181,3 +1181,139 @@ fn once_runs_jobs_then_copies_drills_and_maintenance() {
     assert!(at("copy offsite: 1 snapshot(s) copied") < at("drill cmd: snapshot"));
     assert!(at("(newest) passed") < at("repository local: forgot 0 snapshot(s)"));
 }
+
+#[test]
+fn scheduled_erasure_destroys_the_keys_of_months_past_erase_after_and_keeps_every_slot() {
+    let setup = Setup::new(
+        "",
+        "erase_after = \"30d\"\n\
+         prune = { schedule = \"every 2s\", grace = \"3s\" }\n\n\
+         [jobs.db]\nrepository = \"local\"\ncommand = \"seq 1 5000\"\n\
+         schedule = \"daily at 02:00\"\ntimeout = \"2s\"\n",
+    );
+    let out = setup.kluisd(&["--once"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let now = jiff::Timestamp::now();
+    let days = |d: i64| now - jiff::SignedDuration::from_hours(24 * d);
+    for (i, d) in [100, 70, 35, 1].into_iter().enumerate() {
+        let t = days(d).to_string();
+        let input = dump_like(70 + i as u64, 50_000);
+        let mut child = Command::new(KLUIS)
+            .args(["backup", "--stdin", "--name", "old", "--time", &t])
+            .env("KLUIS_REPOSITORY", setup.state().join("repository"))
+            .env("KLUIS_KEY_FILE", setup.state().join("repository.key"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), &input).unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    // A second holder's slot: a scheduled erasure must not lock it out.
+    let other = setup.state().join("other.key");
+    assert!(
+        setup
+            .kluis(&["key", "generate", other.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let out = setup.kluis(&["key", "add", "--new-key-file", other.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let slots = |s: &Setup| -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&s.kluis(&["key", "list", "--json"]).stdout).unwrap();
+        let mut ids: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before_slots = slots(&setup);
+    assert_eq!(before_slots.len(), 2);
+
+    let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    let page = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let (_, page) = http_get(setup.port, "/metrics");
+        let erased = metric(&page, "kluis_erase_snapshots_total{repository=\"local\"}");
+        if erased.is_some_and(|d| d > 0.0) || start.elapsed() > Duration::from_secs(40) {
+            break page;
+        }
+    };
+    signal(&child, "-TERM");
+    let (code, log) = finish(child, Duration::from_secs(30));
+    assert!(code.is_some(), "{log}");
+    assert_eq!(
+        metric(&page, "kluis_erase_snapshots_total{repository=\"local\"}"),
+        Some(3.0),
+        "{page}\n{log}"
+    );
+    assert!(
+        metric(
+            &page,
+            "kluis_erase_epochs_destroyed_total{repository=\"local\"}"
+        )
+        .is_some_and(|n| n >= 2.0),
+        "{page}"
+    );
+    let before = metric(
+        &page,
+        "kluis_erase_before_timestamp_seconds{repository=\"local\"}",
+    )
+    .expect("the erasure's date");
+    let cutoff = days(30).as_second() as f64;
+    assert!((before - cutoff).abs() < 120.0, "{before} vs {cutoff}");
+    promtool_check_metrics(&page);
+    assert!(log.contains("repository local: erasure "), "{log}");
+
+    // Nothing older than 30 days is left, and no month that ended before then has a key or
+    // an object; the rest restores, and both secrets still open the repository.
+    let list = setup.snapshots();
+    for s in &list {
+        let t: jiff::Timestamp = s["time"].as_str().unwrap().parse().unwrap();
+        assert!(t >= days(30), "{s} survived");
+    }
+    assert!(
+        list.iter().any(|s| s["name"] == "old"),
+        "the 1-day-old one stays"
+    );
+    let repo = setup.state().join("repository");
+    for d in [100, 70] {
+        let month = kluis::object::Epoch::of(days(d)).to_string();
+        for prefix in ["epochs", "data", "index", "snapshots"] {
+            let dir = repo.join(prefix).join(&month);
+            let mut left = Vec::new();
+            if dir.exists() {
+                walk(&dir, &mut |p| left.push(p.display().to_string()));
+            }
+            assert!(left.is_empty(), "{} holds {left:?}", dir.display());
+        }
+    }
+    for s in &list {
+        let out = setup.kluis(&["restore", s["id"].as_str().unwrap(), "--stdout"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    assert_eq!(slots(&setup), before_slots, "every slot kept");
+    let out = Command::new(KLUIS)
+        .args(["snapshots"])
+        .env("KLUIS_REPOSITORY", &repo)
+        .env("KLUIS_KEY_FILE", &other)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The record says what went, by whom, and that the secrets were kept.
+    let out = setup.kluis(&["erase", "--list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let records: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = &records.as_array().unwrap()[0];
+    assert_eq!(first["secrets_changed"], false);
+    assert_eq!(first["generation_before"], first["generation_after"]);
+    let out = setup.kluis(&["audit", "--kind", "erase", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = setup.kluis(&["check"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

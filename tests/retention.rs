@@ -281,3 +281,125 @@ fn the_retention_report_gives_each_snapshot_the_date_it_becomes_unrecoverable() 
         "{v}"
     );
 }
+
+#[test]
+fn erase_after_and_max_age_agree_and_the_report_gives_the_day_keys_are_destroyed() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let check = |body: &str| {
+        let path = dir.path().join("check.toml");
+        std::fs::write(&path, body).unwrap();
+        std::process::Command::new(KLUIS)
+            .args(["config", "check"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let repo = "[repositories.r]\nurl = \"/x\"\nkey_file = \"/k\"\n";
+    // An erasure that destroyed what the policy keeps would make the policy a lie.
+    let out = check(&format!(
+        "{repo}retention = {{ keep_daily = 7, max_age = \"60d\" }}\nerase_after = \"30d\"\n\
+         prune = {{ schedule = \"daily at 05:00\" }}\n"
+    ));
+    let err = assert_code(&out, EXIT_USAGE, "erase_after below max_age");
+    assert!(
+        err.contains("repositories.r.erase_after (30d) is shorter than retention.max_age (60d)"),
+        "{err}"
+    );
+    // It is enforced by the scheduled maintenance, so it needs one.
+    let out = check(&format!("{repo}erase_after = \"30d\"\n"));
+    let err = assert_code(&out, EXIT_USAGE, "erase_after without a schedule");
+    assert!(err.contains("prune = { schedule"), "{err}");
+    let out = check(&format!(
+        "{repo}erase_after = \"0s\"\nprune = {{ schedule = \"daily at 05:00\" }}\n"
+    ));
+    assert_code(&out, EXIT_USAGE, "erase_after of 0");
+
+    // The report: with erase_after, each snapshot's month is destroyed by the first run at or
+    // after the month's end plus erase_after, and it is unrecoverable no later than that.
+    let config = dir.path().join("kluisd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nstate_dir = \"{}\"\ntime_zone = \"UTC\"\n\
+             [repositories.offsite]\nurl = \"{{state_dir}}/repo\"\n\
+             key_file = \"{{state_dir}}/repo.key\"\ninit = true\n\
+             erase_after = \"40d\"\n\
+             prune = {{ schedule = \"daily at 05:00\", grace = \"24h\" }}\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let kluis = |args: &[&str]| {
+        let out = std::process::Command::new(KLUIS)
+            .args(args)
+            .env("KLUIS_REPOSITORY", dir.path().join("state/repo"))
+            .env("KLUIS_KEY_FILE", dir.path().join("state/repo.key"))
+            .output()
+            .unwrap();
+        assert_success(&out, args);
+        out.stdout
+    };
+    let report = || -> serde_json::Value {
+        let c = config.to_str().unwrap();
+        serde_json::from_slice(&kluis(&[
+            "retention",
+            "report",
+            "--config",
+            c,
+            "--repository",
+            "offsite",
+            "--json",
+        ]))
+        .unwrap()
+    };
+    assert_eq!(report().as_array().unwrap().len(), 0);
+    let time = "2026-03-10T12:00:00Z";
+    kluis(&[
+        "backup",
+        "--command",
+        "echo rows",
+        "--name",
+        "db",
+        "--time",
+        time,
+    ]);
+    let v = report();
+    let row = &v.as_array().unwrap()[0];
+    let ts = |f: &str| -> jiff::Timestamp { row[f].as_str().unwrap().parse().unwrap() };
+    assert_eq!(row["keep"], true, "{v}");
+    // Expires 40 days after its time; its month (March) ends 2026-04-01, plus 40 days.
+    assert_eq!(
+        ts("expires"),
+        ts("time") + jiff::SignedDuration::from_hours(40 * 24)
+    );
+    let destroyed = ts("key_destroyed_by");
+    let due: jiff::Timestamp = "2026-05-11T00:00:00Z".parse().unwrap();
+    let now = jiff::Timestamp::now();
+    let earliest = due.max(now);
+    assert!(
+        destroyed >= earliest
+            && destroyed.duration_since(earliest) <= jiff::SignedDuration::from_hours(24),
+        "{v}"
+    );
+    assert_eq!(
+        destroyed.to_zoned_datetime(jiff::tz::TimeZone::UTC).hour(),
+        5,
+        "{v}"
+    );
+    assert!(ts("unrecoverable_by") <= destroyed, "{v}");
+    // The text form names the column.
+    let c = config.to_str().unwrap();
+    let out = kluis(&[
+        "retention",
+        "report",
+        "--config",
+        c,
+        "--repository",
+        "offsite",
+    ]);
+    let t = String::from_utf8(out).unwrap();
+    assert!(
+        t.contains("KEY DESTROYED BY") && t.contains("erase after 40d"),
+        "{t}"
+    );
+}

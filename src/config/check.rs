@@ -56,6 +56,30 @@ impl Loaded {
                     ))
                 })?;
             }
+            if let Some(after) = r.erase_after {
+                let key = format!("config {origin}: repositories.{name}.erase_after");
+                if after.is_zero() {
+                    return Err(Error::invalid(format!("{key} must be more than 0")));
+                }
+                // Retention and erasure must agree: an erasure that destroyed what the policy
+                // keeps would make the policy a lie.
+                if let Some(max) = r.retention.as_ref().and_then(|p| p.max_age) {
+                    if after < max {
+                        return Err(Error::invalid(format!(
+                            "{key} ({}) is shorter than retention.max_age ({}): erasure would \
+                             destroy snapshots the retention policy keeps",
+                            crate::retention::show(after),
+                            crate::retention::show(max)
+                        )));
+                    }
+                }
+                if r.prune.as_ref().and_then(|p| p.schedule.as_ref()).is_none() {
+                    return Err(Error::invalid(format!(
+                        "{key} is enforced by the scheduled maintenance: give the repository \
+                         prune = {{ schedule = \"...\" }}"
+                    )));
+                }
+            }
             if r.init && r.key_file.is_none() {
                 return Err(Error::invalid(format!(
                     "config {origin}: repositories.{name}: init needs a key_file (created when \

@@ -92,8 +92,14 @@ pub struct RepositoryConfig {
     /// `{ keep_daily = 14, keep_monthly = 6, max_age = "200d" }`; see [`crate::retention`].
     pub retention: Option<crate::retention::Policy>,
     /// Scheduled maintenance: `{ schedule = "daily at 05:00", grace = "24h" }`. Each run
-    /// forgets by `retention` (if set), then prunes.
+    /// forgets by `retention` (if set), erases by `erase_after` (if set), then prunes.
     pub prune: Option<PruneConfig>,
+    /// A hard age, enforced by destroying keys (`"400d"`): each maintenance run erases every
+    /// snapshot older than this (`kluis erase --before`, keeping every key slot). Months that
+    /// end before it lose their keys and objects; the month it falls in loses the older
+    /// snapshots by deletion. Needs `prune.schedule`; at least `retention.max_age`.
+    #[serde(default, with = "crate::retention::opt_human")]
+    pub erase_after: Option<Duration>,
 }
 
 /// `[repositories.NAME] prune = { ... }`.

@@ -76,11 +76,18 @@ impl Metrics {
         self.forget_removed.with_label_values(&[repository]);
     }
 
-    /// Records a maintenance run: what forget removed and what prune did, or its failure.
+    /// A repository's scheduled erasure labels exist from the start.
+    pub fn declare_erase(&self, repository: &str) {
+        self.erase_snapshots.with_label_values(&[repository]);
+        self.erase_epochs.with_label_values(&[repository]);
+    }
+
+    /// Records a maintenance run: what forget removed, what the erasure destroyed and what
+    /// prune did, or its failure.
     pub fn record_prune(
         &self,
         repository: &str,
-        result: Result<(usize, &crate::prune::PruneReport), ()>,
+        result: Result<&crate::jobs::MaintenanceReport, ()>,
         seconds: f64,
     ) {
         let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
@@ -88,7 +95,19 @@ impl Metrics {
         self.prune_last_run.with_label_values(&r).set(now);
         self.prune_duration.with_label_values(&r).set(seconds);
         match result {
-            Ok((removed, report)) => {
+            Ok(done) => {
+                let (removed, report) = (done.forgotten, &done.prune);
+                if let Some(e) = &done.erased {
+                    self.erase_snapshots
+                        .with_label_values(&r)
+                        .inc_by(e.record.snapshots.len() as u64);
+                    self.erase_epochs
+                        .with_label_values(&r)
+                        .inc_by(e.record.destroyed.len() as u64);
+                    self.erase_before
+                        .with_label_values(&r)
+                        .set(e.record.before.as_millisecond() as f64 / 1000.0);
+                }
                 self.prune_last_success.with_label_values(&r).set(now);
                 self.prune_runs
                     .with_label_values(&[repository, "success"])

@@ -25,9 +25,10 @@ pub struct ErasureRecord {
     pub deleted_only: Vec<Epoch>,
     /// The snapshots erased.
     pub snapshots: Vec<ErasedSnapshot>,
-    /// The key generation before and after (see `crate::keyring`).
+    /// The key generation before and after (see `crate::keyring`); the same when every slot
+    /// was kept (a scheduled erasure).
     pub generation_before: Option<ObjectId>,
-    pub generation_after: ObjectId,
+    pub generation_after: Option<ObjectId>,
     /// Whether every secret kept after the erasure is a new one (see docs/FORMAT.md §6.10).
     pub secrets_changed: bool,
     pub program: String,

@@ -188,6 +188,13 @@ async fn observe(config: &Loaded, metrics: &Metrics, board: &Board) -> History {
     }
     for task in &config.prunes {
         metrics.declare_prune(&task.repository);
+        if config
+            .repositories
+            .get(&task.repository)
+            .is_some_and(|r| r.erase_after.is_some())
+        {
+            metrics.declare_erase(&task.repository);
+        }
     }
     for rule in &config.copies {
         metrics.declare_copy(rule);
@@ -479,8 +486,8 @@ async fn run_job_inner(
     }
 }
 
-/// One maintenance run of a repository (forget by its retention, then prune), with its
-/// timeout; logs the result and records it in the metrics.
+/// One maintenance run of a repository (forget by its retention, erase by its `erase_after`,
+/// then prune), with its timeout; logs the result and records it in the metrics.
 async fn run_maintenance(
     config: &Loaded,
     task: &crate::config::Maintenance,
@@ -497,9 +504,28 @@ async fn run_maintenance(
     };
     let seconds = started.elapsed().as_secs_f64();
     match result {
-        Ok((removed, report)) => {
+        Ok(done) => {
+            if let Some(e) = done.erased.as_ref().filter(|e| !e.nothing_to_do) {
+                let r = &e.record;
+                let destroyed: Vec<String> =
+                    r.destroyed.iter().map(|d| d.epoch.to_string()).collect();
+                log(format!(
+                    "repository {name}: erasure {} of everything before {}: {} snapshot(s), keys destroyed: {}, {} object(s) deleted",
+                    r.id.short(),
+                    r.before,
+                    r.snapshots.len(),
+                    if destroyed.is_empty() {
+                        "none".to_string()
+                    } else {
+                        destroyed.join(", ")
+                    },
+                    e.objects_deleted
+                ));
+            }
+            let report = &done.prune;
             log(format!(
-                "repository {name}: forgot {removed} snapshot(s); prune deleted {} pack(s) ({} bytes), marked {} pack(s) ({} bytes), in {seconds:.1} s",
+                "repository {name}: forgot {} snapshot(s); prune deleted {} pack(s) ({} bytes), marked {} pack(s) ({} bytes), in {seconds:.1} s",
+                done.forgotten,
                 report.packs_deleted,
                 report.bytes_reclaimed,
                 report.packs_marked,
@@ -508,7 +534,7 @@ async fn run_maintenance(
             for w in &report.warnings {
                 log(format!("repository {name}: prune warning: {w}"));
             }
-            metrics.record_prune(name, Ok((removed, &report)), seconds);
+            metrics.record_prune(name, Ok(&done), seconds);
             Outcome::Ok
         }
         Err(e) => {
