@@ -1317,3 +1317,69 @@ fn scheduled_erasure_destroys_the_keys_of_months_past_erase_after_and_keeps_ever
     let out = setup.kluis(&["check"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_reload_is_an_audit_record_and_the_trail_is_verified_and_counted() {
+    let setup = Setup::new(
+        "",
+        "[jobs.cmd]\nrepository = \"local\"\ncommand = \"seq 1 1000\"\nschedule = \"every 1s\"\n",
+    );
+    let child = setup.kluisd(&[]).stderr(Stdio::piped()).spawn().unwrap();
+    assert!(setup.wait_for_snapshots(1, Duration::from_secs(20)));
+    let poll_until = |done: &dyn Fn(&str) -> bool| {
+        let start = Instant::now();
+        loop {
+            let page = http_get(setup.port, "/metrics").1;
+            if done(&page) || start.elapsed() > Duration::from_secs(30) {
+                return page;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let reloads = |page: &str| {
+        metric(
+            page,
+            "kluis_audit_records_total{kind=\"config-reload\",repository=\"local\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let problems = |page: &str| metric(page, "kluis_audit_chain_problems{repository=\"local\"}");
+    let page = poll_until(&|p| problems(p).is_some());
+    assert_eq!(problems(&page), Some(0.0), "{page}");
+    assert_eq!(reloads(&page), 0.0, "{page}");
+
+    // A reload is recorded in the repository it names, and counted once the trail is
+    // verified again (after the next run).
+    signal(&child, "-HUP");
+    let page = poll_until(&|p| reloads(p) >= 1.0);
+    assert_eq!(reloads(&page), 1.0, "{page}");
+    promtool_check_metrics(&page);
+    let out = setup.kluis(&["audit", "--kind", "config-reload", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let trail: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let record = trail["records"]
+        .as_array()
+        .and_then(|a| a.first())
+        .unwrap_or_else(|| panic!("{trail}"));
+    assert_eq!(record["kind"], "config-reload", "{record}");
+    assert!(
+        record["user"].is_string() && record["host"].is_string(),
+        "{record}"
+    );
+    assert_eq!(record["result"], "ok", "{record}");
+
+    // The record removed: the daemon, which wrote it, reports the trail broken.
+    let audit = setup.state().join("repository/audit");
+    for e in fs::read_dir(&audit).unwrap() {
+        fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let page = poll_until(&|p| problems(p).is_some_and(|n| n > 0.0));
+    signal(&child, "-TERM");
+    let (code, log) = finish(child, Duration::from_secs(30));
+    assert!(
+        problems(&page).is_some_and(|n| n >= 1.0),
+        "a removed record was not noticed: {page}\n{log}"
+    );
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("audit: {"), "the journal line: {log}");
+}
