@@ -14,6 +14,10 @@ pub(crate) enum KeyCommand {
         /// A note to recognise the slot by, e.g. who holds it
         #[arg(long)]
         label: Option<String>,
+        /// A write-only slot, for a database host: it backs up (under epoch keys of its own,
+        /// sealed so that only full keys open them) and can read, restore or delete nothing
+        #[arg(long)]
+        write_only: bool,
     },
     /// List key slots
     List {
@@ -104,20 +108,34 @@ pub(crate) async fn key_cmd(g: &Global, k: KeyCommand) -> anyhow::Result<i32> {
             );
             Ok(exit::OK)
         }
-        KeyCommand::Add { new, label } => {
+        KeyCommand::Add {
+            new,
+            label,
+            write_only,
+        } => {
             let new_secret = new.secret()?;
             let repo = open(g).await?;
             let label_shown = label.clone();
-            let id = repo
-                .add_key(&new_secret, KdfParams::default(), Creator::here(), label)
-                .await?;
+            let (kdf, creator) = (KdfParams::default(), Creator::here());
+            let id = if write_only {
+                repo.add_write_only_key(&new_secret, kdf, creator, label)
+                    .await?
+            } else {
+                repo.add_key(&new_secret, kdf, creator, label).await?
+            };
             let event = kluis::audit::Event::new("key-add", id.to_hex())
-                .with("label", label_shown.unwrap_or_default());
+                .with("label", label_shown.unwrap_or_default())
+                .with("write_only", write_only);
             let ledger = crate::ledger(&crate::state_dir(g), &repo);
             if let Some(w) = kluis::audit::record(&repo, event, ledger.as_ref()).await {
                 eprintln!("warning: {w}");
             }
-            println!("added key slot {}", id.short());
+            let what = if write_only {
+                "write-only key slot"
+            } else {
+                "key slot"
+            };
+            println!("added {what} {}", id.short());
             Ok(exit::OK)
         }
         KeyCommand::List { json } => {

@@ -320,7 +320,9 @@ async fn open(global: &Global) -> anyhow::Result<Repository> {
     let url = repo_url(global)?;
     let secret = secret(global)?;
     let store = Store::open(&url, false)?;
-    Ok(Repository::open(store, &secret).await?)
+    Ok(Repository::open(store, &secret)
+        .await?
+        .with_state_dir(&state_dir(global)))
 }
 
 fn show_progress(global: &Global) -> bool {

@@ -128,7 +128,10 @@ pub fn key_table(slots: &[KeySlotInfo]) -> String {
                     Some(u) => format!("{u}@{}", k.host),
                     None => k.host.clone(),
                 },
-                k.generation.map_or_else(|| "-".into(), |g| g.short()),
+                match (k.role, k.generation) {
+                    (Some(_), _) => "write-only".into(),
+                    (None, g) => g.map_or_else(|| "-".into(), |g| g.short()),
+                },
                 k.last_used.map_or_else(|| "-".into(), local_time),
                 k.label.clone().unwrap_or_default(),
             ]

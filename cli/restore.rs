@@ -74,6 +74,7 @@ fn parse_at(s: &str) -> Result<Timestamp, String> {
 
 pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i32> {
     let repo = open(g).await?;
+    repo.require_full("restore")?;
     let (list, errors) = repo.snapshots().await?;
     for err in &errors {
         eprintln!("warning: {err}");

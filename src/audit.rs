@@ -103,6 +103,19 @@ fn digest_of_name(name: &str) -> Option<&str> {
 /// error; `ledger` (this host's) remembers its name. A record that cannot be written is a
 /// warning, returned: the operation it records has happened either way.
 pub async fn record(repo: &Repository, event: Event, ledger: Option<&Ledger>) -> Option<String> {
+    // A write-only key holds no records key (and does nothing the trail records but a
+    // configuration reload in its kluisd, which the line on stderr still shows).
+    if repo.write_only() {
+        let line = serde_json::json!({
+            "kind": event.kind,
+            "subject": event.subject,
+            "detail": event.detail,
+            "result": event.result,
+            "recorded": "no: the key is write-only",
+        });
+        eprintln!("audit: {line}");
+        return None;
+    }
     match write(repo, &event, ledger).await {
         Ok(record) => {
             eprintln!(
@@ -146,7 +159,7 @@ async fn write(repo: &Repository, event: &Event, ledger: Option<&Ledger>) -> Res
     let digest = hex::encode(Sha256::digest(&plain));
     let name = object_name(record.time, &digest);
     repo.store()
-        .put(&name, repo.seal_master(Kind::Audit, &name, &plain))
+        .put(&name, repo.seal_master(Kind::Audit, &name, &plain)?)
         .await?;
     if let Some(ledger) = ledger {
         // Best effort: the record is written; only its tail protection on this host is lost.
@@ -193,6 +206,7 @@ pub struct Trail {
 
 /// Reads and verifies every audit record of `repo` (see the module's documentation).
 pub async fn verify(repo: &Repository, ledger: Option<&Ledger>) -> Result<Trail> {
+    repo.require_full("read the audit trail")?;
     let mut trail = Trail::default();
     let listed = repo.store().list(AUDIT).await?;
     let names: BTreeSet<String> = listed.into_iter().map(|o| o.name).collect();
@@ -293,7 +307,7 @@ mod tests {
         r.result = "ok, honestly".into();
         let plain = serde_json::to_vec(&r).unwrap();
         repo.store()
-            .put(&name, repo.seal_master(Kind::Audit, &name, &plain))
+            .put(&name, repo.seal_master(Kind::Audit, &name, &plain).unwrap())
             .await
             .unwrap();
         let altered = verify(&repo, None).await.unwrap();

@@ -263,7 +263,7 @@ pub async fn backup(
     if opts.cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
-    prune_view.check_not_erased(repo, epoch).await?;
+    prune_view.check_not_erased(repo, (epoch, key.id)).await?;
     let mut snapshot = snapshot;
     snapshot.chain = link.as_ref().map(|l| l.chain.clone());
     let object = repo.save_snapshot(&key, &snapshot).await?;

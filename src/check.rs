@@ -58,6 +58,7 @@ pub struct CheckReport {
 }
 
 pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport> {
+    repo.full("check the repository")?;
     let mut report = CheckReport::default();
 
     let (_, slot_errors) = repo.key_slots().await?;

@@ -67,7 +67,7 @@ impl StoreNow {
 pub async fn store_now(repo: &Repository) -> Result<StoreNow> {
     let watch = Stopwatch::start();
     let object = name::prune_object(name::PRUNE_CLOCK, &ObjectId::random());
-    let sealed: Bytes = repo.seal_master(Kind::Prune, &object, b"");
+    let sealed: Bytes = repo.seal_master(Kind::Prune, &object, b"")?;
     repo.store().put(&object, sealed).await?;
     let earliest = repo.store().modified(&object).await;
     repo.store().delete(&object).await?;

@@ -120,6 +120,8 @@ impl CopyReport {
 
 /// Copies the selected snapshots of `src` that `dst` has no copy of yet, oldest first.
 pub async fn copy(src: &Repository, dst: &Repository, opts: &CopyOptions) -> Result<CopyReport> {
+    src.full("copy from the repository")?;
+    dst.full("copy into the repository (it must list what the destination holds)")?;
     if src.id() == dst.id() {
         return Err(Error::invalid(format!(
             "{} and {} are the same repository ({}); copy to another one",

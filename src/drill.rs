@@ -198,7 +198,7 @@ async fn save(
     report.chain = link.as_ref().map(|l| l.chain.clone());
     let plain = serde_json::to_vec(report).expect("reports serialize");
     repo.store()
-        .put(&object, repo.seal_master(Kind::Drill, &object, &plain))
+        .put(&object, repo.seal_master(Kind::Drill, &object, &plain)?)
         .await?;
     if let Some(link) = link {
         if let Err(e) = link.committed(&object) {

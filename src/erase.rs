@@ -263,7 +263,7 @@ async fn plan(repo: &Repository, opts: &EraseOptions) -> Result<Plan> {
         .filter(|p| snapshots.iter().any(|s| s.epoch() == *p))
         .into_iter()
         .collect();
-    let next = repo.slot_keys().next_generation();
+    let next = repo.full("erase")?.next_generation();
     let (generation_after, secrets_changed) = match &opts.slots {
         Slots::Rotate { changed, .. } => (next.generation, *changed),
         Slots::Keep => (repo.generation(), false),

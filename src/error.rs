@@ -34,6 +34,8 @@ pub mod exit {
     pub const WRONG_PASSWORD: i32 = 12;
     /// Data in the repository is corrupt or has been tampered with.
     pub const CORRUPT: i32 = 13;
+    /// The key is write-only, and the command needs to read what it cannot.
+    pub const WRITE_ONLY: i32 = 14;
     /// Interrupted by SIGINT or SIGTERM.
     pub const INTERRUPTED: i32 = 130;
 }
@@ -129,6 +131,11 @@ pub enum Error {
     #[error("{0}")]
     KeyDestroyed(String),
 
+    /// The repository was opened with a write-only key slot, which backs up and reads
+    /// nothing it did not write (docs/FORMAT.md §3.5).
+    #[error("this key is write-only: it cannot {0} (it can only back up); use a full key")]
+    WriteOnly(String),
+
     #[error("check found {0} problem(s) in the repository")]
     CheckFailed(usize),
 
@@ -158,6 +165,7 @@ impl Error {
             Error::Interrupted => exit::INTERRUPTED,
             Error::SourceFailed(_) => exit::SOURCE_FAILED,
             Error::TargetFailed(_) => exit::TARGET_FAILED,
+            Error::WriteOnly(_) => exit::WRITE_ONLY,
             Error::InvalidInput(_)
             | Error::InsecureSecretFile { .. }
             | Error::SecretFileOwner { .. } => exit::USAGE,

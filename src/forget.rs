@@ -40,6 +40,7 @@ pub struct Forgotten {
 /// stops it before anything is forgotten (forgetting around it could keep too little of its
 /// group): [`Error::Corrupt`], exit 13, in the command line and the daemon alike.
 pub async fn forget(repo: &Repository, opts: ForgetOptions<'_>) -> Result<Forgotten> {
+    repo.full("forget snapshots")?;
     let (mut list, unreadable) = repo.snapshots().await?;
     if !opts.dry_run {
         // An earlier forget that was interrupted after its record: finished first.

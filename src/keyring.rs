@@ -21,7 +21,7 @@ use crate::id::ObjectId;
 use crate::keys::{Creator, KdfParams, Secret, SlotKeys};
 use crate::object::{Epoch, name};
 use crate::prune::lease::{LEASE_TTL, LeaseGuard};
-use crate::repository::{KeySlotInfo, Repository};
+use crate::repository::{KeySlotInfo, Repository, SEALED_EPOCH_KEY_LEN};
 
 /// A secret that gets a slot of the new generation.
 pub struct NewSlot {
@@ -59,6 +59,9 @@ pub struct RotateReport {
     pub slots: Vec<ObjectId>,
     /// The slots removed, the one in use among them.
     pub removed_slots: Vec<KeySlotInfo>,
+    /// The write-only slots granted the new generation (they stay; their hosts' secrets do
+    /// not change).
+    pub write_only_slots: Vec<ObjectId>,
     /// Epoch key objects deleted (of the old generation, and any older one an interrupted
     /// rotation left).
     pub deleted_objects: usize,
@@ -104,7 +107,7 @@ pub(crate) async fn rotate_under(
             "a rotation needs at least one secret for the new generation",
         ));
     }
-    let old = repo.slot_keys().clone();
+    let old = repo.full("rotate the keys")?.clone();
     let new = match &opts.next {
         Some(keys) => keys.clone(),
         None => old.next_generation(),
@@ -117,14 +120,39 @@ pub(crate) async fn rotate_under(
         destroyed: Vec::new(),
         slots: Vec::new(),
         removed_slots: Vec::new(),
+        write_only_slots: Vec::new(),
         deleted_objects: 0,
         warnings: Vec::new(),
     };
     // 1. Every epoch key of the old generation, wrapped under the new one.
     let mut carried = BTreeSet::new();
     carry_over(repo, opts, &new, &mut carried, &mut report).await?;
-    // 2. The new generation's slots.
+    // 2. Write-only slots granted the new generation (before any slot of it exists, so a
+    //    write-only host never finds the new generation in use without its grant), then the
+    //    new generation's slots.
     lease.check().await?;
+    let (slots, _) = repo.slots().await?;
+    for s in slots.iter().filter(|s| s.write_only()) {
+        let mut escrowed = None;
+        for keys in repo.generations() {
+            escrowed = repo.escrowed(keys, s.id).await?;
+            if escrowed.is_some() {
+                break;
+            }
+        }
+        match escrowed {
+            Some(writer) => {
+                repo.put_grant(&new, s.id, &writer).await?;
+                report.write_only_slots.push(s.id);
+            }
+            None => report.warnings.push(format!(
+                "write-only key slot {} has no grant of key generation {}: it cannot back up \
+                 after this rotation (remove it and add it again)",
+                s.id.short(),
+                old.generation.map_or_else(|| "none".into(), |g| g.short())
+            )),
+        }
+    }
     for s in &opts.slots {
         let slot = repo
             .put_slot(
@@ -140,7 +168,10 @@ pub(crate) async fn rotate_under(
     // 3. Every other slot: from here on only the new generation opens the repository.
     lease.check().await?;
     let (slots, _) = repo.slots().await?;
-    for s in slots.iter().filter(|s| s.generation != Some(new_gen)) {
+    for s in slots
+        .iter()
+        .filter(|s| s.generation != Some(new_gen) && !s.write_only())
+    {
         repo.store().delete(&s.name()).await?;
         report
             .removed_slots
@@ -161,6 +192,16 @@ pub(crate) async fn rotate_under(
                 .push(format!("{}: not an epoch key name; left as it is", o.name)),
         }
     }
+    //    And the grants of other generations (and of slots removed since).
+    for o in repo.store().list(name::GRANTS).await? {
+        match name::parse_grant(&o.name) {
+            Some((slot, g, _)) if g == new_gen && report.write_only_slots.contains(&slot) => {}
+            Some(_) => repo.store().delete(&o.name).await?,
+            None => report
+                .warnings
+                .push(format!("{}: not a grant's name; left as it is", o.name)),
+        }
+    }
     let first = report.slots[0];
     Ok((new, first, report))
 }
@@ -174,27 +215,42 @@ async fn carry_over(
     carried: &mut BTreeSet<(Epoch, ObjectId)>,
     report: &mut RotateReport,
 ) -> Result<()> {
+    // Of every generation the secret opens: after an interrupted rotation, a backup may have
+    // made a key under either.
+    let held = repo.generations();
     let mut found = Vec::new();
     for o in repo.store().list(name::EPOCHS).await? {
         if let Some((epoch, id, g)) = name::parse_epoch_key(&o.name) {
-            if g == repo.generation() && !carried.contains(&(epoch, id)) {
-                found.push((epoch, id));
+            let Some(keys) = held.iter().find(|k| k.generation == g) else {
+                continue;
+            };
+            if g != new.generation && !carried.contains(&(epoch, id)) {
+                found.push((epoch, id, o.size == SEALED_EPOCH_KEY_LEN as u64, *keys));
             }
         }
     }
-    found.sort();
-    for (epoch, id) in found {
-        carried.insert((epoch, id));
+    found.sort_by_key(|(epoch, id, ..)| (*epoch, *id));
+    for (epoch, id, sealed, keys) in found {
+        if !carried.insert((epoch, id)) {
+            continue; // under two generations: carried from the first
+        }
         if opts.destroy.contains(&epoch) {
             report.destroyed.push((epoch, id));
             continue;
         }
-        match repo.epoch_key(epoch, id).await {
+        match repo.read_epoch_key(keys, epoch, id).await {
+            // A write-only host's key stays its own: sealed to the new generation's public
+            // key, never one a full writer would pick.
+            Ok(key) if sealed => {
+                repo.put_sealed_epoch_key_for(new, epoch, id, key.key())
+                    .await?;
+                report.epoch_keys += 1;
+            }
             Ok(key) => {
                 repo.put_epoch_key_for(new, epoch, id, key.key()).await?;
                 report.epoch_keys += 1;
             }
-            Err(e @ Error::Corrupt { .. }) => report
+            Err(e @ (Error::Corrupt { .. } | Error::MissingObject { .. })) => report
                 .warnings
                 .push(format!("{e}: not carried over (it opened nothing)")),
             Err(e) => return Err(e),
@@ -219,7 +275,7 @@ pub async fn change_secret(repo: &Repository, new: &Secret, kdf: KdfParams) -> R
         })?;
     let slot = repo
         .put_slot(
-            repo.slot_keys(),
+            repo.full("change its secret (a holder of a full key adds a new write-only slot)")?,
             new,
             kdf,
             Creator::here(),

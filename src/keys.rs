@@ -229,6 +229,12 @@ impl SlotKeys {
         }
     }
 
+    /// The key prune's records (marks, sweep records, leases, clock objects) are sealed
+    /// under: derived from the records key, and all a write-only slot holds of it.
+    pub fn prune_key(&self, repository: &ObjectId) -> Key {
+        prune_key(&self.records, repository)
+    }
+
     /// The same records key, a new generation with a new epoch-wrapping key.
     pub fn next_generation(&self) -> SlotKeys {
         SlotKeys {
@@ -243,6 +249,37 @@ impl Default for SlotKeys {
     fn default() -> Self {
         SlotKeys::new()
     }
+}
+
+/// What a slot lets its holder do, when it is not everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Back up, and read nothing it did not write (docs/FORMAT.md §3.5): the slot holds the
+    /// prune records key and its own writer key; neither the records key nor an
+    /// epoch-wrapping key.
+    WriteOnly,
+}
+
+/// What a write-only slot unlocks: the prune records key (prune's marks, which every writer
+/// must read), and the slot's writer key, which opens the slot's grants (a key generation's
+/// public key and the repository's config, sealed for it) and its host's own epoch keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterKeys {
+    pub prune: Key,
+    pub writer: Key,
+}
+
+/// What a secret opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unlocked {
+    Full(SlotKeys),
+    WriteOnly(WriterKeys),
+}
+
+/// The prune records key of a repository whose records key is `records`.
+pub fn prune_key(records: &Key, repository: &ObjectId) -> Key {
+    records.derive(repository.as_bytes(), &[b"kluis prune records v1"])
 }
 
 /// Who made a key slot (for `kluis key list`).
@@ -289,6 +326,10 @@ pub struct KeySlot {
     /// The operating system user who made it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub user: Option<String>,
+    /// Absent: a full slot. `write-only`: it wraps the records key and a writer key (64
+    /// bytes), and has no generation.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub role: Option<Role>,
 }
 
 impl KeySlot {
@@ -301,13 +342,52 @@ impl KeySlot {
         creator: Creator,
         label: Option<String>,
     ) -> Result<KeySlot> {
+        let mut plain = Zeroizing::new(keys.records.as_bytes().to_vec());
+        if keys.generation.is_some() {
+            plain.extend_from_slice(keys.epochs.as_bytes());
+        } else if keys.records != keys.epochs {
+            return Err(Error::invalid(
+                "a slot without a key generation wraps one master key",
+            ));
+        }
+        let mut slot = KeySlot::blank(repository, secret, kdf, creator, label)?;
+        slot.generation = keys.generation;
+        slot.seal(secret, &plain)?;
+        Ok(slot)
+    }
+
+    /// Wraps a write-only host's keys under `secret` in a new slot.
+    pub fn create_write_only(
+        keys: &WriterKeys,
+        repository: ObjectId,
+        secret: &Secret,
+        kdf: KdfParams,
+        creator: Creator,
+        label: Option<String>,
+    ) -> Result<KeySlot> {
+        let mut plain = Zeroizing::new(keys.prune.as_bytes().to_vec());
+        plain.extend_from_slice(keys.writer.as_bytes());
+        let mut slot = KeySlot::blank(repository, secret, kdf, creator, label)?;
+        slot.role = Some(Role::WriteOnly);
+        slot.seal(secret, &plain)?;
+        Ok(slot)
+    }
+
+    /// A new slot for `secret` that wraps nothing yet.
+    fn blank(
+        repository: ObjectId,
+        secret: &Secret,
+        kdf: KdfParams,
+        creator: Creator,
+        label: Option<String>,
+    ) -> Result<KeySlot> {
         if let Some(why) = kdf
             .out_of_bounds()
             .filter(|_| secret.kind() == SlotKind::Passphrase)
         {
             return Err(Error::invalid(format!("key derivation parameters: {why}")));
         }
-        let mut slot = KeySlot {
+        Ok(KeySlot {
             id: ObjectId::random(),
             repository,
             kind: secret.kind(),
@@ -318,20 +398,18 @@ impl KeySlot {
             created: Timestamp::now(),
             host: creator.host,
             label,
-            generation: keys.generation,
+            generation: None,
             user: creator.user,
-        };
-        let kek = slot.key_encryption_key(secret)?;
-        let mut plain = Zeroizing::new(keys.records.as_bytes().to_vec());
-        if keys.generation.is_some() {
-            plain.extend_from_slice(keys.epochs.as_bytes());
-        } else if keys.records != keys.epochs {
-            return Err(Error::invalid(
-                "a slot without a key generation wraps one master key",
-            ));
-        }
-        slot.wrapped = kek.cipher().seal(slot.nonce, &slot.aad(), &plain);
-        Ok(slot)
+            role: None,
+        })
+    }
+
+    /// Wraps `plain` under `secret`, with the slot's fields (generation and role among them)
+    /// in the associated data.
+    fn seal(&mut self, secret: &Secret, plain: &[u8]) -> Result<()> {
+        let kek = self.key_encryption_key(secret)?;
+        self.wrapped = kek.cipher().seal(self.nonce, &self.aad(), plain);
+        Ok(())
     }
 
     fn aad(&self) -> Vec<u8> {
@@ -347,6 +425,9 @@ impl KeySlot {
         if let Some(g) = self.generation {
             aad.extend_from_slice(b"generation");
             aad.extend_from_slice(g.as_bytes());
+        }
+        if self.role == Some(Role::WriteOnly) {
+            aad.extend_from_slice(b"role write-only");
         }
         aad
     }
@@ -390,7 +471,7 @@ impl KeySlot {
     }
 
     /// Unwraps the slot's keys, or `None` if `secret` is not this slot's secret.
-    pub fn unwrap_keys(&self, secret: &Secret) -> Result<Option<SlotKeys>> {
+    pub fn unwrap_keys(&self, secret: &Secret) -> Result<Option<Unlocked>> {
         if secret.kind() != self.kind {
             return Ok(None);
         }
@@ -406,7 +487,11 @@ impl KeySlot {
                 .ok_or_else(|| Error::corrupt(self.name(), "wrapped key has the wrong length"))?;
             Ok(Key::from_bytes(arr))
         };
-        let want = if self.generation.is_some() { 64 } else { 32 };
+        let want = if self.generation.is_some() || self.role.is_some() {
+            64
+        } else {
+            32
+        };
         if bytes.len() != want {
             return Err(Error::corrupt(
                 self.name(),
@@ -414,15 +499,32 @@ impl KeySlot {
             ));
         }
         let records = key(0..32)?;
+        if self.role == Some(Role::WriteOnly) {
+            if self.generation.is_some() {
+                return Err(Error::corrupt(
+                    self.name(),
+                    "a write-only slot holds no key generation",
+                ));
+            }
+            return Ok(Some(Unlocked::WriteOnly(WriterKeys {
+                prune: records,
+                writer: key(32..64)?,
+            })));
+        }
         let epochs = match self.generation {
             Some(_) => key(32..64)?,
             None => records.clone(),
         };
-        Ok(Some(SlotKeys {
+        Ok(Some(Unlocked::Full(SlotKeys {
             records,
             epochs,
             generation: self.generation,
-        }))
+        })))
+    }
+
+    /// Whether it is a write-only slot.
+    pub fn write_only(&self) -> bool {
+        self.role == Some(Role::WriteOnly)
     }
 
     pub fn name(&self) -> String {
@@ -462,124 +564,4 @@ impl KeySlot {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const FAST: KdfParams = KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
-
-    fn here() -> Creator {
-        Creator {
-            host: "h".into(),
-            user: Some("someone".into()),
-        }
-    }
-
-    #[test]
-    fn passphrase_slot_round_trip() {
-        let keys = SlotKeys::new();
-        let repo = ObjectId::random();
-        let secret = Secret::passphrase("correct horse");
-        let slot = KeySlot::create(&keys, repo, &secret, FAST, here(), None).unwrap();
-        let decoded = KeySlot::decode(&slot.name(), &slot.encode()).unwrap();
-        assert_eq!(decoded.unwrap_keys(&secret).unwrap(), Some(keys.clone()));
-        assert_eq!(decoded.user.as_deref(), Some("someone"));
-        assert_eq!(
-            decoded.unwrap_keys(&Secret::passphrase("wrong")).unwrap(),
-            None
-        );
-        assert_eq!(
-            decoded
-                .unwrap_keys(&Secret::KeyFile(Key::random()))
-                .unwrap(),
-            None
-        );
-        // The generation is bound to the wrapped keys: a slot that claims another one opens
-        // nothing.
-        let mut moved = decoded.clone();
-        moved.generation = Some(ObjectId::random());
-        assert_eq!(moved.unwrap_keys(&secret).unwrap(), None);
-        let mut legacy = decoded;
-        legacy.generation = None;
-        assert_eq!(legacy.unwrap_keys(&secret).unwrap(), None);
-    }
-
-    #[test]
-    fn a_slot_made_before_key_generations_holds_one_master_key() {
-        let master = Key::random();
-        let keys = SlotKeys {
-            records: master.clone(),
-            epochs: master.clone(),
-            generation: None,
-        };
-        let secret = Secret::passphrase("p");
-        let slot = KeySlot::create(&keys, ObjectId::random(), &secret, FAST, here(), None).unwrap();
-        assert_eq!(slot.wrapped.len(), 32 + 16);
-        let got = slot.unwrap_keys(&secret).unwrap().unwrap();
-        assert_eq!(
-            (got.records, got.epochs, got.generation),
-            (master.clone(), master, None)
-        );
-        let next = keys.next_generation();
-        assert_eq!(next.records, keys.records);
-        assert!(next.epochs != keys.epochs && next.generation.is_some());
-    }
-
-    #[test]
-    fn key_file_slot_and_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k");
-        generate_key_file(&path).unwrap();
-        assert!(
-            generate_key_file(&path).is_err(),
-            "never overwrites a key file"
-        );
-        let secret = Secret::from_key_file(&path).unwrap();
-        let keys = SlotKeys::new();
-        let slot = KeySlot::create(&keys, ObjectId::random(), &secret, FAST, here(), None).unwrap();
-        assert_eq!(slot.unwrap_keys(&secret).unwrap(), Some(keys));
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(matches!(
-            Secret::from_key_file(&path),
-            Err(Error::InsecureSecretFile { mode: 0o640, .. })
-        ));
-        // Private, but another user's: that user can replace the secret (issue 18, defect 7).
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        if rustix::process::geteuid().is_root() {
-            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
-            let e = Secret::from_key_file(&path).err().unwrap();
-            assert!(
-                matches!(e, Error::SecretFileOwner { owner: 65534, .. }),
-                "{e}"
-            );
-            assert!(e.to_string().contains("belongs to uid 65534"), "{e}");
-        }
-    }
-
-    #[test]
-    fn corruption_is_named_not_mistaken_for_a_wrong_password() {
-        let slot = KeySlot::create(
-            &SlotKeys::new(),
-            ObjectId::random(),
-            &Secret::passphrase("p"),
-            FAST,
-            here(),
-            None,
-        )
-        .unwrap();
-        let bytes = slot.encode();
-        for i in 0..bytes.len() {
-            let mut b = bytes.clone();
-            b[i] ^= 0x20;
-            match KeySlot::decode(&slot.name(), &b) {
-                Err(Error::Corrupt { object, .. }) | Err(Error::NewerFormat { object, .. }) => {
-                    assert_eq!(object, slot.name())
-                }
-                other => panic!("byte {i}: {other:?}"),
-            }
-        }
-    }
-}
+mod tests;

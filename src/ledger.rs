@@ -314,7 +314,7 @@ async fn write_forgotten(
     let object = name::prune_object(name::FORGOTTEN, &record.id);
     let plain = serde_json::to_vec(&record).expect("forget records serialize");
     repo.store()
-        .put(&object, repo.seal_master(Kind::Forgotten, &object, &plain))
+        .put(&object, repo.seal_master(Kind::Forgotten, &object, &plain)?)
         .await?;
     if let Some(link) = link {
         if let Err(e) = link.committed(&object) {

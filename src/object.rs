@@ -39,6 +39,10 @@ pub enum Kind {
     Erasure = 10,
     /// An audit record (`audit/<time>-<digest>`, see `crate::audit`).
     Audit = 11,
+    /// A write-only slot's grant (`grants/<slot>/<generation>`: the generation's public key
+    /// and the repository's config, sealed under the slot's writer key) or its escrow (`grants/<slot>/<generation>.key`:
+    /// the writer key, sealed under the generation's epoch-wrapping key).
+    Grant = 12,
 }
 
 impl Kind {
@@ -55,6 +59,7 @@ impl Kind {
             9 => Kind::Forgotten,
             10 => Kind::Erasure,
             11 => Kind::Audit,
+            12 => Kind::Grant,
             _ => return None,
         })
     }
@@ -66,8 +71,9 @@ impl Kind {
     pub fn max_len(self) -> u64 {
         match self {
             Kind::Config | Kind::KeySlot => 64 << 10,
-            // Header, nonce, 32 key bytes, tag.
-            Kind::EpochKey => (HEADER_LEN + NONCE_LEN + 32 + TAG_LEN) as u64,
+            // Header, (sealed to a key generation's public key: an ephemeral X25519 public
+            // key,) nonce, 32 key bytes, tag.
+            Kind::EpochKey => (HEADER_LEN + 32 + NONCE_LEN + 32 + TAG_LEN) as u64,
             Kind::Pack => u64::from(u32::MAX),
             Kind::Index => 1 << 30,
             // A database of 100,000 tables records about 22 MB.
@@ -80,6 +86,8 @@ impl Kind {
             // About 200,000 erased snapshots.
             Kind::Erasure => 64 << 20,
             Kind::Audit => 1 << 20,
+            // A public key and the config.
+            Kind::Grant => (HEADER_LEN + NONCE_LEN + 32 + TAG_LEN) as u64 + (64 << 10),
         }
     }
 
@@ -96,6 +104,7 @@ impl Kind {
             Kind::Forgotten => b"forgotten",
             Kind::Erasure => b"erasure",
             Kind::Audit => b"audit",
+            Kind::Grant => b"grant",
         }
     }
 }
@@ -303,6 +312,30 @@ pub mod name {
     pub const FORGOTTEN: &str = "forgotten";
     /// Erasure records: `erasures/<id>`.
     pub const ERASURES: &str = "erasures";
+    /// Write-only slots' grants: `grants/<slot>/<generation>` and `.../<generation>.key`.
+    pub const GRANTS: &str = "grants";
+
+    /// `grants/<slot>`: the prefix of a write-only slot's grants.
+    pub fn grants_of(slot: &ObjectId) -> String {
+        format!("{GRANTS}/{slot}")
+    }
+
+    /// `grants/<slot>/<generation>`, or with `escrow` its `.key`.
+    pub fn grant(slot: &ObjectId, generation: &ObjectId, escrow: bool) -> String {
+        let suffix = if escrow { ".key" } else { "" };
+        format!("{GRANTS}/{slot}/{generation}{suffix}")
+    }
+
+    /// Splits a grant's name into its slot, generation and whether it is the escrow.
+    pub fn parse_grant(name: &str) -> Option<(ObjectId, ObjectId, bool)> {
+        let rest = name.strip_prefix(GRANTS)?.strip_prefix('/')?;
+        let (slot, last) = rest.split_once('/')?;
+        let (generation, escrow) = match last.strip_suffix(".key") {
+            Some(g) => (g, true),
+            None => (last, false),
+        };
+        Some((slot.parse().ok()?, generation.parse().ok()?, escrow))
+    }
 
     /// `prune/marks/<id>` and friends: repository-wide objects named by a random id.
     pub fn prune_object(prefix: &str, id: &ObjectId) -> String {

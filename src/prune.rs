@@ -146,6 +146,7 @@ pub struct PruneReport {
 /// Prunes the repository: sweeps marks whose grace period has passed, then marks what is
 /// unused now. Holds the prune lease while it runs.
 pub async fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
+    repo.full("prune")?;
     if opts.repack_threshold.is_nan() || opts.repack_threshold < 0.0 {
         return Err(Error::invalid("repack threshold must be between 0 and 1"));
     }

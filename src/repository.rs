@@ -16,7 +16,7 @@ use crate::crypto::{ChunkHasher, Key, random_array};
 use crate::error::{Error, Result};
 use crate::id::{BlobId, ObjectId};
 use crate::index::{Index, IndexSegment};
-use crate::keys::{KdfParams, KeySlot, Secret, SlotKeys};
+use crate::keys::{KdfParams, KeySlot, Secret, SlotKeys, Unlocked};
 use crate::object::{self, Epoch, Header, Kind, name};
 use crate::pack::{self, BlobEntry};
 use crate::snapshot::Snapshot;
@@ -24,9 +24,12 @@ use crate::store::Store;
 
 mod erasures;
 mod keys;
+mod writer;
 
 pub use erasures::{DestroyedEpoch, ErasedSnapshot, ErasureRecord};
 pub use keys::{EpochKey, KeySlotInfo};
+pub use writer::SEALED_EPOCH_KEY_LEN;
+pub(crate) use writer::Writer;
 
 mod records;
 
@@ -113,11 +116,23 @@ impl Default for InitOptions {
 pub struct Repository {
     store: Store,
     config: RepoConfig,
-    /// What the slot that opened it unlocks: the records key, this key generation's
-    /// epoch-wrapping key.
-    keys: SlotKeys,
+    /// What the slot that opened it unlocks.
+    access: Access,
+    /// Other key generations the same secret opens: an interrupted rotation leaves two,
+    /// and epoch keys made meanwhile may be wrapped under either (read, and carried over by
+    /// the next rotation, with these).
+    others: Vec<SlotKeys>,
     slot_id: ObjectId,
     epoch_keys: Mutex<HashMap<(Epoch, ObjectId), Arc<EpochKey>>>,
+}
+
+/// What the slot that opened a repository unlocks.
+pub(crate) enum Access {
+    /// The records key and this key generation's epoch-wrapping key: everything.
+    Full(SlotKeys),
+    /// The records key and a writer key: new backups under its own epoch keys, and nothing
+    /// it did not write (docs/FORMAT.md §3.5).
+    WriteOnly(Writer),
 }
 
 impl Repository {
@@ -208,7 +223,8 @@ impl Repository {
         Ok(Repository {
             store,
             config,
-            keys,
+            access: Access::Full(keys),
+            others: Vec::new(),
             slot_id: slot.id,
             epoch_keys: Mutex::default(),
         })
@@ -270,7 +286,18 @@ impl Repository {
                 slots: slots.len(),
             });
         };
-        let plain = object::open(header, &keys.records, &repo_id, name::CONFIG, &config_bytes)?;
+        // A write-only slot's config comes with its grant, sealed for it: it does not hold
+        // the records key.
+        let (plain, access) = match keys {
+            Unlocked::Full(k) => (
+                object::open(header, &k.records, &repo_id, name::CONFIG, &config_bytes)?,
+                Access::Full(k),
+            ),
+            Unlocked::WriteOnly(w) => {
+                let (writer, config) = Writer::open(&store, &repo_id, slot_id, w).await?;
+                (config, Access::WriteOnly(writer))
+            }
+        };
         let value: serde_json::Value = serde_json::from_slice(&plain)
             .map_err(|e| Error::corrupt(name::CONFIG, format!("config does not parse: {e}")))?;
         let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
@@ -293,13 +320,70 @@ impl Repository {
             .chunker
             .validate()
             .map_err(|e| Error::corrupt(name::CONFIG, e.to_string()))?;
+        let mut others: Vec<SlotKeys> = Vec::new();
+        if let Access::Full(k) = &access {
+            for slot in slots.iter().flatten() {
+                let other = !slot.write_only()
+                    && slot.generation != k.generation
+                    && others.iter().all(|o| o.generation != slot.generation);
+                if other {
+                    if let Ok(Some(Unlocked::Full(o))) = slot.unwrap_keys(secret) {
+                        others.push(o);
+                    }
+                }
+            }
+        }
         Ok(Repository {
             store,
             config,
-            keys,
+            access,
+            others,
             slot_id,
             epoch_keys: Mutex::default(),
         })
+    }
+
+    /// The key records of `kind` are sealed under: the prune records key for prune's, the
+    /// records key (config, drill, forget, erasure and audit records) for the others.
+    fn records_key(&self, kind: Kind) -> Result<Key> {
+        match (&self.access, kind) {
+            (Access::Full(k), Kind::Prune) => Ok(k.prune_key(&self.config.id)),
+            (Access::Full(k), _) => Ok(k.records.clone()),
+            (Access::WriteOnly(w), Kind::Prune) => Ok(w.keys.prune.clone()),
+            (Access::WriteOnly(_), _) => Err(Error::WriteOnly(
+                "read or write the repository's records (drill reports, forget, erasure and \
+                 audit records)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// The keys of a full slot; a write-only slot cannot `what`.
+    pub(crate) fn full(&self, what: &str) -> Result<&SlotKeys> {
+        match &self.access {
+            Access::Full(k) => Ok(k),
+            Access::WriteOnly(_) => Err(Error::WriteOnly(what.to_string())),
+        }
+    }
+
+    /// Refuses a write-only slot, which cannot `what`.
+    pub fn require_full(&self, what: &str) -> Result<()> {
+        self.full(what).map(|_| ())
+    }
+
+    /// Whether it was opened with a write-only slot.
+    pub fn write_only(&self) -> bool {
+        matches!(self.access, Access::WriteOnly(_))
+    }
+
+    /// Where a write-only host keeps the key of the month it writes (`DIR/writer-keys/...`),
+    /// so its next backup of the month deduplicates against this one. Without it, each
+    /// backup makes a new epoch key. Full slots ignore it.
+    pub fn with_state_dir(mut self, dir: &std::path::Path) -> Repository {
+        if let Access::WriteOnly(w) = &mut self.access {
+            w.state = Some(dir.join("writer-keys"));
+        }
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -344,25 +428,28 @@ impl Repository {
         ))
     }
 
-    /// Seals a repository-wide object (prune's bookkeeping) under the master key.
-    pub fn seal_master(&self, kind: Kind, object: &str, plaintext: &[u8]) -> Bytes {
-        Bytes::from(object::seal(
+    /// Seals a repository-wide record: prune's (marks, sweep records, leases, clock objects)
+    /// under the prune records key, every other kind under the records key, which a
+    /// write-only slot does not hold.
+    pub fn seal_master(&self, kind: Kind, object: &str, plaintext: &[u8]) -> Result<Bytes> {
+        Ok(Bytes::from(object::seal(
             Header {
                 kind,
                 key_id: ObjectId::default(),
             },
-            &self.keys.records,
+            &self.records_key(kind)?,
             &self.config.id,
             object,
             plaintext,
-        ))
+        )))
     }
 
     /// Reads and opens a repository-wide object sealed by [`Repository::seal_master`].
     pub async fn open_master(&self, kind: Kind, object: &str) -> Result<Vec<u8>> {
+        let key = self.records_key(kind)?;
         let bytes = self.store.get_bounded(object, self.max_len(kind)).await?;
         let header = Header::decode(object, &bytes, kind)?;
-        object::open(header, &self.keys.records, &self.config.id, object, &bytes)
+        object::open(header, &key, &self.config.id, object, &bytes)
     }
 
     /// Reads and opens an epoch-scoped object.
@@ -392,7 +479,7 @@ impl Repository {
                     object,
                     format!(
                         "its epoch key {} is missing (erased epoch?)",
-                        name::epoch_key(epoch, &header.key_id, self.keys.generation.as_ref())
+                        name::epoch_key(epoch, &header.key_id, self.generation().as_ref())
                     ),
                 ),
                 e => e,

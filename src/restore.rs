@@ -115,6 +115,7 @@ impl<'a> Restorer<'a> {
         snapshot: &'a Snapshot,
         opts: RestoreOptions,
     ) -> Result<Restorer<'a>> {
+        repo.full("restore")?;
         let (index, index_errors) = repo.load_index_epoch(snapshot.epoch()).await?;
         opts.progress.total_bytes.store(
             snapshot.summary.logical_bytes,

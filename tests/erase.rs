@@ -395,10 +395,16 @@ fn a_backup_into_a_month_an_erasure_destroyed_while_it_ran_commits_nothing() {
         // A backup with --time in October has started (read prune's marks and the
         // erasures) when an erasure of everything before November runs.
         let writer = kluis::prune::WriterView::read(&lib).await.unwrap();
-        writer.check_not_erased(&lib, october).await.unwrap();
+        writer
+            .check_not_erased(&lib, (october, kluis::id::ObjectId::random()))
+            .await
+            .unwrap();
         repo.ok(&["erase", "--before", BEFORE, "--keep-secret", "--json"]);
         let lib = open().await;
-        let e = writer.check_not_erased(&lib, october).await.unwrap_err();
+        let e = writer
+            .check_not_erased(&lib, (october, kluis::id::ObjectId::random()))
+            .await
+            .unwrap_err();
         assert!(matches!(e, kluis::Error::Conflict(_)), "{e}");
         assert!(
             e.to_string().contains("destroys the keys of 2026-10"),
@@ -406,9 +412,199 @@ fn a_backup_into_a_month_an_erasure_destroyed_while_it_ran_commits_nothing() {
         );
         assert!(e.to_string().contains("nothing was committed"), "{e}");
         // November keeps its key: a backup into it may commit.
-        writer.check_not_erased(&lib, november).await.unwrap();
+        writer
+            .check_not_erased(&lib, (november, kluis::id::ObjectId::random()))
+            .await
+            .unwrap();
         // So does a writer that started after the erasure (it writes under a new key).
         let after = kluis::prune::WriterView::read(&lib).await.unwrap();
-        after.check_not_erased(&lib, october).await.unwrap();
+        after
+            .check_not_erased(&lib, (october, kluis::id::ObjectId::random()))
+            .await
+            .unwrap();
     });
+}
+
+#[test]
+fn an_erasure_killed_at_random_points_leaves_a_repository_a_key_opens_and_is_finished_by_the_next()
+{
+    const KILLS: usize = 20;
+    let repo = Repo::init_file(&[]);
+    let made = snapshots(&repo);
+    let new = new_key(&repo, "new-key");
+    let pristine = repo.path().join("pristine");
+    copy_tree(&repo.root(), &pristine);
+    let state = repo.path().join("state");
+    fs::create_dir_all(&state).unwrap();
+    let pristine_state = repo.path().join("pristine-state");
+    copy_tree(&state, &pristine_state);
+    let erase = [
+        "erase",
+        "--before",
+        BEFORE,
+        "--new-key-file",
+        new.to_str().unwrap(),
+    ];
+    let reset = || {
+        copy_tree(&pristine, &repo.root());
+        copy_tree(&pristine_state, &state);
+    };
+    // The time of one whole erasure, the fastest of three.
+    let full = (0..3)
+        .map(|_| {
+            reset();
+            let started = std::time::Instant::now();
+            repo.ok(&erase);
+            started.elapsed()
+        })
+        .min()
+        .unwrap();
+    let bytes = random_bytes(21, KILLS * 40);
+    let (mut landed, mut finished) = (0, 0);
+    let (kept_id, kept) = &made[4];
+    for i in 0..KILLS * 10 {
+        if landed == KILLS {
+            break;
+        }
+        reset();
+        let frac = u32::from_le_bytes(bytes[i * 4..][..4].try_into().unwrap());
+        let delay = full.mul_f64(1.1 * f64::from(frac) / f64::from(u32::MAX));
+        let mut child = repo
+            .command(&erase)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        if out.status.signal() == Some(9) {
+            landed += 1;
+        } else {
+            assert_success(&out, &["erase (finished before its kill)"]);
+            finished += 1;
+        }
+        // The old key or the new one opens it, and the kept snapshot restores.
+        let opened: Vec<&Path> = [repo.key_file.as_path(), new.as_path()]
+            .into_iter()
+            .filter(|k| {
+                let out = with_key(&repo, k, &["restore", kept_id, "--stdout", "--quiet"]);
+                out.status.success() && out.stdout == *kept
+            })
+            .collect();
+        assert!(
+            !opened.is_empty(),
+            "no key restores after kill {i} at {delay:?}"
+        );
+        // Run again, it finishes: only the kept snapshot is left, October's data is gone.
+        let again = with_key(&repo, opened[opened.len() - 1], &erase);
+        assert_success(&again, &["erase again after kill", &i.to_string()]);
+        let listed = with_key(&repo, &new, &["snapshots", "--json"]);
+        assert_success(&listed, &["snapshots after the erasure finished"]);
+        let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(&listed.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, vec![kept_id.clone()], "after kill {i}");
+        assert_success(&with_key(&repo, &new, &["check"]), &["check after kill"]);
+        assert_eq!(
+            files_under(&repo.root().join("data/2026-10")),
+            0,
+            "after kill {i}"
+        );
+        assert_eq!(
+            files_under(&repo.root().join("epochs/2026-10")),
+            0,
+            "after kill {i}"
+        );
+    }
+    assert_eq!(
+        landed, KILLS,
+        "kills that landed mid-erasure ({finished} finished first; an erasure took {full:?})"
+    );
+}
+
+#[test]
+fn kluisd_enforces_erase_after_on_garage_s3() {
+    let garage = Garage::start();
+    let repo = garage.repo("erase/scheduled");
+    repo.ok(&["init"]);
+    let made = snapshots(&repo);
+    let now = jiff::Timestamp::now();
+    let recent = dump_like(60, 30_000);
+    let out = repo.run_stdin(&["backup", "--stdin", "--name", "db", "--json"], &recent);
+    assert_success(&out, &["a backup of today"]);
+    let today = snapshot_id(&out.stdout);
+    let state = repo.path().join("kluisd-state");
+    let config = repo.path().join("kluisd.toml");
+    // Everything before the start of this month is older than erase_after.
+    let month_start = kluis::object::Epoch::of(now).start();
+    let after_days = now.duration_since(month_start).as_secs() / 86400 + 1;
+    fs::write(
+        &config,
+        format!(
+            "[daemon]\nstate_dir = \"{}\"\ntime_zone = \"UTC\"\n\
+             [repositories.offsite]\nurl = \"{}\"\nkey_file = \"{}\"\n\
+             erase_after = \"{after_days}d\"\n\
+             prune = {{ schedule = \"daily at 05:00\", grace = \"1h\" }}\n",
+            state.display(),
+            repo.url,
+            repo.key_file.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kluisd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--once")
+        .envs(garage.credentials())
+        .output()
+        .unwrap();
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("repository offsite: erasure "), "{log}");
+    // Every snapshot of the fixed months (2026-09 to 2026-11) is gone, today's stays, and
+    // the erased months' keys with them; the key file still opens the repository.
+    let left = snapshot_ids(&repo);
+    assert_eq!(left, vec![today.clone()], "{log}");
+    for (id, _) in &made {
+        assert_code(
+            &repo.run(&["restore", id, "--stdout"]),
+            1,
+            "an erased snapshot",
+        );
+    }
+    let out = repo.run(&["restore", &today, "--stdout", "--quiet"]);
+    assert_success(&out, &["today's snapshot after the scheduled erasure"]);
+    assert!(out.stdout == recent);
+    let records: serde_json::Value =
+        serde_json::from_slice(&repo.ok(&["erase", "--list", "--json"])).unwrap();
+    let r = &records.as_array().unwrap()[0];
+    let destroyed: Vec<&str> = r["destroyed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["epoch"].as_str().unwrap())
+        .collect();
+    assert!(
+        destroyed.contains(&"2026-09") && destroyed.contains(&"2026-10"),
+        "{r}"
+    );
+    assert_eq!(r["secrets_changed"], false);
+    repo.ok(&["check"]);
+    // Run again: nothing more to erase, and nothing written for it.
+    let out = Command::new(env!("CARGO_BIN_EXE_kluisd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--once")
+        .envs(garage.credentials())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let again: serde_json::Value =
+        serde_json::from_slice(&repo.ok(&["erase", "--list", "--json"])).unwrap();
+    assert_eq!(again.as_array().unwrap().len(), 1, "{again}");
 }

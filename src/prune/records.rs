@@ -80,7 +80,7 @@ pub(super) async fn put_json<T: Serialize>(
 ) -> Result<()> {
     let plain = serde_json::to_vec(value).expect("prune records serialize");
     repo.store()
-        .put(object, repo.seal_master(Kind::Prune, object, &plain))
+        .put(object, repo.seal_master(Kind::Prune, object, &plain)?)
         .await
 }
 

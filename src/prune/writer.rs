@@ -86,11 +86,30 @@ impl WriterView {
     }
 
     /// Before the manifest: refuses when an erasure that started since [`WriterView::read`]
-    /// destroys `epoch`'s keys. Its data would be sealed under a key that no longer exists.
-    pub async fn check_not_erased(&self, repo: &Repository, epoch: Epoch) -> Result<()> {
+    /// destroys the keys of `key`'s epoch. Its data would be sealed under a key that no
+    /// longer exists. (A write-only host, which cannot read erasure records, checks that its
+    /// key is still there.)
+    pub async fn check_not_erased(&self, repo: &Repository, key: (Epoch, ObjectId)) -> Result<()> {
+        let (epoch, id) = key;
         let listed = repo.store().list(name::ERASURES).await?;
         if listed.iter().all(|o| self.erasures.contains(&o.name)) {
             return Ok(());
+        }
+        if repo.write_only() {
+            let keys = repo
+                .store()
+                .list(&format!("{}/{epoch}", name::EPOCHS))
+                .await?;
+            if keys
+                .iter()
+                .any(|o| name::parse_epoch_key(&o.name).is_some_and(|(_, k, _)| k == id))
+            {
+                return Ok(());
+            }
+            return Err(Error::Conflict(format!(
+                "an erasure destroyed the key of {epoch} this snapshot is sealed under; \
+                 nothing was committed"
+            )));
         }
         let (records, _) = repo.erasures().await?;
         for r in records {

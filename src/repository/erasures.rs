@@ -55,6 +55,7 @@ pub struct ErasedSnapshot {
 impl Repository {
     /// Every erasure record, oldest first, and the errors of those that cannot be read.
     pub async fn erasures(&self) -> Result<(Vec<ErasureRecord>, Vec<Error>)> {
+        self.require_full("read the erasure records")?;
         let mut records = Vec::new();
         let mut errors = Vec::new();
         for o in self.store.list(name::ERASURES).await? {
@@ -84,7 +85,7 @@ impl Repository {
         let object = name::prune_object(name::ERASURES, &record.id);
         let plain = serde_json::to_vec(record).expect("erasure records serialize");
         self.store
-            .put(&object, self.seal_master(Kind::Erasure, &object, &plain))
+            .put(&object, self.seal_master(Kind::Erasure, &object, &plain)?)
             .await?;
         Ok(object)
     }

@@ -46,9 +46,13 @@ pub struct KeySlotInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     pub label: Option<String>,
-    /// The key generation it holds (absent: a repository made before key generations).
+    /// The key generation it holds (absent: a repository made before key generations, or a
+    /// write-only slot).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<ObjectId>,
+    /// `write-only`: it backs up and reads nothing it did not write (absent: a full slot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<crate::keys::Role>,
     /// Whether it opened this command's repository.
     pub current: bool,
     /// When it last opened the repository for something the audit trail records (filled by
@@ -68,6 +72,7 @@ impl KeySlotInfo {
             user: s.user.clone(),
             label: s.label.clone(),
             generation: s.generation,
+            role: s.role,
             current: s.id == current,
             last_used: None,
         }
@@ -85,21 +90,49 @@ impl Repository {
         {
             return Ok(k.clone());
         }
-        let object = name::epoch_key(epoch, &key_id, self.keys.generation.as_ref());
-        let bytes = match self
+        let keys = match &self.access {
+            Access::Full(k) => k,
+            Access::WriteOnly(w) => {
+                if let Some(kept) = self.kept_key(w, epoch).filter(|k| k.id == key_id) {
+                    return Ok(self.cache(kept));
+                }
+                return Err(Error::WriteOnly(format!(
+                    "read epoch key {} of {epoch}, which another host or month wrote",
+                    key_id.short()
+                )));
+            }
+        };
+        let mut missing = None;
+        for k in std::iter::once(keys).chain(&self.others) {
+            match self.read_epoch_key(k, epoch, key_id).await {
+                Ok(key) => return Ok(self.cache(key)),
+                Err(e @ Error::MissingObject { .. }) => {
+                    missing.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let missing = missing.expect("one generation was tried");
+        // Destroyed on purpose, or missing: the error says which.
+        let object = name::epoch_key(epoch, &key_id, keys.generation.as_ref());
+        Err(match self.destroyed_by(epoch).await {
+            Some(erasure) => super::erasures::destroyed(&object, epoch, &erasure),
+            None => missing,
+        })
+    }
+
+    /// Epoch key `key_id` of `epoch`, as the key generation `keys` holds wraps it.
+    pub(crate) async fn read_epoch_key(
+        &self,
+        keys: &SlotKeys,
+        epoch: Epoch,
+        key_id: ObjectId,
+    ) -> Result<EpochKey> {
+        let object = name::epoch_key(epoch, &key_id, keys.generation.as_ref());
+        let bytes = self
             .store
             .get_bounded(&object, Kind::EpochKey.max_len())
-            .await
-        {
-            // Destroyed on purpose, or missing: the error says which.
-            Err(e @ Error::MissingObject { .. }) => {
-                return Err(match self.destroyed_by(epoch).await {
-                    Some(erasure) => super::erasures::destroyed(&object, epoch, &erasure),
-                    None => e,
-                });
-            }
-            other => other?,
-        };
+            .await?;
         let header = Header::decode(&object, &bytes, Kind::EpochKey)?;
         if header.key_id != key_id {
             return Err(Error::corrupt(
@@ -107,22 +140,24 @@ impl Repository {
                 "key id differs from the object's name",
             ));
         }
-        let plain = zeroize::Zeroizing::new(object::open(
-            header,
-            &self.keys.epochs,
-            &self.config.id,
-            &object,
-            &bytes,
-        )?);
+        let plain = zeroize::Zeroizing::new(if bytes.len() == writer::SEALED_EPOCH_KEY_LEN {
+            writer::open_sealed(keys, &self.config.id, header, &object, &bytes)?
+        } else {
+            object::open(header, &keys.epochs, &self.config.id, &object, &bytes)?
+        });
         let raw: [u8; 32] = plain[..]
             .try_into()
             .map_err(|_| Error::corrupt(&object, "epoch key has the wrong length"))?;
-        let key = Arc::new(EpochKey::new(epoch, key_id, Key::from_bytes(raw)));
-        self.epoch_keys
-            .lock()
-            .expect("not poisoned")
-            .insert((epoch, key_id), key.clone());
-        Ok(key)
+        Ok(EpochKey::new(epoch, key_id, Key::from_bytes(raw)))
+    }
+
+    /// Every key generation this repository was opened with: its own, then the others the
+    /// same secret opens (see `others`).
+    pub(crate) fn generations(&self) -> Vec<&SlotKeys> {
+        match &self.access {
+            Access::Full(k) => std::iter::once(k).chain(&self.others).collect(),
+            Access::WriteOnly(_) => Vec::new(),
+        }
     }
 
     /// The key new data of `epoch` is written under, created when the epoch has none yet.
@@ -135,6 +170,9 @@ impl Repository {
         epoch: Epoch,
         condemned: &std::collections::HashSet<(Epoch, ObjectId)>,
     ) -> Result<(Arc<EpochKey>, Vec<Error>)> {
+        if let Access::WriteOnly(w) = &self.access {
+            return Ok((self.own_key(w, epoch, condemned).await?, Vec::new()));
+        }
         let prefix = format!("{}/{epoch}", name::EPOCHS);
         let mut unreadable = Vec::new();
         if let Some(key) = self
@@ -193,21 +231,25 @@ impl Repository {
 
     /// Seals `key` as epoch key `id` of `epoch` under this generation; returns its name.
     async fn put_epoch_key(&self, epoch: Epoch, id: ObjectId, key: &Key) -> Result<String> {
-        self.put_epoch_key_for(&self.keys, epoch, id, key).await
+        self.put_epoch_key_for(self.full("make an epoch key")?, epoch, id, key)
+            .await
     }
 
-    /// Whether some key slot still holds this repository's key generation.
-    async fn generation_alive(&self) -> Result<bool> {
+    /// Whether some full key slot still holds this repository's key generation.
+    pub(super) async fn generation_alive(&self) -> Result<bool> {
+        let generation = self.generation();
         Ok(load_slots(&self.store)
             .await?
             .iter()
             .flatten()
-            .any(|s| s.generation == self.keys.generation))
+            .any(|s| !s.write_only() && s.generation == generation))
     }
 
-    /// The ids of `epoch`'s keys of this key generation (names that do not parse are left to
-    /// `check`).
+    /// The ids of `epoch`'s keys of this key generation that full hosts write under: those a
+    /// write-only host made (sealed to the generation's public key) are its own. Names that
+    /// do not parse are left to `check`.
     async fn epoch_key_ids(&self, prefix: &str, epoch: Epoch) -> Result<Vec<ObjectId>> {
+        let generation = self.generation();
         let mut ids: Vec<ObjectId> = self
             .store
             .list(prefix)
@@ -215,7 +257,8 @@ impl Repository {
             .into_iter()
             .filter_map(|o| {
                 let (e, id, g) = name::parse_epoch_key(&o.name)?;
-                (e == epoch && g == self.keys.generation).then_some(id)
+                (e == epoch && g == generation && o.size != writer::SEALED_EPOCH_KEY_LEN as u64)
+                    .then_some(id)
             })
             .collect();
         ids.sort();
@@ -254,7 +297,10 @@ impl Repository {
     /// The key generation this repository was opened with (`None`: made before key
     /// generations).
     pub fn generation(&self) -> Option<ObjectId> {
-        self.keys.generation
+        match &self.access {
+            Access::Full(k) => k.generation,
+            Access::WriteOnly(w) => Some(w.grant.generation),
+        }
     }
 
     /// Adds a key slot for `secret`, holding the keys this repository was opened with.
@@ -265,10 +311,8 @@ impl Repository {
         creator: crate::keys::Creator,
         label: Option<String>,
     ) -> Result<ObjectId> {
-        Ok(self
-            .put_slot(&self.keys, secret, kdf, creator, label)
-            .await?
-            .id)
+        let keys = self.full("add a key slot")?;
+        Ok(self.put_slot(keys, secret, kdf, creator, label).await?.id)
     }
 
     /// Writes a slot for `secret` holding `keys`.
@@ -287,15 +331,11 @@ impl Repository {
         Ok(slot)
     }
 
-    /// This repository's keys (for a rotation).
-    pub(crate) fn slot_keys(&self) -> &SlotKeys {
-        &self.keys
-    }
-
     /// The same repository, opened with other keys (after a rotation).
     pub(crate) fn with_keys(self, keys: SlotKeys, slot_id: ObjectId) -> Repository {
         Repository {
-            keys,
+            access: Access::Full(keys),
+            others: Vec::new(),
             slot_id,
             epoch_keys: Mutex::default(),
             ..self
@@ -333,11 +373,17 @@ impl Repository {
                 "refusing to remove the key slot this command was unlocked with; unlock with another key",
             ));
         }
+        self.full("remove a key slot")?;
         let object = name::key_slot(&id);
         if !self.store.exists(&object).await? {
             return Err(Error::invalid(format!("no key slot {id}")));
         }
-        self.store.delete(&object).await
+        self.store.delete(&object).await?;
+        // A write-only slot's grants open nothing without it.
+        for o in self.store.list(&name::grants_of(&id)).await? {
+            self.store.delete(&o.name).await?;
+        }
+        Ok(())
     }
 
     /// Resolves a key slot id prefix.

@@ -99,6 +99,9 @@ impl Repository {
                 Err(Error::MissingObject {
                     object: ref missing,
                 }) if missing == &object => {}
+                // Another host's, or of another month, opened with a write-only key: not
+                // this host's to read, and not damaged.
+                Err(Error::WriteOnly(_)) => {}
                 Err(error) => errors.push(UnreadableSnapshot {
                     object,
                     id: Some(id),
