@@ -10,7 +10,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::databases::snapshot_ids;
+use common::databases::{kluisd_once, snapshot_ids};
 use common::*;
 
 const TIMES: [&str; 5] = [
@@ -69,6 +69,37 @@ fn files_under(dir: &Path) -> usize {
             }
         })
         .sum()
+}
+
+/// After an erasure (`erase`, to the new key `new`) was stopped: the old key or the new one
+/// restores the snapshot after the date (`kept`); run again with it, the erasure finishes:
+/// only `kept` is listed, the repository checks clean, and October's data and keys are gone.
+fn finishes(repo: &Repo, new: &Path, erase: &[&str], kept: &(String, Vec<u8>), when: &str) {
+    let (kept_id, kept) = kept;
+    let opened: Vec<&Path> = [repo.key_file.as_path(), new]
+        .into_iter()
+        .filter(|k| {
+            let out = with_key(repo, k, &["restore", kept_id, "--stdout", "--quiet"]);
+            out.status.success() && out.stdout == *kept
+        })
+        .collect();
+    assert!(!opened.is_empty(), "no key restores {when}");
+    let again = with_key(repo, opened[opened.len() - 1], erase);
+    assert_success(&again, &["erase again", when]);
+    let listed = with_key(repo, new, &["snapshots", "--json"]);
+    assert_success(&listed, &["snapshots after the erasure finished", when]);
+    let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(&listed.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, vec![kept_id.clone()], "{when}");
+    assert_success(&with_key(repo, new, &["check"]), &["check", when]);
+    for dir in ["data/2026-10", "epochs/2026-10"] {
+        assert_eq!(files_under(&repo.root().join(dir)), 0, "{dir} {when}");
+    }
 }
 
 fn report(stdout: &[u8]) -> serde_json::Value {
@@ -278,38 +309,7 @@ fn an_erasure_stopped_after_each_write_is_finished_by_the_next() {
             assert_eq!(out.status.signal(), Some(6), "{}", text(&out.stderr));
             stops += 1;
         }
-        let (kept_id, kept) = &made[4];
-        let opened: Vec<&Path> = [repo.key_file.as_path(), new.as_path()]
-            .into_iter()
-            .filter(|k| {
-                let out = with_key(&repo, k, &["restore", kept_id, "--stdout", "--quiet"]);
-                out.status.success() && out.stdout == *kept
-            })
-            .collect();
-        assert!(!opened.is_empty(), "no key restores after write {n}");
-        // Run again with the key that opens it: it finishes.
-        let key = opened[opened.len() - 1];
-        let again = with_key(&repo, key, &erase);
-        assert_success(&again, &["erase again after write", &n.to_string()]);
-        let listed = with_key(&repo, &new, &["snapshots", "--json"]);
-        assert_success(&listed, &["snapshots after the erasure finished"]);
-        let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(&listed.stdout)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["id"].as_str().unwrap().to_string())
-            .collect();
-        assert_eq!(ids, vec![kept_id.clone()], "after write {n}");
-        assert_success(
-            &with_key(&repo, &new, &["check"]),
-            &["check", &n.to_string()],
-        );
-        assert_eq!(
-            files_under(&repo.root().join("data/2026-10")),
-            0,
-            "data of an erased month left after write {n}"
-        );
+        finishes(&repo, &new, &erase, &made[4], &format!("after write {n}"));
         if finished {
             break;
         }
@@ -459,71 +459,16 @@ fn an_erasure_killed_at_random_points_leaves_a_repository_a_key_opens_and_is_fin
         })
         .min()
         .unwrap();
-    let bytes = random_bytes(21, KILLS * 40);
-    let (mut landed, mut finished) = (0, 0);
-    let (kept_id, kept) = &made[4];
-    for i in 0..KILLS * 10 {
-        if landed == KILLS {
-            break;
-        }
-        reset();
-        let frac = u32::from_le_bytes(bytes[i * 4..][..4].try_into().unwrap());
-        let delay = full.mul_f64(1.1 * f64::from(frac) / f64::from(u32::MAX));
-        let mut child = repo
-            .command(&erase)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        let _ = child.kill();
-        let out = child.wait_with_output().unwrap();
-        if out.status.signal() == Some(9) {
-            landed += 1;
-        } else {
-            assert_success(&out, &["erase (finished before its kill)"]);
-            finished += 1;
-        }
-        // The old key or the new one opens it, and the kept snapshot restores.
-        let opened: Vec<&Path> = [repo.key_file.as_path(), new.as_path()]
-            .into_iter()
-            .filter(|k| {
-                let out = with_key(&repo, k, &["restore", kept_id, "--stdout", "--quiet"]);
-                out.status.success() && out.stdout == *kept
-            })
-            .collect();
-        assert!(
-            !opened.is_empty(),
-            "no key restores after kill {i} at {delay:?}"
-        );
-        // Run again, it finishes: only the kept snapshot is left, October's data is gone.
-        let again = with_key(&repo, opened[opened.len() - 1], &erase);
-        assert_success(&again, &["erase again after kill", &i.to_string()]);
-        let listed = with_key(&repo, &new, &["snapshots", "--json"]);
-        assert_success(&listed, &["snapshots after the erasure finished"]);
-        let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(&listed.stdout)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["id"].as_str().unwrap().to_string())
-            .collect();
-        assert_eq!(ids, vec![kept_id.clone()], "after kill {i}");
-        assert_success(&with_key(&repo, &new, &["check"]), &["check after kill"]);
-        assert_eq!(
-            files_under(&repo.root().join("data/2026-10")),
-            0,
-            "after kill {i}"
-        );
-        assert_eq!(
-            files_under(&repo.root().join("epochs/2026-10")),
-            0,
-            "after kill {i}"
-        );
-    }
-    assert_eq!(
-        landed, KILLS,
-        "kills that landed mid-erasure ({finished} finished first; an erasure took {full:?})"
+    kill_at_random(
+        KILLS,
+        full,
+        21,
+        || repo.command(&erase),
+        reset,
+        |i, delay| {
+            let when = format!("after kill {i} at {delay:?}");
+            finishes(&repo, &new, &erase, &made[4], &when);
+        },
     );
 }
 
@@ -556,15 +501,7 @@ fn kluisd_enforces_erase_after_on_garage_s3() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kluisd"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--once")
-        .envs(garage.credentials())
-        .output()
-        .unwrap();
-    let log = text(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let log = kluisd_once(&config, garage.credentials());
     assert!(log.contains("repository offsite: erasure "), "{log}");
     // Every snapshot of the fixed months (2026-09 to 2026-11) is gone, today's stays, and
     // the erased months' keys with them; the key file still opens the repository.
@@ -596,14 +533,7 @@ fn kluisd_enforces_erase_after_on_garage_s3() {
     assert_eq!(r["secrets_changed"], false);
     repo.ok(&["check"]);
     // Run again: nothing more to erase, and nothing written for it.
-    let out = Command::new(env!("CARGO_BIN_EXE_kluisd"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--once")
-        .envs(garage.credentials())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    kluisd_once(&config, garage.credentials());
     let again: serde_json::Value =
         serde_json::from_slice(&repo.ok(&["erase", "--list", "--json"])).unwrap();
     assert_eq!(again.as_array().unwrap().len(), 1, "{again}");

@@ -6,7 +6,6 @@ mod common;
 
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
-use std::process::Stdio;
 use std::time::Instant;
 
 use common::databases::{password_file, snapshot_ids};
@@ -200,42 +199,23 @@ fn a_rotation_killed_at_any_point_leaves_a_repository_the_key_opens() {
         })
         .min()
         .unwrap();
-    let bytes = random_bytes(20, KILLS * 40);
-    let (mut landed, mut finished) = (0, 0);
-    for i in 0..KILLS * 10 {
-        if landed == KILLS {
-            break;
-        }
-        let frac = u32::from_le_bytes(bytes[i * 4..][..4].try_into().unwrap());
-        let delay = full.mul_f64(1.1 * f64::from(frac) / f64::from(u32::MAX));
-        let mut child = repo
-            .command(&["key", "rotate"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        let _ = child.kill();
-        let out = child.wait_with_output().unwrap();
-        if out.status.signal() == Some(9) {
-            landed += 1;
-        } else {
-            assert_success(&out, &["key rotate (finished before its kill)"]);
-            finished += 1;
-        }
-        let listed = snapshot_ids(&repo);
-        assert_eq!(listed.len(), made.len(), "after kill {i} at {delay:?}");
-        let check = repo.run(&["check"]);
-        assert_success(&check, &["check after a killed rotate"]);
-        for (id, data) in [&made[0], &made[made.len() - 1]] {
-            let out = repo.run(&["restore", id, "--stdout", "--quiet"]);
-            assert_success(&out, &["restore after a killed rotate", id]);
-            assert!(out.stdout == *data, "{id} after kill {i}");
-        }
-    }
-    assert_eq!(
-        landed, KILLS,
-        "kills that landed mid-rotation ({finished} finished first; a rotation took {full:?})"
+    kill_at_random(
+        KILLS,
+        full,
+        20,
+        || repo.command(&["key", "rotate"]),
+        || {},
+        |i, delay| {
+            let listed = snapshot_ids(&repo);
+            assert_eq!(listed.len(), made.len(), "after kill {i} at {delay:?}");
+            let check = repo.run(&["check"]);
+            assert_success(&check, &["check after a killed rotate"]);
+            for (id, data) in [&made[0], &made[made.len() - 1]] {
+                let out = repo.run(&["restore", id, "--stdout", "--quiet"]);
+                assert_success(&out, &["restore after a killed rotate", id]);
+                assert!(out.stdout == *data, "{id} after kill {i}");
+            }
+        },
     );
     repo.ok(&["key", "rotate"]);
     let check = check_json(&repo);

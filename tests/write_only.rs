@@ -9,6 +9,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+use common::databases::kluisd_once;
+
 use common::databases::password_file;
 use common::*;
 
@@ -82,6 +84,23 @@ fn keys_of(repo: &Repo, month: &str) -> Vec<(String, u64)> {
         .filter(|(n, _)| n.starts_with(&format!("epochs/{month}/")))
         .map(|(n, p)| (n, std::fs::metadata(p).unwrap().len()))
         .collect()
+}
+
+/// A full backup in September 2026, then a write-only host.
+fn september_then_a_host(repo: &Repo) -> Host {
+    let out = repo.run_stdin(
+        &[
+            "backup",
+            "--stdin",
+            "--name",
+            "old",
+            "--time",
+            "2026-09-05T10:00:00Z",
+        ],
+        b"september",
+    );
+    assert_success(&out, &["old backup"]);
+    Host::add(repo, "db1")
 }
 
 fn this_month() -> String {
@@ -261,19 +280,7 @@ fn a_write_only_key_backs_up_under_its_own_keys_and_can_read_nothing() {
 #[test]
 fn a_write_only_host_keeps_backing_up_across_rotations_and_erasures() {
     let repo = Repo::init_file(&SMALL_PACKS);
-    let out = repo.run_stdin(
-        &[
-            "backup",
-            "--stdin",
-            "--name",
-            "old",
-            "--time",
-            "2026-09-05T10:00:00Z",
-        ],
-        b"september",
-    );
-    assert_success(&out, &["old backup"]);
-    let host = Host::add(&repo, "db1");
+    let host = september_then_a_host(&repo);
     let night1 = dump_like(10, 300_000);
     let first = host.backup(&repo, "db", &night1);
     // A rotation carries the host's key over (still its own) and grants it the new
@@ -336,19 +343,7 @@ fn a_write_only_host_keeps_backing_up_across_rotations_and_erasures() {
 #[test]
 fn a_rotation_stopped_after_each_write_leaves_the_write_only_host_able_to_back_up() {
     let repo = Repo::init_file(&[]);
-    let out = repo.run_stdin(
-        &[
-            "backup",
-            "--stdin",
-            "--name",
-            "old",
-            "--time",
-            "2026-09-05T10:00:00Z",
-        ],
-        b"september",
-    );
-    assert_success(&out, &["old backup"]);
-    let host = Host::add(&repo, "db1");
+    let host = september_then_a_host(&repo);
     host.backup(&repo, "db", &dump_like(20, 50_000));
     let pristine = repo.path().join("pristine");
     copy_tree(&repo.root(), &pristine);
@@ -434,15 +429,7 @@ fn a_write_only_host_on_garage_and_under_kluisd() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kluisd"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--once")
-        .envs(garage.credentials())
-        .output()
-        .unwrap();
-    let log = text(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let log = kluisd_once(&config, garage.credentials());
     assert!(log.contains("job db: snapshot"), "{log}");
     let list: serde_json::Value =
         serde_json::from_slice(&repo.ok(&["snapshots", "--json"])).unwrap();

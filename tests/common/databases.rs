@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::thread::JoinHandle;
 
-use super::{Repo, hex};
+use std::collections::BTreeMap;
+
+use super::{Repo, hex, text};
 
 /// A database password file (mode 0600) beside the repository.
 pub fn password_file(repo: &Repo, content: &str) -> PathBuf {
@@ -43,6 +45,20 @@ pub const BANK_TOTAL: &str = "4000000";
 /// The query that adds up a bank (the same in PostgreSQL and MySQL).
 pub const BANK_TOTAL_SQL: &str =
     "SELECT (SELECT sum(balance) FROM checking) + (SELECT sum(balance) FROM savings)";
+
+/// `kluisd --config CONFIG --once` with `env` (S3 credentials, say); it must succeed. Its log.
+pub fn kluisd_once(config: &Path, env: BTreeMap<String, String>) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kluisd"))
+        .arg("--config")
+        .arg(config)
+        .arg("--once")
+        .envs(env)
+        .output()
+        .unwrap();
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "kluisd --once failed: {log}");
+    log
+}
 
 /// Every snapshot's id, oldest first.
 pub fn snapshot_ids(repo: &Repo) -> Vec<String> {

@@ -731,3 +731,48 @@ pub fn copy_tree(from: &Path, to: &Path) {
         .unwrap();
     assert!(ok.success(), "cp -a {} {}", from.display(), to.display());
 }
+
+/// Runs `command` (stdout dropped) and kills it with SIGKILL at a random point within 1.1
+/// times `full` (how long a whole run takes), until `kills` kills have landed mid-run (at most
+/// ten tries per kill); before each run `before()`, after each `after(i, delay)`. A run that
+/// finishes before its kill must succeed. Returns how many finished.
+pub fn kill_at_random(
+    kills: usize,
+    full: std::time::Duration,
+    seed: u64,
+    mut command: impl FnMut() -> Command,
+    mut before: impl FnMut(),
+    mut after: impl FnMut(usize, std::time::Duration),
+) -> usize {
+    use std::os::unix::process::ExitStatusExt;
+    let bytes = random_bytes(seed, kills * 40);
+    let (mut landed, mut finished) = (0, 0);
+    for i in 0..kills * 10 {
+        if landed == kills {
+            break;
+        }
+        before();
+        let frac = u32::from_le_bytes(bytes[i * 4..][..4].try_into().unwrap());
+        let delay = full.mul_f64(1.1 * f64::from(frac) / f64::from(u32::MAX));
+        let mut child = command()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        if out.status.signal() == Some(9) {
+            landed += 1;
+        } else {
+            assert_success(&out, &["a run that finished before its kill"]);
+            finished += 1;
+        }
+        after(i, delay);
+    }
+    assert_eq!(
+        landed, kills,
+        "kills that landed mid-run ({finished} finished first; a run took {full:?})"
+    );
+    finished
+}
