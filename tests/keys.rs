@@ -116,6 +116,24 @@ fn rotates(repo: &Repo) {
         &dump_like(99, 10_000),
     );
     assert_success(&out, &["backup after rotate"]);
+    // The kept password's holder changes it: the new one opens, the old one no longer.
+    let changed = password_file(repo, "changed secret");
+    let out = repo.run_with_password(
+        &kept,
+        &[
+            "key",
+            "passwd",
+            "--new-password-file",
+            changed.to_str().unwrap(),
+        ],
+    );
+    assert_success(&out, &["key passwd"]);
+    let out = repo.run_with_password(&changed, &["restore", &made[1].0, "--stdout", "--quiet"]);
+    assert_success(&out, &["restore with the changed password"]);
+    assert!(out.stdout == made[1].1);
+    let out = repo.run_with_password(&kept, &["snapshots"]);
+    assert_code(&out, EXIT_WRONG_PASSWORD, "the password before passwd");
+    assert_eq!(key_list(repo).len(), 2);
 }
 
 #[test]
