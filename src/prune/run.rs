@@ -202,6 +202,9 @@ impl<'a> Pruner<'a> {
 
         // Sweep.
         let mut deleted: IdSet<ObjectId> = IdSet::default();
+        // Epochs the sweep wrote new index segments in: they hold something, whatever the
+        // listing before it said.
+        let mut rewritten: HashSet<Epoch> = HashSet::new();
         let due_segments: HashSet<&str> = due
             .iter()
             .flat_map(|m| m.segments.iter().map(String::as_str))
@@ -210,10 +213,11 @@ impl<'a> Pruner<'a> {
             self.may_change().await?;
             let swept_now = self.sweep(&due, &packs, &used, &listed, &mut live).await?;
             deleted = swept_now.packs;
+            rewritten = swept_now.rewritten;
             let mut occupied = occupied(&held, |o| {
                 due_segments.contains(o) || pack_in(o, |id| deleted.contains(id))
             });
-            occupied.extend(swept_now.rewritten);
+            occupied.extend(rewritten.iter().copied());
             self.sweep_keys(&due, &occupied, &keys).await?;
             self.record_swept(&due).await?;
             if !deleted.is_empty() {
@@ -325,12 +329,13 @@ impl<'a> Pruner<'a> {
             .chain(&mark.segments)
             .map(String::as_str)
             .collect();
-        let occupied = occupied(&held, |o| {
+        let mut occupied = occupied(&held, |o| {
             condemned_now.contains(o)
                 || already_segments.contains(o)
                 || due_segments.contains(o)
                 || pack_in(o, |id| deleted.contains(id) || already.contains(id))
         });
+        occupied.extend(rewritten.iter().copied());
         let swept_keys: HashSet<(Epoch, ObjectId)> = due.iter().flat_map(|m| m.key_ids()).collect();
         let settled = clock::sub(now, self.opts.grace);
         for (&(epoch, id), objects) in &keys.0 {
