@@ -16,6 +16,7 @@ mod prune;
 mod restore;
 mod retention;
 mod status;
+mod wal;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -122,6 +123,9 @@ enum Command {
     /// Restore drills: restore a snapshot into a scratch target, check it, time it
     #[command(subcommand)]
     Drill(drill::DrillCommand),
+    /// PostgreSQL's write-ahead log: archive_command (push), restore_command (fetch), list
+    #[command(subcommand)]
+    Wal(wal::WalCommand),
 }
 
 #[derive(Args)]
@@ -452,6 +456,7 @@ async fn run(cli: Cli, cancel: Cancel) -> anyhow::Result<i32> {
         Command::Prune(a) => prune::run(g, a, cancel).await,
         Command::Erase(a) => erase::run(g, a, cancel).await,
         Command::Audit(a) => audit::run(g, a).await,
+        Command::Wal(c) => wal::run(g, c).await,
         Command::Retention(c) => retention::run(c).await,
         Command::Copy(a) => copy::run(g, a, cancel).await,
         Command::Drill(c) => drill::run(c, cancel).await,

@@ -318,8 +318,8 @@ async fn plan(repo: &Repository, opts: &EraseOptions) -> Result<Plan> {
     })
 }
 
-/// Every pack, index segment and manifest, with its epoch (manifests first, so a deletion cut
-/// short leaves no manifest whose data is gone).
+/// Every pack, index segment, manifest and archived WAL file, with its epoch (manifests first,
+/// so a deletion cut short leaves no manifest whose data is gone).
 async fn epoch_objects(repo: &Repository) -> Result<Vec<(Epoch, String)>> {
     let mut out = Vec::new();
     for prefix in [name::SNAPSHOTS, name::INDEX, name::DATA] {
@@ -327,6 +327,11 @@ async fn epoch_objects(repo: &Repository) -> Result<Vec<(Epoch, String)>> {
             if let Some((epoch, _)) = name::parse_epoch_object(prefix, &o.name) {
                 out.push((epoch, o.name));
             }
+        }
+    }
+    for o in repo.store().list(name::WAL).await? {
+        if let Some((epoch, ..)) = name::parse_wal(&o.name) {
+            out.push((epoch, o.name));
         }
     }
     Ok(out)

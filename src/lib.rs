@@ -69,6 +69,7 @@ pub mod source;
 pub mod status;
 pub mod store;
 pub mod tree;
+pub mod wal;
 
 pub use error::{Error, Result};
 

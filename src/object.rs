@@ -43,6 +43,8 @@ pub enum Kind {
     /// and the repository's config, sealed under the slot's writer key) or its escrow (`grants/<slot>/<generation>.key`:
     /// the writer key, sealed under the generation's epoch-wrapping key).
     Grant = 12,
+    /// A WAL file PostgreSQL archived (`wal/<YYYY-MM>/<cluster>/<name>`, see `crate::wal`).
+    Wal = 13,
 }
 
 impl Kind {
@@ -60,6 +62,7 @@ impl Kind {
             10 => Kind::Erasure,
             11 => Kind::Audit,
             12 => Kind::Grant,
+            13 => Kind::Wal,
             _ => return None,
         })
     }
@@ -88,6 +91,8 @@ impl Kind {
             Kind::Audit => 1 << 20,
             // A public key and the config.
             Kind::Grant => (HEADER_LEN + NONCE_LEN + 32 + TAG_LEN) as u64 + (64 << 10),
+            // A segment of PostgreSQL's largest size, stored as it is, and a header.
+            Kind::Wal => (1 << 30) + (1 << 20),
         }
     }
 
@@ -105,6 +110,7 @@ impl Kind {
             Kind::Erasure => b"erasure",
             Kind::Audit => b"audit",
             Kind::Grant => b"grant",
+            Kind::Wal => b"wal",
         }
     }
 }
@@ -312,6 +318,23 @@ pub mod name {
     pub const FORGOTTEN: &str = "forgotten";
     /// Erasure records: `erasures/<id>`.
     pub const ERASURES: &str = "erasures";
+    /// Archived WAL files: `wal/<YYYY-MM>/<cluster>/<name>`.
+    pub const WAL: &str = "wal";
+
+    pub fn wal(epoch: Epoch, cluster: &str, file: &str) -> String {
+        format!("{WAL}/{epoch}/{cluster}/{file}")
+    }
+
+    /// Splits a WAL object's name into its epoch, cluster and file name.
+    pub fn parse_wal(name: &str) -> Option<(Epoch, &str, &str)> {
+        let rest = name.strip_prefix(WAL)?.strip_prefix('/')?;
+        let mut parts = rest.split('/');
+        let epoch = Epoch::parse(parts.next()?)?;
+        let (cluster, file) = (parts.next()?, parts.next()?);
+        (parts.next().is_none() && !cluster.is_empty() && !file.is_empty())
+            .then_some((epoch, cluster, file))
+    }
+
     /// Write-only slots' grants: `grants/<slot>/<generation>` and `.../<generation>.key`.
     pub const GRANTS: &str = "grants";
 

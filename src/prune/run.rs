@@ -147,6 +147,12 @@ impl<'a> Pruner<'a> {
                 name::parse_epoch_object(name::DATA, o).map(|(e, _)| (e, o.clone()))
             }),
         );
+        // Archived WAL (crate::wal) is sealed under its month's key too; prune deletes none.
+        for o in repo.store().list(name::WAL).await? {
+            if let Some((e, ..)) = name::parse_wal(&o.name) {
+                held.push((e, String::new()));
+            }
+        }
         let present_segments: HashSet<ObjectId> = loaded.iter().map(|(_, id, ..)| *id).collect();
         let keys = EpochKeys::list(repo).await?;
 

@@ -543,6 +543,11 @@ impl Postgres {
     pub const PASSWORD: &'static str = "pg-test-password";
 
     pub fn start() -> Postgres {
+        Postgres::start_with("")
+    }
+
+    /// A server whose postgresql.conf ends with `settings` (lines `name = value`).
+    pub fn start_with(settings: &str) -> Postgres {
         let dir = TempDir::new().unwrap();
         let bin = postgres_bin();
         if is_root() {
@@ -568,6 +573,12 @@ impl Postgres {
             .output()
             .unwrap();
         assert!(out.status.success(), "initdb: {}", text(&out.stderr));
+        if !settings.is_empty() {
+            let conf = data.join("postgresql.conf");
+            let mut text = fs::read_to_string(&conf).unwrap();
+            text.push_str(&format!("\n{settings}\n"));
+            fs::write(&conf, text).unwrap();
+        }
         let pg = Postgres {
             port: free_port(),
             dir,
@@ -602,6 +613,16 @@ impl Postgres {
             text(&out.stderr),
             fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
         );
+    }
+
+    /// The data directory.
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `program` run as the user the server runs as.
+    pub fn as_server_user(program: &Path) -> Command {
+        as_postgres(program)
     }
 
     /// Stops the server (fast shutdown); `start_again` brings it back.

@@ -1,0 +1,236 @@
+//! PostgreSQL point-in-time recovery (issue 21), with a real server the test starts: its
+//! `archive_command` is `kluis wal push`, and what it archived comes back bit for bit.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A repository the server's own user writes WAL into, and a root-owned copy of its key for
+/// the test's own commands (a secret file must belong to the user reading it).
+struct Archive {
+    _dir: tempfile::TempDir,
+    repo: PathBuf,
+    /// The server user's key file and state directory.
+    server_key: PathBuf,
+    server_state: PathBuf,
+    /// The test's copy of the key.
+    key: PathBuf,
+    state: PathBuf,
+}
+
+impl Archive {
+    fn new() -> Archive {
+        let top = tempfile::TempDir::new().unwrap();
+        // The server's user must reach its directory below it.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(top.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = top.path().join("server");
+        fs::create_dir(&dir).unwrap();
+        chown_to_server(&dir);
+        let (key, state) = (top.path().join("root.key"), top.path().join("root-state"));
+        let out = Command::new(KLUIS)
+            .args(["key", "generate"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert_success(&out, &["key generate"]);
+        let server_key = dir.join("key");
+        fs::copy(&key, &server_key).unwrap();
+        let server_state = dir.join("state");
+        chown_to_server(&server_key);
+        let archive = Archive {
+            _dir: top,
+            repo: dir.join("repo"),
+            server_key,
+            server_state,
+            key,
+            state,
+        };
+        // Made by the server's user, so that its archive_command can write to it.
+        let out = archive.as_server(&["init"]);
+        assert_success(&out, &["kluis init as the server's user"]);
+        archive
+    }
+
+    /// `kluis` as the server's user, as its archive_command runs it.
+    fn as_server(&self, args: &[&str]) -> Output {
+        Postgres::as_server_user(Path::new(KLUIS))
+            .args(args)
+            .env("KLUIS_REPOSITORY", &self.repo)
+            .env("KLUIS_KEY_FILE", &self.server_key)
+            .env("KLUIS_STATE_DIR", &self.server_state)
+            .output()
+            .unwrap()
+    }
+
+    /// `kluis` as the test (root).
+    fn kluis(&self, args: &[&str]) -> Output {
+        Command::new(KLUIS)
+            .args(args)
+            .env("KLUIS_REPOSITORY", &self.repo)
+            .env("KLUIS_KEY_FILE", &self.key)
+            .env("KLUIS_STATE_DIR", &self.state)
+            .output()
+            .unwrap()
+    }
+
+    /// The postgresql.conf lines that archive into it.
+    fn settings(&self, cluster: &str) -> String {
+        format!(
+            "wal_level = replica\narchive_mode = on\nwal_keep_size = '1GB'\n\
+             archive_command = 'KLUIS_REPOSITORY={} KLUIS_KEY_FILE={} KLUIS_STATE_DIR={} {} \
+             --quiet wal push --cluster {cluster} %p'\n",
+            self.repo.display(),
+            self.server_key.display(),
+            self.server_state.display(),
+            KLUIS
+        )
+    }
+}
+
+/// Starts a server that archives into a new repository.
+fn archiving_server(cluster: &str) -> (Postgres, Archive) {
+    let archive = Archive::new();
+    let pg = Postgres::start_with(&archive.settings(cluster));
+    (pg, archive)
+}
+
+/// Gives `path` to the user the server runs as (tests run as root).
+fn chown_to_server(path: &Path) {
+    let ok = Command::new("chown")
+        .arg("postgres")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "chown postgres {}", path.display());
+}
+
+/// Waits until the server has archived `file` (pg_stat_archiver), and failed nothing.
+fn wait_archived(pg: &Postgres, file: &str) {
+    let start = Instant::now();
+    loop {
+        let row = pg.sql(
+            "postgres",
+            "SELECT coalesce(last_archived_wal, ''), failed_count, coalesce(last_failed_wal, '') \
+             FROM pg_stat_archiver",
+        );
+        let cols: Vec<&str> = row.trim().split('|').collect();
+        assert_eq!(
+            cols[1],
+            "0",
+            "archive_command failed: {row}\n{}",
+            server_log(pg)
+        );
+        if cols[0] >= file {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{file} not archived: {row}\n{}",
+            server_log(pg)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn server_log(pg: &Postgres) -> String {
+    fs::read_to_string(pg.dir.path().join("log")).unwrap_or_default()
+}
+
+/// Switches to a new segment; returns the name of the one it closed.
+fn switch_wal(pg: &Postgres) -> String {
+    pg.sql("postgres", "SELECT pg_walfile_name(pg_switch_wal())")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn archive_command_pushes_every_segment_and_fetch_gives_each_back_bit_for_bit() {
+    let (pg, archive) = archiving_server("main");
+    pg.sql(
+        "postgres",
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text); \
+         INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 200000) g;",
+    );
+    let mut closed = Vec::new();
+    for _ in 0..3 {
+        pg.sql("postgres", "UPDATE t SET v = v || 'x' WHERE id % 7 = 0");
+        closed.push(switch_wal(&pg));
+    }
+    wait_archived(&pg, closed.last().unwrap());
+
+    let out = archive.kluis(&["wal", "list", "--cluster", "main", "--json"]);
+    assert_success(&out, &["wal list"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let files: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["file"].as_str().unwrap().to_string())
+        .collect();
+    for c in &closed {
+        assert!(files.contains(c), "{c} not listed: {files:?}");
+    }
+    // Every archived segment still in pg_wal comes back identical, and it was stored
+    // compressed.
+    let wal_dir = pg.data().join("pg_wal");
+    let dest = pg.dir.path().join("fetched");
+    let (mut compared, mut raw, mut stored) = (0, 0u64, 0u64);
+    for a in listed.as_array().unwrap() {
+        let file = a["file"].as_str().unwrap();
+        let Ok(original) = fs::read(wal_dir.join(file)) else {
+            continue;
+        };
+        let out = archive.kluis(&[
+            "wal",
+            "fetch",
+            "--cluster",
+            "main",
+            file,
+            dest.to_str().unwrap(),
+        ]);
+        assert_success(&out, &["wal fetch", file]);
+        assert!(fs::read(&dest).unwrap() == original, "{file} differs");
+        compared += 1;
+        raw += original.len() as u64;
+        stored += a["size"].as_u64().unwrap();
+    }
+    assert!(compared >= 3, "compared {compared} segments");
+    assert!(stored < raw / 2, "{stored} bytes stored for {raw}");
+    // Pushed again (PostgreSQL retrying after a crash): accepted as archived.
+    let again = wal_dir.join(&closed[0]);
+    let out = archive.as_server(&["wal", "push", "--cluster", "main", again.to_str().unwrap()]);
+    assert_success(&out, &["wal push again"]);
+    assert!(
+        text(&out.stderr).contains("archived already"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A file the archive does not hold: exit 1, the end of the WAL to a recovery.
+    let out = archive.kluis(&[
+        "wal",
+        "fetch",
+        "--cluster",
+        "main",
+        "0000000100000099000000FF",
+        dest.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not in the archive"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Another cluster's name sees none of it.
+    let out = archive.kluis(&["wal", "list", "--cluster", "other", "--json"]);
+    assert_eq!(text(&out.stdout).trim(), "[]");
+    // The archive checks clean, and the WAL is sealed: no segment's text shows in it.
+    let out = archive.kluis(&["check"]);
+    assert_success(&out, &["check with WAL"]);
+}
