@@ -72,6 +72,11 @@ pub struct BackupArgs {
     /// (pg_dumpall --globals-only, needs a superuser) as the snapshot `postgres-globals`
     #[arg(long)]
     globals: bool,
+    /// With a postgres:// URL of a server: a physical base backup of the whole cluster
+    /// (pg_basebackup, needs the REPLICATION privilege) for point-in-time recovery with the
+    /// WAL `kluis wal push --cluster NAME` archives; snapshot name `NAME.base`
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["databases", "all_databases", "globals"])]
+    base_backup: Option<String>,
 }
 
 /// What the arguments ask for: usually one snapshot; one per database (and one of the roles)
@@ -110,6 +115,20 @@ fn plan(g: &Global, a: &BackupArgs, cancel: &Cancel) -> anyhow::Result<Vec<Plann
         };
         let source = CommandSource::new(cmd.clone(), name.clone());
         return one(None, Source::Streams(Box::new(source)));
+    }
+    if let Some(cluster) = &a.base_backup {
+        let Some((Engine::Postgres, url)) = database_url(&a.paths) else {
+            bail!(kluis::Error::InvalidInput(
+                "--base-backup goes with a postgres:// URL of the server".into()
+            ));
+        };
+        let server = PgConn::parse_server(&url, db_password(g)?)?
+            .with_bin_dir(postgres::tools_dir(g.pg_bin_dir.as_deref()));
+        let source = postgres::base::BaseSource::new(server, cluster.clone())?;
+        return one(
+            Some(format!("{cluster}.base")),
+            Source::Streams(Box::new(source)),
+        );
     }
     if let Some((engine, url)) = database_url(&a.paths) {
         return match engine {

@@ -92,6 +92,10 @@ pub fn snapshot_table(list: &[Snapshot]) -> String {
                     }
                     Source::Mysql(db) => database_summary("mysql", db),
                     Source::Sqlite(db) => database_summary("sqlite", db),
+                    Source::PostgresBase(b) => format!(
+                        "postgresql base backup of {} ({}, WAL {}..{})",
+                        b.cluster, b.server_version, b.start_lsn, b.stop_lsn
+                    ),
                 },
             ]
         })

@@ -59,6 +59,13 @@ pub struct RestoreArgs {
     /// Ranged reads in flight
     #[arg(long, default_value_t = 4)]
     fetches: usize,
+    /// A PostgreSQL base backup (`kluis backup --base-backup`) into --target DIR: recover to
+    /// this WAL location (X/Y) instead of a time or the end of the archive
+    #[arg(long, conflicts_with_all = ["at", "until_restore_point"], requires = "target")]
+    until_lsn: Option<String>,
+    /// ... or to this restore point (`pg_create_restore_point`)
+    #[arg(long, conflicts_with = "at", requires = "target")]
+    until_restore_point: Option<String>,
 }
 
 /// A point in time, or an age before now ("36h", "2days").
@@ -106,6 +113,16 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
             output::local_time(snap.time),
             snap.name
         );
+    }
+    if let SnapshotSource::PostgresBase(_) = &snap.source {
+        return restore_base(g, &repo, &list, snap, &a, cancel).await;
+    }
+    if a.until_lsn.is_some() || a.until_restore_point.is_some() {
+        bail!(kluis::Error::InvalidInput(format!(
+            "--until-lsn and --until-restore-point go with a PostgreSQL base backup; snapshot \
+             {} is not one",
+            snap.id.short()
+        )));
     }
     if !errors.is_empty() && wanted == "latest" {
         eprintln!(
@@ -214,6 +231,78 @@ pub async fn run(g: &Global, a: RestoreArgs, cancel: Cancel) -> anyhow::Result<i
             human_bytes(report.bytes),
             human_duration(elapsed),
             human_bytes((report.bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64),
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// A PostgreSQL base backup into a new data directory, with the WAL to recover to the target
+/// (see `kluis::pitr`).
+async fn restore_base(
+    g: &Global,
+    repo: &kluis::repository::Repository,
+    list: &[kluis::snapshot::Snapshot],
+    chosen: &kluis::snapshot::Snapshot,
+    a: &RestoreArgs,
+    cancel: Cancel,
+) -> anyhow::Result<i32> {
+    use kluis::pitr::{self, Target};
+    let Some(dir) = &a.target else {
+        bail!(kluis::Error::InvalidInput(format!(
+            "snapshot {} is a PostgreSQL base backup: restore it with --target DIR (a new data \
+             directory)",
+            chosen.id.short()
+        )));
+    };
+    let target = match (&a.at, &a.until_lsn, &a.until_restore_point) {
+        (Some(at), _, _) => Target::Time(*at),
+        (None, Some(lsn), _) => {
+            kluis::source::postgres::base::parse_lsn(lsn)?;
+            Target::Lsn(lsn.clone())
+        }
+        (None, None, Some(name)) => Target::Name(name.clone()),
+        (None, None, None) => Target::Latest,
+    };
+    let base = match &target {
+        Target::Time(_) => pitr::select_base(list, &chosen.name, &target)?,
+        _ => chosen,
+    };
+    let opts = RestoreOptions {
+        fetches: a.fetches.max(1),
+        cancel,
+        ..RestoreOptions::default()
+    };
+    let result = pitr::restore(repo, base, dir, target, opts).await;
+    let event = kluis::audit::Event::new("restore", base.id.to_hex())
+        .with("name", &base.name)
+        .with("snapshot_time", base.time)
+        .with("target", dir.display())
+        .outcome(&result);
+    let ledger = crate::ledger(&crate::state_dir(g), repo);
+    if let Some(w) = kluis::audit::record(repo, event, ledger.as_ref()).await {
+        eprintln!("warning: {w}");
+    }
+    let report = result?;
+    if !g.quiet {
+        eprintln!(
+            "restored base backup {} ({}, ended {}) into {}: {}, and {} WAL file(s) ({}) in {}",
+            &report.base[..8],
+            base.name,
+            output::local_time(report.base_stopped),
+            report.data_directory.display(),
+            human_bytes(report.bytes),
+            report.wal_files,
+            human_bytes(report.wal_bytes),
+            kluis::pitr::WAL_DIR
+        );
+        eprintln!("recovery settings added to postgresql.auto.conf:");
+        for s in &report.settings {
+            eprintln!("  {s}");
+        }
+        eprintln!(
+            "start the server on it (pg_ctl -D {} start): it replays the WAL to the target and \
+             promotes itself",
+            report.data_directory.display()
         );
     }
     Ok(exit::OK)

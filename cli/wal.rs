@@ -62,7 +62,10 @@ pub async fn run(g: &Global, c: WalCommand) -> anyhow::Result<i32> {
             file,
             dest,
         } => {
-            if kluis::wal::fetch(&repo, &cluster, &file, &dest).await? {
+            if kluis::wal::fetch(&repo, &cluster, &file, &dest)
+                .await?
+                .is_some()
+            {
                 Ok(exit::OK)
             } else {
                 eprintln!("kluis wal fetch: {file} is not in the archive of cluster {cluster}");

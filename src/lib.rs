@@ -56,6 +56,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod object;
 pub mod pack;
+pub mod pitr;
 pub mod progress;
 pub mod prune;
 pub mod repository;

@@ -30,6 +30,36 @@ pub enum Source {
     Mysql(DatabaseRecord),
     /// A SQLite database, as a consistent copy of its file (see `source::sqlite`).
     Sqlite(DatabaseRecord),
+    /// A PostgreSQL cluster's physical base backup, one tar stream (see
+    /// `source::postgres::base`), for point-in-time recovery with its archived WAL.
+    #[serde(rename = "postgres-base")]
+    PostgresBase(BaseRecord),
+}
+
+/// What a base backup holds, and where its WAL starts and ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseRecord {
+    /// The server's URL, without secrets.
+    pub server: String,
+    pub server_version: String,
+    /// The cluster's name in the WAL archive (`kluis wal push --cluster`).
+    pub cluster: String,
+    /// The cluster's system identifier (decimal, as `pg_control_system()` gives it): its WAL
+    /// must have the same.
+    pub system_identifier: String,
+    /// The timeline the backup started on.
+    pub timeline: u32,
+    /// Where the backup's WAL starts (`X/Y`): recovery replays from here.
+    pub start_lsn: String,
+    /// Where it ends: recovery must replay at least this far to be consistent.
+    pub stop_lsn: String,
+    /// The WAL segments holding `start_lsn` and `stop_lsn`.
+    pub start_wal: String,
+    pub stop_wal: String,
+    pub wal_segment_size: u64,
+    /// When the backup ended (this host's clock): the earliest time it can be recovered to.
+    pub stopped: Timestamp,
 }
 
 /// What a database snapshot holds, for restores and restore drills.

@@ -163,13 +163,26 @@ async fn find(repo: &Repository, cluster: &str, file: &str) -> Result<Option<Str
     Ok(None)
 }
 
+/// A WAL file fetched.
+#[derive(Debug, Clone, Copy)]
+pub struct Fetched {
+    pub bytes: u64,
+    /// The system identifier its segment records (0: none).
+    pub system: u64,
+}
+
 /// Restores WAL file `file` of `cluster` to `dest` (written whole, then renamed into place);
-/// `Ok(false)` when the archive does not hold it (the end of the WAL, to a recovery).
-pub async fn fetch(repo: &Repository, cluster: &str, file: &str, dest: &Path) -> Result<bool> {
+/// `None` when the archive does not hold it (the end of the WAL, to a recovery).
+pub async fn fetch(
+    repo: &Repository,
+    cluster: &str,
+    file: &str,
+    dest: &Path,
+) -> Result<Option<Fetched>> {
     parse_cluster(cluster)?;
     let file = WalFile::parse(file)?;
     let Some(object) = find(repo, cluster, file.name()).await? else {
-        return Ok(false);
+        return Ok(None);
     };
     let opened = read(repo, &object).await?;
     let tmp = dest.with_file_name(format!(
@@ -186,7 +199,10 @@ pub async fn fetch(repo: &Repository, cluster: &str, file: &str, dest: &Path) ->
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(dest, e));
     }
-    Ok(true)
+    Ok(Some(Fetched {
+        bytes: opened.raw.len() as u64,
+        system: opened.system,
+    }))
 }
 
 /// Every archived WAL file of `cluster`, by file name (a file archived twice, in two months,

@@ -234,3 +234,106 @@ fn archive_command_pushes_every_segment_and_fetch_gives_each_back_bit_for_bit() 
     let out = archive.kluis(&["check"]);
     assert_success(&out, &["check with WAL"]);
 }
+
+/// A password file for the server's superuser, the server user's (base backups run as that
+/// user, as its archive_command does: a `file://` repository is private to one user).
+fn password(archive: &Archive) -> PathBuf {
+    let p = archive.server_state.with_file_name("pg-password");
+    fs::write(&p, Postgres::PASSWORD).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    chown_to_server(&p);
+    p
+}
+
+/// Restores the newest base backup `main.base` with `extra` arguments into a new data
+/// directory, and starts a server on it; waits until it has recovered and promoted itself.
+fn recover(archive: &Archive, extra: &[&str]) -> Postgres {
+    let home = Postgres::new_home();
+    let data = home.path().join("data");
+    let mut args = vec!["restore"];
+    args.extend_from_slice(extra);
+    args.extend(["--name", "main.base", "--target", data.to_str().unwrap()]);
+    let out = archive.kluis(&args);
+    assert_success(&out, &args);
+    let restored = Postgres::start_on(home);
+    let start = Instant::now();
+    while restored
+        .sql("postgres", "SELECT pg_is_in_recovery()")
+        .trim()
+        != "f"
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "still in recovery: {}",
+            server_log(&restored)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    restored
+}
+
+#[test]
+fn a_restore_to_a_time_between_two_transactions_holds_the_first_and_not_the_second() {
+    let (pg, archive) = archiving_server("main");
+    pg.sql("postgres", "CREATE TABLE t (id int PRIMARY KEY, note text)");
+    let pw = password(&archive);
+    let out = archive.as_server(&[
+        "backup",
+        "--base-backup",
+        "main",
+        &pg.url("postgres"),
+        "--db-password-file",
+        pw.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_success(&out, &["backup --base-backup"]);
+    let base: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(base["source"]["kind"], "postgres-base", "{base}");
+    assert_eq!(base["name"], "main.base");
+    pg.sql("postgres", "INSERT INTO t VALUES (1, 'first')");
+    std::thread::sleep(Duration::from_millis(1200));
+    let between = pg.sql(
+        "postgres",
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    pg.sql("postgres", "INSERT INTO t VALUES (2, 'second')");
+    wait_archived(&pg, &switch_wal(&pg));
+
+    let restored = recover(&archive, &["--at", between.trim()]);
+    assert_eq!(
+        restored
+            .sql(
+                "postgres",
+                "SELECT string_agg(note, ',' ORDER BY id) FROM t"
+            )
+            .trim(),
+        "first",
+        "{}",
+        server_log(&restored)
+    );
+    drop(restored);
+    // To the end of the archive: both.
+    let latest = recover(&archive, &["latest"]);
+    assert_eq!(
+        latest
+            .sql(
+                "postgres",
+                "SELECT string_agg(note, ',' ORDER BY id) FROM t"
+            )
+            .trim(),
+        "first,second"
+    );
+    // A time before the base backup ended has no base backup to start from.
+    let out = archive.kluis(&[
+        "restore",
+        "--at",
+        "2020-01-01T00:00:00Z",
+        "--name",
+        "main.base",
+        "--target",
+        "/tmp/never",
+    ]);
+    assert!(!out.status.success());
+}

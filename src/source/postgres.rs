@@ -19,6 +19,7 @@
 //!
 //! Roles and tablespaces belong to the server, not to a database: [`globals`] backs them up.
 
+pub mod base;
 pub mod globals;
 
 use std::ffi::OsString;

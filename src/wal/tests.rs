@@ -81,12 +81,14 @@ async fn push_fetch_list_and_the_checks_on_the_way() {
     push(&repo, "other", &path).await.unwrap();
 
     let out = dir.path().join("restored");
-    assert!(fetch(&repo, "main", name, &out).await.unwrap());
+    let fetched = fetch(&repo, "main", name, &out).await.unwrap().unwrap();
+    assert_eq!(fetched.system, 7_000_000_000_000_000_001);
     assert!(std::fs::read(&out).unwrap() == raw);
     assert!(
-        !fetch(&repo, "main", "000000010000000000000004", &out)
+        fetch(&repo, "main", "000000010000000000000004", &out)
             .await
-            .unwrap(),
+            .unwrap()
+            .is_none(),
         "a file the archive does not hold is reported missing, not an error"
     );
     let listed = list(&repo, "main").await.unwrap();

@@ -615,6 +615,33 @@ impl Postgres {
         );
     }
 
+    /// A directory for a data directory someone else makes (`DIR/data`): the server's user
+    /// owns it, so [`Postgres::start_on`] can start a server on it.
+    pub fn new_home() -> TempDir {
+        let dir = TempDir::new().unwrap();
+        if is_root() {
+            let ok = Command::new("chown")
+                .arg("postgres")
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown to postgres failed");
+        }
+        dir
+    }
+
+    /// A server on the data directory `home/data` (restored there, say).
+    pub fn start_on(home: TempDir) -> Postgres {
+        let pg = Postgres {
+            port: free_port(),
+            dir: home,
+            bin: postgres_bin(),
+        };
+        pg.pg_ctl_start();
+        pg
+    }
+
     /// The data directory.
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
