@@ -66,6 +66,11 @@ pub struct RestoreArgs {
     /// ... or to this restore point (`pg_create_restore_point`)
     #[arg(long, conflicts_with = "at", requires = "target")]
     until_restore_point: Option<String>,
+    /// A base backup restored to replace the primary: keep its WAL archiving on (by default
+    /// it is turned off, so that a copy beside production never archives its new timeline
+    /// into production's archive)
+    #[arg(long, requires = "target")]
+    keep_archiving: bool,
 }
 
 /// A point in time, or an age before now ("36h", "2days").
@@ -272,7 +277,7 @@ async fn restore_base(
         cancel,
         ..RestoreOptions::default()
     };
-    let result = pitr::restore(repo, base, dir, target, opts).await;
+    let result = pitr::restore(repo, base, dir, target, a.keep_archiving, opts).await;
     let event = kluis::audit::Event::new("restore", base.id.to_hex())
         .with("name", &base.name)
         .with("snapshot_time", base.time)

@@ -5,8 +5,10 @@
 //!
 //! The WAL is fetched before the server starts, into `DIR/kluis_wal`, and the server's
 //! `restore_command` copies from there: the restored server needs neither the repository's
-//! secret nor its storage credentials. `archive_mode` is turned off in the restored directory,
-//! so that it never archives a new timeline into the production cluster's archive.
+//! secret nor its storage credentials. `archive_mode` is turned off in the restored directory
+//! unless asked otherwise: a copy restored beside production (a drill, an investigation) must
+//! not archive its new timeline into the production cluster's archive, where the next restore
+//! to `latest` would follow it. A restored server that replaces the primary keeps archiving.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -88,6 +90,7 @@ pub async fn restore(
     base: &Snapshot,
     dir: &Path,
     target: Target,
+    keep_archiving: bool,
     opts: RestoreOptions,
 ) -> Result<PitrReport> {
     let Source::PostgresBase(record) = &base.source else {
@@ -109,7 +112,7 @@ pub async fn restore(
     let wal_dir = dir.join(WAL_DIR);
     std::fs::create_dir(&wal_dir).map_err(|e| Error::io(&wal_dir, e))?;
     let (wal_files, wal_bytes) = fetch_wal(repo, record, &target, &wal_dir).await?;
-    let settings = settings(&wal_dir, &target);
+    let settings = settings(&wal_dir, &target, keep_archiving);
     write_recovery(&dir, base, &settings)?;
     owned_like_the_data(&dir)?;
     Ok(PitrReport {
@@ -252,7 +255,7 @@ async fn fetch_wal(
 }
 
 /// The recovery settings for `target`, with WAL from `wal_dir`.
-fn settings(wal_dir: &Path, target: &Target) -> Vec<String> {
+fn settings(wal_dir: &Path, target: &Target, keep_archiving: bool) -> Vec<String> {
     let quote = |v: &str| format!("'{}'", v.replace('\'', "''"));
     let mut out = vec![
         format!(
@@ -260,8 +263,10 @@ fn settings(wal_dir: &Path, target: &Target) -> Vec<String> {
             quote(&format!("cp \"{}/%f\" \"%p\"", wal_dir.display()))
         ),
         "recovery_target_timeline = 'latest'".to_string(),
-        "archive_mode = 'off'".to_string(),
     ];
+    if !keep_archiving {
+        out.push("archive_mode = 'off'".to_string());
+    }
     match target {
         Target::Latest => {}
         Target::Time(t) => {

@@ -337,3 +337,225 @@ fn a_restore_to_a_time_between_two_transactions_holds_the_first_and_not_the_seco
     ]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn after_a_sigkill_of_the_primary_latest_holds_every_row_committed_more_than_60_s_before() {
+    // The issue's floor: a writer commits a row every 100 ms, archive_timeout is 60 s.
+    let archive = Archive::new();
+    let pg = Postgres::start_with(&format!(
+        "{}archive_timeout = '60s'\n",
+        archive.settings("main")
+    ));
+    pg.sql(
+        "postgres",
+        "CREATE TABLE beat (id int PRIMARY KEY, at timestamptz NOT NULL)",
+    );
+    let pw = password(&archive);
+    let out = archive.as_server(&[
+        "backup",
+        "--base-backup",
+        "main",
+        &pg.url("postgres"),
+        "--db-password-file",
+        pw.to_str().unwrap(),
+    ]);
+    assert_success(&out, &["backup --base-backup"]);
+    // One psql session, fed a row every 100 ms; each row's commit time is its `at`.
+    let mut writer = pg
+        .psql()
+        .args(["-d", "postgres"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = writer.stdin.take().unwrap();
+    let started = Instant::now();
+    let mut id = 0;
+    while started.elapsed() < Duration::from_secs(75) {
+        id += 1;
+        let row = format!("INSERT INTO beat VALUES ({id}, clock_timestamp());\n");
+        if std::io::Write::write_all(&mut input, row.as_bytes()).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let killed_at = jiff::Timestamp::now();
+    pg.kill9();
+    drop(input);
+    let _ = writer.wait();
+
+    let restored = recover(&archive, &["latest"]);
+    let row = restored.sql(
+        "postgres",
+        "SELECT count(*), max(id), \
+         to_char(max(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM beat",
+    );
+    let cols: Vec<&str> = row.trim().split('|').collect();
+    let (count, newest): (u64, jiff::Timestamp) =
+        (cols[0].parse().unwrap(), cols[2].parse().unwrap());
+    let lost = killed_at.duration_since(newest);
+    eprintln!(
+        "RPO measured: {count} of {id} rows sent were restored; the newest was committed {:.1} s \
+         before the SIGKILL",
+        lost.as_secs_f64()
+    );
+    // No gap: rows 1..=max are all there.
+    assert_eq!(cols[0], cols[1], "rows missing in the middle: {row}");
+    // Every row committed more than 60 s (and the archiver's push, < 1 s) before the kill.
+    assert!(
+        lost < jiff::SignedDuration::from_secs(61),
+        "the newest restored row was committed {lost:?} before the kill"
+    );
+}
+
+#[test]
+fn a_restore_follows_a_new_timeline_after_a_failover() {
+    let (pg, archive) = archiving_server("main");
+    pg.sql("postgres", "CREATE TABLE t (id int PRIMARY KEY, note text)");
+    let pw = password(&archive);
+    let out = archive.as_server(&[
+        "backup",
+        "--base-backup",
+        "main",
+        &pg.url("postgres"),
+        "--db-password-file",
+        pw.to_str().unwrap(),
+    ]);
+    assert_success(&out, &["backup --base-backup"]);
+    pg.sql("postgres", "INSERT INTO t VALUES (1, 'before')");
+    wait_archived(&pg, &switch_wal(&pg));
+    drop(pg);
+    // The old primary is gone; a server recovered from the archive takes over (a new
+    // timeline) and archives under the same cluster name.
+    let primary = recover(&archive, &["latest", "--keep-archiving"]);
+    assert_eq!(
+        primary
+            .sql(
+                "postgres",
+                "SELECT timeline_id FROM pg_control_checkpoint()"
+            )
+            .trim(),
+        "2"
+    );
+    primary.sql("postgres", "INSERT INTO t VALUES (2, 'after the failover')");
+    wait_archived(&primary, &switch_wal(&primary));
+    // From the same base backup, latest follows timeline 2 (its history file is archived).
+    let restored = recover(&archive, &["latest"]);
+    assert_eq!(
+        restored
+            .sql(
+                "postgres",
+                "SELECT string_agg(note, ',' ORDER BY id) FROM t"
+            )
+            .trim(),
+        "before,after the failover",
+        "{}",
+        server_log(&restored)
+    );
+    let out = archive.kluis(&["wal", "list", "--cluster", "main", "--json"]);
+    assert!(text(&out.stdout).contains("00000002.history"));
+}
+
+#[test]
+fn wal_push_killed_at_random_points_loses_no_segment_and_reports_none_it_did_not_store() {
+    let archive = Archive::new();
+    // Each file's first push is killed with SIGKILL at a random point in its first 100 ms;
+    // PostgreSQL then retries it (and the second push runs to its end).
+    let dir = archive.server_state.with_file_name("flaky");
+    fs::create_dir_all(dir.join("tried")).unwrap();
+    let script = dir.join("push.sh");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             tried={tried}/$(basename \"$1\")\n\
+             KLUIS_REPOSITORY={repo} KLUIS_KEY_FILE={key} KLUIS_STATE_DIR={state} \
+             {kluis} --quiet wal push --cluster main \"$1\" &\n\
+             p=$!\n\
+             if [ ! -e \"$tried\" ]; then\n\
+               touch \"$tried\"\n\
+               sleep 0.$(od -An -N2 -tu2 /dev/urandom | awk '{{printf \"%03d\", $1 % 100}}')\n\
+               if kill -9 $p 2>/dev/null; then wait $p; exit 1; fi\n\
+             fi\n\
+             wait $p\n",
+            tried = dir.join("tried").display(),
+            repo = archive.repo.display(),
+            key = archive.server_key.display(),
+            state = archive.server_state.display(),
+            kluis = KLUIS,
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    for p in [&dir, &dir.join("tried"), &script] {
+        chown_to_server(p);
+    }
+    let pg = Postgres::start_with(&format!(
+        "wal_level = replica\narchive_mode = on\nwal_keep_size = '1GB'\n\
+         archive_command = '{} %p'\n",
+        script.display()
+    ));
+    pg.sql("postgres", "CREATE TABLE t (id bigint PRIMARY KEY, v text)");
+    let mut closed = Vec::new();
+    for round in 0..8 {
+        pg.sql(
+            "postgres",
+            &format!(
+                "INSERT INTO t SELECT g, md5(g::text) FROM generate_series({}, {}) g",
+                round * 20_000 + 1,
+                (round + 1) * 20_000
+            ),
+        );
+        closed.push(switch_wal(&pg));
+    }
+    // Every file is archived in the end, though first pushes failed.
+    let last = closed.last().unwrap().clone();
+    let start = Instant::now();
+    loop {
+        let row = pg.sql(
+            "postgres",
+            "SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver",
+        );
+        let cols: Vec<&str> = row.trim().split('|').collect();
+        if cols[0] >= last.as_str() {
+            eprintln!("archived through {}; {} push(es) killed", cols[0], cols[1]);
+            let killed: u32 = cols[1].parse().unwrap();
+            assert!(killed >= 2, "only {killed} kill(s) landed mid-push");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{last} not archived: {row}\n{}",
+            server_log(&pg)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // No segment is missing, and each archived one is the server's, bit for bit.
+    let wal_dir = pg.data().join("pg_wal");
+    let dest = archive._dir.path().join("fetched");
+    let mut segments: Vec<String> = fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24 && n.as_str() <= last.as_str())
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 8, "{segments:?}");
+    for file in &segments {
+        let out = archive.kluis(&[
+            "wal",
+            "fetch",
+            "--cluster",
+            "main",
+            file,
+            dest.to_str().unwrap(),
+        ]);
+        assert_success(&out, &["wal fetch after killed pushes", file]);
+        assert!(
+            fs::read(&dest).unwrap() == fs::read(wal_dir.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    assert_success(&archive.kluis(&["check"]), &["check after killed pushes"]);
+}

@@ -642,6 +642,14 @@ impl Postgres {
         pg
     }
 
+    /// SIGKILL of the server and every process it started (a crash, a power cut).
+    pub fn kill9(&self) {
+        let pid_file = fs::read_to_string(self.data().join("postmaster.pid")).unwrap();
+        let pid = pid_file.lines().next().unwrap().trim().to_string();
+        let _ = Command::new("pkill").args(["-KILL", "-P", &pid]).status();
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    }
+
     /// The data directory.
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
