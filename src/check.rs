@@ -55,6 +55,8 @@ pub struct CheckReport {
     pub problems: Vec<String>,
     /// Records removed, rolled back or replayed (also counted in `problems`).
     pub ledger: crate::ledger::Verification,
+    /// The WAL archive: its files and gaps (gaps are also in `problems`).
+    pub wal: crate::wal::WalCheck,
 }
 
 pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport> {
@@ -84,6 +86,8 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
 
     let (snapshots, snapshot_errors) = repo.snapshots().await?;
     report.snapshots = snapshots.len();
+    report.wal = crate::wal::check(repo, &snapshots, opts.read_data).await?;
+    report.problems.extend(report.wal.problems.iter().cloned());
     report
         .problems
         .extend(snapshot_errors.iter().map(|e| e.to_string()));

@@ -334,3 +334,125 @@ pub async fn system_identifier(repo: &Repository, object: &str) -> Result<u64> {
 
 #[cfg(test)]
 mod tests;
+
+/// What `kluis check` found of the WAL archive.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WalCheck {
+    /// Archived WAL files, of every cluster.
+    pub files: usize,
+    pub clusters: Vec<String>,
+    /// Segments missing between the first one a base backup (or the archive) starts from and
+    /// the newest archived, by cluster and timeline; a base backup whose first segment is
+    /// missing; and, with `read_data`, WAL objects that do not open.
+    pub problems: Vec<String>,
+}
+
+/// Checks every cluster's archive for gaps (see [`WalCheck`]); with `read_data` every WAL
+/// object is read and verified as well.
+pub async fn check(
+    repo: &Repository,
+    snapshots: &[crate::snapshot::Snapshot],
+    read_data: bool,
+) -> Result<WalCheck> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut out = WalCheck::default();
+    // cluster -> timeline -> segment numbers
+    let mut archived: BTreeMap<String, BTreeMap<u32, BTreeSet<u64>>> = BTreeMap::new();
+    for o in repo.store().list(name::WAL).await? {
+        let Some((_, cluster, file)) = name::parse_wal(&o.name) else {
+            out.problems
+                .push(format!("{}: not a WAL object name", o.name));
+            continue;
+        };
+        let Ok(parsed) = WalFile::parse(file) else {
+            out.problems
+                .push(format!("{}: not a WAL file name", o.name));
+            continue;
+        };
+        out.files += 1;
+        let timelines = archived.entry(cluster.to_string()).or_default();
+        if let WalKind::Segment { timeline, number } = parsed.kind() {
+            timelines.entry(timeline).or_default().insert(number);
+        }
+        if read_data {
+            if let Err(e) = read(repo, &o.name).await {
+                out.problems.push(e.to_string());
+            }
+        }
+    }
+    let bases: Vec<&crate::snapshot::BaseRecord> = snapshots
+        .iter()
+        .filter_map(|s| match &s.source {
+            crate::snapshot::Source::PostgresBase(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    for (cluster, timelines) in &archived {
+        let size = bases
+            .iter()
+            .find(|b| &b.cluster == cluster)
+            .map_or(16 << 20, |b| b.wal_segment_size);
+        let per_log = (0x1_0000_0000 / size.max(1)).max(1);
+        let next = |n: u64| {
+            if (n & 0xFFFF_FFFF) + 1 < per_log {
+                n + 1
+            } else {
+                ((n >> 32) + 1) << 32
+            }
+        };
+        for (&timeline, numbers) in timelines {
+            let (Some(&first), Some(&last)) = (numbers.first(), numbers.last()) else {
+                continue;
+            };
+            let from = bases
+                .iter()
+                .filter(|b| &b.cluster == cluster && b.timeline == timeline)
+                .filter_map(|b| WalFile::parse(&b.start_wal).ok())
+                .filter_map(|f| match f.kind() {
+                    WalKind::Segment { number, .. } => Some(number),
+                    _ => None,
+                })
+                .min()
+                .map_or(first, |start| start.min(first));
+            let mut gap: Option<(u64, u64)> = None;
+            let mut n = from;
+            let show = |n: u64| format!("{timeline:08X}{:08X}{:08X}", n >> 32, n & 0xFFFF_FFFF);
+            let report = |g: (u64, u64), out: &mut WalCheck| {
+                let what = if g.0 == g.1 {
+                    format!("segment {} is missing", show(g.0))
+                } else {
+                    format!("segments {} to {} are missing", show(g.0), show(g.1))
+                };
+                out.problems.push(format!(
+                    "WAL of cluster {cluster}, timeline {timeline}: {what}; no point in time \
+                     after it can be recovered from a base backup before it"
+                ));
+            };
+            while n <= last {
+                if numbers.contains(&n) {
+                    if let Some(g) = gap.take() {
+                        report(g, &mut out);
+                    }
+                } else {
+                    gap = Some(gap.map_or((n, n), |(a, _)| (a, n)));
+                }
+                n = next(n);
+            }
+        }
+        out.clusters.push(cluster.clone());
+    }
+    for b in &bases {
+        let held = archived
+            .get(&b.cluster)
+            .and_then(|t| t.get(&b.timeline))
+            .is_some_and(|n| !n.is_empty());
+        if !held {
+            out.problems.push(format!(
+                "base backup of cluster {} needs WAL from segment {}, and the archive holds none \
+                 of that cluster and timeline: it cannot be recovered",
+                b.cluster, b.start_wal
+            ));
+        }
+    }
+    Ok(out)
+}

@@ -559,3 +559,52 @@ fn wal_push_killed_at_random_points_loses_no_segment_and_reports_none_it_did_not
     }
     assert_success(&archive.kluis(&["check"]), &["check after killed pushes"]);
 }
+
+#[test]
+fn check_finds_a_missing_wal_segment_before_any_restore_needs_it() {
+    let (pg, archive) = archiving_server("main");
+    pg.sql("postgres", "CREATE TABLE t (id int PRIMARY KEY)");
+    let pw = password(&archive);
+    let out = archive.as_server(&[
+        "backup",
+        "--base-backup",
+        "main",
+        &pg.url("postgres"),
+        "--db-password-file",
+        pw.to_str().unwrap(),
+    ]);
+    assert_success(&out, &["backup --base-backup"]);
+    let mut closed = Vec::new();
+    for i in 0..4 {
+        pg.sql("postgres", &format!("INSERT INTO t VALUES ({i})"));
+        closed.push(switch_wal(&pg));
+    }
+    wait_archived(&pg, closed.last().unwrap());
+    let out = archive.kluis(&["check", "--read-data", "--json"]);
+    assert_success(&out, &["check of a whole archive"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["wal"]["files"].as_u64().unwrap() >= 5, "{report}");
+    // A segment in the middle goes (a bucket lifecycle rule, a slip of the hand).
+    let gone = &closed[1];
+    let mut removed = false;
+    let mut stack = vec![archive.repo.join("wal")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().unwrap() == gone.as_str() {
+                fs::remove_file(&p).unwrap();
+                removed = true;
+            }
+        }
+    }
+    assert!(removed);
+    let out = archive.kluis(&["check"]);
+    let err = text(&out.stdout) + &text(&out.stderr);
+    assert_eq!(out.status.code(), Some(13), "{err}");
+    assert!(
+        err.contains(&format!("segment {gone} is missing")) && err.contains("cluster main"),
+        "{err}"
+    );
+}
