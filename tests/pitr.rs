@@ -246,6 +246,22 @@ fn password(archive: &Archive) -> PathBuf {
     p
 }
 
+/// A base backup of cluster `main`, as the server's user; the snapshot.
+fn base_backup(pg: &Postgres, archive: &Archive) -> serde_json::Value {
+    let pw = password(archive);
+    let out = archive.as_server(&[
+        "backup",
+        "--base-backup",
+        "main",
+        &pg.url("postgres"),
+        "--db-password-file",
+        pw.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_success(&out, &["backup --base-backup"]);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Restores the newest base backup `main.base` with `extra` arguments into a new data
 /// directory, and starts a server on it; waits until it has recovered and promoted itself.
 fn recover(archive: &Archive, extra: &[&str]) -> Postgres {
@@ -277,18 +293,7 @@ fn recover(archive: &Archive, extra: &[&str]) -> Postgres {
 fn a_restore_to_a_time_between_two_transactions_holds_the_first_and_not_the_second() {
     let (pg, archive) = archiving_server("main");
     pg.sql("postgres", "CREATE TABLE t (id int PRIMARY KEY, note text)");
-    let pw = password(&archive);
-    let out = archive.as_server(&[
-        "backup",
-        "--base-backup",
-        "main",
-        &pg.url("postgres"),
-        "--db-password-file",
-        pw.to_str().unwrap(),
-        "--json",
-    ]);
-    assert_success(&out, &["backup --base-backup"]);
-    let base: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let base = base_backup(&pg, &archive);
     assert_eq!(base["source"]["kind"], "postgres-base", "{base}");
     assert_eq!(base["name"], "main.base");
     pg.sql("postgres", "INSERT INTO t VALUES (1, 'first')");
@@ -350,16 +355,7 @@ fn after_a_sigkill_of_the_primary_latest_holds_every_row_committed_more_than_60_
         "postgres",
         "CREATE TABLE beat (id int PRIMARY KEY, at timestamptz NOT NULL)",
     );
-    let pw = password(&archive);
-    let out = archive.as_server(&[
-        "backup",
-        "--base-backup",
-        "main",
-        &pg.url("postgres"),
-        "--db-password-file",
-        pw.to_str().unwrap(),
-    ]);
-    assert_success(&out, &["backup --base-backup"]);
+    base_backup(&pg, &archive);
     // One psql session, fed a row every 100 ms; each row's commit time is its `at`.
     let mut writer = pg
         .psql()
@@ -413,16 +409,7 @@ fn after_a_sigkill_of_the_primary_latest_holds_every_row_committed_more_than_60_
 fn a_restore_follows_a_new_timeline_after_a_failover() {
     let (pg, archive) = archiving_server("main");
     pg.sql("postgres", "CREATE TABLE t (id int PRIMARY KEY, note text)");
-    let pw = password(&archive);
-    let out = archive.as_server(&[
-        "backup",
-        "--base-backup",
-        "main",
-        &pg.url("postgres"),
-        "--db-password-file",
-        pw.to_str().unwrap(),
-    ]);
-    assert_success(&out, &["backup --base-backup"]);
+    base_backup(&pg, &archive);
     pg.sql("postgres", "INSERT INTO t VALUES (1, 'before')");
     wait_archived(&pg, &switch_wal(&pg));
     drop(pg);
@@ -564,16 +551,7 @@ fn wal_push_killed_at_random_points_loses_no_segment_and_reports_none_it_did_not
 fn check_finds_a_missing_wal_segment_before_any_restore_needs_it() {
     let (pg, archive) = archiving_server("main");
     pg.sql("postgres", "CREATE TABLE t (id int PRIMARY KEY)");
-    let pw = password(&archive);
-    let out = archive.as_server(&[
-        "backup",
-        "--base-backup",
-        "main",
-        &pg.url("postgres"),
-        "--db-password-file",
-        pw.to_str().unwrap(),
-    ]);
-    assert_success(&out, &["backup --base-backup"]);
+    base_backup(&pg, &archive);
     let mut closed = Vec::new();
     for i in 0..4 {
         pg.sql("postgres", &format!("INSERT INTO t VALUES ({i})"));

@@ -13,11 +13,8 @@ impl Store {
     /// so safe to repeat) is tried again a few times, as deletes are.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let p = Self::path(prefix);
-        let mut wait = Duration::from_millis(200);
-        let mut attempt = 1;
-        loop {
-            let listed: std::result::Result<Vec<ObjectInfo>, _> = self
-                .inner
+        self.listing(prefix, || {
+            self.inner
                 .list(Some(&p))
                 .map_ok(|m| ObjectInfo {
                     name: m.location.to_string(),
@@ -25,20 +22,8 @@ impl Store {
                     modified: store_time(&m),
                 })
                 .try_collect()
-                .await;
-            match listed {
-                Ok(all) => return Ok(all),
-                Err(e @ object_store::Error::NotFound { .. }) => {
-                    return Err(store_error("list", &format!("{prefix}/"), e));
-                }
-                Err(_) if attempt < LIST_ATTEMPTS => {
-                    tokio::time::sleep(wait).await;
-                    wait *= 2;
-                    attempt += 1;
-                }
-                Err(e) => return Err(store_error("list", &format!("{prefix}/"), e)),
-            }
-        }
+        })
+        .await
     }
 
     /// The names of the "directories" one level under `prefix/` (`wal/2026-11`, ...): a
@@ -46,24 +31,35 @@ impl Store {
     /// thousand objects. Tried again like [`Store::list`].
     pub async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>> {
         let p = Self::path(prefix);
+        let listed = self
+            .listing(prefix, || self.inner.list_with_delimiter(Some(&p)))
+            .await?;
+        Ok(listed
+            .common_prefixes
+            .into_iter()
+            .map(|d| d.to_string())
+            .collect())
+    }
+
+    /// Runs the listing `attempt` of `prefix/` until it succeeds, at most `LIST_ATTEMPTS`
+    /// times with a doubling wait; "not found" is final at once.
+    async fn listing<T, F, Fut>(&self, prefix: &str, attempt: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, object_store::Error>>,
+    {
         let mut wait = Duration::from_millis(200);
-        let mut attempt = 1;
+        let mut tries = 1;
         loop {
-            match self.inner.list_with_delimiter(Some(&p)).await {
-                Ok(listed) => {
-                    return Ok(listed
-                        .common_prefixes
-                        .into_iter()
-                        .map(|d| d.to_string())
-                        .collect());
-                }
+            match attempt().await {
+                Ok(listed) => return Ok(listed),
                 Err(e @ object_store::Error::NotFound { .. }) => {
                     return Err(store_error("list", &format!("{prefix}/"), e));
                 }
-                Err(_) if attempt < LIST_ATTEMPTS => {
+                Err(_) if tries < LIST_ATTEMPTS => {
                     tokio::time::sleep(wait).await;
                     wait *= 2;
-                    attempt += 1;
+                    tries += 1;
                 }
                 Err(e) => return Err(store_error("list", &format!("{prefix}/"), e)),
             }
