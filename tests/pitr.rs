@@ -304,6 +304,9 @@ fn a_restore_to_a_time_between_two_transactions_holds_the_first_and_not_the_seco
     );
     std::thread::sleep(Duration::from_millis(1200));
     pg.sql("postgres", "INSERT INTO t VALUES (2, 'second')");
+    let lsn = pg.sql("postgres", "SELECT pg_current_wal_insert_lsn()");
+    pg.sql("postgres", "SELECT pg_create_restore_point('before-third')");
+    pg.sql("postgres", "INSERT INTO t VALUES (3, 'third')");
     wait_archived(&pg, &switch_wal(&pg));
 
     let restored = recover(&archive, &["--at", between.trim()]);
@@ -319,17 +322,30 @@ fn a_restore_to_a_time_between_two_transactions_holds_the_first_and_not_the_seco
         server_log(&restored)
     );
     drop(restored);
-    // To the end of the archive: both.
+    // To a named restore point, and to a WAL location: the first two.
+    for target in [
+        ["latest", "--until-restore-point", "before-third"],
+        ["latest", "--until-lsn", lsn.trim()],
+    ] {
+        let restored = recover(&archive, &target);
+        let notes = restored.sql(
+            "postgres",
+            "SELECT string_agg(note, ',' ORDER BY id) FROM t",
+        );
+        assert_eq!(
+            notes.trim(),
+            "first,second",
+            "{target:?}: {}",
+            server_log(&restored)
+        );
+    }
+    // To the end of the archive: all three.
     let latest = recover(&archive, &["latest"]);
-    assert_eq!(
-        latest
-            .sql(
-                "postgres",
-                "SELECT string_agg(note, ',' ORDER BY id) FROM t"
-            )
-            .trim(),
-        "first,second"
+    let notes = latest.sql(
+        "postgres",
+        "SELECT string_agg(note, ',' ORDER BY id) FROM t",
     );
+    assert_eq!(notes.trim(), "first,second,third");
     // A time before the base backup ended has no base backup to start from.
     let out = archive.kluis(&[
         "restore",
