@@ -321,6 +321,7 @@ fn the_key_of_a_month_that_holds_nothing_any_more_is_marked_then_swept() {
         wait_past(Duration::from_secs(1), started);
     }
     assert!(runs >= 2, "marked and deleted in one run");
+    eprintln!("the key of an emptied month went with prune run {runs}");
     assert_eq!(
         january(&repo),
         Vec::<String>::new(),
