@@ -71,6 +71,31 @@ fn files_under(dir: &Path) -> usize {
         .sum()
 }
 
+/// The repository and this host's state as they are now, and what puts them back.
+fn pristine(repo: &Repo) -> impl Fn() + '_ {
+    let pristine = repo.path().join("pristine");
+    let state = repo.path().join("state");
+    let pristine_state = repo.path().join("pristine-state");
+    copy_tree(&repo.root(), &pristine);
+    fs::create_dir_all(&state).unwrap();
+    copy_tree(&state, &pristine_state);
+    move || {
+        copy_tree(&pristine, &repo.root());
+        copy_tree(&pristine_state, &state);
+    }
+}
+
+/// `kluis erase --before BEFORE --new-key-file NEW`.
+fn erase_to(new: &Path) -> [&str; 5] {
+    [
+        "erase",
+        "--before",
+        BEFORE,
+        "--new-key-file",
+        new.to_str().unwrap(),
+    ]
+}
+
 /// After an erasure (`erase`, to the new key `new`) was stopped: the old key or the new one
 /// restores the snapshot after the date (`kept`); run again with it, the erasure finishes:
 /// only `kept` is listed, the repository checks clean, and October's data and keys are gone.
@@ -282,23 +307,11 @@ fn an_erasure_stopped_after_each_write_is_finished_by_the_next() {
     let repo = Repo::init_file(&[]);
     let made = snapshots(&repo);
     let new = new_key(&repo, "new-key");
-    let pristine = repo.path().join("pristine");
-    let state = repo.path().join("state");
-    let pristine_state = repo.path().join("pristine-state");
-    copy_tree(&repo.root(), &pristine);
-    fs::create_dir_all(&state).unwrap();
-    copy_tree(&state, &pristine_state);
-    let erase = [
-        "erase",
-        "--before",
-        BEFORE,
-        "--new-key-file",
-        new.to_str().unwrap(),
-    ];
+    let reset = pristine(&repo);
+    let erase = erase_to(&new);
     let mut stops = 0;
     for n in 1..300 {
-        copy_tree(&pristine, &repo.root());
-        copy_tree(&pristine_state, &state);
+        reset();
         let out = repo
             .command(&erase)
             .env("KLUIS_TEST_CRASH_AFTER_WRITES", n.to_string())
@@ -432,23 +445,8 @@ fn an_erasure_killed_at_random_points_leaves_a_repository_a_key_opens_and_is_fin
     let repo = Repo::init_file(&[]);
     let made = snapshots(&repo);
     let new = new_key(&repo, "new-key");
-    let pristine = repo.path().join("pristine");
-    copy_tree(&repo.root(), &pristine);
-    let state = repo.path().join("state");
-    fs::create_dir_all(&state).unwrap();
-    let pristine_state = repo.path().join("pristine-state");
-    copy_tree(&state, &pristine_state);
-    let erase = [
-        "erase",
-        "--before",
-        BEFORE,
-        "--new-key-file",
-        new.to_str().unwrap(),
-    ];
-    let reset = || {
-        copy_tree(&pristine, &repo.root());
-        copy_tree(&pristine_state, &state);
-    };
+    let reset = pristine(&repo);
+    let erase = erase_to(&new);
     // The time of one whole erasure, the fastest of three.
     let full = (0..3)
         .map(|_| {

@@ -79,6 +79,14 @@ impl Archive {
             .unwrap()
     }
 
+    /// `kluis wal fetch` of `file` of cluster `main` to `dest` (it must succeed); its bytes.
+    fn fetch(&self, file: &str, dest: &Path) -> Vec<u8> {
+        let dest_s = dest.to_str().unwrap();
+        let out = self.kluis(&["wal", "fetch", "--cluster", "main", file, dest_s]);
+        assert_success(&out, &["wal fetch", file]);
+        fs::read(dest).unwrap()
+    }
+
     /// The postgresql.conf lines that archive into it.
     fn settings(&self, cluster: &str) -> String {
         format!(
@@ -187,16 +195,7 @@ fn archive_command_pushes_every_segment_and_fetch_gives_each_back_bit_for_bit() 
         let Ok(original) = fs::read(wal_dir.join(file)) else {
             continue;
         };
-        let out = archive.kluis(&[
-            "wal",
-            "fetch",
-            "--cluster",
-            "main",
-            file,
-            dest.to_str().unwrap(),
-        ]);
-        assert_success(&out, &["wal fetch", file]);
-        assert!(fs::read(&dest).unwrap() == original, "{file} differs");
+        assert!(archive.fetch(file, &dest) == original, "{file} differs");
         compared += 1;
         raw += original.len() as u64;
         stored += a["size"].as_u64().unwrap();
@@ -546,17 +545,8 @@ fn wal_push_killed_at_random_points_loses_no_segment_and_reports_none_it_did_not
     segments.sort();
     assert!(segments.len() >= 8, "{segments:?}");
     for file in &segments {
-        let out = archive.kluis(&[
-            "wal",
-            "fetch",
-            "--cluster",
-            "main",
-            file,
-            dest.to_str().unwrap(),
-        ]);
-        assert_success(&out, &["wal fetch after killed pushes", file]);
         assert!(
-            fs::read(&dest).unwrap() == fs::read(wal_dir.join(file)).unwrap(),
+            archive.fetch(file, &dest) == fs::read(wal_dir.join(file)).unwrap(),
             "{file}"
         );
     }
